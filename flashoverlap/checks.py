@@ -1,0 +1,105 @@
+"""Argument checks of the public ops, run before anything is launched.
+
+Every problem gets a ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (shape,
+device, layout, group) whose message names the argument and what was expected, so a bad call
+never launches a kernel, never half-writes ``out`` and never enters a collective that the other
+ranks would wait on forever.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from .dist_utils import resolve_group
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_matrix(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def check_gemm_operands(a: object, b: object) -> tuple[int, int, int]:
+    """Check ``a [M, K] @ b [K, N]``; returns ``(M, N, K)``.
+
+    Layouts: ``a`` row-major (unit stride on K); ``b`` row-major ``[K, N]`` or the transposed
+    view of a row-major ``[N, K]`` (an ``nn.Linear`` weight's ``.t()``), both without copies.
+    """
+    a = _check_matrix("a", a)
+    b = _check_matrix("b", b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
+    M, K = a.shape
+    K_b, N = b.shape
+    if K != K_b:
+        raise ValueError(f"mismatched K: a is {tuple(a.shape)} but b is {tuple(b.shape)}")
+    if a.stride(1) != 1 and M > 1:
+        raise ValueError(
+            f"a must be row-major (stride(1) == 1), got strides {a.stride()}; "
+            "call a.contiguous()"
+        )
+    if not (b.stride(1) == 1 or b.stride(0) == 1):
+        raise ValueError(
+            f"b must be row-major [K, N] or a transposed view of a row-major [N, K] tensor, "
+            f"got strides {b.stride()}; call b.contiguous()"
+        )
+    return M, N, K
+
+
+def check_out(out: object, shape: tuple[int, int], like: torch.Tensor) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {like.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"out is on {out.device}, expected {like.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def check_group(group: ProcessGroup | None, device: torch.device) -> ProcessGroup:
+    """Resolve the group and check it can carry tensors on ``device``."""
+    group = resolve_group(group)
+    backend = str(dist.get_backend(group)).lower()
+    if device.type == "cuda" and "nccl" not in backend and "gloo" not in backend:
+        raise ValueError(f"group backend {backend!r} cannot reduce CUDA tensors")
+    if device.type == "cpu" and "gloo" not in backend and "mpi" not in backend:
+        raise ValueError(
+            f"tensors are on the CPU but the group's backend is {backend!r}; "
+            "use a gloo group for CPU tensors"
+        )
+    if device.type == "cuda" and "nccl" in backend and device.index is not None:
+        if device.index != torch.cuda.current_device():
+            raise ValueError(
+                f"tensors are on {device} but the current CUDA device is "
+                f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({device.index})"
+            )
+    return group
+
+
+def check_scatter(M: int, world_size: int, scatter_dim: int) -> None:
+    if scatter_dim != 0:
+        raise ValueError(f"only scatter_dim=0 is supported, got {scatter_dim}")
+    if M % world_size:
+        raise ValueError(
+            f"gemm_reduce_scatter needs M divisible by the group size: M={M}, "
+            f"group size={world_size}"
+        )

@@ -1,0 +1,86 @@
+"""Small `torch.distributed` helpers shared by the engines, examples and CLI.
+
+* :func:`resolve_group` turns ``None`` into the default group and checks membership.
+* :func:`reduce_scatter_rows` hides the ``reduce_scatter_tensor`` -> ``reduce_scatter_single``
+  rename (torch >= 2.13 deprecates the former; torch 2.11 has only the former).
+* :func:`init_from_env` starts a process group under ``torchrun`` *or* ``mpirun``: Open MPI,
+  MPICH/Hydra and Slurm publish the rank in their own variables, which are mapped to the
+  ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` names ``torch.distributed`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+_RANK_VARS = {
+    "RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"),
+    "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"),
+    "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"),
+}
+
+
+def launcher_env() -> dict[str, str]:
+    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as torchrun would set them, from any launcher."""
+    env: dict[str, str] = {}
+    for name, aliases in _RANK_VARS.items():
+        value = os.environ.get(name)
+        for alias in aliases:
+            if value is not None:
+                break
+            value = os.environ.get(alias)
+        if value is not None:
+            env[name] = value
+    env.setdefault("LOCAL_RANK", env.get("RANK", "0"))
+    return env
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun or mpirun variables.
+
+    Returns ``(rank, world_size)``.  Picks NCCL when CUDA is available, else gloo, and binds
+    the process to GPU ``LOCAL_RANK``.  A no-op when the group already exists.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    env = launcher_env()
+    os.environ.update(env)
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs = {}
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        kwargs["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(backend, **kwargs)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def resolve_group(group: ProcessGroup | None) -> ProcessGroup:
+    """The group to use; ``ValueError`` if torch.distributed is down or we are not a member."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "torch.distributed is not initialized: call torch.distributed.init_process_group "
+            "(or flashoverlap.dist_utils.init_from_env) first"
+        )
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given group"
+        )
+    return group
+
+
+def reduce_scatter_rows(
+    output: torch.Tensor, input: torch.Tensor, group: ProcessGroup, async_op: bool = False
+):
+    """``reduce_scatter_tensor`` along dim 0 under whichever name this torch has."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(output, input, group=group, async_op=async_op)

@@ -1,0 +1,146 @@
+"""Public functional ops: argument checks, engine choice, plan lookup, dispatch.
+
+``gemm_all_reduce`` and ``gemm_reduce_scatter`` behave like ``torch.matmul`` followed by
+``torch.distributed.all_reduce`` / ``reduce_scatter_tensor`` on the given group: the result is
+ordered on the caller's current stream, every rank must call them in the same order with the
+same shapes, and bad input raises before anything is launched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, get_args
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from .checks import check_gemm_operands, check_group, check_out, check_scatter
+from .plan import OverlapPlan, PlanConfig, Problem, make_plan
+
+EngineName = Literal["overlap", "reference", "sequential"]
+ENGINES: tuple[str, ...] = get_args(EngineName)
+
+
+@functools.lru_cache(maxsize=256)
+def get_plan(problem: Problem, config: PlanConfig) -> OverlapPlan:
+    """Plans are pure functions of (problem, config): build each once per process."""
+    return make_plan(problem, config)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_engine(engine: str | None, device: torch.device, group: ProcessGroup) -> str:
+    """The engine to run: the requested one (checked), or the best available."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}")
+    if engine in ("reference", "sequential"):
+        return engine
+    from .availability import overlap_unavailable_reason
+
+    reason = overlap_unavailable_reason(device, group)
+    if engine == "overlap" and reason is not None:
+        raise ValueError(f"the overlap engine cannot run here: {reason}")
+    return "overlap" if reason is None else "reference"
+
+
+def plan_for(problem: Problem, device: torch.device, config: PlanConfig | None = None) -> OverlapPlan:
+    """The plan an engine runs: ``config`` if given, else a tuned or analytic default."""
+    if config is None:
+        if device.type == "cuda":
+            from .engine import choose_config
+
+            config = choose_config(problem, device)
+        else:
+            from .defaults import cpu_plan_config
+
+            config = cpu_plan_config(problem)
+    return get_plan(problem, config)
+
+
+def _gemm_collective(
+    op: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: ProcessGroup | None,
+    out: torch.Tensor | None,
+    engine: str | None,
+    config: PlanConfig | None,
+    scatter_dim: int = 0,
+) -> torch.Tensor:
+    M, N, K = check_gemm_operands(a, b)
+    group = check_group(group, a.device)
+    W = dist.get_world_size(group)
+    if op == "reduce_scatter":
+        check_scatter(M, W, scatter_dim)
+    out_shape = (M // W if op == "reduce_scatter" else M, N)
+    check_out(out, out_shape, a)
+    if config is not None and not isinstance(config, PlanConfig):
+        raise TypeError(f"config must be a PlanConfig or None, got {type(config).__name__}")
+    name = resolve_engine(engine, a.device, group)
+    problem = Problem(M=M, N=N, K=K, dtype=_dtype_name(a.dtype), world_size=W, op=op)
+    if out is None:
+        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+    if name == "sequential":
+        from .sequential import run_sequential
+
+        return run_sequential(op, a, b, group, out)
+    plan = plan_for(problem, a.device, config)  # raises ValueError on an inconsistent config
+    if name == "reference":
+        from .reference import run_reference
+
+        return run_reference(plan, a, b, group, out)
+    from .engine import run_overlap
+
+    return run_overlap(plan, a, b, group, out)
+
+
+def gemm_all_reduce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    engine: EngineName | None = None,
+    config: PlanConfig | None = None,
+) -> torch.Tensor:
+    """Sum over ``group`` of ``a @ b``, overlapping the AllReduce with the GEMM.
+
+    Args:
+        a: ``[M, K]`` row-major, float16 / bfloat16 / float32.
+        b: ``[K, N]`` row-major, or ``weight.t()`` of a row-major ``[N, K]`` weight (no copy).
+        group: process group (default: the world).
+        out: optional ``[M, N]`` contiguous output.
+        engine: ``"overlap"`` (CUDA + NCCL), ``"reference"`` (plan executed with torch ops,
+            any backend), ``"sequential"`` (GEMM then AllReduce); ``None`` picks overlap where
+            it can run, else reference.
+        config: an explicit :class:`PlanConfig` (tile, CTAs, groups); default: tuned or analytic.
+
+    Returns:
+        ``[M, N]`` tensor in the inputs' dtype, identical on every rank.
+    """
+    return _gemm_collective("all_reduce", a, b, group, out, engine, config)
+
+
+def gemm_reduce_scatter(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    scatter_dim: int = 0,
+    out: torch.Tensor | None = None,
+    engine: EngineName | None = None,
+    config: PlanConfig | None = None,
+) -> torch.Tensor:
+    """Rank ``r``'s rows ``[r*M/W, (r+1)*M/W)`` of the sum over ``group`` of ``a @ b``.
+
+    Same as ``torch.distributed.reduce_scatter_tensor(out, a @ b, group=group)``, with the
+    ReduceScatter overlapped with the GEMM.  ``M`` must be divisible by the group size and
+    ``scatter_dim`` must be 0.  Other arguments as in :func:`gemm_all_reduce`.
+
+    Returns:
+        ``[M / W, N]`` tensor in the inputs' dtype.
+    """
+    return _gemm_collective("reduce_scatter", a, b, group, out, engine, config, scatter_dim)

@@ -1,0 +1,30 @@
+"""Shared pytest setup: GPU markers skip cleanly without GPUs; `tests/` on sys.path for helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def pytest_collection_modifyitems(config, items):
+    count = _cuda_count()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and count < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and count < 2:
+            item.add_marker(skip_multi)

@@ -1,0 +1,35 @@
+"""Run a function on W processes joined by a gloo (or NCCL) process group.
+
+``run_distributed(fn, W, *args)`` spawns W processes; each initialises torch.distributed
+through a file store in a fresh temp dir, calls ``fn(rank, W, *args)`` and tears down.  An
+exception on any rank fails the caller with that rank's traceback (``mp.spawn`` semantics).
+``fn`` must be defined at module level so the spawned interpreter can import it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, world_size: int, init_file: str, backend: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo") -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        mp.spawn(_entry, args=(world_size, init_file, backend, fn, args), nprocs=world_size)
