@@ -21,12 +21,16 @@ from .dist_utils import reduce_scatter_rows
 from .plan import COL_START, COL_STOP, ROW_START, ROW_STOP, SLOT, OverlapPlan
 
 
+Recipe = tuple[int, int, int, int, torch.Tensor, torch.Tensor]
+
+
 @functools.lru_cache(maxsize=64)
-def _group_recipes(plan: OverlapPlan) -> list[list[tuple[int, int, int, int, np.ndarray, np.ndarray]]]:
+def _group_recipes(plan: OverlapPlan, device: torch.device) -> list[list[Recipe]]:
     """Per group, per tile row band: (row_start, row_stop, col_lo, col_hi, tile_cols, slots).
 
     ``tile_cols`` are the band's tile indices relative to ``col_lo // BN``; computing the band
-    once and gathering tiles from it costs one matmul per band instead of one per tile.
+    once and gathering tiles from it costs one matmul per band instead of one per tile.  Index
+    tensors live on ``device`` and are cached with the plan, so a call copies nothing to it.
     """
     BN = plan.config.block_n
     table = plan.step_table.astype(np.int64)
@@ -38,10 +42,9 @@ def _group_recipes(plan: OverlapPlan) -> list[list[tuple[int, int, int, int, np.
             band = rows[rows[:, ROW_START] == row_start]
             col_lo = int(band[:, COL_START].min())
             col_hi = int(band[:, COL_STOP].max())
-            tile_cols = (band[:, COL_START] - col_lo) // BN
-            bands.append(
-                (int(row_start), int(band[0, ROW_STOP]), col_lo, col_hi, tile_cols, band[:, SLOT])
-            )
+            tile_cols = torch.tensor((band[:, COL_START] - col_lo) // BN, device=device)
+            slots = torch.tensor(band[:, SLOT], dtype=torch.int64, device=device)
+            bands.append((int(row_start), int(band[0, ROW_STOP]), col_lo, col_hi, tile_cols, slots))
         recipes.append(bands)
     return recipes
 
@@ -55,21 +58,25 @@ def tiles_view(x: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
 def compute_group(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor, g: int) -> None:
     """Write group ``g``'s tiles of ``a @ b`` into their slots of ``buf [T, BM, BN]``."""
     BM, BN = plan.config.block_m, plan.config.block_n
-    for row_start, row_stop, col_lo, col_hi, tile_cols, slots in _group_recipes(plan)[g]:
+    for row_start, row_stop, col_lo, col_hi, tile_cols, slots in _group_recipes(plan, a.device)[g]:
         band = a[row_start:row_stop] @ b[:, col_lo:col_hi]
         width = -(-(col_hi - col_lo) // BN) * BN
         band = torch.nn.functional.pad(band, (0, width - band.shape[1], 0, BM - band.shape[0]))
         tiles = tiles_view(band, BM, BN)[0]  # [n_cols, BM, BN]
-        idx = torch.from_numpy(tile_cols).to(a.device)
-        buf[torch.from_numpy(slots).to(a.device)] = tiles[idx]
+        buf[slots] = tiles[tile_cols]
+
+
+@functools.lru_cache(maxsize=64)
+def _restore_index(plan: OverlapPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(plan.restore_tile_m, device=device),
+            torch.tensor(plan.restore_tile_n, device=device))
 
 
 def restore_group(plan: OverlapPlan, recv: torch.Tensor, out_padded: torch.Tensor, g: int) -> None:
     """Copy group ``g``'s received slots into the padded output grid."""
     lo, hi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
-    dev = recv.device
-    tm = torch.from_numpy(plan.restore_tile_m[lo:hi]).to(dev)
-    tn = torch.from_numpy(plan.restore_tile_n[lo:hi]).to(dev)
+    tm, tn = _restore_index(plan, recv.device)
+    tm, tn = tm[lo:hi], tn[lo:hi]
     tiles_view(out_padded, plan.config.block_m, plan.config.block_n)[tm, tn] = recv[lo:hi]
 
 

@@ -1,0 +1,97 @@
+"""Every bad input raises TypeError/ValueError naming the problem, before anything runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import flashoverlap as fo
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    init = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ab(M=8, K=4, N=6, dtype=torch.float32):
+    return torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+
+
+def test_not_initialized_is_a_clear_error():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    a, b = _ab()
+    with pytest.raises(ValueError, match="not initialized"):
+        fo.gemm_all_reduce(a, b)
+
+
+BAD = [
+    ("mismatched K", lambda: (torch.randn(8, 4), torch.randn(5, 6)), {}, ValueError, "mismatched K"),
+    ("1-D a", lambda: (torch.randn(8), torch.randn(8, 6)), {}, ValueError, "a must be 2-D"),
+    ("3-D b", lambda: (torch.randn(8, 4), torch.randn(2, 4, 6)), {}, ValueError, "b must be 2-D"),
+    ("int dtype", lambda: (torch.ones(8, 4, dtype=torch.int32), torch.ones(4, 6, dtype=torch.int32)), {},
+     TypeError, "dtype torch.int32"),
+    ("mixed dtypes", lambda: (torch.randn(8, 4), torch.randn(4, 6, dtype=torch.bfloat16)), {},
+     TypeError, "same dtype"),
+    ("mixed devices", lambda: (torch.randn(8, 4), torch.randn(4, 6, device="meta")), {},
+     ValueError, "same device"),
+    ("empty", lambda: (torch.randn(0, 4), torch.randn(4, 6)), {}, ValueError, "empty"),
+    ("not a tensor", lambda: ([[1.0]], torch.randn(1, 6)), {}, TypeError, "torch.Tensor"),
+    ("column-major a", lambda: (torch.randn(4, 8).t(), torch.randn(4, 6)), {}, ValueError, "row-major"),
+    ("strided b", lambda: (torch.randn(8, 4), torch.randn(8, 12)[::2, ::2]), {}, ValueError, "b must be row-major"),
+    ("out shape", lambda: _ab(), {"out": torch.empty(8, 5)}, ValueError, "out has shape"),
+    ("out dtype", lambda: _ab(), {"out": torch.empty(8, 6, dtype=torch.float16)}, TypeError, "out has dtype"),
+    ("out not tensor", lambda: _ab(), {"out": 3}, TypeError, "out must be"),
+    ("unknown engine", lambda: _ab(), {"engine": "magic"}, ValueError, "engine must be one of"),
+    ("bad config", lambda: _ab(), {"config": {"block_m": 64}}, TypeError, "config must be a PlanConfig"),
+    ("config waves", lambda: _ab(), {"config": fo.PlanConfig(block_m=4, block_n=4, num_ctas=1, group_waves=(1,))},
+     ValueError, "waves"),
+]
+
+
+@pytest.mark.parametrize("name, make, kwargs, exc, message", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("op", [fo.gemm_all_reduce, fo.gemm_reduce_scatter])
+def test_bad_input(world, name, make, kwargs, exc, message, op):
+    a, b = make()
+    with pytest.raises(exc, match=message):
+        op(a, b, **kwargs)
+
+
+def test_out_untouched_on_error(world):
+    a, b = _ab()
+    out = torch.full((8, 6), 7.0)
+    with pytest.raises(ValueError):
+        fo.gemm_all_reduce(a, b, out=out, engine="magic")
+    assert (out == 7.0).all()
+
+
+def test_reduce_scatter_specific(world):
+    a, b = _ab()
+    with pytest.raises(ValueError, match="scatter_dim"):
+        fo.gemm_reduce_scatter(a, b, scatter_dim=1)
+    group = dist.new_group([0])
+    # W=1 divides everything; the divisibility message is tested with W=3 in a spawned group
+    assert fo.gemm_reduce_scatter(a, b, group).shape == (8, 6)
+
+
+def _rs_not_divisible(rank, W):
+    a, b = torch.randn(10, 4), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="M divisible by the group size"):
+        fo.gemm_reduce_scatter(a, b)
+    # a group this rank is not part of
+    sub = dist.new_group([0])
+    if rank != 0:
+        with pytest.raises(ValueError, match="not a member"):
+            fo.gemm_all_reduce(a, b, sub)
+
+
+def test_rs_not_divisible_and_foreign_group():
+    from dist_harness import run_distributed
+
+    run_distributed(_rs_not_divisible, 3)
