@@ -38,6 +38,26 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def _mpi_rendezvous() -> None:
+    """Under mpirun without MASTER_ADDR: rank 0's host and a free port, broadcast by mpi4py."""
+    if "MASTER_ADDR" in os.environ or "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return  # single host: the localhost default below works
+    import socket
+
+    comm = MPI.COMM_WORLD
+    addr = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            addr = (socket.gethostbyname(socket.gethostname()), s.getsockname()[1])
+    addr = comm.bcast(addr, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr[0], str(addr[1])
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
     """Initialise the default process group from torchrun or mpirun variables.
 
@@ -48,6 +68,7 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     env = launcher_env()
     os.environ.update(env)
+    _mpi_rendezvous()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

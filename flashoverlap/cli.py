@@ -1,0 +1,118 @@
+"""The ``flashoverlap`` command: ``info`` (what this machine can do) and ``tune``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+
+import click
+import torch
+
+from .availability import overlap_unavailable_reason
+
+
+def _version(dist_names: tuple[str, ...], module: str | None = None) -> str:
+    for name in dist_names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if module:
+        try:
+            return str(getattr(importlib.import_module(module), "__version__", "installed"))
+        except Exception:  # noqa: BLE001 - any import failure means "not usable"
+            pass
+    return "not installed"
+
+
+def nccl_version() -> str:
+    """NCCL as torch sees it, else the library flashoverlap would load, else why not."""
+    if torch.cuda.is_available():
+        try:
+            v = torch.cuda.nccl.version()
+            return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        from .nccl_lib import load_nccl
+
+        lib = load_nccl()
+        return str(getattr(lib, "version_string", lambda: "loaded")())
+    except Exception as exc:  # noqa: BLE001
+        return f"not loadable ({str(exc).splitlines()[0][:80]})"
+
+
+def gpu_lines() -> list[str]:
+    if not torch.cuda.is_available():
+        return ["none visible to torch (CPU-only build or no driver)"]
+    lines = []
+    count = torch.cuda.device_count()
+    for i in range(count):
+        p = torch.cuda.get_device_properties(i)
+        lines.append(f"cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                     f"{p.total_memory / 2**30:.0f} GiB")
+    if count > 1:
+        peers = [[("P2P" if i == j or torch.cuda.can_device_access_peer(i, j) else "-")
+                  for j in range(count)] for i in range(count)]
+        lines.append("peer access: " + " | ".join(" ".join(row) for row in peers))
+    if shutil.which("nvidia-smi"):
+        try:
+            topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=10)
+            if topo.returncode == 0:
+                lines.append("links (nvidia-smi topo -m):")
+                lines.extend("  " + line for line in topo.stdout.rstrip().splitlines())
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return lines
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flashoverlap")
+def main() -> None:
+    """flashoverlap: overlap tensor-parallel GEMMs with their collectives."""
+
+
+@main.command()
+def info() -> None:
+    """Versions, GPUs and links, and whether the overlap engine can run here."""
+    rows = [
+        ("flashoverlap", _version(("flashoverlap",))),
+        ("torch", torch.__version__ + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU)")),
+        ("NCCL", nccl_version()),
+        ("Triton", _version(("triton",))),
+        ("CuPy", _version(("cupy-cuda13x", "cupy-cuda12x", "cupy"))),
+        ("cuda-bindings", _version(("cuda-bindings", "cuda-python"))),
+        ("mpi4py", _version(("mpi4py",))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    click.echo("GPUs:")
+    for line in gpu_lines():
+        click.echo(f"  {line}")
+    for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", "FLASHOVERLAP_CACHE"):
+        if var in os.environ:
+            click.echo(f"{var}={os.environ[var]}")
+    reason = overlap_unavailable_reason()
+    if reason is None:
+        click.echo("overlap engine: available")
+    else:
+        click.echo(f"overlap engine: unavailable ({reason}); the reference engine is used")
+
+
+def _mount_tune() -> None:
+    try:
+        from .tuning.cli import tune
+    except ImportError:  # tuning not installed in this build
+        return
+    main.add_command(tune)
+
+
+_mount_tune()
+
+
+if __name__ == "__main__":
+    main()
