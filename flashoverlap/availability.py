@@ -46,11 +46,11 @@ def overlap_unavailable_reason(
         if "nccl" not in backend:
             return f"the group's backend is {backend!r}; the overlap engine needs an NCCL group"
     try:
-        from .nccl_lib import load_nccl
+        from .nccl_lib import get_nccl
     except ImportError as exc:  # pragma: no cover - module missing in a broken install
         return f"flashoverlap.nccl_lib cannot be imported: {exc}"
     try:
-        load_nccl()
+        get_nccl()
     except Exception as exc:  # noqa: BLE001 - any failure to load is a reason to fall back
         return f"NCCL library not loadable: {exc}"
     return None

@@ -37,9 +37,9 @@ def nccl_version() -> str:
         except Exception:  # noqa: BLE001
             pass
     try:
-        from .nccl_lib import load_nccl
+        from .nccl_lib import get_nccl
 
-        lib = load_nccl()
+        lib = get_nccl()
         return str(getattr(lib, "version_string", lambda: "loaded")())
     except Exception as exc:  # noqa: BLE001
         return f"not loadable ({str(exc).splitlines()[0][:80]})"

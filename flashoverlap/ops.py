@@ -94,7 +94,8 @@ def _gemm_collective(
         return run_reference(plan, a, b, group, out)
     from .engine import run_overlap
 
-    return run_overlap(plan, a, b, group, out)
+    # An explicit config is the caller's decision: run it even where the model sees no gain.
+    return run_overlap(plan, a, b, group, out, force_overlap=config is not None)
 
 
 def gemm_all_reduce(

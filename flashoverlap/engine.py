@@ -1,0 +1,234 @@
+"""Overlap engine: signal GEMM on the caller's stream, collectives on a watcher stream.
+
+One call of ``run_overlap(plan, a, b, group, out)``::
+
+    caller stream : zero counters ─ record `armed` ─ signal GEMM (P CTAs; tile -> slot, bump group counter)
+    watcher stream: wait `armed` ─ for g in groups: [wait counter g >= tiles(g)] ─ NCCL(g) ─ restore(g)
+                    ─ record `done`;   caller stream waits `done`
+
+Ordering and lifetime, the reasons behind each step:
+
+* **Counters are zeroed on the caller's stream**, before the GEMM, and the watcher waits on the
+  event recorded right after the zeroing, so no wait can see a previous call's count (no epoch
+  arithmetic, and replaying a captured CUDA graph re-arms them).  Targets are the group's tile
+  counts with the wrap-safe ``GEQ`` compare.
+* **Visibility**: the GEMM stores a tile, barriers the CTA, then does a release atomic add at
+  GPU scope (``flashoverlap.kernels.signal_gemm``); the front-end wait (``cuStreamWaitValue32``)
+  or the spin kernel's acquire load then orders NCCL's reads after the tile's stores.
+* **SM sharing**: the GEMM runs on ``P = SMs - r`` CTAs and the communicator is created with
+  ``maxCTAs = r``, so NCCL kernels find free SMs while the GEMM runs instead of queueing
+  behind a grid that holds every SM (stream priority does not preempt running CTAs).
+* **Buffers**: comm buffer, receive buffer, counters and events belong to a workspace cached
+  per (plan, device, group); a call allocates nothing but ``out`` (when not given).  Reuse is
+  safe because the caller's stream waits on ``done`` before it can start the next GEMM that
+  overwrites the comm buffer.  ``out`` is allocated on, and joined back to, the caller's stream,
+  so the caching allocator needs no ``record_stream``.
+* **Same order on every rank**: the first use of a plan on a group all-gathers its hash and
+  raises on mismatch (``comm.exchange_check``) instead of hanging in mismatched collectives.
+* **CUDA graphs**: zeroing, GEMM, waits, NCCL and restores are all capturable; the one-time
+  work (communicator, hash check, NVRTC compile, Triton JIT) must happen in a warm-up call
+  before capture, and raises a clear error if attempted during capture.
+* **Never slower**: plans predicted to gain nothing (fewer than two groups, or the tuner says
+  so) run the sequential path: cuBLAS GEMM, then one NCCL collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from .plan import OverlapPlan, PlanConfig, Problem
+
+_LOCK = threading.Lock()
+# Keyed by the plan objects themselves (identity-hashed and kept alive by the key), never by
+# id(), which a collected plan could hand to a new one.
+_WORKSPACES: dict[tuple[OverlapPlan, int, ProcessGroup], "Workspace"] = {}
+_WATCHERS: dict[int, torch.cuda.Stream] = {}
+_GAIN: dict[OverlapPlan, bool] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_config(problem: Problem, device: torch.device) -> PlanConfig:
+    """Tuned config from the cache when one matches, else the analytic default."""
+    from .kernels import default_block_shape
+
+    block = default_block_shape(device)
+    try:
+        from .tuning.cache import detect_key, lookup
+
+        tuned = lookup(detect_key(problem, device=device.index))
+        if tuned is not None:
+            return tuned
+    except Exception as exc:  # noqa: BLE001 - a broken cache must never break the op
+        warnings.warn(f"flashoverlap: tuning cache unusable ({exc}); using the analytic default")
+    try:
+        from .tuning.search import analytic_default
+
+        return analytic_default(problem, num_sms(device), block_m=block[0], block_n=block[1])
+    except ImportError:
+        from .defaults import default_plan_config
+
+        return default_plan_config(problem, num_sms(device), block)
+
+
+def predicts_gain(plan: OverlapPlan, device: torch.device) -> bool:
+    """Whether to overlap at all: needs two groups, and the tuner's model must predict a gain."""
+    if plan.num_groups < 2:
+        return False
+    cached = _GAIN.get(plan)
+    if cached is None:
+        try:
+            from .tuning.search import predict_gain
+
+            cached = bool(predict_gain(plan.problem, plan.config, num_sms(device)))
+        except ImportError:
+            cached = True
+        _GAIN[plan] = cached
+    return cached
+
+
+def _watcher_stream(device: torch.device) -> torch.cuda.Stream:
+    """One high-priority watcher stream per device (its collectives are latency-critical)."""
+    index = device.index
+    stream = _WATCHERS.get(index)
+    if stream is None:
+        high, _ = torch.cuda.Stream.priority_range()
+        stream = _WATCHERS[index] = torch.cuda.Stream(device=device, priority=high)
+    return stream
+
+
+@dataclasses.dataclass
+class Workspace:
+    """Everything a plan needs on one device and group, allocated once."""
+
+    plan: OverlapPlan
+    comm: Any  # flashoverlap.comm.NcclCommunicator
+    step_table: torch.Tensor  # int32 [T, 6]
+    restore_tile_m: torch.Tensor
+    restore_tile_n: torch.Tensor
+    buf: torch.Tensor  # [T, BM, BN] comm buffer
+    recv: torch.Tensor  # [T/W, BM, BN] for ReduceScatter, else buf
+    counters: torch.Tensor  # int32 [G]
+    armed: torch.cuda.Event
+    done: torch.cuda.Event
+    watcher: torch.cuda.Stream
+    wait_method: str
+    group_targets: list[int]
+
+
+def _reserved_sms(plan: OverlapPlan, device: torch.device) -> int | None:
+    """CTAs NCCL may use: the SMs the GEMM leaves free (None: NCCL's own default)."""
+    reserved = num_sms(device) - plan.config.num_ctas
+    return reserved if reserved > 0 else None
+
+
+def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) -> Workspace:
+    key = (plan, device.index, group)
+    ws = _WORKSPACES.get(key)
+    if ws is not None:
+        return ws
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "flashoverlap: the first call of a shape (plan) must run outside CUDA graph capture "
+            "(it creates the communicator and checks the plan on every rank); warm up first"
+        )
+    from .comm import exchange_check, get_communicator
+    from .stream_wait import prepare_wait
+
+    with _LOCK:
+        # Collective setup, identical on every rank: the plan check first so a mismatch
+        # raises before any NCCL communicator is built around a wrong assumption.
+        exchange_check(group, plan.hash_int64(), f"overlap plan {plan.describe()}")
+        max_ctas = _reserved_sms(plan, device)
+        comm = get_communicator(group, max_ctas=max_ctas, device=device)
+        method = prepare_wait(device, os.environ.get("FLASHOVERLAP_WAIT") or None)
+        BM, BN = plan.config.block_m, plan.config.block_n
+        dtype = getattr(torch, plan.problem.dtype)
+        buf = torch.empty(plan.num_tiles, BM, BN, dtype=dtype, device=device)
+        recv = (torch.empty(plan.recv_tiles, BM, BN, dtype=dtype, device=device)
+                if plan.problem.op == "reduce_scatter" else buf)
+        ws = Workspace(
+            plan=plan,
+            comm=comm,
+            step_table=torch.from_numpy(plan.step_table.copy()).to(device),
+            restore_tile_m=torch.from_numpy(plan.restore_tile_m.astype("int32")).to(device),
+            restore_tile_n=torch.from_numpy(plan.restore_tile_n.astype("int32")).to(device),
+            buf=buf,
+            recv=recv,
+            counters=torch.zeros(plan.num_groups, dtype=torch.int32, device=device),
+            armed=torch.cuda.Event(),
+            done=torch.cuda.Event(),
+            watcher=_watcher_stream(device),
+            wait_method=method,
+            group_targets=[int(c) for c in plan.group_tile_counts],
+        )
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def clear_workspaces() -> None:
+    """Drop cached workspaces (frees comm buffers); communicators stay cached in ``comm``."""
+    with _LOCK:
+        _WORKSPACES.clear()
+        _GAIN.clear()
+
+
+def run_overlap(
+    plan: OverlapPlan,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: ProcessGroup,
+    out: torch.Tensor,
+    *,
+    force_overlap: bool = False,
+) -> torch.Tensor:
+    """Execute ``plan``: ``out`` <- collective over ``group`` of ``a @ b``, overlapped.
+
+    ``force_overlap`` skips the never-slower fallback (used when the caller chose the plan).
+    """
+    device = a.device
+    if not force_overlap and not predicts_gain(plan, device):
+        from .sequential import run_sequential
+
+        return run_sequential(plan.problem.op, a, b, group, out)
+    from .kernels.restore import restore_tiles
+    from .kernels.signal_gemm import signal_gemm
+    from .stream_wait import wait_counter_geq
+
+    ws = get_workspace(plan, device, group)
+    cfg = plan.config
+    reduce_scatter = plan.problem.op == "reduce_scatter"
+    caller = torch.cuda.current_stream(device)
+
+    ws.counters.zero_()
+    ws.armed.record(caller)
+    signal_gemm(a, b, ws.buf, step_table=ws.step_table, block_m=cfg.block_m,
+                block_n=cfg.block_n, num_ctas=cfg.num_ctas, counters=ws.counters, slotted=True)
+
+    watcher = ws.watcher
+    watcher.wait_event(ws.armed)
+    with torch.cuda.stream(watcher):
+        for g in range(plan.num_groups):
+            wait_counter_geq(ws.counters[g : g + 1], ws.group_targets[g], watcher,
+                             method=ws.wait_method)
+            lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
+            rlo, rhi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
+            if reduce_scatter:
+                ws.comm.reduce_scatter(ws.buf[lo:hi], ws.recv[rlo:rhi], watcher)
+            else:
+                ws.comm.all_reduce(ws.buf[lo:hi], watcher)
+            restore_tiles(ws.recv, out, ws.restore_tile_m, ws.restore_tile_n, rlo, rhi,
+                          cfg.block_m, cfg.block_n)
+        ws.done.record(watcher)
+    caller.wait_event(ws.done)
+    return out

@@ -1,0 +1,200 @@
+"""Overlap engine on real GPUs: correctness vs torch.matmul + NCCL, many calls, CUDA graphs.
+
+Single-GPU tests run a world of one (NCCL with one rank still runs every engine step: counters,
+waits, collectives on the watcher stream, restores).  Multi-GPU tests (W = 2, 4) spawn one
+process per GPU with an NCCL group.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import flashoverlap as fo
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.cuda.set_device(0)
+    init = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    yield
+    from flashoverlap.comm import destroy_communicators
+    from flashoverlap.engine import clear_workspaces
+
+    clear_workspaces()
+    destroy_communicators()
+    dist.destroy_process_group()
+
+
+def _sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def _config(M, N, W, op, groups=4, reserve=16):
+    from flashoverlap.kernels import default_block_shape
+
+    bm, bn = default_block_shape(torch.device("cuda", 0))
+    P = _sms() - reserve
+    if op == "reduce_scatter":
+        P = P // W * W
+    problem = fo.Problem(M, N, 8, "bfloat16", W, op)
+    waves = fo.make_plan(problem, fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=P)).num_waves
+    g = min(groups, waves)
+    sizes = [waves // g + (1 if i < waves % g else 0) for i in range(g)]
+    return fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=P, group_waves=tuple(sizes))
+
+
+def _rel(x, ref):
+    return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+SHAPES = [(4096, 8192, 2048), (3000, 5000, 1000), (1027, 2049, 515), (8192, 1024, 7168), (257, 8192, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_overlap_matches_matmul_w1(world1, M, N, K, dtype, transposed):
+    torch.manual_seed(M + N + K)
+    a = torch.randn(M, K, device="cuda", dtype=dtype)
+    b = (torch.randn(N, K, device="cuda", dtype=dtype).t() if transposed
+         else torch.randn(K, N, device="cuda", dtype=dtype))
+    ref = a.float() @ b.float()
+    for op, fn in (("all_reduce", fo.gemm_all_reduce), ("reduce_scatter", fo.gemm_reduce_scatter)):
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        fn(a, b, out=out, engine="overlap", config=_config(M, N, 1, op))
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"{op}: unwritten elements"
+        assert _rel(out, ref) <= 1e-2, op
+
+
+def test_default_engine_is_overlap_and_correct(world1):
+    a = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16)
+    out = fo.gemm_all_reduce(a, b)  # engine=None: overlap (or its never-slower fallback)
+    assert _rel(out, a.float() @ b.float()) <= 1e-2
+
+
+def test_overlap_equals_own_sequential_path_bitwise(world1):
+    """Same kernel in plain mode + one NCCL AllReduce: identical bits (W=1 reduction order)."""
+    from flashoverlap.comm import get_communicator
+    from flashoverlap.kernels.signal_gemm import signal_gemm
+    from flashoverlap.ops import get_plan
+
+    M, N, K = 2500, 3000, 1024
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    config = _config(M, N, 1, "all_reduce")
+    got = fo.gemm_all_reduce(a, b, engine="overlap", config=config)
+    plan = get_plan(fo.Problem(M, N, K, "bfloat16", 1, "all_reduce"), config)
+    plain = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    table = torch.from_numpy(plan.step_table.copy()).cuda()
+    signal_gemm(a, b, plain, step_table=table, block_m=config.block_m, block_n=config.block_n,
+                num_ctas=config.num_ctas, counters=None, slotted=False)
+    get_communicator(None, device=torch.device("cuda", 0)).all_reduce(plain, torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert torch.equal(got, plain)
+
+
+def test_200_calls_varying_shapes_no_hang(world1):
+    rng = random.Random(0)
+    for i in range(200):
+        M, N, K = rng.choice(SHAPES[1:] + [(640, 768, 256), (1500, 4096, 512)])
+        op = rng.choice(["all_reduce", "reduce_scatter"])
+        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        fn = fo.gemm_all_reduce if op == "all_reduce" else fo.gemm_reduce_scatter
+        out = fn(a, b, engine="overlap", config=_config(M, N, 1, op, groups=rng.randint(1, 6)))
+        if i % 20 == 0:
+            assert _rel(out, a.float() @ b.float()) <= 1e-2
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter"])
+def test_cuda_graph_capture_and_replay(world1, op):
+    M, N, K = 3072, 4096, 1024
+    fn = fo.gemm_all_reduce if op == "all_reduce" else fo.gemm_reduce_scatter
+    config = _config(M, N, 1, op)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(a, b, out=out, engine="overlap", config=config)  # warm-up: comm, JIT, hash check
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(a, b, out=out, engine="overlap", config=config)
+    for _ in range(5):
+        a.copy_(torch.randn_like(a))
+        b.copy_(torch.randn_like(b))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(out, a.float() @ b.float()) <= 1e-2
+
+
+def test_small_m_falls_back_to_sequential(world1):
+    from flashoverlap.engine import predicts_gain
+    from flashoverlap.ops import plan_for
+
+    for M in (16, 128):
+        problem = fo.Problem(M, 8192, 2048, "bfloat16", 1, "all_reduce")
+        plan = plan_for(problem, torch.device("cuda", 0))
+        assert not predicts_gain(plan, torch.device("cuda", 0))
+        a = torch.randn(M, 2048, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16)
+        assert _rel(fo.gemm_all_reduce(a, b), a.float() @ b.float()) <= 1e-2
+
+
+# ---------------------------------------------------------------- multi-GPU (W = 2, 4)
+def _multi(rank, W):
+    from flashoverlap.comm import destroy_communicators
+
+    rng = random.Random(1)
+    for case in range(24):
+        M = rng.choice([1024, 2048, 4000, 4096]) // W * W
+        N = rng.choice([1000, 2048, 8192, 3001])
+        K = rng.choice([512, 1024, 2047])
+        dtype = rng.choice([torch.bfloat16, torch.float16])
+        torch.manual_seed(100 * case + rank)
+        a = torch.randn(M, K, device="cuda", dtype=dtype)
+        b = torch.randn(K, N, device="cuda", dtype=dtype)
+        ref = a.float() @ b.float()
+        dist.all_reduce(ref)
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        fo.gemm_all_reduce(a, b, out=out, engine="overlap", config=_config(M, N, W, "all_reduce"))
+        assert _rel(out, ref) <= 1e-2
+        out = torch.full((M // W, N), float("nan"), device="cuda", dtype=dtype)
+        fo.gemm_reduce_scatter(a, b, out=out, engine="overlap", config=_config(M, N, W, "reduce_scatter"))
+        rows = M // W
+        assert _rel(out, ref[rank * rows : (rank + 1) * rows]) <= 1e-2
+    # a forced plan mismatch raises on every rank instead of hanging
+    a = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    cfg = _config(2048, 2048, W, "all_reduce", reserve=16 + 8 * (rank % 2))  # P differs per rank
+    with pytest.raises(RuntimeError, match="differ|mismatch"):
+        fo.gemm_all_reduce(a, b, engine="overlap", config=cfg)
+    torch.cuda.synchronize()
+    destroy_communicators()
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("W", [2, 4])
+def test_overlap_multi_gpu(W):
+    if torch.cuda.device_count() < W:
+        pytest.skip(f"needs {W} GPUs")
+    from dist_harness import run_distributed
+
+    run_distributed(_multi, W, backend="nccl")
