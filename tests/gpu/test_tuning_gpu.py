@@ -1,0 +1,88 @@
+"""Tuner measurements on a real GPU (world of one): timer, wave times, curves, end to end.
+
+These check that the CUDA defaults behave (the plumbing itself is tested on CPU with fakes):
+CUDA-event timing sees a known delay, truncated signal GEMMs give sensible wave times, a
+bandwidth curve can be measured with a GEMM beside it, and ``tune`` runs all the way to a
+cache entry that the engine's lookup finds.  Multi-GPU tuning is exercised by
+``torchrun --nproc-per-node N -m flashoverlap.cli tune --m ... --n ... --k ...``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flashoverlap.plan import PlanConfig, Problem, num_waves_for
+from flashoverlap.tuning import cache, measure
+from flashoverlap.tuning.search import tune
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.cuda.set_device(0)
+    init = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    yield
+    from flashoverlap.comm import destroy_communicators
+    from flashoverlap.engine import clear_workspaces
+
+    clear_workspaces()
+    destroy_communicators()
+    dist.destroy_process_group()
+
+
+def test_cuda_event_timer_sees_a_sleep():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    timer = measure.cuda_event_timer()
+    short = measure.time_call(lambda: torch.cuda._sleep(1_000_000), timer=timer, iters=5)
+    long = measure.time_call(lambda: torch.cuda._sleep(10_000_000), timer=timer, iters=5)
+    assert 0 < short < long and long / short > 5
+
+
+def test_wave_times_of_the_signal_gemm(world1):
+    problem = Problem(8192, 8192, 2048, "bfloat16", 1, "all_reduce")
+    backend = measure.engine_backend(problem)
+    config = PlanConfig(block_m=128, block_n=256, num_ctas=backend.num_sms - 16)
+    n = num_waves_for(problem, config)
+    gemm = backend.gemm_fn(config)
+    waves = measure.measure_wave_times(gemm, n, timer=backend.timer, iters=10)
+    assert len(waves) == n and all(w >= 0 for w in waves)
+    full = measure.time_call(lambda: gemm(n), timer=backend.timer, iters=10)
+    assert sum(waves) == pytest.approx(full, rel=0.1)
+    steady = sorted(waves[1:-1])[len(waves[1:-1]) // 2]
+    assert 0.3 * full / n < steady < 3 * full / n  # waves cost about the same each
+
+
+def test_bandwidth_curve_with_gemm_beside(world1):
+    problem = Problem(4096, 8192, 2048, "bfloat16", 1, "all_reduce")
+    backend = measure.engine_backend(problem)
+    config = PlanConfig(block_m=128, block_n=256, num_ctas=backend.num_sms - 16)
+    gemm, n = backend.gemm_fn(config), num_waves_for(problem, config)
+    sizes = measure.default_sizes(64 << 20, min_bytes=1 << 20)
+    curve = measure.measure_bandwidth_curve(backend.comm_fn(16), sizes,
+                                            beside=backend.beside(lambda: gemm(n)),
+                                            timer=backend.timer, iters=5)
+    assert len(curve.sizes) == len(sizes)
+    assert all(t > 0 for t in curve.seconds)
+
+
+def test_tune_end_to_end_stores_an_entry(world1, tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    problem = Problem(4096, 4096, 2048, "bfloat16", 1, "all_reduce")
+    backend = measure.engine_backend(problem)
+    result = tune(problem, backend, reservations=(0, 16), top_k=2, iters=5, warmup=2,
+                  max_wave_points=6)
+    assert result.best.measured_s is not None and result.sequential_s is not None
+    key = cache.detect_key(problem)
+    cache.store(key, result.best.config, predicted_ms=result.best.predicted_s * 1e3,
+                measured_ms=result.best.measured_s * 1e3,
+                sequential_ms=result.sequential_s * 1e3, use_overlap=result.use_overlap)
+    assert cache.lookup(key) == result.best.config
+    assert key.gpu_name == torch.cuda.get_device_name(0)

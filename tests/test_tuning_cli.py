@@ -1,0 +1,99 @@
+"""The ``tune`` command on CPU: --help, --list, --analytic and argument errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flashoverlap.plan import PlanConfig, Problem
+from flashoverlap.tuning import cache
+from flashoverlap.tuning.cli import format_table, format_waves, tune
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch) -> CliRunner:
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    return CliRunner()
+
+
+def test_help(runner):
+    result = runner.invoke(tune, ["--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--m", "--n", "--k", "--op", "--dtype", "--world-size", "--top-k", "--list"):
+        assert option in result.output
+
+
+def test_mounted_on_main_cli(runner):
+    main = pytest.importorskip("flashoverlap.cli").main
+    result = runner.invoke(main, ["tune", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--top-k" in result.output
+
+
+def test_list_empty(runner, tmp_path):
+    result = runner.invoke(tune, ["--list"])
+    assert result.exit_code == 0, result.output
+    assert "no tuned configs" in result.output and str(tmp_path) in result.output
+
+
+def test_list_entries(runner, tmp_path):
+    for M, overlap in ((8192, True), (64, False)):
+        problem = Problem(M, 8192, 2048, "bfloat16", 4, "all_reduce")
+        key = cache.make_key(problem, gpu_name="NVIDIA H100", num_sms=132,
+                             interconnect="nvlink", nccl_version="2.21.5")
+        config = PlanConfig(num_ctas=116, group_waves=(1, 1, 2, 2, 2) if M == 8192 else (1,))
+        cache.store(key, config, predicted_ms=1.234, measured_ms=1.3 if overlap else None,
+                    sequential_ms=1.5, use_overlap=overlap)
+    (tmp_path / "tuning" / "broken.json").write_text("{not json")
+    with pytest.warns(cache.CacheWarning):
+        result = runner.invoke(tune, ["--list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:4] == ["gpu", "W", "op", "dtype"]
+    assert len(lines) == 4  # header, rule, two entries (the broken file is skipped)
+    assert "1x2,2x3" in result.output and "1.234" in result.output
+    assert lines[2].split()[-1] == "no" and lines[3].split()[-1] == "yes"  # sorted by M
+
+
+def test_analytic(runner):
+    result = runner.invoke(tune, ["--m", "8192", "--n", "8192", "--k", "2048",
+                                  "--world-size", "4", "--analytic", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "sequential (predicted)" in result.output and "-> overlap" in result.output
+    result = runner.invoke(tune, ["--m", "64", "--n", "8192", "--k", "2048", "--world-size",
+                                  "4", "--analytic", "--op", "reduce_scatter"])
+    assert result.exit_code == 0, result.output
+    assert "-> sequential" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "1", "--k", "1"], "--m, --n and --k are required"),
+    (["--m", "1", "--n", "1", "--k", "1", "--analytic"], "--world-size"),
+    (["--m", "6", "--n", "8", "--k", "8", "--world-size", "4", "--op", "reduce_scatter",
+      "--analytic"], "divisible"),
+    (["--m", "8", "--n", "8", "--k", "8", "--tiles", "128", "--analytic", "--world-size", "2"],
+     "BMxBN"),
+    (["--m", "8", "--n", "8", "--k", "8", "--reservations", "a,b", "--analytic",
+      "--world-size", "2"], "integers"),
+    (["--m", "0", "--n", "8", "--k", "8"], "x>=1"),
+])
+def test_usage_errors(runner, args, message):
+    result = runner.invoke(tune, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_backend_is_a_clear_error(runner):
+    result = runner.invoke(tune, ["--m", "8", "--n", "8", "--k", "8",
+                                  "--backend", "flashoverlap_no_such_module:factory"])
+    assert result.exit_code == 1
+    assert "cannot import the tuning backend" in result.output
+
+
+def test_formatting_helpers():
+    assert format_waves((1, 1, 2, 2, 2, 7)) == "1x2,2x3,7"
+    assert format_waves(None) == "per-wave"
+    table = format_table(("a", "bb"), [(1, None), (333, "x")])
+    assert table.splitlines() == ["  a  bb", "---  --", "  1   -", "333   x"]
