@@ -1,0 +1,247 @@
+"""The benchmark scripts on CPU: ``--help``, full gloo runs under torchrun and mpirun, helpers.
+
+The launcher runs exercise the whole pipeline (timing, agreement over ranks, JSON rows with the
+DESIGN.md keys, CSV, Markdown, PNG charts and timelines) with tiny float32 shapes and the
+engines that run on CPU; the GPU-only paths (CUDA events, the engine's timeline marks) are
+covered by feeding the same drawing and span code synthetic data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+REQUIRED_KEYS = {"bench", "op", "M", "N", "K", "dtype", "world_size", "engine", "median_ms",
+                 "speedup_vs_sequential", "p2p", "gpu", "torch", "nccl", "triton", "date"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = ["--iters", "3", "--warmup", "1", "--no-progress", "--machine", "test"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU gloo run even on a GPU machine
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, **env: str) -> str:
+    proc = subprocess.run(cmd, check=False, env={**_env(), **env}, cwd=cwd, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), str(SCRIPTS / script), *args]
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert REQUIRED_KEYS <= row.keys(), REQUIRED_KEYS - row.keys()
+        assert (row["median_ms"] or 0) > 0 or row["note"], row  # measured, or n/a with a reason
+        assert row["dtype"] == "float32" and row["timer"] == "perf_counter"
+        assert row["nccl"] == "n/a (gloo)" and row["device"] == "cpu"
+        if row["engine"] == "sequential":
+            assert row["speedup_vs_sequential"] == pytest.approx(1.0)
+    return rows
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------
+# --help and launcher runs
+# --------------------------------------------------------------------------------------------
+def test_help_of_both_scripts_on_cpu(tmp_path):
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / s), "--help"], env=_env(), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in ("bench_overlap.py", "bench_scaling.py")]
+    for proc, flag in zip(procs, ("--timeline", "--max-shapes")):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "usage:" in out and flag in out and "--no-p2p" in out
+
+
+def test_torchrun_bench_overlap_cpu(tmp_path):
+    out = tmp_path / "res"
+    # The ceiling is unavailable on rank 1 only: every rank must agree to skip it and go on.
+    stdout = _run(_torchrun("bench_overlap.py", "--device", "cpu", "--shape", "128x128x64", "--op", "both",
+                            "--out", str(out), "--timeline", str(tmp_path / "tl.png"), *FAST), tmp_path,
+                  FLASHOVERLAP_BENCH_FAIL="concurrent_ceiling@1")
+    rows = _rows(out / "overlap.json")
+    engines = {"gemm_only", "comm_only", "sequential", "decomposition", "concurrent_ceiling"}
+    assert {(r["op"], r["engine"]) for r in rows} == {(op, e) for op in ("all_reduce", "reduce_scatter") for e in engines}
+    assert all(r["bench"] == "overlap" and r["world_size"] == 2 and r["p2p"] is True for r in rows)
+    measured = [r for r in rows if r["engine"] != "concurrent_ceiling"]
+    assert all(r["median_ms"] > 0 for r in measured)
+    assert all(r["ideal_ms"] == max(r2["median_ms"] for r2 in rows if r2["op"] == r["op"]
+                                    and r2["engine"] in ("gemm_only", "comm_only")) for r in rows)
+    failed = [r for r in rows if r["engine"] == "concurrent_ceiling"]
+    assert all(r["median_ms"] is None and r["note"] == "n/a on another rank" for r in failed)
+    md = (out / "overlap.md").read_text()
+    assert "| op | W | M | N | K |" in md and "| ceiling |" in md and "n/a" in md and "perf_counter" in md
+    for png in (out / "overlap.png", tmp_path / "tl-all_reduce-128x128x64.png",
+                tmp_path / "tl-reduce_scatter-128x128x64.png"):
+        assert _is_png(png), png
+    assert "| seq |" in stdout and "overlap: problems 2" in stdout
+
+
+def test_torchrun_bench_scaling_cpu(tmp_path):
+    out = tmp_path / "res"
+    # gemm_only's first call raises on every rank: reported n/a, the other engines go on.
+    stdout = _run(_torchrun("bench_scaling.py", "--device", "cpu", "--presets", "tiny", "--tokens", "64",
+                            "--engines", "sequential,decomposition,gemm_only", "--out", str(out), *FAST),
+                  tmp_path, FLASHOVERLAP_BENCH_FAIL="gemm_only@*")
+    rows = _rows(out / "scaling.json")
+    assert {r["world_size"] for r in rows} == {1, 2}
+    assert {r["engine"] for r in rows} == {"sequential", "decomposition", "gemm_only"}
+    assert all(r["median_ms"] is None and "injected" in r["note"] for r in rows if r["engine"] == "gemm_only")
+    assert all(r["median_ms"] > 0 for r in rows if r["engine"] != "gemm_only")
+    assert {r["layer"] for r in rows} == {"tiny.o_proj", "tiny.down_proj"}
+    assert all(r["bench"] == "scaling" and r["N"] == 256 for r in rows)
+    assert {(r["layer"], r["world_size"], r["K"]) for r in rows} >= {("tiny.down_proj", 2, 256), ("tiny.o_proj", 1, 256)}
+    with (out / "scaling.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and REQUIRED_KEYS <= set(table[0])
+    md = (out / "scaling.md").read_text()
+    assert "## W = 1, all_reduce" in md and "## W = 2, reduce_scatter" in md
+    assert _is_png(out / "scaling-w1.png") and _is_png(out / "scaling-w2.png")
+    assert "scaling: " in stdout.splitlines()[-1]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI runtime (mpirun) installed")
+def test_mpirun_bench_scaling_cpu_no_p2p(tmp_path):
+    out = tmp_path / "res"
+    stdout = _run(["mpirun", "-n", "2", "--oversubscribe", "-x", f"MASTER_PORT={_free_port()}",
+                   "-x", "OMP_NUM_THREADS=1", sys.executable, str(SCRIPTS / "bench_scaling.py"),
+                   "--device", "cpu", "--no-p2p", "--presets", "t=128:256", "--tokens", "64",
+                   "--layers", "o_proj", "--op", "reduce_scatter", "--out", str(out), *FAST], tmp_path)
+    rows = _rows(out / "scaling-nop2p.json")
+    assert all(r["p2p"] is False and r["op"] == "reduce_scatter" for r in rows)
+    assert {r["world_size"] for r in rows} == {1, 2}
+    assert (out / "scaling-nop2p.csv").exists() and _is_png(out / "scaling-nop2p-w2.png")
+    assert "PCIe-class (NCCL_P2P_DISABLE=1)" in (out / "scaling-nop2p.md").read_text()
+    assert "PCIe-class (NCCL_P2P_DISABLE=1)" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# helpers, in process
+# --------------------------------------------------------------------------------------------
+def test_scaling_presets_divide_at_w8():
+    import bench_scaling as bs
+
+    args = bs.parse_args(["--presets", "8b,70b,405b"])
+    presets, tokens = args.presets, bs.int_list(bs.DEFAULT_TOKENS["cuda"])
+    for w in (1, 2, 4, 8):
+        shapes = bs.shapes_for(args, presets, tokens, w)
+        assert len(shapes) == 3 * 2 * 4  # nothing skipped at any power of two up to 8
+        assert all(s["M"] % w == 0 for s in shapes)
+    assert bs.world_sizes(args, 8) == [1, 2, 4, 8] and bs.world_sizes(args, 6) == [1, 2, 4, 6]
+    assert len(bs.shapes_for(bs.parse_args(["--max-shapes", "5"]), presets, tokens, 8)) == 5
+    assert bs.parse_presets("x=96:160") == {"x": (96, 160)}
+    with pytest.raises(argparse.ArgumentTypeError):
+        bs.parse_presets("7b")
+
+
+def test_overlap_args_presets_and_config():
+    import bench_overlap as bo
+
+    args = bo.parse_args(["--shape", "8192x8192x2048", "--config-json",
+                          '{"block_m": 128, "block_n": 256, "num_ctas": 116, "group_waves": [1, 3]}'])
+    assert args.shape == [(8192, 8192, 2048)] and args.plan_config.group_waves == (1, 3)
+    assert len(bo.PRESETS["design"]) == 6 and {k for _, _, k in bo.PRESETS["pcie"]} == {32768, 65536}
+    with pytest.raises(SystemExit):
+        bo.parse_args(["--shape", "8192x8192"])
+    assert bo.timeline_path(Path("/x/t.png"), "all_reduce", (1, 2, 3), False) == Path("/x/t-all_reduce-1x2x3.png")
+
+
+def test_write_json_merges_and_tables(tmp_path):
+    import bench_common as bc
+
+    def row(engine, ms, M=64, **kw):
+        return {"bench": "overlap", "op": "all_reduce", "M": M, "N": 8, "K": 8, "dtype": "float32",
+                "world_size": 2, "engine": engine, "variant": "default", "p2p": True, "device": "cpu",
+                "median_ms": ms, "speedup_vs_sequential": 2.0 / ms if ms else None, **kw}
+
+    path = tmp_path / "r.json"
+    bc.write_json(path, [row("sequential", 2.0), row("decomposition", 1.0)])
+    merged = bc.write_json(path, [row("decomposition", 0.5), row("sequential", 2.0, M=128)])
+    assert len(merged) == 3 and json.loads(path.read_text()) == merged
+    assert [r["median_ms"] for r in merged if r["engine"] == "decomposition"] == [0.5]
+    assert len(bc.write_json(path, [row("sequential", 3.0)], fresh=True)) == 1
+
+    rows = [row("sequential", 2.0, ideal_ms=1.0), row("flashoverlap", 1.6, fallback=True),
+            row("torch_fused", None, note="n/a")]
+    table = bc.shape_table(rows, [("M", "M")], bc.engine_columns(rows))
+    assert "| 64 | 2.000 | n/a | 1.600 (1.25x)* | 1.000 (2.00x) |" in table
+    assert bc.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    bc.write_csv(tmp_path / "r.csv", rows)
+    assert (tmp_path / "r.csv").read_text().count("\n") == 4
+
+
+class _FakeEvent:
+    def __init__(self, t: float):
+        self.t = t
+
+    def elapsed_time(self, other: _FakeEvent) -> float:
+        return other.t - self.t
+
+
+def test_timeline_spans_from_marks_and_plot(tmp_path):
+    import bench_overlap as bo
+
+    from flashoverlap import timeline
+
+    assert timeline.active_recorder() is None
+    timeline.mark(None, "gemm_start")  # no recorder: a no-op, never touches CUDA
+    with timeline.record_timeline() as outer:
+        with timeline.record_timeline() as inner:
+            assert timeline.active_recorder() is inner
+        assert timeline.active_recorder() is outer
+    assert timeline.active_recorder() is None
+
+    rec = timeline.TimelineRecorder()  # what run_overlap's marks would leave, for 3 groups
+    t = {"gemm_start": 0.1, "gemm_end": 2.0}
+    rec.marks += [(label, None, _FakeEvent(v)) for label, v in t.items()]
+    for g in range(3):
+        base = 0.05 + 0.6 * g
+        rec.marks += [("wait_start", g, _FakeEvent(base)), ("wait_end", g, _FakeEvent(base + 0.5)),
+                      ("comm_end", g, _FakeEvent(base + 0.55)), ("restore_end", g, _FakeEvent(base + 0.6))]
+    spans = rec.spans(_FakeEvent(0.0))
+    assert [(s.lane, s.name, s.group) for s in spans[:2]] == [("compute", "GEMM", None), ("watcher", "wait", 0)]
+    assert len(spans) == 1 + 3 * 3
+    coll = [s for s in spans if s.name == "collective"]
+    assert [round(s.start_ms, 3) for s in coll] == [0.55, 1.15, 1.75]
+    assert min(s.start_ms for s in rec.spans()) == 0.0  # default origin: the earliest mark
+
+    spans.append(timeline.Span("call", "whole call", None, 0.0, 2.3))
+    seq = [timeline.Span("stream", "GEMM", None, 0.0, 1.9), timeline.Span("stream", "collective", None, 1.9, 2.9)]
+    path = tmp_path / "timeline.png"
+    bo.plot_timeline(path, "synthetic", [("flashoverlap", spans), ("sequential", seq)])
+    assert _is_png(path)
