@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from . import timeline
 from .plan import OverlapPlan, PlanConfig, Problem
 
 _LOCK = threading.Lock()
@@ -58,19 +59,25 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tuned_entry(problem: Problem, device: torch.device):
+    """The cache entry tuned for this problem on this machine, or None (never raises)."""
+    try:
+        from .tuning.cache import detect_key, lookup_entry
+
+        return lookup_entry(detect_key(problem, device=device.index))
+    except Exception as exc:  # noqa: BLE001 - a broken cache must never break the op
+        warnings.warn(f"flashoverlap: tuning cache unusable ({exc}); using the analytic default")
+        return None
+
+
 def choose_config(problem: Problem, device: torch.device) -> PlanConfig:
     """Tuned config from the cache when one matches, else the analytic default."""
     from .kernels import default_block_shape
 
+    entry = _tuned_entry(problem, device)
+    if entry is not None:
+        return entry.plan_config
     block = default_block_shape(device)
-    try:
-        from .tuning.cache import detect_key, lookup
-
-        tuned = lookup(detect_key(problem, device=device.index))
-        if tuned is not None:
-            return tuned
-    except Exception as exc:  # noqa: BLE001 - a broken cache must never break the op
-        warnings.warn(f"flashoverlap: tuning cache unusable ({exc}); using the analytic default")
     try:
         from .tuning.search import analytic_default
 
@@ -82,17 +89,25 @@ def choose_config(problem: Problem, device: torch.device) -> PlanConfig:
 
 
 def predicts_gain(plan: OverlapPlan, device: torch.device) -> bool:
-    """Whether to overlap at all: needs two groups, and the tuner's model must predict a gain."""
+    """Whether to overlap at all (never slower than sequential).
+
+    Needs two groups; then the measured decision of a matching tuned entry, else the
+    analytic model's prediction.  Decided once per plan.
+    """
     if plan.num_groups < 2:
         return False
     cached = _GAIN.get(plan)
     if cached is None:
-        try:
-            from .tuning.search import predict_gain
+        entry = _tuned_entry(plan.problem, device)
+        if entry is not None and entry.plan_config == plan.config:
+            cached = bool(entry.use_overlap)
+        else:
+            try:
+                from .tuning.search import predict_gain
 
-            cached = bool(predict_gain(plan.problem, plan.config, num_sms(device)))
-        except ImportError:
-            cached = True
+                cached = bool(predict_gain(plan.problem, plan.config, num_sms(device)))
+            except ImportError:
+                cached = True
         _GAIN[plan] = cached
     return cached
 
@@ -212,23 +227,29 @@ def run_overlap(
 
     ws.counters.zero_()
     ws.armed.record(caller)
+    timeline.mark(caller, "gemm_start")
     signal_gemm(a, b, ws.buf, step_table=ws.step_table, block_m=cfg.block_m,
                 block_n=cfg.block_n, num_ctas=cfg.num_ctas, counters=ws.counters, slotted=True)
+    timeline.mark(caller, "gemm_end")
 
     watcher = ws.watcher
     watcher.wait_event(ws.armed)
     with torch.cuda.stream(watcher):
         for g in range(plan.num_groups):
+            timeline.mark(watcher, "wait_start", g)
             wait_counter_geq(ws.counters[g : g + 1], ws.group_targets[g], watcher,
                              method=ws.wait_method)
+            timeline.mark(watcher, "wait_end", g)
             lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
             rlo, rhi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
             if reduce_scatter:
                 ws.comm.reduce_scatter(ws.buf[lo:hi], ws.recv[rlo:rhi], watcher)
             else:
                 ws.comm.all_reduce(ws.buf[lo:hi], watcher)
+            timeline.mark(watcher, "comm_end", g)
             restore_tiles(ws.recv, out, ws.restore_tile_m, ws.restore_tile_n, rlo, rhi,
                           cfg.block_m, cfg.block_n)
+            timeline.mark(watcher, "restore_end", g)
         ws.done.record(watcher)
     caller.wait_event(ws.done)
     return out
