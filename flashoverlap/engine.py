@@ -35,6 +35,7 @@ Ordering and lifetime, the reasons behind each step:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 import warnings
@@ -70,8 +71,12 @@ def _tuned_entry(problem: Problem, device: torch.device):
         return None
 
 
+@functools.lru_cache(maxsize=256)
 def choose_config(problem: Problem, device: torch.device) -> PlanConfig:
-    """Tuned config from the cache when one matches, else the analytic default."""
+    """Tuned config from the cache when one matches, else the analytic default.
+
+    Cached per (problem, device): the cache lookup reads files and must stay off the hot path.
+    """
     from .kernels import default_block_shape
 
     entry = _tuned_entry(problem, device)
