@@ -1,0 +1,153 @@
+"""Restore: copy comm-buffer slots back to their tiles of a row-major output (un-reorder).
+
+After a group's collective, slots ``[slot_start, slot_stop)`` of the received buffer
+``[R, BLOCK_M, BLOCK_N]`` hold finished tiles; slot ``s`` goes to output tile
+``(tile_m[s], tile_n[s])``, i.e. rows ``tile_m[s]*BLOCK_M ...`` and columns
+``tile_n[s]*BLOCK_N ...`` of ``out[rows, N]``, cut at ``rows`` and ``N`` (edge tiles; the
+padding of a slot is never read).  ``tile_m``/``tile_n`` are the plan's
+``restore_tile_m``/``restore_tile_n`` on the device.
+
+The grid is (slots x row chunks): each program moves ``BLOCK_R x BLOCK_N`` elements, a few
+KiB, with 16-byte accesses when ``N`` and the output row stride are multiples of 16
+elements (Triton specializes those arguments, so the column mask stays vectorizable).  The
+kernel launches on the current stream, so the engine runs it on its watcher stream inside
+``torch.cuda.stream(s)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Elements one program moves (16 KiB of bf16): enough bytes in flight per SM, and many
+# programs for a group of a few hundred tiles.
+_CHUNK_ELEMS = 8192
+
+
+@triton.jit(do_not_specialize=["slot_start", "rows"])
+def _restore_kernel(
+    src_ptr, out_ptr, tile_m_ptr, tile_n_ptr,
+    slot_start, rows, N, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    slot = slot_start + tl.program_id(0)
+    chunk = tl.program_id(1)
+    tile_m = tl.load(tile_m_ptr + slot).to(tl.int64)
+    tile_n = tl.load(tile_n_ptr + slot).to(tl.int64)
+    offs_i = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_j = tl.arange(0, BLOCK_N)
+    out_rows = tile_m * BLOCK_M + offs_i
+    out_cols = tile_n * BLOCK_N + offs_j
+    mask = (out_rows < rows)[:, None] & (out_cols < N)[None, :]
+    src = src_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs_i[:, None] * BLOCK_N \
+        + offs_j[None, :]
+    vals = tl.load(src, mask=mask)
+    dst = out_ptr + out_rows[:, None] * stride_om + out_cols[None, :]
+    tl.store(dst, vals, mask=mask)
+
+
+def _check_index(name: str, t: torch.Tensor, stop: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D int32/int64 tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if t.numel() < stop:
+        raise ValueError(f"{name} has {t.numel()} entries, slot_stop is {stop}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _validate(src, out, tile_m, tile_n, slot_start, slot_stop, block_m, block_n):
+    for name, t in (("src", src), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if src.dtype != out.dtype:
+        raise TypeError(f"src and out dtypes differ: {src.dtype} vs {out.dtype}")
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a positive power of two, got {v!r}")
+    for name, v in (("slot_start", slot_start), ("slot_stop", slot_stop)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if slot_stop < slot_start:
+        raise ValueError(f"slot_stop {slot_stop} < slot_start {slot_start}")
+    if out.dim() != 2 or out.numel() == 0 or (out.shape[1] > 1 and out.stride(1) != 1):
+        raise ValueError(f"out must be a non-empty row-major 2-D tensor, got shape "
+                         f"{tuple(out.shape)} strides {out.stride()}")
+    device = out.device
+    if device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"restore_tiles needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    if src.device != device:
+        raise ValueError(f"src is on {src.device}, expected {device}")
+    if not src.is_contiguous() or src.numel() < slot_stop * block_m * block_n:
+        raise ValueError(f"src must be a contiguous buffer of at least slot_stop*BM*BN = "
+                         f"{slot_stop}*{block_m}*{block_n} elements, got {tuple(src.shape)}")
+    _check_index("tile_m", tile_m, slot_stop, device)
+    _check_index("tile_n", tile_n, slot_stop, device)
+
+
+def restore_tiles(
+    src: torch.Tensor,
+    out: torch.Tensor,
+    tile_m: torch.Tensor,
+    tile_n: torch.Tensor,
+    slot_start: int,
+    slot_stop: int,
+    block_m: int,
+    block_n: int,
+) -> torch.Tensor:
+    """Copy slots ``[slot_start, slot_stop)`` of ``src`` (``[R, BM, BN]``) into ``out``.
+
+    Launches on the current stream; returns ``out``.  Tile coordinates must lie inside
+    ``out``'s tile grid (the plan guarantees it; they are not checked on the host, which
+    would need a device sync).
+    """
+    _validate(src, out, tile_m, tile_n, slot_start, slot_stop, block_m, block_n)
+    slots = slot_stop - slot_start
+    if slots == 0:
+        return out
+    rows, N = out.shape
+    block_r = max(1, min(block_m, _CHUNK_ELEMS // block_n))
+    grid = (slots, triton.cdiv(block_m, block_r))
+    stride_om = out.stride(0) if rows > 1 else N
+
+    def launch():
+        _restore_kernel[grid](src, out, tile_m, tile_n, slot_start, rows, N, stride_om,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+                              num_warps=4)
+
+    if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
+        with torch.cuda.device(out.device):
+            launch()
+    else:
+        launch()
+    return out
+
+
+def restore_tiles_ref(
+    src: torch.Tensor,
+    out: torch.Tensor,
+    tile_m: torch.Tensor,
+    tile_n: torch.Tensor,
+    slot_start: int,
+    slot_stop: int,
+    block_m: int,
+    block_n: int,
+) -> torch.Tensor:
+    """Pure-torch :func:`restore_tiles` (a Python loop over slots)."""
+    rows, N = out.shape
+    tiles = src.reshape(-1)[: slot_stop * block_m * block_n].view(-1, block_m, block_n)
+    tm_list = tile_m.detach().cpu().tolist()
+    tn_list = tile_n.detach().cpu().tolist()
+    for slot in range(slot_start, slot_stop):
+        r0, c0 = tm_list[slot] * block_m, tn_list[slot] * block_n
+        r1, c1 = min(r0 + block_m, rows), min(c0 + block_n, N)
+        if r1 > r0 and c1 > c0:
+            out[r0:r1, c0:c1] = tiles[slot, : r1 - r0, : c1 - c0]
+    return out

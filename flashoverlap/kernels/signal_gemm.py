@@ -1,0 +1,449 @@
+"""The signal GEMM: a persistent Triton matmul that follows an overlap plan and signals per tile.
+
+``C = A @ B`` where program ``p`` of a grid of ``P`` programs runs steps ``p, p+P, p+2P, ...``
+of the plan's step table (``flashoverlap.plan``: ``row_start, row_stop, col_start, col_stop,
+slot, group`` per step).  Each step computes one ``BLOCK_M x BLOCK_N`` tile of ``C`` and stores
+it either into slot ``slot`` of the comm buffer ``[T, BLOCK_M, BLOCK_N]`` (*slotted* mode; row
+major inside the slot, leading dimension ``BLOCK_N``) or at its place in a row-major ``[M, N]``
+output (*plain* mode).  Rows are masked by ``row_stop`` (a ReduceScatter row block may end
+inside a tile), columns by ``col_stop``.  After a tile is stored, the program bumps the
+counter of the tile's group by one, so group ``g`` is complete once ``counters[g]`` reaches
+its tile count; a watcher stream waits for that and hands the group's slots to NCCL.
+
+Ordering protocol (why a reader that sees the count also sees the data)
+-----------------------------------------------------------------------
+1. Every thread of the program stores its part of the tile with ordinary ``st.global``
+   (pointer stores, never a TMA store: a bulk store is only waited for until it has *read*
+   shared memory, so a later release would not cover its writes).
+2. A CTA barrier (``bar.sync 0``) orders all threads' prior memory accesses before
+   anything any participating thread does after it.  Compiled, it is emitted as
+   side-effecting inline PTX: ``tl.debug_barrier()`` is the same instruction but keeps
+   Triton from software-pipelining the flattened persistent loop (no multi-buffering at
+   all).  The interpreter uses ``tl.debug_barrier()``.
+3. One thread does ``atom.add.release.gpu`` on the group counter (Triton issues a scalar
+   atomic from a single thread).  Release semantics are cumulative in the PTX memory model:
+   the stores of the other threads, ordered before the release by the barrier, become
+   visible at GPU scope no later than the counter update.
+4. The consumer observes the count with an acquire at GPU (or system, for the stream
+   memory operations) scope, then synchronizes its own threads before reading the data.
+Without step 2 the release would cover only thread 0's own stores; without step 1's pointer
+stores it would cover none.  The GPU stress test (tests/gpu/test_signal_gemm.py) snapshots
+each group the moment its counter completes and compares with the final buffer.
+
+Main loop
+---------
+On sm_90 the operands are read through TMA descriptors built on the device
+(``tl.make_tensor_descriptor``; Triton needs ``triton.set_allocator`` for their workspace,
+:func:`_ensure_tma_allocator` installs a torch one if none is set).  ``B`` may be row-major
+``[K, N]`` or the transposed view of a row-major ``[N, K]`` tensor (a ``nn.Linear`` weight);
+the latter is read as ``[BLOCK_N, BLOCK_K]`` boxes of the ``[N, K]`` tensor and transposed in
+registers, so neither layout is copied.  TMA needs 16-byte aligned bases and row strides;
+other inputs (and sm_80, and the interpreter) take the pointer-load path (``USE_TMA=False``).
+The persistent loop is the ``flatten`` form of Triton's persistent-matmul tutorial: the
+epilogue re-reads its step's table row (``step_c``) so that the software pipeline can start
+the next tile's loads before this tile's epilogue.
+
+Numbers (H100, Triton 3.6) are in ``results/`` (``scripts/bench_gemm.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from flashoverlap.kernels import GemmConfig, default_config
+
+# Same column order as flashoverlap.plan.STEP_TABLE_COLUMNS (kept literal so the kernel
+# module does not depend on the planner).
+_ROW_START, _ROW_STOP, _COL_START, _COL_STOP, _SLOT, _GROUP = range(6)
+_STEP_COLUMNS = 6
+
+# Decided when the kernels are decorated: interpreted kernels run on CPU tensors.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_STRIDE = 2**31 // 512  # elements; BLOCK * stride must fit in int32
+
+
+# --------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
+                               "num_steps", "num_progs"])
+def _signal_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
+    M, N, K,
+    stride_am, stride_b, stride_cm,  # stride_b: of K for row-major B, of N for B = W.T
+    num_steps, num_progs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_TRANS: tl.constexpr,  # B is the transposed view of a row-major [N, K] tensor
+    SLOTTED: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+    USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
+    ACC_MULTIBUFFER: tl.constexpr,
+    ALIGN: tl.constexpr,  # K, N and every stride are multiples of ALIGN elements
+    ASM_BARRIER: tl.constexpr,  # CTA barrier as inline PTX (compiled) or tl.debug_barrier
+    INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
+):
+    pid = tl.program_id(0)
+    dtype = c_ptr.dtype.element_ty
+
+    # Shapes and strides are not specialized (they vary with every problem; specializing
+    # would recompile), so state the divisibility the host checked, or masks and addresses
+    # could not be vectorized (2-byte loads and stores).  x // ALIGN * ALIGN == x here;
+    # unlike tl.multiple_of it also reaches the compiler for kernel arguments.
+    K = K // ALIGN * ALIGN
+    N = N // ALIGN * ALIGN
+    stride_am = stride_am // ALIGN * ALIGN
+    stride_b = stride_b // ALIGN * ALIGN
+    stride_cm = stride_cm // ALIGN * ALIGN
+    k_tiles = tl.cdiv(K, BLOCK_K)
+
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_TRANS:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # The epilogue tracks its own step (step_c) and re-reads the table: with a flattened
+    # loop this keeps the main loop's prologue independent of the previous epilogue.
+    step_c = pid - num_progs
+    for step in tl.range(pid, num_steps, num_progs, flatten=FLATTEN,
+                         disallow_acc_multi_buffer=not ACC_MULTIBUFFER):
+        row_start = tl.load(step_ptr + step * 6 + 0)
+        col_start = tl.multiple_of(tl.load(step_ptr + step * 6 + 2), BLOCK_N)  # tn * BN
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            for ki in range(k_tiles):
+                off_k = ki * BLOCK_K
+                a = a_desc.load([row_start, off_k])
+                if B_TRANS:
+                    b = b_desc.load([col_start, off_k]).T
+                else:
+                    b = b_desc.load([off_k, col_start])
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            # 64-bit tile base, 32-bit offsets inside the tile (strides are bounded on the
+            # host): fewer 64-bit registers per element.
+            mask_am = (row_start + offs_i) < M  # rows past M / columns past N load zeros
+            mask_bn = (col_start + offs_j) < N
+            a_ptrs = a_ptr + row_start.to(tl.int64) * stride_am \
+                + (offs_i[:, None] * stride_am + offs_k[None, :])
+            if B_TRANS:
+                b_ptrs = b_ptr + col_start.to(tl.int64) * stride_b \
+                    + (offs_j[None, :] * stride_b + offs_k[:, None])
+            else:
+                b_ptrs = b_ptr + col_start + (offs_k[:, None] * stride_b + offs_j[None, :])
+            for ki in range(k_tiles):
+                k_left = K - ki * BLOCK_K
+                a = tl.load(a_ptrs, mask=mask_am[:, None] & (offs_k[None, :] < k_left),
+                            other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_bn[None, :],
+                            other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                a_ptrs += BLOCK_K
+                if B_TRANS:
+                    b_ptrs += BLOCK_K
+                else:
+                    b_ptrs += BLOCK_K * stride_b
+
+        # ---- epilogue: store the tile, then signal its group --------------------------
+        step_c += num_progs
+        row = step_ptr + step_c * 6
+        c_row_start = tl.load(row + 0)
+        c_rows = tl.load(row + 1) - c_row_start
+        c_col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
+        c_cols = tl.multiple_of(tl.load(row + 3) - c_col_start, ALIGN)  # min(BN, N - col)
+        if SLOTTED:
+            slot = tl.load(row + 4)
+            c_base = c_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N)
+            stride_ci = BLOCK_N
+        else:
+            c_base = c_ptr + c_row_start.to(tl.int64) * stride_cm + c_col_start
+            stride_ci = stride_cm
+        if EPILOGUE_SUBTILE:
+            HALF_N: tl.constexpr = BLOCK_N // 2
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            offs_h = tl.arange(0, HALF_N)
+            mask_i = (offs_i < c_rows)[:, None]
+            c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_h[None, :])
+            tl.store(c_ptrs, acc0.to(dtype), mask=mask_i & (offs_h < c_cols)[None, :])
+            tl.store(c_ptrs + HALF_N, acc1.to(dtype),
+                     mask=mask_i & ((offs_h + HALF_N) < c_cols)[None, :])
+        else:
+            c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_j[None, :])
+            mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
+            tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
+        if HAS_COUNTERS:
+            # All threads' stores -> CTA barrier -> one release at GPU scope (module doc).
+            group = tl.load(row + 5)
+            if ASM_BARRIER:
+                # bar.sync as side-effecting inline asm: same barrier as tl.debug_barrier,
+                # which however stops Triton from pipelining the flattened loop.  The
+                # atomic's address depends on its result, so it cannot move above it.
+                group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
+                                                  [group], dtype=tl.int32, is_pure=False,
+                                                  pack=1)
+            else:
+                tl.debug_barrier()
+            tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Install a torch-backed allocator for device-side TMA descriptors if none is set.
+
+    Triton keeps the allocator in a ContextVar, so a new thread starts without one: check
+    on every TMA launch (cheap), and never replace an allocator the user installed.
+    """
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # layout of a future Triton: just set ours
+        pass
+    triton.set_allocator(_torch_allocator)
+
+
+def _is_row_major(t: torch.Tensor) -> bool:
+    return t.shape[1] == 1 or t.stride(1) == 1
+
+
+def _is_col_major(t: torch.Tensor) -> bool:
+    return t.shape[0] == 1 or t.stride(0) == 1
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _tma_ok(t: torch.Tensor, stride: int) -> bool:
+    """TMA needs a 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (stride * size) % 16 == 0
+
+
+def _common_align(*values: int) -> int:
+    """8 if every value is a multiple of 8 elements (16 bytes of bf16), else 1.
+
+    Only two values, so that random shapes compile at most twice per path.
+    """
+    return 8 if all(v % 8 == 0 for v in values) else 1
+
+
+def _operand_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, int, int]:
+    """``(b_trans, stride_am, stride_b)``; strides of size-1 dimensions normalized."""
+    M, K = a.shape
+    N = b.shape[1]
+    b_trans = not _is_row_major(b)
+    stride_am = a.stride(0) if M > 1 else K
+    if b_trans:
+        stride_b = b.stride(1) if N > 1 else K
+    else:
+        stride_b = b.stride(0) if K > 1 else N
+    return b_trans, stride_am, stride_b
+
+
+def uses_tma(a: torch.Tensor, b: torch.Tensor, config: GemmConfig) -> bool:
+    """Whether :func:`signal_gemm` takes the TMA path for these operands."""
+    _, stride_am, stride_b = _operand_strides(a, b)
+    return config.use_tma and _tma_ok(a, stride_am) and _tma_ok(b, stride_b)
+
+
+def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted):
+    for name, t in (("a", a), ("b", b), ("out", out), ("step_table", step_table)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if counters is not None and not isinstance(counters, torch.Tensor):
+        raise TypeError(f"counters must be a torch.Tensor or None, got {type(counters).__name__}")
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"a must be bfloat16, float16 or float32, got {a.dtype}")
+    if b.dtype != a.dtype or out.dtype != a.dtype:
+        raise TypeError(f"dtypes differ: a {a.dtype}, b {b.dtype}, out {out.dtype}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D, got shapes {tuple(a.shape)}, {tuple(b.shape)}")
+    M, K = a.shape
+    if b.shape[0] != K:
+        raise ValueError(f"inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    N = b.shape[1]
+    if min(M, N, K) < 1:
+        raise ValueError(f"empty problem: M={M}, N={N}, K={K}")
+    device = a.device
+    if device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"signal_gemm needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    for name, t in (("b", b), ("out", out), ("step_table", step_table)):
+        _check_device(name, t, device)
+    if not _is_row_major(a):
+        raise ValueError(f"a must be row-major (stride(1) == 1), got strides {a.stride()}")
+    if not (_is_row_major(b) or _is_col_major(b)):
+        raise ValueError(
+            f"b must be row-major [K, N] or the transposed view of a row-major [N, K] tensor, "
+            f"got strides {b.stride()}")
+    if step_table.dtype != torch.int32 or step_table.dim() != 2 or step_table.shape[1] != 6:
+        raise ValueError(f"step_table must be int32 [T, 6], got {step_table.dtype} "
+                         f"{tuple(step_table.shape)}")
+    if not step_table.is_contiguous() or step_table.shape[0] < 1:
+        raise ValueError("step_table must be contiguous with at least one row")
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("num_ctas", num_ctas)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    T = step_table.shape[0]
+    if slotted:
+        if not out.is_contiguous() or out.numel() < T * block_m * block_n:
+            raise ValueError(
+                f"slotted out must be a contiguous buffer of at least T*BM*BN = "
+                f"{T}*{block_m}*{block_n} elements, got shape {tuple(out.shape)}")
+    else:
+        if tuple(out.shape) != (M, N) or not _is_row_major(out):
+            raise ValueError(f"plain out must be row-major [{M}, {N}], got shape "
+                             f"{tuple(out.shape)} strides {out.stride()}")
+    # Offsets inside a tile are 32-bit in the kernel.
+    for name, stride in (("a", a.stride(0)), ("b", max(b.stride())), ("out", out.stride(0))):
+        if stride >= _MAX_STRIDE:
+            raise ValueError(f"{name} row stride {stride} too large (limit {_MAX_STRIDE})")
+    if counters is not None:
+        _check_device("counters", counters, device)
+        if counters.dtype != torch.int32 or not counters.is_contiguous():
+            raise ValueError(f"counters must be contiguous int32, got {counters.dtype}")
+
+
+def _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config):
+    if config is None:
+        config = default_config(a.device, a.dtype)
+        if (config.block_m, config.block_n) != (block_m, block_n):
+            config = dataclasses.replace(config, block_m=block_m, block_n=block_n)
+    elif (config.block_m, config.block_n) != (block_m, block_n):
+        raise ValueError(f"config tile {config.block_m}x{config.block_n} differs from the "
+                         f"plan's {block_m}x{block_n}")
+    M, K = a.shape
+    N = b.shape[1]
+    b_trans, stride_am, stride_b = _operand_strides(a, b)
+    stride_cm = out.stride(0) if not slotted and M > 1 else N
+    use_tma = uses_tma(a, b, config)
+    if use_tma and not _INTERPRET:
+        _ensure_tma_allocator()
+    T = step_table.shape[0]
+    programs = min(num_ctas, T)
+    counter_arg = counters if counters is not None else step_table  # never touched
+    args = (a, b, out, step_table, counter_arg, M, N, K, stride_am, stride_b, stride_cm, T,
+            num_ctas)
+    meta = {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
+        "B_TRANS": b_trans, "SLOTTED": bool(slotted), "HAS_COUNTERS": counters is not None,
+        "USE_TMA": use_tma, "FLATTEN": config.flatten,
+        "ACC_MULTIBUFFER": config.acc_multibuffer,
+        "EPILOGUE_SUBTILE": config.epilogue_subtile and block_n >= 32,
+        "ALIGN": _common_align(K, N, stride_am, stride_b, stride_cm),
+        "ASM_BARRIER": not _INTERPRET,
+        "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 or _INTERPRET else None,
+        # Triton's interpreter (3.6-3.9) runs tl.dot on bf16 as raw uint16 numbers; bf16
+        # products are exact in fp32, so upcasting gives the tensor-core result.
+        "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
+        "num_warps": config.num_warps, "num_stages": config.num_stages,
+    }
+    return _signal_gemm_kernel[(programs,)](*args, **meta)
+
+
+def signal_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    step_table: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    num_ctas: int,
+    counters: torch.Tensor | None = None,
+    slotted: bool = True,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``out <- a @ b`` tile by tile in plan order, bumping ``counters[group]`` per tile.
+
+    Args:
+        a: ``[M, K]`` row-major (``stride(1) == 1``), bf16/fp16 (fp32 for tests).
+        b: ``[K, N]`` row-major, or ``w.T`` for a row-major ``w`` of shape ``[N, K]``.
+        out: slotted: contiguous comm buffer of ``>= T * block_m * block_n`` elements
+            (e.g. ``[T, BM, BN]``); plain: row-major ``[M, N]``.  Same dtype as ``a``.
+        step_table: ``torch.from_numpy(plan.step_table)`` on ``a``'s device (int32 ``[T, 6]``).
+        block_m, block_n, num_ctas: the plan's ``BM``, ``BN`` and ``P``.
+        counters: int32 ``[G]`` group counters, incremented (not reset) by the tiles; the
+            caller arms them.  ``None`` skips the signals.
+        slotted: write into comm-buffer slots (True) or the row-major output (False).
+        config: kernel options; defaults to :func:`default_config` for the device.
+
+    Returns ``out``.  The launch goes to the current stream of ``a``'s device.
+    """
+    _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted)
+    if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
+        with torch.cuda.device(a.device):
+            _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config)
+    else:
+        _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config)
+    return out
+
+
+def signal_gemm_ref(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    step_table: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    counters: torch.Tensor | None = None,
+    slotted: bool = True,
+) -> torch.Tensor:
+    """Pure-torch definition of :func:`signal_gemm`: same elements written, same counters.
+
+    Products are taken in float64 on CPU and float32 elsewhere, then cast to ``out.dtype``.
+    Elements the kernel does not write (slot padding, or nothing in plain mode) are left
+    untouched; ``counters[g]`` grows by the number of steps of group ``g``.
+    """
+    acc_dtype = torch.float64 if a.device.type == "cpu" else torch.float32
+    full = torch.matmul(a.to(acc_dtype), b.to(acc_dtype)).to(out.dtype)
+    table = step_table.detach().cpu().tolist()
+    flat = out.view(-1) if slotted else None
+    for row_start, row_stop, col_start, col_stop, slot, _group in table:
+        tile = full[row_start:row_stop, col_start:col_stop]
+        if slotted:
+            view = flat[slot * block_m * block_n:(slot + 1) * block_m * block_n]
+            view = view.view(block_m, block_n)
+            view[: row_stop - row_start, : col_stop - col_start] = tile
+        else:
+            out[row_start:row_stop, col_start:col_stop] = tile
+    if counters is not None:
+        groups = step_table[:, _GROUP].to(device=counters.device, dtype=torch.int64)
+        counters += torch.bincount(groups, minlength=counters.numel())[: counters.numel()].to(
+            counters.dtype)
+    return out

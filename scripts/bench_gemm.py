@@ -1,0 +1,307 @@
+"""Benchmark the signal GEMM (slotted + signals) against torch.matmul.
+
+For each shape ``M x K @ K x N`` (bf16 by default) it times torch.matmul and the signal GEMM
+with ``P`` = all SMs, SMs-8 and SMs-16 CTAs (plans of one group per wave, the engine's
+finest grouping), using ``triton.testing.do_bench`` (CUDA events, median) over several
+input sets in rotation so the L2 cache does not hold the operands.  torch.matmul is timed
+before and after each signal-GEMM timing; a row's efficiency is the median, over
+``--repeats`` repetitions of the whole measurement, of ``mean(T_torch before, after) /
+T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).
+
+Prints a table and writes ``results/<YYYY-MM-DD>-<machine>/gemm.json`` (DESIGN.md "Result
+files").  ``--sweep`` first times a few kernel variants on three shapes (tuning aid).
+
+    python scripts/bench_gemm.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+SHAPES_M = (4096, 8192, 16384)
+SHAPES_KN = ((2048, 8192), (7168, 8192), (8192, 8192))
+CTA_OFFSETS = (0, 8, 16)
+DEFAULT_SWEEP = ";".join(f"num_stages={st},flatten={fl},epilogue_subtile={sub}"
+                         for st in (3, 4) for fl in (1, 0) for sub in (0, 1))
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: results/<date>-<machine>)")
+    p.add_argument("--machine", default=None, help="machine tag of the default folder name")
+    p.add_argument("--name", default="gemm", help="result file name (without .json)")
+    p.add_argument("--repeats", type=int, default=3, help="whole-measurement repeats")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--b-layout", default="kn", choices=["kn", "nk"],
+                   help="B as row-major [K,N] (kn) or the transposed view of [N,K] (nk)")
+    p.add_argument("--sets", type=int, default=4, help="input sets rotated per call (>= 4)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    p.add_argument("--m", type=int, nargs="*", default=list(SHAPES_M), help="M values")
+    p.add_argument("--kn", default=",".join(f"{k}x{n}" for k, n in SHAPES_KN),
+                   help="comma-separated KxN pairs")
+    p.add_argument("--cta-offsets", default=",".join(map(str, CTA_OFFSETS)),
+                   help="P = SMs - offset, comma-separated")
+    p.add_argument("--group-m", type=int, default=8, help="plan swizzle width")
+    # Kernel overrides (default: flashoverlap.kernels.default_config for the device).
+    p.add_argument("--block-k", type=int)
+    p.add_argument("--num-warps", type=int)
+    p.add_argument("--num-stages", type=int)
+    p.add_argument("--flatten", type=int, choices=[0, 1])
+    p.add_argument("--subtile", type=int, choices=[0, 1])
+    p.add_argument("--no-tma", action="store_true")
+    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
+                   help="first time kernel variants (';'-separated 'key=value,...' over "
+                        "GemmConfig fields and group_m; default: a small grid) and print them")
+    p.add_argument("--sweep-shapes", default="8192x8192x2048,8192x8192x7168,16384x8192x8192",
+                   help="MxNxK shapes of the sweep, comma-separated")
+    p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    args = p.parse_args(argv)
+    if args.sets < 1 or args.repeats < 1:
+        p.error("--sets and --repeats must be positive")
+    return args
+
+
+def _machine_tag(gpu_name: str) -> str:
+    for tag in ("h200", "h100", "b200", "a100", "l40s", "gh200"):
+        if tag in gpu_name.lower().replace(" ", ""):
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+
+
+def _nccl_version(torch) -> str | None:
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - CPU-only or NCCL-less builds
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+class _Bench:
+    """Input sets, plans and timing helpers for one shape."""
+
+    def __init__(self, torch, triton, sg, M, N, K, dtype, b_layout, sets):
+        self.torch, self.triton, self.sg = torch, triton, sg
+        self.M, self.N, self.K = M, N, K
+        dev = torch.device("cuda")
+        gen = torch.Generator(device=dev).manual_seed(M * 131 + N * 7 + K)
+        self.sets = []
+        for _ in range(sets):
+            a = torch.randn(M, K, device=dev, dtype=dtype, generator=gen)
+            if b_layout == "nk":
+                b = torch.randn(N, K, device=dev, dtype=dtype, generator=gen).T
+            else:
+                b = torch.randn(K, N, device=dev, dtype=dtype, generator=gen)
+            self.sets.append((a, b))
+        self.c = [torch.empty(M, N, device=dev, dtype=dtype) for _ in range(sets)]
+        self.comm = None
+
+    def time(self, fn, warmup, rep) -> float:
+        turn = itertools.cycle(range(len(self.sets)))
+        return self.triton.testing.do_bench(lambda: fn(next(turn)), warmup=warmup, rep=rep,
+                                            return_mode="median")
+
+    def torch_ms(self, warmup, rep) -> float:
+        mm = self.torch.matmul
+
+        def run(i):
+            a, b = self.sets[i]
+            mm(a, b, out=self.c[i])
+
+        return self.time(run, warmup, rep)
+
+    def signal_ms(self, plan, config, warmup, rep) -> float:
+        torch = self.torch
+        BM, BN = plan.config.block_m, plan.config.block_n
+        table = torch.tensor(plan.step_table, device="cuda")
+        counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
+        comm = [torch.empty(plan.num_tiles, BM, BN, device="cuda", dtype=self.c[0].dtype)
+                for _ in self.sets]
+        P = plan.config.num_ctas
+        signal_gemm = self.sg.signal_gemm
+
+        def run(i):
+            a, b = self.sets[i]
+            # Counters only grow here (no watcher); int32 wraps after ~1e5 calls of 8k tiles.
+            signal_gemm(a, b, comm[i], step_table=table, block_m=BM, block_n=BN, num_ctas=P,
+                        counters=counters, config=config)
+
+        return self.time(run, warmup, rep)
+
+
+def _config_from_args(args, base):
+    overrides = {}
+    for field, value in (("block_k", args.block_k), ("num_warps", args.num_warps),
+                         ("num_stages", args.num_stages)):
+        if value is not None:
+            overrides[field] = value
+    if args.flatten is not None:
+        overrides["flatten"] = bool(args.flatten)
+    if args.subtile is not None:
+        overrides["epilogue_subtile"] = bool(args.subtile)
+    if args.no_tma:
+        overrides["use_tma"] = False
+    return dataclasses.replace(base, **overrides)
+
+
+def _parse_variant(text: str) -> dict:
+    variant = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        variant[key.strip()] = int(value)
+    return variant
+
+
+def _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, base, args, dtype, sms):
+    variants = [_parse_variant(v) for v in args.sweep.split(";") if v.strip()]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_shapes.split(",") if s]
+    bool_fields = {f.name for f in dataclasses.fields(base) if f.type in (bool, "bool")}
+    print(f"\nsweep (P = all SMs, B layout {args.b_layout}): ms, efficiency vs torch.matmul")
+    for M, N, K in shapes:
+        bench = _Bench(torch, triton, sg, M, N, K, dtype, args.b_layout, args.sets)
+        t_torch = bench.torch_ms(args.warmup, args.rep)
+        print(f"  M={M} N={N} K={K}: torch {t_torch:.3f} ms")
+        for variant in variants:
+            fields = {k: (bool(v) if k in bool_fields else v) for k, v in variant.items()
+                      if k != "group_m"}
+            label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+            try:
+                cfg = dataclasses.replace(base, **fields)
+                plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
+                                 PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
+                                            num_ctas=sms,
+                                            group_m=variant.get("group_m", args.group_m)))
+                t = bench.signal_ms(plan, cfg, args.warmup, args.rep)
+                t2 = bench.torch_ms(args.warmup, args.rep)  # torch again: clock drift
+                kernel = _compiled(torch, sg, bench, plan, cfg)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"    {label}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            regs = getattr(kernel, "n_regs", "?"), getattr(kernel, "n_spills", "?")
+            regs = f"regs {regs[0]} spills {regs[1]}"
+            print(f"    {label}: {t:.3f} ms  eff {t_torch / t:.3f} (torch now {t2:.3f}, "
+                  f"eff {t2 / t:.3f})  {regs}")
+        del bench
+        torch.cuda.empty_cache()
+
+
+def _compiled(torch, sg, bench, plan, cfg):
+    """The compiled kernel of this configuration (for register and spill counts)."""
+    a, b = bench.sets[0]
+    comm = torch.empty(plan.num_tiles, cfg.block_m, cfg.block_n, device="cuda", dtype=a.dtype)
+    table = torch.tensor(plan.step_table, device="cuda")
+    counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
+    return sg._launch(a, b, comm, table, cfg.block_m, cfg.block_n, plan.config.num_ctas,
+                      counters, True, cfg)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_gemm.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    from flashoverlap.kernels import default_config
+    from flashoverlap.kernels import signal_gemm as sg
+    from flashoverlap.plan import PlanConfig, Problem, make_plan
+
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    config = _config_from_args(args, default_config(dev, dtype))
+    kn = [tuple(int(x) for x in pair.split("x")) for pair in args.kn.split(",") if pair]
+    offsets = [int(x) for x in args.cta_offsets.split(",") if x != ""]
+    today = datetime.date.today().isoformat()
+    provenance = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                  "nccl": _nccl_version(torch), "date": today}
+    print(f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, "
+          f"nccl {provenance['nccl']}; {config}; B layout {args.b_layout}")
+
+    if args.sweep:
+        _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, config, args, dtype, sms)
+        if args.sweep_only:
+            return 0
+
+    # measurements[(M, N, K)] = {"torch": [ms], P: [ms per repeat], ("eff", P): [...]}
+    # torch.matmul is timed before and after every signal-GEMM timing, and the efficiency
+    # uses the mean of the two neighbours: clocks drift by 10-15% within seconds on a hot
+    # H100 (power capping), which a single torch timing per shape would turn into bias.
+    measurements: dict[tuple[int, int, int], dict] = {}
+    for repeat in range(args.repeats):
+        for M in args.m:
+            for K, N in kn:
+                bench = _Bench(torch, triton, sg, M, N, K, dtype, args.b_layout, args.sets)
+                row = measurements.setdefault((M, N, K), {"torch": []})
+                t_before = bench.torch_ms(args.warmup, args.rep)
+                row["torch"].append(t_before)
+                for off in offsets:
+                    P = sms - off
+                    plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
+                                     PlanConfig(block_m=config.block_m, block_n=config.block_n,
+                                                num_ctas=P, group_m=args.group_m))
+                    t = bench.signal_ms(plan, config, args.warmup, args.rep)
+                    t_after = bench.torch_ms(args.warmup, args.rep)
+                    row["torch"].append(t_after)
+                    row.setdefault(P, []).append(t)
+                    row.setdefault(("eff", P), []).append(0.5 * (t_before + t_after) / t)
+                    t_before = t_after
+                del bench
+                torch.cuda.empty_cache()
+        print(f"repeat {repeat + 1}/{args.repeats} done")
+
+    rows = []
+    header = f"{'M':>6} {'N':>6} {'K':>6} {'engine':>12} {'P':>4} {'ms':>8} {'TFLOP/s':>8} " \
+             f"{'eff':>6}"
+    print("\n" + header + "\n" + "-" * len(header))
+    common = {"bench": "gemm", "op": "matmul", "dtype": args.dtype, "world_size": 1,
+              "b_layout": args.b_layout, "repeats": args.repeats, **provenance}
+    for (M, N, K), row in measurements.items():
+        flops = 2.0 * M * N * K
+        t_torch = statistics.median(row["torch"])
+        print(f"{M:>6} {N:>6} {K:>6} {'torch':>12} {'':>4} {t_torch:8.3f} "
+              f"{flops / t_torch / 1e9:8.1f} {1.0:6.3f}")
+        rows.append(dict(common, M=M, N=N, K=K, engine="torch", num_ctas=None,
+                         median_ms=t_torch, tflops=flops / t_torch / 1e9,
+                         efficiency_vs_torch=1.0))
+        for P, times in row.items():
+            if not isinstance(P, int):
+                continue
+            eff = statistics.median(row[("eff", P)])
+            t = statistics.median(times)
+            print(f"{M:>6} {N:>6} {K:>6} {'flashoverlap':>12} {P:>4} {t:8.3f} "
+                  f"{flops / t / 1e9:8.1f} {eff:6.3f}")
+            rows.append(dict(common, M=M, N=N, K=K, engine="flashoverlap", num_ctas=P,
+                             median_ms=t, tflops=flops / t / 1e9, efficiency_vs_torch=eff,
+                             sms=sms, config=dataclasses.asdict(config)))
+
+    for off in offsets:
+        effs = [r["efficiency_vs_torch"] for r in rows
+                if r["engine"] == "flashoverlap" and r["num_ctas"] == sms - off]
+        if effs:
+            print(f"P = SMs-{off}: efficiency median {statistics.median(effs):.3f}, "
+                  f"min {min(effs):.3f}, max {max(effs):.3f}")
+
+    out_dir = args.out or Path("results") / f"{today}-{args.machine or _machine_tag(props.name)}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.name}.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
