@@ -1,0 +1,147 @@
+"""RowParallelLinear and model patching on a GPU: overlap engine, torch.compile, CUDA graphs.
+
+A world of one NCCL rank (the ``world1`` fixture of ``test_engine_gpu.py``) still runs every
+engine step.  The ``forced_overlap`` fixture makes the engine take the overlapped path with a
+4-group plan for every shape (the analytic default may pick one group, or the never-slower
+fallback, for W = 1), so these tests exercise the signal GEMM, watcher stream and restores
+through the custom ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import flashoverlap as fo
+from test_engine_gpu import _config, _rel, world1  # noqa: F401 - world1 is a fixture
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [((2, 2048), 2048, 4096), ((3000,), 1000, 2500)]  # (leading dims, K, N)
+
+
+@pytest.fixture
+def forced_overlap(world1, monkeypatch):  # noqa: F811
+    from flashoverlap import engine
+
+    monkeypatch.setattr(engine, "choose_config",
+                        lambda problem, device: _config(problem.M, problem.N, problem.world_size, problem.op))
+    monkeypatch.setattr(engine, "predicts_gain", lambda plan, device: True)
+
+
+def _full_linear(K: int, N: int, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    full = nn.Linear(K, N, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        full.bias.normal_()
+    return full
+
+
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_parallel_linear_overlap_matches_linear(forced_overlap, lead, K, N, sequence_parallel, dtype):
+    full = _full_linear(K, N, dtype)
+    layer = fo.RowParallelLinear.shard_from_full(full, sequence_parallel=sequence_parallel, engine="overlap")
+    x = torch.randn(*lead, K, device="cuda", dtype=dtype)
+    x_ref, x_fo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = full(x_ref), layer(x_fo)
+    assert y.shape == y_ref.shape  # W = 1: the scattered shard is the whole output
+    assert _rel(y, y_ref.float()) <= 1e-2
+    grad = torch.randn_like(y)
+    y_ref.backward(grad)
+    y.backward(grad)
+    assert _rel(x_fo.grad, x_ref.grad.float()) <= 1e-2
+    assert _rel(layer.weight.grad, full.weight.grad.float()) <= 1e-2
+    assert _rel(layer.bias.grad, full.bias.grad.float()) <= 1e-2
+
+
+def test_default_engine_layer(world1):  # noqa: F811
+    full = _full_linear(1024, 2048, torch.bfloat16)
+    layer = fo.RowParallelLinear.shard_from_full(full)  # engine=None: overlap or its fallback
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    assert _rel(layer(x), full(x).float()) <= 1e-2
+
+
+class _Block(nn.Module):
+    """norm -> row-parallel projection -> residual: ops around the custom op for inductor to fuse."""
+
+    def __init__(self, full: nn.Linear, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(full.in_features, device="cuda", dtype=full.weight.dtype)
+        self.proj = fo.RowParallelLinear.shard_from_full(full, sequence_parallel=sequence_parallel,
+                                                         engine="overlap")
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.proj(self.norm(x))) * 2 + 1
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_torch_compile_fullgraph_matches_eager(forced_overlap, sequence_parallel):
+    torch._dynamo.reset()
+    block = _Block(_full_linear(2048, 4096, torch.bfloat16), sequence_parallel)
+    compiled = torch.compile(block, fullgraph=True)  # default backend: inductor
+    x = torch.randn(2, 2048, 2048, device="cuda", dtype=torch.bfloat16)
+    x_e, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_e, y_c = block(x_e), compiled(x_c)
+    assert _rel(y_c, y_e.float()) <= 1e-2
+    grad = torch.randn_like(y_e)
+    y_e.backward(grad)
+    y_c.backward(grad)
+    assert _rel(x_c.grad, x_e.grad.float()) <= 2e-2
+    with torch.no_grad():  # a second shape recompiles and still matches
+        x2 = torch.randn(4, 1024, 2048, device="cuda", dtype=torch.bfloat16)
+        assert _rel(compiled(x2), block(x2).float()) <= 1e-2
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_cuda_graph_replays_layer_forward(forced_overlap, sequence_parallel):
+    full = _full_linear(2048, 4096, torch.bfloat16)
+    layer = fo.RowParallelLinear.shard_from_full(full, sequence_parallel=sequence_parallel, engine="overlap")
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: communicator, JIT, plan check
+            for _ in range(2):
+                layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        for _ in range(5):
+            x.copy_(torch.randn_like(x))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _rel(y, full(x).float()) <= 1e-2
+
+
+def test_patch_dtensor_model_on_gpu(forced_overlap):
+    """parallelize_module on a CUDA mesh of one rank, patched vs unpatched, same parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential()
+    mlp.add_module("up", nn.Linear(1024, 4096, bias=False, device="cuda", dtype=torch.bfloat16))
+    mlp.add_module("act", nn.GELU())
+    mlp.add_module("down", nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16))
+    parallelize_module(mlp, init_device_mesh("cuda", (1,)),
+                       {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = mlp(x)
+        result = fo.patch_tensor_parallel(mlp, engine="overlap")
+        assert result.patched == ["down"]
+        got = mlp(x)
+        result.undo()
+        again = mlp(x)
+    assert isinstance(got, torch.Tensor) and got.shape == want.shape
+    assert _rel(got, want.float()) <= 1e-2
+    assert torch.equal(again, want)
