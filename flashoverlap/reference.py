@@ -92,7 +92,9 @@ def run_reference(
     W = plan.problem.world_size
     reduce_scatter = plan.problem.op == "reduce_scatter"
     buf = torch.empty(plan.num_tiles, BM, BN, dtype=a.dtype, device=a.device)
-    recv = torch.empty(plan.recv_tiles, BM, BN, dtype=a.dtype, device=a.device) if reduce_scatter else buf
+    # With one rank the ReduceScatter share is the whole range: receive in place.
+    scatter = reduce_scatter and W > 1
+    recv = torch.empty(plan.recv_tiles, BM, BN, dtype=a.dtype, device=a.device) if scatter else buf
     # gloo has no native reduce-scatter on every torch version: reduce the whole range there
     # and keep this rank's share (same result, more traffic; the CPU path is for checking).
     gloo = "gloo" in str(dist.get_backend(group)).lower()
@@ -102,9 +104,7 @@ def run_reference(
     for g in range(plan.num_groups):
         compute_group(plan, a, b, buf, g)
         lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
-        if not reduce_scatter or W == 1:
-            works.append(dist.all_reduce(buf[lo:hi], group=group, async_op=True))
-        elif gloo:
+        if not scatter or gloo:
             works.append(dist.all_reduce(buf[lo:hi], group=group, async_op=True))
         else:
             rlo, rhi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
@@ -116,7 +116,7 @@ def run_reference(
     out_padded = out if direct else torch.empty(padded_shape, dtype=out.dtype, device=out.device)
     for g, work in enumerate(works):
         work.wait()
-        if reduce_scatter and W > 1 and gloo:
+        if scatter and gloo:
             lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
             share = (hi - lo) // W
             rlo = int(plan.restore_bounds[g])

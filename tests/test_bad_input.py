@@ -76,8 +76,15 @@ def test_reduce_scatter_specific(world):
     with pytest.raises(ValueError, match="scatter_dim"):
         fo.gemm_reduce_scatter(a, b, scatter_dim=1)
     group = dist.new_group([0])
-    # W=1 divides everything; the divisibility message is tested with W=3 in a spawned group
-    assert fo.gemm_reduce_scatter(a, b, group).shape == (8, 6)
+    # W=1 divides everything; the divisibility message is tested with W=3 in a spawned group.
+    # With one rank the result is a @ b itself, for every engine and multi-group plans too.
+    a, b = torch.randn(100, 20), torch.randn(20, 70)
+    config = fo.PlanConfig(block_m=16, block_n=16, num_ctas=7, group_waves=(1, 2, 2))
+    for engine, cfg in (("reference", config), ("reference", None), ("sequential", None)):
+        for op in (fo.gemm_reduce_scatter, fo.gemm_all_reduce):
+            out = torch.full((100, 70), float("nan"))
+            op(a, b, group, out=out, engine=engine, config=cfg)
+            torch.testing.assert_close(out, a @ b)
 
 
 def _rs_not_divisible(rank, W):
