@@ -48,7 +48,7 @@ Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100
 one group per wave: with all 132 SMs 0.95-1.03x torch.matmul (median 1.00); with 124 and
 116 CTAs medians 0.95 and 0.93.  Tuning notes: ``epilogue_subtile``, 4 stages, BLOCK_K=128,
 ``group_m`` 4/16 and no accumulator multi-buffering were no better within the run-to-run
-noise (``gemm_sweep_*.txt``); a non-flattened loop was 2-8% slower.
+noise (``gemm_sweep_*.txt``); a non-flattened loop was not faster (up to 8% slower).
 """
 
 from __future__ import annotations
