@@ -6,6 +6,7 @@ probes, and only when asked, so ``import flashoverlap`` stays light on CPU-only 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -30,19 +31,31 @@ def missing_packages() -> list[str]:
 def overlap_unavailable_reason(
     device: torch.device | None = None, group: ProcessGroup | None = None
 ) -> str | None:
-    """``None`` if the overlap engine can run on ``device`` with ``group``, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to torch"
+    """``None`` if the overlap engine can run on ``device`` with ``group``, else why not.
+
+    Answered once per (device, backend): the probes touch the file system and the dynamic
+    loader, far too slow for every call of an op whose GPU time can be 0.2 ms.
+    """
     if device is not None and device.type != "cuda":
         return f"tensors are on {device}, the overlap engine needs CUDA tensors"
-    major, _ = torch.cuda.get_device_capability(device)
+    backend = None
+    if group is not None and dist.is_initialized():
+        backend = str(dist.get_backend(group)).lower()
+    index = device.index if device is not None else None
+    return _unavailable_reason(index, backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_reason(device_index: int | None, backend: str | None) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    major, _ = torch.cuda.get_device_capability(device_index)
     if major < 8:
         return f"compute capability {major}.x < 8.0 (the signal GEMM needs sm_80 or newer)"
     missing = missing_packages()
     if missing:
         return "missing packages: " + ", ".join(missing)
-    if group is not None and dist.is_initialized():
-        backend = str(dist.get_backend(group)).lower()
+    if backend is not None:
         if "nccl" not in backend:
             return f"the group's backend is {backend!r}; the overlap engine needs an NCCL group"
     try:

@@ -1,7 +1,7 @@
 """Reference engine: the overlap plan executed group by group with ``torch.matmul``.
 
-For each group, in plan order: compute the group's tiles with one ``torch.matmul`` per tile
-row band (``a[rows] @ b[:, cols]``), pack them into the group's slots of the comm buffer, and
+For each group, in plan order: compute the group's tiles with one ``torch.matmul`` per swizzle
+band it touches (``a[rows] @ b[:, cols]``, a few per group), pack them into the group's slots of the comm buffer, and
 start an asynchronous collective on that slot range; then, group by group, wait and restore
 the received slots into the output.  It uses exactly the plan's slots, shares and restore map,
 so on any backend (gloo on CPU, NCCL on CUDA) it checks the plan end to end; on CUDA it is the
@@ -21,31 +21,44 @@ from .dist_utils import reduce_scatter_rows
 from .plan import COL_START, COL_STOP, ROW_START, ROW_STOP, SLOT, OverlapPlan
 
 
-Recipe = tuple[int, int, int, int, torch.Tensor, torch.Tensor]
+# (row_lo, row_hi, col_lo, col_hi, tile_rows, tile_cols, slots): one matmul box and where its
+# tiles go.
+Recipe = tuple[int, int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=64)
 def _group_recipes(plan: OverlapPlan, device: torch.device) -> list[list[Recipe]]:
-    """Per group, per tile row band: (row_start, row_stop, col_lo, col_hi, tile_cols, slots).
+    """Per group, one matmul box per swizzle band the group touches.
 
-    ``tile_cols`` are the band's tile indices relative to ``col_lo // BN``; computing the band
-    once and gathering tiles from it costs one matmul per band instead of one per tile.  Index
-    tensors live on ``device`` and are cached with the plan, so a call copies nothing to it.
+    A band is ``group_m`` tile rows of one row block; the swizzled order walks a band column
+    by column, so a group's tiles in a band fill a box ``band rows x [col_lo, col_hi)`` up to
+    a partial first and last column.  One ``a[rows] @ b[:, cols]`` per box (a few per group)
+    computes every tile of the group with little waste; ``tile_rows``/``tile_cols`` pick the
+    group's tiles out of the box.  Index tensors live on ``device``, cached with the plan.
     """
-    BN = plan.config.block_n
+    BM, BN = plan.config.block_m, plan.config.block_n
+    band_rows = plan.config.group_m * BM
+    rows_per_block = plan.problem.rows_per_block
     table = plan.step_table.astype(np.int64)
+    block = table[:, ROW_START] // rows_per_block
+    band = (table[:, ROW_START] - block * rows_per_block) // band_rows
     recipes = []
     for g in range(plan.num_groups):
-        rows = table[plan.group_bounds[g] : plan.group_bounds[g + 1]]
-        bands = []
-        for row_start in np.unique(rows[:, ROW_START]):
-            band = rows[rows[:, ROW_START] == row_start]
-            col_lo = int(band[:, COL_START].min())
-            col_hi = int(band[:, COL_STOP].max())
-            tile_cols = torch.tensor((band[:, COL_START] - col_lo) // BN, device=device)
-            slots = torch.tensor(band[:, SLOT], dtype=torch.int64, device=device)
-            bands.append((int(row_start), int(band[0, ROW_STOP]), col_lo, col_hi, tile_cols, slots))
-        recipes.append(bands)
+        lo, hi = plan.group_bounds[g], plan.group_bounds[g + 1]
+        steps, keys = table[lo:hi], np.stack([block[lo:hi], band[lo:hi]], axis=1)
+        boxes = []
+        for blk, bnd in np.unique(keys, axis=0):
+            tiles = steps[(keys[:, 0] == blk) & (keys[:, 1] == bnd)]
+            row_lo = int(blk * rows_per_block + bnd * band_rows)
+            row_hi = int(min(row_lo + band_rows, (blk + 1) * rows_per_block))
+            col_lo, col_hi = int(tiles[:, COL_START].min()), int(tiles[:, COL_STOP].max())
+            boxes.append((
+                row_lo, row_hi, col_lo, col_hi,
+                torch.tensor((tiles[:, ROW_START] - row_lo) // BM, device=device),
+                torch.tensor((tiles[:, COL_START] - col_lo) // BN, device=device),
+                torch.tensor(tiles[:, SLOT], dtype=torch.int64, device=device),
+            ))
+        recipes.append(boxes)
     return recipes
 
 
@@ -55,15 +68,18 @@ def tiles_view(x: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     return x.view(rows // block_m, block_m, cols // block_n, block_n).permute(0, 2, 1, 3)
 
 
+def _pad_to_tiles(x: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    rows, cols = x.shape
+    pad_r, pad_c = -rows % block_m, -cols % block_n
+    return torch.nn.functional.pad(x, (0, pad_c, 0, pad_r)) if pad_r or pad_c else x
+
+
 def compute_group(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor, g: int) -> None:
     """Write group ``g``'s tiles of ``a @ b`` into their slots of ``buf [T, BM, BN]``."""
     BM, BN = plan.config.block_m, plan.config.block_n
-    for row_start, row_stop, col_lo, col_hi, tile_cols, slots in _group_recipes(plan, a.device)[g]:
-        band = a[row_start:row_stop] @ b[:, col_lo:col_hi]
-        width = -(-(col_hi - col_lo) // BN) * BN
-        band = torch.nn.functional.pad(band, (0, width - band.shape[1], 0, BM - band.shape[0]))
-        tiles = tiles_view(band, BM, BN)[0]  # [n_cols, BM, BN]
-        buf[slots] = tiles[tile_cols]
+    for row_lo, row_hi, col_lo, col_hi, tile_rows, tile_cols, slots in _group_recipes(plan, a.device)[g]:
+        box = _pad_to_tiles(a[row_lo:row_hi] @ b[:, col_lo:col_hi], BM, BN)
+        buf[slots] = tiles_view(box, BM, BN)[tile_rows, tile_cols]
 
 
 @functools.lru_cache(maxsize=64)

@@ -46,7 +46,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flashoverlap.plan import PLAN_FORMAT_VERSION, PlanConfig, Problem
@@ -152,9 +151,19 @@ class CacheEntry(BaseModel):
         return self.config.to_config()
 
 
+def _user_cache_dir() -> str:
+    """platformdirs' answer where installed (a core dependency), else the XDG default."""
+    try:
+        import platformdirs
+    except ImportError:  # e.g. a GPU image that runs the tree without installing it
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(base, "flashoverlap")
+    return platformdirs.user_cache_dir("flashoverlap")
+
+
 def cache_dir() -> Path:
     """Directory of the tuning entries (see the module docstring)."""
-    root = os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("flashoverlap")
+    root = os.environ.get(CACHE_ENV) or _user_cache_dir()
     return Path(root) / "tuning"
 
 
