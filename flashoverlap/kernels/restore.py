@@ -109,25 +109,32 @@ def restore_tiles(
     would need a device sync).
     """
     _validate(src, out, tile_m, tile_n, slot_start, slot_stop, block_m, block_n)
-    slots = slot_stop - slot_start
-    if slots == 0:
-        return out
-    rows, N = out.shape
-    block_r = max(1, min(block_m, _CHUNK_ELEMS // block_n))
-    grid = (slots, triton.cdiv(block_m, block_r))
-    stride_om = out.stride(0) if rows > 1 else N
-
-    def launch():
-        _restore_kernel[grid](src, out, tile_m, tile_n, slot_start, rows, N, stride_om,
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-                              num_warps=4)
-
     if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
         with torch.cuda.device(out.device):
-            launch()
+            launch_restore(src, out, tile_m, tile_n, slot_start, slot_stop - slot_start,
+                           block_m, block_n)
     else:
-        launch()
+        launch_restore(src, out, tile_m, tile_n, slot_start, slot_stop - slot_start,
+                       block_m, block_n)
     return out
+
+
+def launch_restore(src: torch.Tensor, out: torch.Tensor, tile_m: torch.Tensor,
+                   tile_n: torch.Tensor, slot_start: int, slots: int, block_m: int,
+                   block_n: int) -> None:
+    """The launch alone, on the current stream and device: no checks.
+
+    For the engine's per-group hot loop, whose arguments were checked once when its workspace
+    was built (host time per group matters there: it can exceed a small group's GPU time).
+    """
+    if slots == 0:
+        return
+    rows, N = out.shape
+    block_r = max(1, min(block_m, _CHUNK_ELEMS // block_n))
+    stride_om = out.stride(0) if rows > 1 else N
+    _restore_kernel[(slots, triton.cdiv(block_m, block_r))](
+        src, out, tile_m, tile_n, slot_start, rows, N, stride_om,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
 
 
 def restore_tiles_ref(
