@@ -17,6 +17,9 @@ import flashoverlap as fo
 
 
 def main() -> None:
+    import sys
+
+    profile = "--profile" in sys.argv
     torch.cuda.set_device(0)
     init = os.path.join(tempfile.mkdtemp(), "store")
     dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1,
@@ -33,6 +36,17 @@ def main() -> None:
             fo.gemm_all_reduce(a, b, out=out, config=config)
         torch.cuda.synchronize()
         n = 50
+        if profile:  # where the host time of the steady-state loop goes
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                fo.gemm_all_reduce(a, b, out=out, config=config)
+            prof.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(22)
         t0 = time.perf_counter()
         for _ in range(n):
             fo.gemm_all_reduce(a, b, out=out, config=config)

@@ -9,6 +9,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Gloo binds to the address the host name resolves to; in CI containers that can be an
+# interface peers cannot reach reliably ("Connection closed by peer" in connectFullMesh).
+# Every test process group is local, so pin gloo to loopback (inherited by spawned ranks,
+# torchrun and mpirun children).
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
 
 def _cuda_count() -> int:
     try:
