@@ -8,6 +8,7 @@ same shapes, and bad input raises before anything is launched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal, get_args
 
@@ -17,6 +18,7 @@ from torch.distributed import ProcessGroup
 
 from .checks import check_gemm_operands, check_group, check_out, check_scatter
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
+from .sequential import run_sequential
 
 EngineName = Literal["overlap", "reference", "sequential"]
 ENGINES: tuple[str, ...] = get_args(EngineName)
@@ -60,6 +62,65 @@ def plan_for(problem: Problem, device: torch.device, config: PlanConfig | None =
     return get_plan(problem, config)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dispatch:
+    """What a validated call signature resolves to: engine, group, output shape, plan."""
+
+    engine: str
+    group: ProcessGroup
+    out_shape: tuple[int, int]
+    plan: OverlapPlan | None  # None for the sequential engine
+    force_overlap: bool
+
+
+# Validated call signatures -> dispatch.  The checks depend only on metadata (shapes,
+# strides, dtypes, devices, the group, the engine and config, out's metadata), so a signature
+# seen once needs no second check: this keeps the host cost of a call near that of
+# torch.matmul + the collective, which matters for small M where the GPU work is ~20 us.
+_DISPATCH: dict[tuple, _Dispatch] = {}
+
+
+def _signature(op, a, b, group, out, engine, config, scatter_dim) -> tuple | None:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return None  # let the checks raise
+    out_meta = None if out is None else (
+        (out.shape, out.dtype, out.device, out.is_contiguous()) if isinstance(out, torch.Tensor)
+        else None)
+    if out is not None and out_meta is None:
+        return None
+    if not dist.is_initialized():
+        return None
+    if group is None:  # the current world: a new object after destroy + init_process_group
+        group = dist.group.WORLD
+    current = torch.cuda.current_device() if a.device.type == "cuda" else None
+    key = (op, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
+           b.device, group, out_meta, engine, config, scatter_dim, current)
+    try:
+        hash(key)
+        return key
+    except TypeError:  # an unhashable config or group: no memo, full checks every call
+        return None
+
+
+def _dispatch(op, a, b, group, out, engine, config, scatter_dim) -> _Dispatch:
+    M, N, K = check_gemm_operands(a, b)
+    info = check_group(group, a.device)
+    W = info.world_size
+    if op == "reduce_scatter":
+        check_scatter(M, W, scatter_dim)
+    out_shape = (M // W if op == "reduce_scatter" else M, N)
+    check_out(out, out_shape, a)
+    if config is not None and not isinstance(config, PlanConfig):
+        raise TypeError(f"config must be a PlanConfig or None, got {type(config).__name__}")
+    name = resolve_engine(engine, a.device, info.group)
+    plan = None
+    if name != "sequential":
+        problem = Problem(M=M, N=N, K=K, dtype=_dtype_name(a.dtype), world_size=W, op=op)
+        plan = plan_for(problem, a.device, config)  # ValueError on an inconsistent config
+    # An explicit config is the caller's decision: run it even where the model sees no gain.
+    return _Dispatch(name, info.group, out_shape, plan, force_overlap=config is not None)
+
+
 def _gemm_collective(
     op: str,
     a: torch.Tensor,
@@ -70,32 +131,25 @@ def _gemm_collective(
     config: PlanConfig | None,
     scatter_dim: int = 0,
 ) -> torch.Tensor:
-    M, N, K = check_gemm_operands(a, b)
-    group = check_group(group, a.device)
-    W = dist.get_world_size(group)
-    if op == "reduce_scatter":
-        check_scatter(M, W, scatter_dim)
-    out_shape = (M // W if op == "reduce_scatter" else M, N)
-    check_out(out, out_shape, a)
-    if config is not None and not isinstance(config, PlanConfig):
-        raise TypeError(f"config must be a PlanConfig or None, got {type(config).__name__}")
-    name = resolve_engine(engine, a.device, group)
-    problem = Problem(M=M, N=N, K=K, dtype=_dtype_name(a.dtype), world_size=W, op=op)
+    key = _signature(op, a, b, group, out, engine, config, scatter_dim)
+    d = _DISPATCH.get(key) if key is not None else None
+    if d is None:
+        d = _dispatch(op, a, b, group, out, engine, config, scatter_dim)
+        if key is not None:
+            if len(_DISPATCH) > 4096:  # unbounded shape churn: start over
+                _DISPATCH.clear()
+            _DISPATCH[key] = d
     if out is None:
-        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
-    if name == "sequential":
-        from .sequential import run_sequential
-
-        return run_sequential(op, a, b, group, out)
-    plan = plan_for(problem, a.device, config)  # raises ValueError on an inconsistent config
-    if name == "reference":
+        out = torch.empty(d.out_shape, dtype=a.dtype, device=a.device)
+    if d.engine == "sequential":
+        return run_sequential(op, a, b, d.group, out)
+    if d.engine == "reference":
         from .reference import run_reference
 
-        return run_reference(plan, a, b, group, out)
+        return run_reference(d.plan, a, b, d.group, out)
     from .engine import run_overlap
 
-    # An explicit config is the caller's decision: run it even where the model sees no gain.
-    return run_overlap(plan, a, b, group, out, force_overlap=config is not None)
+    return run_overlap(d.plan, a, b, d.group, out, force_overlap=d.force_overlap)
 
 
 def gemm_all_reduce(

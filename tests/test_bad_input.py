@@ -102,3 +102,18 @@ def test_rs_not_divisible_and_foreign_group():
     from dist_harness import run_distributed
 
     run_distributed(_rs_not_divisible, 3)
+
+
+def test_checks_still_run_after_a_valid_call(world):
+    """Validated call signatures are memoised; any change of metadata is checked afresh."""
+    a, b = _ab()
+    fo.gemm_all_reduce(a, b)
+    fo.gemm_all_reduce(a, b, out=torch.empty(8, 6))
+    with pytest.raises(ValueError, match="out has shape"):
+        fo.gemm_all_reduce(a, b, out=torch.empty(8, 5))
+    with pytest.raises(TypeError, match="same dtype"):
+        fo.gemm_all_reduce(a, b.double().float().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="mismatched K"):
+        fo.gemm_all_reduce(a, torch.randn(5, 6))
+    with pytest.raises(ValueError, match="row-major"):
+        fo.gemm_all_reduce(torch.randn(4, 8).t(), b)
