@@ -46,6 +46,8 @@ PRESETS = {
     "pcie": [(8192, 8192, 32768), (8192, 8192, 65536)],
     # CPU/gloo pipeline check.
     "tiny": [(256, 192, 128), (128, 128, 64)],
+    # small token counts (decode / short prefill): the engine must fall back, never slower
+    "smallm": [(M, 8192, 2048) for M in (16, 128, 512, 1024)],
 }
 TITLE = "flashoverlap overlap benchmark"
 TIMELINE_REPS = 5  # calls recorded for a timeline; the one with the median duration is drawn
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MxNxK with K per rank (repeatable); overrides --preset")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="design: the six DESIGN.md shapes (default on GPU); pcie: M=N=8192, "
-                        "K=32768/65536 for --no-p2p; tiny: CPU check (default on CPU)")
+                        "K=32768/65536 for --no-p2p; tiny: CPU check (default on CPU); smallm: "
+                        "M=16..1024, the never-slower check")
     p.add_argument("--config-json", default=None,
                    help="PlanConfig for an extra flashoverlap row, as JSON or a JSON file, e.g. "
                         '\'{"block_m":128,"block_n":256,"num_ctas":116,"group_waves":[1,3,3,3]}\'')
