@@ -280,6 +280,58 @@ def clear_workspaces() -> None:
     with _LOCK:
         _WORKSPACES.clear()
         _GAIN.clear()
+        _AGREED.clear()
+
+
+_AGREED: dict[tuple[OverlapPlan, ProcessGroup, bool], bool] = {}
+
+
+def decide_overlap(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
+                   force: bool = False) -> bool:
+    """Overlap or fall back, agreed by every rank of ``group`` on first use of the plan.
+
+    The choice reads a per-machine tuning cache, so two nodes could decide differently; a
+    rank running the overlap engine against one running the sequential path would hang in
+    mismatched collectives.  The first decision is all-gathered with the plan hash (one small
+    collective, then memoised) and a disagreement raises a clear error on every rank.
+    """
+    key = (plan, group, force)
+    decided = _AGREED.get(key)
+    if decided is None:
+        decided = bool(force or predicts_gain(plan, device))
+        if dist.get_world_size(group) > 1:
+            from .comm import exchange_check
+
+            exchange_check(group, plan.hash_int64() ^ int(decided),
+                           f"overlap decision ({'overlap' if decided else 'sequential'}) and "
+                           f"plan {plan.describe()}")
+        _AGREED[key] = decided
+    return decided
+
+
+def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
+                        group: ProcessGroup, out: torch.Tensor) -> torch.Tensor:
+    """The never-slower fallback: cuBLAS GEMM, then one NCCL collective, on the caller's stream.
+
+    Through flashoverlap's own communicator (a raw ``ncclAllReduce`` call, ~5 us of host time)
+    rather than ``torch.distributed`` (~50 us through c10d): small-M calls are host-bound, and
+    this keeps the fallback at least as fast as the plain torch sequence.
+    """
+    from .comm import get_communicator
+    from .nccl_lib import nccl_dtype, nccl_red_op
+
+    comm = get_communicator(group, device=a.device)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    dtype, red = nccl_dtype(out.dtype), nccl_red_op("sum")
+    if plan.problem.op == "all_reduce":
+        torch.matmul(a, b, out=out)
+        comm.lib.all_reduce(out.data_ptr(), out.data_ptr(), out.numel(), dtype, red,
+                            comm.handle, stream)
+    else:
+        full = a @ b  # allocated and consumed on this stream: safe for the caching allocator
+        comm.lib.reduce_scatter(full.data_ptr(), out.data_ptr(), out.numel(), dtype, red,
+                                comm.handle, stream)
+    return out
 
 
 def run_overlap(
@@ -296,10 +348,8 @@ def run_overlap(
     ``force_overlap`` skips the never-slower fallback (used when the caller chose the plan).
     """
     device = a.device
-    if not force_overlap and not predicts_gain(plan, device):
-        from .sequential import run_sequential
-
-        return run_sequential(plan.problem.op, a, b, group, out)
+    if not decide_overlap(plan, device, group, force_overlap):
+        return run_sequential_nccl(plan, a, b, group, out)
     from .kernels.restore import launch_restore
     from .kernels.signal_gemm import signal_gemm
 

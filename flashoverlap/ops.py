@@ -147,9 +147,11 @@ def _gemm_collective(
         from .reference import run_reference
 
         return run_reference(d.plan, a, b, d.group, out)
-    from .engine import run_overlap
+    from . import engine
 
-    return run_overlap(d.plan, a, b, d.group, out, force_overlap=d.force_overlap)
+    if d.engine == "overlap" and not engine.decide_overlap(d.plan, a.device, d.group, d.force_overlap):
+        return engine.run_sequential_nccl(d.plan, a, b, d.group, out)
+    return engine.run_overlap(d.plan, a, b, d.group, out, force_overlap=True)
 
 
 def gemm_all_reduce(
