@@ -281,6 +281,7 @@ def clear_workspaces() -> None:
         _WORKSPACES.clear()
         _GAIN.clear()
         _AGREED.clear()
+        _FALLBACK_COMMS.clear()
 
 
 _AGREED: dict[tuple[OverlapPlan, ProcessGroup, bool], bool] = {}
@@ -309,6 +310,16 @@ def decide_overlap(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
     return decided
 
 
+_FALLBACK_COMMS: dict[tuple[ProcessGroup, int], Any] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _nccl_codes(dtype: torch.dtype) -> tuple[int, int]:
+    from .nccl_lib import nccl_dtype, nccl_red_op
+
+    return nccl_dtype(dtype), nccl_red_op("sum")
+
+
 def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
                         group: ProcessGroup, out: torch.Tensor) -> torch.Tensor:
     """The never-slower fallback: cuBLAS GEMM, then one NCCL collective, on the caller's stream.
@@ -317,12 +328,13 @@ def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
     rather than ``torch.distributed`` (~50 us through c10d): small-M calls are host-bound, and
     this keeps the fallback at least as fast as the plain torch sequence.
     """
-    from .comm import get_communicator
-    from .nccl_lib import nccl_dtype, nccl_red_op
+    comm = _FALLBACK_COMMS.get((group, a.device.index))
+    if comm is None:
+        from .comm import get_communicator
 
-    comm = get_communicator(group, device=a.device)
+        comm = _FALLBACK_COMMS[(group, a.device.index)] = get_communicator(group, device=a.device)
     stream = torch.cuda.current_stream(a.device).cuda_stream
-    dtype, red = nccl_dtype(out.dtype), nccl_red_op("sum")
+    dtype, red = _nccl_codes(out.dtype)
     if plan.problem.op == "all_reduce":
         torch.matmul(a, b, out=out)
         comm.lib.all_reduce(out.data_ptr(), out.data_ptr(), out.numel(), dtype, red,
@@ -370,9 +382,7 @@ def run_overlap(
     watcher = ws.watcher
     watcher.wait_event(ws.armed)
     lib, comm = ws.comm.lib, ws.comm.handle
-    from .nccl_lib import nccl_dtype, nccl_red_op
-
-    dtype, red = nccl_dtype(out.dtype), nccl_red_op("sum")
+    dtype, red = _nccl_codes(out.dtype)
     handle = watcher.cuda_stream
     with torch.cuda.stream(watcher):
         for step in ws.steps:
