@@ -329,7 +329,7 @@ def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
     this keeps the fallback at least as fast as the plain torch sequence.
     """
     comm = _FALLBACK_COMMS.get((group, a.device.index))
-    if comm is None:
+    if comm is None or comm.handle is None:  # first use, or destroy_communicators() since
         from .comm import get_communicator
 
         comm = _FALLBACK_COMMS[(group, a.device.index)] = get_communicator(group, device=a.device)
