@@ -230,8 +230,8 @@ def _reserved_sms(plan: OverlapPlan, device: torch.device) -> int | None:
 def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) -> Workspace:
     key = (plan, device.index, group)
     ws = _WORKSPACES.get(key)
-    if ws is not None:
-        return ws
+    if ws is not None and ws.comm.handle is not None:
+        return ws  # (a destroyed communicator -- destroy_communicators() -- means rebuild)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "flashoverlap: the first call of a shape (plan) must run outside CUDA graph capture "
