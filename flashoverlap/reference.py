@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .dist_utils import reduce_scatter_rows
-from .plan import COL_START, COL_STOP, ROW_START, ROW_STOP, SLOT, OverlapPlan
+from .plan import COL_START, COL_STOP, ROW_START, SLOT, OverlapPlan
 
 
 # (row_lo, row_hi, col_lo, col_hi, tile_rows, tile_cols, slots): one matmul box and where its

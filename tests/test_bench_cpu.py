@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from launch_utils import cpu_launch_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -30,23 +30,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--iters", "3", "--warmup", "1", "--no-progress", "--machine", "test"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU gloo run even on a GPU machine
-    env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(cmd: list[str], cwd: Path, **env: str) -> str:
-    proc = subprocess.run(cmd, check=False, env={**_env(), **env}, cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run(cmd, check=False, env={**cpu_launch_env(), **env}, cwd=cwd, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -54,7 +39,7 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> str:
 
 def _torchrun(script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), str(SCRIPTS / script), *args]
+            "--master-port", str(free_port()), str(SCRIPTS / script), *args]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -78,7 +63,7 @@ def _is_png(path: Path) -> bool:
 # --help and launcher runs
 # --------------------------------------------------------------------------------------------
 def test_help_of_both_scripts_on_cpu(tmp_path):
-    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / s), "--help"], env=_env(), cwd=tmp_path,
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / s), "--help"], env=cpu_launch_env(), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for s in ("bench_overlap.py", "bench_scaling.py")]
     for proc, flag in zip(procs, ("--timeline", "--max-shapes")):
@@ -138,7 +123,7 @@ def test_torchrun_bench_scaling_cpu(tmp_path):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no MPI runtime (mpirun) installed")
 def test_mpirun_bench_scaling_cpu_no_p2p(tmp_path):
     out = tmp_path / "res"
-    stdout = _run(["mpirun", "-n", "2", "--oversubscribe", "-x", f"MASTER_PORT={_free_port()}",
+    stdout = _run(["mpirun", "-n", "2", "--oversubscribe", "-x", f"MASTER_PORT={free_port()}",
                    "-x", "OMP_NUM_THREADS=1", sys.executable, str(SCRIPTS / "bench_scaling.py"),
                    "--device", "cpu", "--no-p2p", "--presets", "t=128:256", "--tokens", "64",
                    "--layers", "o_proj", "--op", "reduce_scatter", "--out", str(out), *FAST], tmp_path)

@@ -7,7 +7,6 @@ process per GPU with an NCCL group.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -17,23 +16,6 @@ import torch.distributed as dist
 import flashoverlap as fo
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    torch.cuda.set_device(0)
-    init = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
-    yield
-    from flashoverlap.comm import destroy_communicators
-    from flashoverlap.engine import clear_workspaces
-
-    clear_workspaces()
-    destroy_communicators()
-    dist.destroy_process_group()
 
 
 def _sms():

@@ -1,6 +1,6 @@
 """RowParallelLinear and model patching on a GPU: overlap engine, torch.compile, CUDA graphs.
 
-A world of one NCCL rank (the ``world1`` fixture of ``test_engine_gpu.py``) still runs every
+A world of one NCCL rank (the ``world1`` fixture of ``tests/gpu/conftest.py``) still runs every
 engine step.  The ``forced_overlap`` fixture makes the engine take the overlapped path with a
 4-group plan for every shape (the analytic default may pick one group, or the never-slower
 fallback, for W = 1), so these tests exercise the signal GEMM, watcher stream and restores
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import flashoverlap as fo
-from test_engine_gpu import _config, _rel, world1  # noqa: F401 - world1 is a fixture
+from test_engine_gpu import _config, _rel
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +22,7 @@ SHAPES = [((2, 2048), 2048, 4096), ((3000,), 1000, 2500)]  # (leading dims, K, N
 
 
 @pytest.fixture
-def forced_overlap(world1, monkeypatch):  # noqa: F811
+def forced_overlap(world1, monkeypatch):
     from flashoverlap import engine
 
     monkeypatch.setattr(engine, "choose_config",

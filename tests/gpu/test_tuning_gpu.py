@@ -11,30 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flashoverlap.plan import PlanConfig, Problem, num_waves_for
 from flashoverlap.tuning import cache, measure
 from flashoverlap.tuning.search import tune
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    torch.cuda.set_device(0)
-    init = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1,
-                            device_id=torch.device("cuda", 0))
-    yield
-    from flashoverlap.comm import destroy_communicators
-    from flashoverlap.engine import clear_workspaces
-
-    clear_workspaces()
-    destroy_communicators()
-    dist.destroy_process_group()
 
 
 def test_cuda_event_timer_sees_a_sleep():
