@@ -142,8 +142,6 @@ class Workspace:
     armed: torch.cuda.Event
     done: torch.cuda.Event
     watcher: torch.cuda.Stream
-    wait_method: str
-    group_targets: list[int]
     steps: list["GroupStep"]
     enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
 
@@ -264,8 +262,6 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
             armed=torch.cuda.Event(),
             done=torch.cuda.Event(),
             watcher=_watcher_stream(device),
-            wait_method=method,
-            group_targets=[int(c) for c in plan.group_tile_counts],
             steps=[],
             enqueue_wait=None,
         )
