@@ -2,7 +2,7 @@
 
 One call of ``run_overlap(plan, a, b, group, out)``::
 
-    caller stream : zero counters ─ record `armed` ─ signal GEMM (P CTAs; tile -> slot, bump group counter)
+    caller stream : wait previous `done` ─ zero counters ─ record `armed` ─ signal GEMM (P CTAs; tile -> slot, bump group counter)
     watcher stream: wait `armed` ─ for g in groups: [wait counter g >= tiles(g)] ─ NCCL(g) ─ restore(g)
                     ─ record `done`;   caller stream waits `done`
 
@@ -20,11 +20,16 @@ Ordering and lifetime, the reasons behind each step:
   behind a grid that holds every SM (stream priority does not preempt running CTAs).
 * **Buffers**: comm buffer, receive buffer, counters and events belong to a workspace cached
   per (plan, device, group); a call allocates nothing but ``out`` (when not given).  Reuse is
-  safe because the caller's stream waits on ``done`` before it can start the next GEMM that
-  overwrites the comm buffer.  ``out`` is allocated on, and joined back to, the caller's stream,
+  safe because each call's caller stream first waits on the previous call's ``done`` (from
+  whichever stream it was made), so no GEMM overwrites the comm buffer or re-arms counters
+  that the watcher is still working on.  ``out`` is allocated on, and joined back to, the caller's stream,
   so the caching allocator needs no ``record_stream``.
 * **Same order on every rank**: the first use of a plan on a group all-gathers its hash and
   raises on mismatch (``comm.exchange_check``) instead of hanging in mismatched collectives.
+* **Host time**: per group, the watcher loop enqueues a stream wait, a raw ``ncclAllReduce``
+  (ctypes) and a restore through its compiled kernel's launcher; the GEMM likewise skips the
+  Triton JIT dispatch after its first call (``kernels.direct_launch``).  A small shape's GPU
+  work is a few hundred microseconds, so every ten microseconds per group shows.
 * **CUDA graphs**: zeroing, GEMM, waits, NCCL and restores are all capturable; the one-time
   work (communicator, hash check, NVRTC compile, Triton JIT) must happen in a warm-up call
   before capture, and raises a clear error if attempted during capture.
@@ -144,6 +149,9 @@ class Workspace:
     watcher: torch.cuda.Stream
     steps: list["GroupStep"]
     enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
+    used: bool  # a call has run: `done` is recorded
+    gemm: Any  # flashoverlap.kernels.signal_gemm.SignalGemmLauncher into buf
+    restore: Any  # flashoverlap.kernels.restore.RestoreLauncher from recv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +272,18 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
             watcher=_watcher_stream(device),
             steps=[],
             enqueue_wait=None,
+            used=False,
+            gemm=None,
+            restore=None,
         )
         ws.steps = _group_steps(plan, ws.counters, ws.buf, ws.recv)
         ws.enqueue_wait = _wait_enqueuer(method, ws.counters, ws.watcher)
+        from .kernels.restore import RestoreLauncher
+        from .kernels.signal_gemm import SignalGemmLauncher
+
+        ws.gemm = SignalGemmLauncher(ws.buf, ws.step_table, ws.counters, block_m=BM,
+                                     block_n=BN, num_ctas=plan.config.num_ctas)
+        ws.restore = RestoreLauncher(ws.recv, ws.restore_tile_m, ws.restore_tile_n, BM, BN)
         _WORKSPACES[key] = ws
     return ws
 
@@ -358,21 +375,24 @@ def run_overlap(
     device = a.device
     if not decide_overlap(plan, device, group, force_overlap):
         return run_sequential_nccl(plan, a, b, group, out)
-    from .kernels.restore import launch_restore
-    from .kernels.signal_gemm import signal_gemm
-
     ws = get_workspace(plan, device, group)
-    cfg = plan.config
     reduce_scatter = plan.problem.op == "reduce_scatter"
     caller = torch.cuda.current_stream(device)
     if out.device.index != torch.cuda.current_device():
         raise ValueError(f"out is on {out.device}, the current device is cuda:{torch.cuda.current_device()}")
 
+    # The workspace (comm buffer, counters) is shared by every stream that runs this plan:
+    # the previous call's watcher work must be done before this GEMM overwrites the buffer
+    # and the counters are re-armed.  Same-stream calls already are (see the end); this
+    # covers a call from another stream.  Not during capture: the event was recorded
+    # outside the graph, and inside one graph the order is the capture order.
+    if ws.used and not torch.cuda.is_current_stream_capturing():
+        caller.wait_event(ws.done)
+    ws.used = True
     ws.counters.zero_()
     ws.armed.record(caller)
     timeline.mark(caller, "gemm_start")
-    signal_gemm(a, b, ws.buf, step_table=ws.step_table, block_m=cfg.block_m,
-                block_n=cfg.block_n, num_ctas=cfg.num_ctas, counters=ws.counters, slotted=True)
+    ws.gemm(a, b, caller)
     timeline.mark(caller, "gemm_end")
 
     watcher = ws.watcher
@@ -380,21 +400,21 @@ def run_overlap(
     lib, comm = ws.comm.lib, ws.comm.handle
     dtype, red = _nccl_codes(out.dtype)
     handle = watcher.cuda_stream
-    with torch.cuda.stream(watcher):
-        for step in ws.steps:
-            timeline.mark(watcher, "wait_start", step.index)
-            ws.enqueue_wait(step)
-            timeline.mark(watcher, "wait_end", step.index)
-            if reduce_scatter:
-                lib.reduce_scatter(step.send_ptr, step.recv_ptr, step.recv_count, dtype, red,
-                                   comm, handle)
-            else:
-                lib.all_reduce(step.send_ptr, step.send_ptr, step.send_count, dtype, red, comm,
-                               handle)
-            timeline.mark(watcher, "comm_end", step.index)
-            launch_restore(ws.recv, out, ws.restore_tile_m, ws.restore_tile_n, step.restore_lo,
-                           step.restore_slots, cfg.block_m, cfg.block_n)
-            timeline.mark(watcher, "restore_end", step.index)
-        ws.done.record(watcher)
+    restore, enqueue_wait = ws.restore, ws.enqueue_wait
+    # Raw handles throughout: no current-stream switch, no per-group argument checks.
+    for step in ws.steps:
+        timeline.mark(watcher, "wait_start", step.index)
+        enqueue_wait(step)
+        timeline.mark(watcher, "wait_end", step.index)
+        if reduce_scatter:
+            lib.reduce_scatter(step.send_ptr, step.recv_ptr, step.recv_count, dtype, red,
+                               comm, handle)
+        else:
+            lib.all_reduce(step.send_ptr, step.send_ptr, step.send_count, dtype, red, comm,
+                           handle)
+        timeline.mark(watcher, "comm_end", step.index)
+        restore(out, step.restore_lo, step.restore_slots, watcher)
+        timeline.mark(watcher, "restore_end", step.index)
+    ws.done.record(watcher)
     caller.wait_event(ws.done)
     return out

@@ -324,3 +324,58 @@ def test_bad_input_raises_before_launch():
         rs.restore_tiles(out, torch.zeros(20, 20), tm.float(), tm, 0, 1, BM, BN)
     with pytest.raises(ValueError):
         rs.restore_tiles(out, torch.zeros(20, 20), tm, tm, 3, 2, BM, BN)
+
+
+@_in_child
+@pytest.mark.parametrize("op,W", [("all_reduce", 1), ("reduce_scatter", 2)])
+def test_launchers_match_one_shot_calls(op, W):
+    """The engine's hot-path launchers (checks once, then direct launches where compiled):
+    several calls with new operands each, every output element against the references."""
+    from flashoverlap.kernels import direct_launch
+
+    assert not direct_launch.ENABLED  # the interpreter has no compiled kernels
+    M, N, K = 44, 35, 20
+    plan = make_plan(Problem(M, N, K, "float32", W, op),
+                     PlanConfig(block_m=BM, block_n=BN, num_ctas=2 * W, group_m=2))
+    table = _table(plan)
+    comm = _poison((plan.num_tiles, BM, BN), torch.float32)
+    counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+    gemm = sg.SignalGemmLauncher(comm, table, counters, block_m=BM, block_n=BN,
+                                 num_ctas=plan.config.num_ctas, config=_config())
+    tm, tn = torch.tensor(plan.restore_tile_m), torch.tensor(plan.restore_tile_n)
+    for call in range(3):
+        a, b = _operands(M, N, K, torch.float32, call % 2 == 1, seed=10 + call)
+        comm.fill_(float("nan"))
+        counters.zero_()
+        gemm(a, b)
+        ref = _poison((plan.num_tiles, BM, BN), torch.float32)
+        ref_counts = torch.zeros_like(counters)
+        sg.signal_gemm_ref(a, b, ref, table, BM, BN, ref_counts)
+        _check_close(comm, ref, torch.float32)
+        assert torch.equal(counters, ref_counts)
+        recv = _simulated_receive(plan, comm, W - 1).contiguous()
+        restore = rs.RestoreLauncher(recv, tm, tn, BM, BN)
+        shard = _poison((plan.out_rows, N), torch.float32)
+        shard_ref = _poison((plan.out_rows, N), torch.float32)
+        for g in range(plan.num_groups):
+            lo, hi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
+            restore(shard, lo, hi - lo)
+            rs.restore_tiles_ref(recv, shard_ref, tm, tn, lo, hi, BM, BN)
+        assert not shard.isnan().any()
+        assert torch.equal(shard, shard_ref)
+        rows = plan.out_rows
+        want = (a.double() @ b.double())[(W - 1) * rows:W * rows]
+        torch.testing.assert_close(shard.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@_in_child
+def test_ordered_args_follow_the_kernel_signature():
+    from flashoverlap.kernels import direct_launch
+
+    src, out = torch.zeros(4), torch.zeros(2, 2)
+    args = (src, out, "tm", "tn", 0, 2, 2, 2)
+    got = direct_launch.ordered_args(rs._restore_kernel, args,
+                                     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 8, "num_warps": 4})
+    assert got == args + (16, 32, 8)
+    with pytest.raises(TypeError, match="BLOCK_R"):
+        direct_launch.ordered_args(rs._restore_kernel, args, {"BLOCK_M": 16, "BLOCK_N": 32})

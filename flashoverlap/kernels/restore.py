@@ -9,24 +9,28 @@ padding of a slot is never read).  ``tile_m``/``tile_n`` are the plan's
 
 The grid is (slots x row chunks): each program moves ``BLOCK_R x BLOCK_N`` elements, a few
 KiB, with 16-byte accesses when ``N`` and the output row stride are multiples of 16
-elements (Triton specializes those arguments, so the column mask stays vectorizable).  The
-kernel launches on the current stream, so the engine runs it on its watcher stream inside
-``torch.cuda.stream(s)``.
+elements (Triton specializes those arguments, so the column mask stays vectorizable).
+:func:`restore_tiles` launches on the current stream; the engine's hot loop uses
+:class:`RestoreLauncher`, which takes the stream explicitly and skips the JIT dispatch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from flashoverlap.kernels import direct_launch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Elements one program moves (16 KiB of bf16): enough bytes in flight per SM, and many
 # programs for a group of a few hundred tiles.
 _CHUNK_ELEMS = 8192
+_NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["slot_start", "rows"])
@@ -121,20 +125,68 @@ def restore_tiles(
 
 def launch_restore(src: torch.Tensor, out: torch.Tensor, tile_m: torch.Tensor,
                    tile_n: torch.Tensor, slot_start: int, slots: int, block_m: int,
-                   block_n: int) -> None:
+                   block_n: int):
     """The launch alone, on the current stream and device: no checks.
 
-    For the engine's per-group hot loop, whose arguments were checked once when its workspace
-    was built (host time per group matters there: it can exceed a small group's GPU time).
+    Returns the compiled kernel (what Triton's launch returns), or None for no slots.
     """
     if slots == 0:
-        return
+        return None
     rows, N = out.shape
-    block_r = max(1, min(block_m, _CHUNK_ELEMS // block_n))
+    block_r = _block_r(block_m, block_n)
     stride_om = out.stride(0) if rows > 1 else N
-    _restore_kernel[(slots, triton.cdiv(block_m, block_r))](
+    return _restore_kernel[(slots, triton.cdiv(block_m, block_r))](
         src, out, tile_m, tile_n, slot_start, rows, N, stride_om,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=_NUM_WARPS)
+
+
+def _block_r(block_m: int, block_n: int) -> int:
+    return max(1, min(block_m, _CHUNK_ELEMS // block_n))
+
+
+class RestoreLauncher:
+    """:func:`launch_restore` from one source buffer with one restore map, for a hot loop.
+
+    The engine restores every group of every call from its workspace's receive buffer; host
+    time per group matters there (it can exceed a small group's GPU time), so the arguments
+    are checked once per output signature (:func:`restore_tiles`' checks; later slot ranges
+    are the plan's and are not re-checked) and the compiled kernel is launched directly
+    (:mod:`flashoverlap.kernels.direct_launch`), keyed on what varies: ``out``'s shape,
+    stride, dtype and 16-byte alignment.
+    """
+
+    def __init__(self, src: torch.Tensor, tile_m: torch.Tensor, tile_n: torch.Tensor,
+                 block_m: int, block_n: int) -> None:
+        self.src, self.tile_m, self.tile_n = src, tile_m, tile_n
+        self.block_m, self.block_n = block_m, block_n
+        self.block_r = _block_r(block_m, block_n)
+        self.chunks = triton.cdiv(block_m, self.block_r)
+        self._kernels = direct_launch.KernelCache()
+
+    def __call__(self, out: torch.Tensor, slot_start: int, slots: int,
+                 stream: torch.cuda.Stream | None = None) -> None:
+        """Restore slots ``[slot_start, slot_start + slots)`` into ``out`` on ``stream``
+        (None: the current stream)."""
+        if slots == 0:
+            return
+        rows, N = out.shape
+        stride_om = out.stride(0) if rows > 1 else N
+        key = (rows, N, stride_om, out.dtype, out.data_ptr() % 16 == 0)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            _validate(self.src, out, self.tile_m, self.tile_n, slot_start, slot_start + slots,
+                      self.block_m, self.block_n)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                compiled = launch_restore(self.src, out, self.tile_m, self.tile_n, slot_start,
+                                          slots, self.block_m, self.block_n)
+            self._kernels.remember(key, compiled)
+            return
+        handle = (stream if stream is not None
+                  else torch.cuda.current_stream(out.device)).cuda_stream
+        direct_launch.launch(
+            kernel, (slots, self.chunks, 1), handle,
+            (self.src, out, self.tile_m, self.tile_n, slot_start, rows, N, stride_om,
+             self.block_m, self.block_n, self.block_r))
 
 
 def restore_tiles_ref(
