@@ -28,7 +28,8 @@ Ordering and lifetime, the reasons behind each step:
   raises on mismatch (``comm.exchange_check``) instead of hanging in mismatched collectives.
 * **Host time**: per group, the watcher loop enqueues a stream wait, a raw ``ncclAllReduce``
   (ctypes) and a restore through its compiled kernel's launcher; the GEMM likewise skips the
-  Triton JIT dispatch after its first call (``kernels.direct_launch``).  A small shape's GPU
+  Triton JIT dispatch after its first call (``kernels.direct_launch``), and the counter
+  reset and event records and waits are plain driver calls (``stream_ops``).  A small shape's GPU
   work is a few hundred microseconds, so every ten microseconds per group shows.
 * **CUDA graphs**: zeroing, GEMM, waits, NCCL and restores are all capturable; the one-time
   work (communicator, hash check, NVRTC compile, Triton JIT) must happen in a warm-up call
@@ -150,6 +151,10 @@ class Workspace:
     steps: list["GroupStep"]
     enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
     used: bool  # a call has run: `done` is recorded
+    sync: Any  # flashoverlap.stream_ops: counter reset, event records and waits
+    armed_h: Any  # `armed`, `done` and the watcher as `sync` takes them
+    done_h: Any
+    watcher_h: Any
     gemm: Any  # flashoverlap.kernels.signal_gemm.SignalGemmLauncher into buf
     restore: Any  # flashoverlap.kernels.restore.RestoreLauncher from recv
 
@@ -273,6 +278,10 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
             steps=[],
             enqueue_wait=None,
             used=False,
+            sync=None,
+            armed_h=None,
+            done_h=None,
+            watcher_h=None,
             gemm=None,
             restore=None,
         )
@@ -284,6 +293,13 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
         ws.gemm = SignalGemmLauncher(ws.buf, ws.step_table, ws.counters, block_m=BM,
                                      block_n=BN, num_ctas=plan.config.num_ctas)
         ws.restore = RestoreLauncher(ws.recv, ws.restore_tile_m, ws.restore_tile_n, BM, BN)
+        from .stream_ops import stream_ops_for
+
+        ws.sync = stream_ops_for(ws.counters)
+        current = torch.cuda.current_stream(device)
+        ws.armed_h = ws.sync.bind_event(ws.armed, current)
+        ws.done_h = ws.sync.bind_event(ws.done, current)
+        ws.watcher_h = ws.sync.bind_stream(ws.watcher)
         _WORKSPACES[key] = ws
     return ws
 
@@ -386,17 +402,19 @@ def run_overlap(
     # and the counters are re-armed.  Same-stream calls already are (see the end); this
     # covers a call from another stream.  Not during capture: the event was recorded
     # outside the graph, and inside one graph the order is the capture order.
+    sync = ws.sync
+    caller_h = sync.bind_stream(caller)
     if ws.used and not torch.cuda.is_current_stream_capturing():
-        caller.wait_event(ws.done)
+        sync.wait(caller_h, ws.done_h)
     ws.used = True
-    ws.counters.zero_()
-    ws.armed.record(caller)
+    sync.zero_counters(caller_h)
+    sync.record(ws.armed_h, caller_h)
     timeline.mark(caller, "gemm_start")
     ws.gemm(a, b, caller)
     timeline.mark(caller, "gemm_end")
 
     watcher = ws.watcher
-    watcher.wait_event(ws.armed)
+    sync.wait(ws.watcher_h, ws.armed_h)
     lib, comm = ws.comm.lib, ws.comm.handle
     dtype, red = _nccl_codes(out.dtype)
     handle = watcher.cuda_stream
@@ -415,6 +433,6 @@ def run_overlap(
         timeline.mark(watcher, "comm_end", step.index)
         restore(out, step.restore_lo, step.restore_slots, watcher)
         timeline.mark(watcher, "restore_end", step.index)
-    ws.done.record(watcher)
-    caller.wait_event(ws.done)
+    sync.record(ws.done_h, ws.watcher_h)
+    sync.wait(caller_h, ws.done_h)
     return out

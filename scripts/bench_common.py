@@ -239,10 +239,18 @@ def _version(dist_name: str) -> str:
 
 
 def _git_commit() -> str:
+    """Short HEAD, with ``+dirty`` when tracked files differ from it (results then come
+    from a tree no commit holds)."""
     try:
         proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                               check=False, capture_output=True, text=True, timeout=10)
-        return proc.stdout.strip() or "unknown"
+        commit = proc.stdout.strip()
+        if not commit:
+            return "unknown"
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                 "--untracked-files=no"],
+                                check=False, capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 

@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "GemmConfig",
+    "config_for_capability",
     "default_block_shape",
     "default_config",
     "restore_tiles",
@@ -92,8 +93,17 @@ def default_config(device: torch.device | str | None = None,
     Non-CUDA devices get the sm_90 tile shape, so plans made on a CPU (reference engine,
     tests) match the ones the GPU engine makes; the interpreter ignores the rest.
     """
-    cap = _capability(device)
-    if cap is None or cap[0] in (9, 10):
+    return config_for_capability(_capability(device), dtype)
+
+
+def config_for_capability(capability: tuple[int, int] | None,
+                          dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
+    """Kernel configuration for a compute capability (None: no GPU, the sm_90 shape).
+
+    Separate from :func:`default_config` so that the sm_80 configuration can be compiled
+    and tested on a Hopper GPU too (it uses no Hopper-only feature).
+    """
+    if capability is None or capability[0] in (9, 10):
         # Hopper / datacenter Blackwell: 228 KB shared memory per SM.
         if dtype == torch.float32:  # only for tests: fp32 tiles are twice the bytes
             return GemmConfig(block_k=16, num_stages=2, use_tma=False, flatten=False)

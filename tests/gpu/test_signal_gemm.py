@@ -92,6 +92,37 @@ def test_matches_matmul(dtype, b_trans):
         assert _rel_fro(plain, a.float() @ b.float()) <= 1e-2, (M, N, K)
 
 
+@pytest.mark.parametrize("which", ["sm90_pointer_loads", "sm80_default"])
+def test_fallback_paths_compile_and_match(which):
+    """The non-TMA path (unaligned operands, sm_80) compiled here: sm_90's tile with pointer
+    loads, and the whole sm_80 configuration (its own tile shape, no TMA, no flattening)."""
+    from flashoverlap.kernels import GemmConfig, config_for_capability
+
+    config = (GemmConfig(use_tma=False) if which == "sm90_pointer_loads"
+              else config_for_capability((8, 0), torch.bfloat16))
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for M, N, K, b_trans in ((1000, 3000, 1536, False), (513, 1031, 777, True),
+                             (4096, 4096, 512, True)):
+        plan = make_plan(Problem(M, N, K, "bf16", 1, "all_reduce"),
+                         PlanConfig(block_m=config.block_m, block_n=config.block_n,
+                                    num_ctas=SMS - 8, group_m=8))
+        a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
+        assert not sg.uses_tma(a, b, config)
+        table = _table(plan)
+        comm = torch.full((plan.num_tiles, config.block_m, config.block_n), float("nan"),
+                          device=DEV, dtype=torch.bfloat16)
+        counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+        sg.signal_gemm(a, b, comm, step_table=table, block_m=config.block_m,
+                       block_n=config.block_n, num_ctas=plan.config.num_ctas,
+                       counters=counters, config=config)
+        ref = torch.full_like(comm, float("nan"))
+        sg.signal_gemm_ref(a, b, ref, table, config.block_m, config.block_n)
+        assert torch.equal(comm.isnan(), ref.isnan()), (M, N, K)
+        written = ~ref.isnan()
+        assert _rel_fro(comm[written], ref[written]) <= 1e-2, (M, N, K)
+        assert counters.tolist() == plan.group_tile_counts.tolist()
+
+
 @pytest.mark.parametrize("world,op,waves", [(1, "all_reduce", (2, 1, 1)),
                                             (4, "reduce_scatter", None),
                                             (2, "reduce_scatter", (3, 5))])
