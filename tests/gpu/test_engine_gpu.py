@@ -100,7 +100,13 @@ def test_direct_launches_are_used_and_rekeyed_on_alignment(world1):
 
 def test_calls_from_two_streams_share_the_workspace_safely(world1):
     """Back-to-back calls of one plan from two streams with no user sync between them: the
-    second call's GEMM must not overwrite the comm buffer the first call's watcher uses."""
+    second call's GEMM must not overwrite the comm buffer the first call's watcher uses.
+
+    The watcher stream is held up for ~1 ms at the start of each round, so without the
+    engine's wait on the previous call every later GEMM runs ahead of the restores it would
+    corrupt (H100, with that wait removed: 3 of 3 runs failed, relative error 1.41)."""
+    from flashoverlap.engine import _watcher_stream
+
     M, N, K = 4096, 4096, 2048
     config = _config(M, N, 1, "all_reduce", groups=6)
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
@@ -108,8 +114,14 @@ def test_calls_from_two_streams_share_the_workspace_safely(world1):
                torch.randn(K, N, device="cuda", dtype=torch.bfloat16)) for _ in range(6)]
     outs = [torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
             for _ in inputs]
+    fo.gemm_all_reduce(*inputs[0], out=outs[0], engine="overlap", config=config)  # warm-up
+    outs[0].fill_(float("nan"))
+    torch.cuda._sleep(1000)  # load the sleep kernel before any wait is pending (stream_wait)
     torch.cuda.synchronize()
+    watcher = _watcher_stream(torch.device("cuda", 0))
     for _ in range(3):
+        with torch.cuda.stream(watcher):
+            torch.cuda._sleep(2_000_000)
         for i, (a, b) in enumerate(inputs):
             with torch.cuda.stream(streams[i % 2]):
                 fo.gemm_all_reduce(a, b, out=outs[i], engine="overlap", config=config)
