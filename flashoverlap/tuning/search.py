@@ -265,9 +265,9 @@ class AnalyticModel:
     contention: Mapping[bool, float] = dataclasses.field(
         default_factory=lambda: {True: 0.85, False: 1.0})
     # GPU-side gap per group on the watcher stream (wait release, NCCL and restore launches).
-    # Host enqueue costs more (28-57 us per group on an H100 host, scripts/host_overhead.py,
-    # 2026-11-25) but runs ahead of the GPU whenever the call is GPU-bound, so it is not on
-    # the modelled critical path.
+    # Host enqueue costs more (17-21 us per group on an H100 host with direct launches,
+    # scripts/host_overhead.py, results/2026-11-25-h100/host-overhead.txt) but runs ahead
+    # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
     hbm_bandwidth: float = 3.0e12
     restore_launch_s: float = 3e-6
