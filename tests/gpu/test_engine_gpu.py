@@ -98,6 +98,43 @@ def test_direct_launches_are_used_and_rekeyed_on_alignment(world1):
         assert len(ws.restore._kernels) == 2  # one per output alignment
 
 
+def test_engine_without_cuda_bindings_paths(world1, monkeypatch):
+    """What a machine without cuda-bindings runs: NVRTC spin-kernel waits and torch's event
+    and counter calls instead of the driver ones.  Several calls, graph capture included."""
+    import flashoverlap.stream_ops as stream_ops
+    from flashoverlap.engine import clear_workspaces
+
+    monkeypatch.setenv("FLASHOVERLAP_WAIT", "kernel")
+    monkeypatch.setattr(stream_ops, "stream_ops_for", stream_ops.TorchStreamOps)
+    clear_workspaces()
+    try:
+        M, N, K = 3000, 4096, 1024
+        for op, fn in (("all_reduce", fo.gemm_all_reduce),
+                       ("reduce_scatter", fo.gemm_reduce_scatter)):
+            config = _config(M, N, 1, op, groups=5)
+            a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+            out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):
+                a.normal_()
+                out.fill_(float("nan"))
+                fn(a, b, out=out, engine="overlap", config=config)
+                torch.cuda.synchronize()
+                assert _rel(out, a.float() @ b.float()) <= 1e-2, op
+            ws = _workspace(M, N, K, op, config)
+            assert isinstance(ws.sync, stream_ops.TorchStreamOps)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # warmed up by the calls above
+                fn(a, b, out=out, engine="overlap", config=config)
+            a.normal_()
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _rel(out, a.float() @ b.float()) <= 1e-2, f"{op} graph"
+    finally:
+        clear_workspaces()  # later tests build their workspaces with the driver paths
+
+
 def test_calls_from_two_streams_share_the_workspace_safely(world1):
     """Back-to-back calls of one plan from two streams with no user sync between them: the
     second call's GEMM must not overwrite the comm buffer the first call's watcher uses.
