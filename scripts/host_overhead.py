@@ -88,10 +88,10 @@ def main() -> None:
         config = fo.PlanConfig(block_m=128, block_n=256, num_ctas=sms - 16)
         groups = fo.make_plan(fo.Problem(M, N, K, "bfloat16", 1, "all_reduce"), config).num_groups
 
-        def ours():
+        def ours(a=a, b=b, out=out, config=config):
             fo.gemm_all_reduce(a, b, out=out, config=config)
 
-        def seq():
+        def seq(a=a, b=b, out=out):
             torch.matmul(a, b, out=out)
             dist.all_reduce(out)
 

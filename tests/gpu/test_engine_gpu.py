@@ -101,7 +101,7 @@ def test_direct_launches_are_used_and_rekeyed_on_alignment(world1):
 def test_engine_without_cuda_bindings_paths(world1, monkeypatch):
     """What a machine without cuda-bindings runs: NVRTC spin-kernel waits and torch's event
     and counter calls instead of the driver ones.  Several calls, graph capture included."""
-    import flashoverlap.stream_ops as stream_ops
+    from flashoverlap import stream_ops
     from flashoverlap.engine import clear_workspaces
 
     monkeypatch.setenv("FLASHOVERLAP_WAIT", "kernel")
