@@ -75,6 +75,18 @@ def main() -> None:
     """flashoverlap: overlap tensor-parallel GEMMs with their collectives."""
 
 
+def _launch_path() -> str:
+    """How the engine launches its kernels after the first call (host time per group)."""
+    try:
+        from flashoverlap.kernels import direct_launch
+    except ImportError:
+        return "none (Triton is not installed)"
+    if direct_launch.ENABLED:
+        return "direct (compiled kernels relaunched without the Triton JIT dispatch)"
+    return ("through the Triton JIT (direct launches need Triton >= 3.4, no TRITON_INTERPRET, "
+            "and FLASHOVERLAP_DIRECT_LAUNCH unset or 1)")
+
+
 @main.command()
 def info() -> None:
     """Versions, GPUs and links, and whether the overlap engine can run here."""
@@ -93,7 +105,9 @@ def info() -> None:
     click.echo("GPUs:")
     for line in gpu_lines():
         click.echo(f"  {line}")
-    for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", "FLASHOVERLAP_CACHE"):
+    click.echo(f"kernel launches: {_launch_path()}")
+    for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", "FLASHOVERLAP_CACHE",
+                "FLASHOVERLAP_WAIT", "FLASHOVERLAP_DIRECT_LAUNCH"):
         if var in os.environ:
             click.echo(f"{var}={os.environ[var]}")
     reason = overlap_unavailable_reason()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,20 @@ def test_cli_info_runs_on_cpu():
     result = CliRunner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
     assert "torch" in result.output and "overlap engine:" in result.output
+
+
+@pytest.mark.parametrize("env,expected", [("1", "direct"), ("0", "through the Triton JIT")])
+def test_cli_info_reports_the_launch_path(env, expected):
+    """``direct_launch.ENABLED`` is read at import, so each setting runs in a fresh process."""
+    pytest.importorskip("triton")
+    import triton
+
+    if expected == "direct" and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 4):
+        expected = "through the Triton JIT"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flashoverlap.cli", "info"], capture_output=True, text=True,
+        timeout=120, check=False,
+        env={**os.environ, "FLASHOVERLAP_DIRECT_LAUNCH": env, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("kernel launches:"))
+    assert expected in line, line
