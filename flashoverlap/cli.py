@@ -107,7 +107,7 @@ def info() -> None:
         click.echo(f"  {line}")
     click.echo(f"kernel launches: {_launch_path()}")
     for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", "FLASHOVERLAP_CACHE",
-                "FLASHOVERLAP_WAIT", "FLASHOVERLAP_DIRECT_LAUNCH"):
+                "FLASHOVERLAP_WAIT", "FLASHOVERLAP_DIRECT_LAUNCH", "FLASHOVERLAP_WORKSPACE_MB"):
         if var in os.environ:
             click.echo(f"{var}={os.environ[var]}")
     reason = overlap_unavailable_reason()

@@ -40,6 +40,7 @@ Ordering and lifetime, the reasons behind each step:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -56,8 +57,15 @@ from .plan import OverlapPlan, PlanConfig, Problem
 
 _LOCK = threading.Lock()
 # Keyed by the plan objects themselves (identity-hashed and kept alive by the key), never by
-# id(), which a collected plan could hand to a new one.
-_WORKSPACES: dict[tuple[OverlapPlan, int, ProcessGroup], "Workspace"] = {}
+# id(), which a collected plan could hand to a new one.  Least recently used first.
+_WORKSPACES: collections.OrderedDict[tuple[OverlapPlan, int, ProcessGroup], "Workspace"] = (
+    collections.OrderedDict())
+# (plan, group) pairs whose hash every rank has checked: never forgotten, so that evicting
+# and rebuilding a workspace stays a local affair (no collective at a point that depends on
+# this rank's memory budget).
+_VERIFIED: set[tuple[OverlapPlan, ProcessGroup]] = set()
+WORKSPACE_BUDGET_ENV = "FLASHOVERLAP_WORKSPACE_MB"
+_DEFAULT_WORKSPACE_MB = 1024
 _WATCHERS: dict[int, torch.cuda.Stream] = {}
 _GAIN: dict[OverlapPlan, bool] = {}
 
@@ -151,6 +159,8 @@ class Workspace:
     steps: list["GroupStep"]
     enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
     used: bool  # a call has run: `done` is recorded
+    pinned: bool  # captured in a CUDA graph: never evicted
+    nbytes: int  # comm-buffer bytes (what the cache budget counts)
     sync: Any  # flashoverlap.stream_ops: counter reset, event records and waits
     armed_h: Any  # `armed`, `done` and the watcher as `sync` takes them
     done_h: Any
@@ -238,10 +248,44 @@ def _reserved_sms(plan: OverlapPlan, device: torch.device) -> int | None:
     return reserved if reserved > 0 else None
 
 
+def workspace_budget_bytes() -> int:
+    """Comm-buffer bytes the cached workspaces of one device may hold (``$FLASHOVERLAP_WORKSPACE_MB``)."""
+    value = os.environ.get(WORKSPACE_BUDGET_ENV)
+    try:
+        mb = float(value) if value is not None else _DEFAULT_WORKSPACE_MB
+    except ValueError:
+        raise ValueError(f"{WORKSPACE_BUDGET_ENV} must be a number of MiB, got {value!r}") from None
+    return int(mb * 2**20)
+
+
+def _evict_workspaces(device_index: int, keep: tuple) -> None:
+    """Drop least recently used workspaces of the device until the budget holds (caller holds
+    the lock).  Never the one being built, never one a CUDA graph captured (its replays use
+    its buffers).  Freed buffers are safe to reuse: every workspace tensor was marked as used
+    by the watcher stream, whose last work on them comes after the GEMM's last store."""
+    budget = workspace_budget_bytes()
+    mine = [(k, w) for k, w in _WORKSPACES.items() if k[1] == device_index]
+    total = sum(w.nbytes for _, w in mine)
+    for k, w in mine:
+        if total <= budget:
+            break
+        if k == keep or w.pinned:
+            continue
+        del _WORKSPACES[k]
+        total -= w.nbytes
+
+
 def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) -> Workspace:
+    """The plan's cached workspace on ``device`` for ``group``, built on first use.
+
+    Workspaces are kept least-recently-used within a per-device byte budget of comm buffers
+    (:func:`workspace_budget_bytes`, default 1 GiB): serving variable prompt lengths means a
+    new ``M`` -- a new plan and buffer -- on many calls, which must not grow without bound.
+    """
     key = (plan, device.index, group)
     ws = _WORKSPACES.get(key)
     if ws is not None and ws.comm.handle is not None:
+        _WORKSPACES.move_to_end(key)
         return ws  # (a destroyed communicator -- destroy_communicators() -- means rebuild)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -254,7 +298,9 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
     with _LOCK:
         # Collective setup, identical on every rank: the plan check first so a mismatch
         # raises before any NCCL communicator is built around a wrong assumption.
-        exchange_check(group, plan.hash_int64(), f"overlap plan {plan.describe()}")
+        if (plan, group) not in _VERIFIED:
+            exchange_check(group, plan.hash_int64(), f"overlap plan {plan.describe()}")
+            _VERIFIED.add((plan, group))
         max_ctas = _reserved_sms(plan, device)
         comm = get_communicator(group, max_ctas=max_ctas, device=device)
         method = prepare_wait(device, os.environ.get("FLASHOVERLAP_WAIT") or None)
@@ -278,6 +324,8 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
             steps=[],
             enqueue_wait=None,
             used=False,
+            pinned=False,
+            nbytes=0,
             sync=None,
             armed_h=None,
             done_h=None,
@@ -300,7 +348,13 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
         ws.armed_h = ws.sync.bind_event(ws.armed, current)
         ws.done_h = ws.sync.bind_event(ws.done, current)
         ws.watcher_h = ws.sync.bind_stream(ws.watcher)
+        for t in (ws.buf, ws.recv, ws.step_table, ws.restore_tile_m, ws.restore_tile_n,
+                  ws.counters):
+            t.record_stream(ws.watcher)  # freed on eviction: reuse waits for the watcher
+        ws.nbytes = sum(t.untyped_storage().nbytes() for t in {id(ws.buf): ws.buf,
+                                                                 id(ws.recv): ws.recv}.values())
         _WORKSPACES[key] = ws
+        _evict_workspaces(device.index, key)
     return ws
 
 
@@ -308,6 +362,7 @@ def clear_workspaces() -> None:
     """Drop cached workspaces (frees comm buffers); communicators stay cached in ``comm``."""
     with _LOCK:
         _WORKSPACES.clear()
+        _VERIFIED.clear()
         _GAIN.clear()
         _AGREED.clear()
         _FALLBACK_COMMS.clear()
@@ -404,7 +459,9 @@ def run_overlap(
     # outside the graph, and inside one graph the order is the capture order.
     sync = ws.sync
     caller_h = sync.bind_stream(caller)
-    if ws.used and not torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
+        ws.pinned = True  # the graph's replays will use these buffers
+    elif ws.used:
         sync.wait(caller_h, ws.done_h)
     ws.used = True
     sync.zero_counters(caller_h)

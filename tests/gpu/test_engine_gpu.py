@@ -135,6 +135,55 @@ def test_engine_without_cuda_bindings_paths(world1, monkeypatch):
         clear_workspaces()  # later tests build their workspaces with the driver paths
 
 
+def test_workspace_cache_is_bounded_and_keeps_graph_workspaces(world1, monkeypatch):
+    """Variable M (serving prompts of many lengths) builds a workspace per shape: the cache
+    evicts least recently used ones beyond its byte budget, never one a CUDA graph captured,
+    results stay right through evictions, and a rebuilt workspace needs no new plan check."""
+    import flashoverlap.comm as comm_mod
+    from flashoverlap import engine
+
+    engine.clear_workspaces()
+    monkeypatch.setenv(engine.WORKSPACE_BUDGET_ENV, "40")  # MiB: two or three of the shapes
+    checks = []
+    real_check = comm_mod.exchange_check
+    monkeypatch.setattr(comm_mod, "exchange_check",
+                        lambda *a, **k: (checks.append(a[1]), real_check(*a, **k))[1])
+    N, K = 4096, 1024
+    try:
+        # A captured graph on one shape: its workspace must survive every eviction.
+        M0 = 2048
+        config0 = _config(M0, N, 1, "all_reduce")
+        a0 = torch.randn(M0, K, device="cuda", dtype=torch.bfloat16)
+        b0 = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+        out0 = torch.empty(M0, N, device="cuda", dtype=torch.bfloat16)
+        fo.gemm_all_reduce(a0, b0, out=out0, engine="overlap", config=config0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fo.gemm_all_reduce(a0, b0, out=out0, engine="overlap", config=config0)
+        shapes = (1024, 1536, 2560, 3072, 3584)
+        for _ in range(3):
+            for M in shapes:
+                a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+                fo.gemm_all_reduce(a, b0, out=out, engine="overlap", config=_config(M, N, 1, "all_reduce"))
+                torch.cuda.synchronize()
+                assert _rel(out, a.float() @ b0.float()) <= 1e-2, M
+                held = [w for k, w in engine._WORKSPACES.items() if k[1] == 0]
+                unpinned = sum(w.nbytes for w in held if not w.pinned)
+                newest = held[-1].nbytes
+                assert unpinned <= max(engine.workspace_budget_bytes(), newest), [w.nbytes for w in held]
+                assert any(w.pinned for w in held), "the graph's workspace was evicted"
+            a0.normal_()
+            out0.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _rel(out0, a0.float() @ b0.float()) <= 1e-2
+        assert len(checks) == 1 + len(shapes), "a rebuilt workspace re-ran the plan check"
+        assert len(engine._WORKSPACES) < 1 + len(shapes), "nothing was evicted"
+    finally:
+        engine.clear_workspaces()
+
+
 def test_calls_from_two_streams_share_the_workspace_safely(world1):
     """Back-to-back calls of one plan from two streams with no user sync between them: the
     second call's GEMM must not overwrite the comm buffer the first call's watcher uses.
