@@ -298,9 +298,9 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup) 
     with _LOCK:
         # Collective setup, identical on every rank: the plan check first so a mismatch
         # raises before any NCCL communicator is built around a wrong assumption.
-        if (plan, group) not in _VERIFIED:
+        if (plan, group) not in _VERIFIED and dist.get_world_size(group) > 1:
             exchange_check(group, plan.hash_int64(), f"overlap plan {plan.describe()}")
-            _VERIFIED.add((plan, group))
+        _VERIFIED.add((plan, group))
         max_ctas = _reserved_sms(plan, device)
         comm = get_communicator(group, max_ctas=max_ctas, device=device)
         method = prepare_wait(device, os.environ.get("FLASHOVERLAP_WAIT") or None)
@@ -390,6 +390,9 @@ def decide_overlap(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
             exchange_check(group, plan.hash_int64() ^ int(decided),
                            f"overlap decision ({'overlap' if decided else 'sequential'}) and "
                            f"plan {plan.describe()}")
+            # That check covered the plan hash too: the workspace needs no second one (one
+            # blocking collective per new shape, not two -- serving sees many shapes).
+            _VERIFIED.add((plan, group))
         _AGREED[key] = decided
     return decided
 

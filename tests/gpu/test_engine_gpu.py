@@ -138,16 +138,12 @@ def test_engine_without_cuda_bindings_paths(world1, monkeypatch):
 def test_workspace_cache_is_bounded_and_keeps_graph_workspaces(world1, monkeypatch):
     """Variable M (serving prompts of many lengths) builds a workspace per shape: the cache
     evicts least recently used ones beyond its byte budget, never one a CUDA graph captured,
-    results stay right through evictions, and a rebuilt workspace needs no new plan check."""
-    import flashoverlap.comm as comm_mod
+    and results stay right through evictions.  (That a rebuild needs no new cross-rank plan
+    check is tested on gloo: tests/test_engine_agreement_gloo.py.)"""
     from flashoverlap import engine
 
     engine.clear_workspaces()
     monkeypatch.setenv(engine.WORKSPACE_BUDGET_ENV, "40")  # MiB: two or three of the shapes
-    checks = []
-    real_check = comm_mod.exchange_check
-    monkeypatch.setattr(comm_mod, "exchange_check",
-                        lambda *a, **k: (checks.append(a[1]), real_check(*a, **k))[1])
     N, K = 4096, 1024
     try:
         # A captured graph on one shape: its workspace must survive every eviction.
@@ -178,7 +174,6 @@ def test_workspace_cache_is_bounded_and_keeps_graph_workspaces(world1, monkeypat
             graph.replay()
             torch.cuda.synchronize()
             assert _rel(out0, a0.float() @ b0.float()) <= 1e-2
-        assert len(checks) == 1 + len(shapes), "a rebuilt workspace re-ran the plan check"
         assert len(engine._WORKSPACES) < 1 + len(shapes), "nothing was evicted"
     finally:
         engine.clear_workspaces()
