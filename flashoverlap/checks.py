@@ -77,6 +77,31 @@ def check_out(out: object, shape: tuple[int, int], like: torch.Tensor) -> None:
         raise ValueError("out must be contiguous")
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last)`` bytes a tensor's elements can touch (strides >= 0 here)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def check_out_aliasing(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out`` must not share memory with the operands.
+
+    The engines write ``out`` (restores, collectives) while the GEMM may still read ``a`` and
+    ``b``: an overlapping ``out`` would be corrupted silently.  Checked per call, since the
+    memoised signature checks see metadata, not addresses (a few pointer comparisons).
+    Compares byte spans, so a contiguous ``out`` lying wholly in the gaps of a strided operand
+    is refused too (conservative; no supported layout needs that).
+    """
+    storage = out.untyped_storage().data_ptr()
+    lo, hi = _byte_span(out)
+    for name, t in (("a", a), ("b", b)):
+        if t.untyped_storage().data_ptr() != storage:
+            continue
+        t_lo, t_hi = _byte_span(t)
+        if lo < t_hi and t_lo < hi:
+            raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor")
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupInfo:
     group: ProcessGroup

@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .checks import check_gemm_operands, check_group, check_out, check_scatter
+from .checks import (
+    check_gemm_operands,
+    check_group,
+    check_out,
+    check_out_aliasing,
+    check_scatter,
+)
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 from .sequential import run_sequential
 
@@ -141,6 +147,8 @@ def _gemm_collective(
             _DISPATCH[key] = d
     if out is None:
         out = torch.empty(d.out_shape, dtype=a.dtype, device=a.device)
+    else:
+        check_out_aliasing(out, a, b)
     if d.engine == "sequential":
         return run_sequential(op, a, b, d.group, out)
     if d.engine == "reference":

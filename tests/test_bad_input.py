@@ -97,6 +97,26 @@ def _rs_not_divisible(rank, W):
             fo.gemm_all_reduce(a, b, sub)
 
 
+@pytest.mark.parametrize("op", [fo.gemm_all_reduce, fo.gemm_reduce_scatter])
+def test_out_overlapping_an_operand_raises(world, op):
+    store = torch.randn(8, 12)
+    a = store[:, :6]  # [8, 6] row-major view, K = 6
+    b = torch.randn(6, 6)
+    before = store.clone()
+    with pytest.raises(ValueError, match="out overlaps a"):
+        op(a, b, out=store.view(-1)[6:54].view(8, 6))
+    assert torch.equal(store, before), "out was written before the error"
+    flat = torch.randn(48)
+    b_view = flat[:36].view(6, 6)
+    with pytest.raises(ValueError, match="out overlaps b"):
+        op(torch.randn(8, 6), b_view, out=flat.view(8, 6))
+    # disjoint parts of one storage are fine
+    big = torch.randn(96)
+    a2, out2 = big[:48].view(8, 6), big[48:].view(8, 6)
+    op(a2, b, out=out2)
+    torch.testing.assert_close(out2.double(), a2.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
 def test_rs_not_divisible_and_foreign_group():
     from dist_harness import run_distributed
 
