@@ -102,6 +102,38 @@ def check_out_aliasing(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
             raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor")
 
 
+def check_residual(residual: object, shape: tuple[int, int], like: torch.Tensor,
+                   out: torch.Tensor | None) -> torch.Tensor:
+    """``residual``: the result's shape, dtype and device, row-major; ``out`` may be the very
+    same tensor (in-place ``h += ...``) but must not partly overlap it."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {tuple(shape)}")
+    if residual.dtype != like.dtype:
+        raise TypeError(f"residual has dtype {residual.dtype}, expected {like.dtype}")
+    if residual.device != like.device:
+        raise ValueError(f"residual is on {residual.device}, expected {like.device}")
+    if shape[1] > 1 and residual.stride(1) != 1:
+        raise ValueError(f"residual must be row-major (stride(1) == 1), got strides "
+                         f"{residual.stride()}")
+    if out is not None and residual.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        same = residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
+        (lo, hi), (r_lo, r_hi) = _byte_span(out), _byte_span(residual)
+        if not same and lo < r_hi and r_lo < hi:
+            raise ValueError("residual partly overlaps out; pass out=residual for an in-place "
+                             "update, or tensors that do not share memory")
+    return residual
+
+
+def shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the byte spans of ``x`` and ``y`` intersect."""
+    if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
+        return False
+    (lo, hi), (y_lo, y_hi) = _byte_span(x), _byte_span(y)
+    return lo < y_hi and y_lo < hi
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupInfo:
     group: ProcessGroup

@@ -408,7 +408,8 @@ def _nccl_codes(dtype: torch.dtype) -> tuple[int, int]:
 
 
 def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
-                        group: ProcessGroup, out: torch.Tensor) -> torch.Tensor:
+                        group: ProcessGroup, out: torch.Tensor,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
     """The never-slower fallback: cuBLAS GEMM, then one NCCL collective, on the caller's stream.
 
     Through flashoverlap's own communicator (a raw ``ncclAllReduce`` call, ~5 us of host time)
@@ -422,14 +423,20 @@ def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
         comm = _FALLBACK_COMMS[(group, a.device.index)] = get_communicator(group, device=a.device)
     stream = torch.cuda.current_stream(a.device).cuda_stream
     dtype, red = _nccl_codes(out.dtype)
+    # With a residual the result goes to scratch first when out *is* the residual.
+    target = out
+    if residual is not None and residual.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+        target = torch.empty_like(out)
     if plan.problem.op == "all_reduce":
-        torch.matmul(a, b, out=out)
-        comm.lib.all_reduce(out.data_ptr(), out.data_ptr(), out.numel(), dtype, red,
+        torch.matmul(a, b, out=target)
+        comm.lib.all_reduce(target.data_ptr(), target.data_ptr(), target.numel(), dtype, red,
                             comm.handle, stream)
     else:
         full = a @ b  # allocated and consumed on this stream: safe for the caching allocator
-        comm.lib.reduce_scatter(full.data_ptr(), out.data_ptr(), out.numel(), dtype, red,
+        comm.lib.reduce_scatter(full.data_ptr(), target.data_ptr(), target.numel(), dtype, red,
                                 comm.handle, stream)
+    if residual is not None:
+        torch.add(target, residual, out=out)
     return out
 
 
@@ -441,14 +448,18 @@ def run_overlap(
     out: torch.Tensor,
     *,
     force_overlap: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Execute ``plan``: ``out`` <- collective over ``group`` of ``a @ b``, overlapped.
+    """Execute ``plan``: ``out`` <- collective over ``group`` of ``a @ b`` (+ ``residual``,
+    fused into the restores; ``residual`` may be ``out`` itself), overlapped.
 
-    ``force_overlap`` skips the never-slower fallback (used when the caller chose the plan).
+    ``force_overlap`` skips the never-slower decision (the caller decided, e.g. the ops
+    after :func:`decide_overlap`, or the tuner; the workspace still checks the plan across
+    ranks on first use).
     """
     device = a.device
-    if not decide_overlap(plan, device, group, force_overlap):
-        return run_sequential_nccl(plan, a, b, group, out)
+    if not force_overlap and not decide_overlap(plan, device, group):
+        return run_sequential_nccl(plan, a, b, group, out, residual=residual)
     ws = get_workspace(plan, device, group)
     reduce_scatter = plan.problem.op == "reduce_scatter"
     caller = torch.cuda.current_stream(device)
@@ -458,15 +469,18 @@ def run_overlap(
     # The workspace (comm buffer, counters) is shared by every stream that runs this plan:
     # the previous call's watcher work must be done before this GEMM overwrites the buffer
     # and the counters are re-armed.  Same-stream calls already are (see the end); this
-    # covers a call from another stream.  Not during capture: the event was recorded
-    # outside the graph, and inside one graph the order is the capture order.
+    # covers a call from another stream.  Only after an eager call: an event recorded during
+    # capture cannot be waited on outside that graph (CUDA_ERROR_INVALID_VALUE), and inside
+    # one graph the order is the capture order.  Replays are ordered by the stream the user
+    # replays them on, like any graph's.
     sync = ws.sync
     caller_h = sync.bind_stream(caller)
-    if torch.cuda.is_current_stream_capturing():
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
         ws.pinned = True  # the graph's replays will use these buffers
     elif ws.used:
         sync.wait(caller_h, ws.done_h)
-    ws.used = True
+    ws.used = not capturing
     sync.zero_counters(caller_h)
     sync.record(ws.armed_h, caller_h)
     timeline.mark(caller, "gemm_start")
@@ -491,7 +505,7 @@ def run_overlap(
             lib.all_reduce(step.send_ptr, step.send_ptr, step.send_count, dtype, red, comm,
                            handle)
         timeline.mark(watcher, "comm_end", step.index)
-        restore(out, step.restore_lo, step.restore_slots, watcher)
+        restore(out, step.restore_lo, step.restore_slots, watcher, residual)
         timeline.mark(watcher, "restore_end", step.index)
     sync.record(ws.done_h, ws.watcher_h)
     sync.wait(caller_h, ws.done_h)

@@ -21,7 +21,9 @@ from .checks import (
     check_group,
     check_out,
     check_out_aliasing,
+    check_residual,
     check_scatter,
+    shares_memory,
 )
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 from .sequential import run_sequential
@@ -136,6 +138,7 @@ def _gemm_collective(
     engine: str | None,
     config: PlanConfig | None,
     scatter_dim: int = 0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     key = _signature(op, a, b, group, out, engine, config, scatter_dim)
     d = _DISPATCH.get(key) if key is not None else None
@@ -145,21 +148,37 @@ def _gemm_collective(
             if len(_DISPATCH) > 4096:  # unbounded shape churn: start over
                 _DISPATCH.clear()
             _DISPATCH[key] = d
+    if residual is not None:  # per call: aliasing depends on addresses, not metadata
+        check_residual(residual, d.out_shape, a, out)
     if out is None:
         out = torch.empty(d.out_shape, dtype=a.dtype, device=a.device)
     else:
         check_out_aliasing(out, a, b)
+    if d.engine == "overlap":
+        from . import engine
+
+        if engine.decide_overlap(d.plan, a.device, d.group, d.force_overlap):
+            # The residual add is fused into the restores.
+            return engine.run_overlap(d.plan, a, b, d.group, out, force_overlap=True,
+                                      residual=residual)
+    # Unfused residual: the result first (into a scratch tensor when out *is* the residual),
+    # then one add, rounded once like the fused restore (fp32 add of the two values).
+    target = out
+    if residual is not None and shares_memory(out, residual):
+        target = torch.empty_like(out)
     if d.engine == "sequential":
-        return run_sequential(op, a, b, d.group, out)
-    if d.engine == "reference":
+        run_sequential(op, a, b, d.group, target)
+    elif d.engine == "reference":
         from .reference import run_reference
 
-        return run_reference(d.plan, a, b, d.group, out)
-    from . import engine
+        run_reference(d.plan, a, b, d.group, target)
+    else:
+        from . import engine
 
-    if d.engine == "overlap" and not engine.decide_overlap(d.plan, a.device, d.group, d.force_overlap):
-        return engine.run_sequential_nccl(d.plan, a, b, d.group, out)
-    return engine.run_overlap(d.plan, a, b, d.group, out, force_overlap=True)
+        engine.run_sequential_nccl(d.plan, a, b, d.group, target)
+    if residual is not None:
+        torch.add(target, residual, out=out)
+    return out
 
 
 def gemm_all_reduce(
@@ -168,16 +187,20 @@ def gemm_all_reduce(
     group: ProcessGroup | None = None,
     *,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
     engine: EngineName | None = None,
     config: PlanConfig | None = None,
 ) -> torch.Tensor:
-    """Sum over ``group`` of ``a @ b``, overlapping the AllReduce with the GEMM.
+    """Sum over ``group`` of ``a @ b`` (plus ``residual``), overlapping the AllReduce with the GEMM.
 
     Args:
         a: ``[M, K]`` row-major, float16 / bfloat16 / float32.
         b: ``[K, N]`` row-major, or ``weight.t()`` of a row-major ``[N, K]`` weight (no copy).
         group: process group (default: the world).
-        out: optional ``[M, N]`` contiguous output.
+        out: optional ``[M, N]`` contiguous output (not overlapping ``a`` or ``b``).
+        residual: optional ``[M, N]`` row-major tensor added to the reduced result, fused
+            into the overlap engine's restores (a transformer block's residual stream);
+            ``out=residual`` updates it in place.
         engine: ``"overlap"`` (CUDA + NCCL), ``"reference"`` (plan executed with torch ops,
             any backend), ``"sequential"`` (GEMM then AllReduce); ``None`` picks overlap where
             it can run, else reference.
@@ -186,7 +209,7 @@ def gemm_all_reduce(
     Returns:
         ``[M, N]`` tensor in the inputs' dtype, identical on every rank.
     """
-    return _gemm_collective("all_reduce", a, b, group, out, engine, config)
+    return _gemm_collective("all_reduce", a, b, group, out, engine, config, residual=residual)
 
 
 def gemm_reduce_scatter(
@@ -196,6 +219,7 @@ def gemm_reduce_scatter(
     *,
     scatter_dim: int = 0,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
     engine: EngineName | None = None,
     config: PlanConfig | None = None,
 ) -> torch.Tensor:
@@ -203,9 +227,11 @@ def gemm_reduce_scatter(
 
     Same as ``torch.distributed.reduce_scatter_tensor(out, a @ b, group=group)``, with the
     ReduceScatter overlapped with the GEMM.  ``M`` must be divisible by the group size and
-    ``scatter_dim`` must be 0.  Other arguments as in :func:`gemm_all_reduce`.
+    ``scatter_dim`` must be 0.  ``residual`` (``[M / W, N]``, this rank's rows) is added to
+    the shard.  Other arguments as in :func:`gemm_all_reduce`.
 
     Returns:
         ``[M / W, N]`` tensor in the inputs' dtype.
     """
-    return _gemm_collective("reduce_scatter", a, b, group, out, engine, config, scatter_dim)
+    return _gemm_collective("reduce_scatter", a, b, group, out, engine, config, scatter_dim,
+                            residual)

@@ -240,7 +240,10 @@ def _version(dist_name: str) -> str:
 
 def _git_commit() -> str:
     """Short HEAD, with ``+dirty`` when tracked files differ from it (results then come
-    from a tree no commit holds)."""
+    from a tree no commit holds).  ``$FLASHOVERLAP_COMMIT`` overrides it, for a copy of the
+    tree whose ``.git`` is not the source's (a remote GPU machine fed a working tree)."""
+    if os.environ.get("FLASHOVERLAP_COMMIT"):
+        return os.environ["FLASHOVERLAP_COMMIT"]
     try:
         proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                               check=False, capture_output=True, text=True, timeout=10)

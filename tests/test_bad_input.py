@@ -48,6 +48,12 @@ BAD = [
     ("out dtype", lambda: _ab(), {"out": torch.empty(8, 6, dtype=torch.float16)}, TypeError, "out has dtype"),
     ("out not tensor", lambda: _ab(), {"out": 3}, TypeError, "out must be"),
     ("unknown engine", lambda: _ab(), {"engine": "magic"}, ValueError, "engine must be one of"),
+    ("residual shape", lambda: _ab(), {"residual": torch.randn(8, 5)}, ValueError, "residual has shape"),
+    ("residual dtype", lambda: _ab(), {"residual": torch.randn(8, 6).double()}, TypeError,
+     "residual has dtype"),
+    ("residual not tensor", lambda: _ab(), {"residual": 1.0}, TypeError, "residual must be"),
+    ("residual column-major", lambda: _ab(), {"residual": torch.randn(6, 8).t()}, ValueError,
+     "residual must be row-major"),
     ("bad config", lambda: _ab(), {"config": {"block_m": 64}}, TypeError, "config must be a PlanConfig"),
     ("config waves", lambda: _ab(), {"config": fo.PlanConfig(block_m=4, block_n=4, num_ctas=1, group_waves=(1,))},
      ValueError, "waves"),
@@ -115,6 +121,15 @@ def test_out_overlapping_an_operand_raises(world, op):
     a2, out2 = big[:48].view(8, 6), big[48:].view(8, 6)
     op(a2, b, out=out2)
     torch.testing.assert_close(out2.double(), a2.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_partly_overlapping_out_raises(world):
+    a, b = _ab()
+    flat = torch.randn(8 * 6 + 6)
+    before = flat.clone()
+    with pytest.raises(ValueError, match="residual partly overlaps out"):
+        fo.gemm_all_reduce(a, b, out=flat[:48].view(8, 6), residual=flat[6:54].view(8, 6))
+    assert torch.equal(flat, before)
 
 
 def test_rs_not_divisible_and_foreign_group():

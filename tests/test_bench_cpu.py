@@ -230,3 +230,17 @@ def test_timeline_spans_from_marks_and_plot(tmp_path):
     path = tmp_path / "timeline.png"
     bo.plot_timeline(path, "synthetic", [("flashoverlap", spans), ("sequential", seq)])
     assert _is_png(path)
+
+
+def test_torchrun_bench_residual_cpu(tmp_path):
+    """The fused-residual benchmark's pipeline on gloo (the flashoverlap rows run the
+    reference engine there): three variants per op and shape, rows with the DESIGN.md keys."""
+    out = tmp_path / "res"
+    stdout = _run(_torchrun("bench_residual.py", "--device", "cpu", "--shape", "64x48x32",
+                            "--op", "both", "--out", str(out), *FAST), tmp_path)
+    rows = _rows(out / "residual.json")
+    assert {(r["op"], r["variant"]) for r in rows} == {
+        (op, v) for op in ("all_reduce", "reduce_scatter")
+        for v in ("sequential + add", "flashoverlap + add", "flashoverlap fused")}
+    assert all(r["bench"] == "residual" and r["world_size"] == 2 for r in rows)
+    assert "flashoverlap fused" in stdout and "wrote" in stdout

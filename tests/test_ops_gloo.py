@@ -90,6 +90,39 @@ def test_ops_match_float64_reference(W, engine):
     run_distributed(_check_ops, W, engine)
 
 
+def _check_residual(rank, W, engine):
+    """``residual=`` adds a tensor to the reduced result (each rank its own residual, added
+    once, after the reduction), separately or in place (``out=residual``)."""
+    for case, dtype, M, N, K, transposed, _, _ in list(_cases(11, W))[:6]:
+        a, b = _inputs(rank, case, dtype, M, N, K, transposed)
+        ref = _expected(W, case, dtype, M, N, K, transposed)
+        g = torch.Generator().manual_seed(50 + case + 100 * rank)
+        for op, rows in (("all_reduce", slice(0, M)),
+                         ("reduce_scatter", slice(rank * (M // W), (rank + 1) * (M // W)))):
+            fn = fo.gemm_all_reduce if op == "all_reduce" else fo.gemm_reduce_scatter
+            shape = (rows.stop - rows.start, N)
+            residual = torch.randn(shape, generator=g).to(dtype)
+            # The reduced result is rounded to dtype before the add, as the fused restore does.
+            want = ref[rows].to(dtype).double() + residual.double()
+            kept = residual.clone()
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            got = fn(a, b, out=out, residual=residual, engine=engine)
+            assert got is out and torch.equal(residual, kept), "residual must stay untouched"
+            assert _rel_err(out, want) <= TOL[dtype], (op, case)
+            inplace = residual.clone()
+            got = fn(a, b, out=inplace, residual=inplace, engine=engine)
+            assert got is inplace
+            torch.testing.assert_close(inplace, out, rtol=0, atol=0)  # same bits, in place
+            fresh = fn(a, b, residual=residual, engine=engine)  # no out: a new tensor
+            torch.testing.assert_close(fresh, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("W", [1, 2, 3])
+@pytest.mark.parametrize("engine", ["reference", "sequential"])
+def test_residual_is_added_after_the_reduction(W, engine):
+    run_distributed(_check_residual, W, engine)
+
+
 def _check_default_engine_is_reference_on_cpu(rank, W):
     a = torch.randn(8, 4)
     b = torch.randn(4, 6)

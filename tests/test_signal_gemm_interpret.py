@@ -373,9 +373,53 @@ def test_ordered_args_follow_the_kernel_signature():
     from flashoverlap.kernels import direct_launch
 
     src, out = torch.zeros(4), torch.zeros(2, 2)
-    args = (src, out, "tm", "tn", 0, 2, 2, 2)
-    got = direct_launch.ordered_args(rs._restore_kernel, args,
-                                     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 8, "num_warps": 4})
-    assert got == args + (16, 32, 8)
+    args = (src, out, "tm", "tn", out, 0, 2, 2, 2, 0)
+    meta = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 8, "HAS_RESIDUAL": False, "num_warps": 4}
+    got = direct_launch.ordered_args(rs._restore_kernel, args, meta)
+    assert got == args + (16, 32, 8, False)
     with pytest.raises(TypeError, match="BLOCK_R"):
         direct_launch.ordered_args(rs._restore_kernel, args, {"BLOCK_M": 16, "BLOCK_N": 32})
+
+
+def _same_rounded(got, want):
+    """Equal, except that the interpreter converts fp32 to bf16 by truncation (compiled
+    kernels round to nearest, as torch does; the GPU tests compare those bitwise): within one
+    bf16 ulp there."""
+    assert not got.isnan().any()
+    if got.dtype == torch.bfloat16:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=0)
+    else:
+        assert torch.equal(got, want)
+
+
+@_in_child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_restore_with_fused_residual(dtype):
+    """out[tile] = slot + residual[tile] (fp32 add, one rounding): separate residual, the
+    in-place form (residual is out), a strided residual, and the hot-path launcher."""
+    M, N = 45, 38
+    plan = make_plan(Problem(M, N, 16, "float32", 1, "all_reduce"),
+                     PlanConfig(block_m=BM, block_n=BN, num_ctas=3, group_m=2))
+    g = torch.Generator().manual_seed(9)
+    src = torch.randn(plan.num_tiles, BM, BN, generator=g).to(dtype)
+    tm, tn = torch.tensor(plan.restore_tile_m), torch.tensor(plan.restore_tile_n)
+    big = torch.randn(M, N + 10, generator=g).to(dtype)
+    for residual in (torch.randn(M, N, generator=g).to(dtype), big[:, 3:3 + N]):
+        want = _poison((M, N), dtype)
+        rs.restore_tiles_ref(src, want, tm, tn, 0, plan.num_tiles, BM, BN, residual=residual)
+        expected = (rs.restore_tiles_ref(src, _poison((M, N), dtype), tm, tn, 0, plan.num_tiles,
+                                         BM, BN).float() + residual.float()).to(dtype)
+        assert torch.equal(want, expected)
+        out = _poison((M, N), dtype)
+        kept = residual.clone()
+        rs.restore_tiles(src, out, tm, tn, 0, plan.num_tiles, BM, BN, residual=residual)
+        _same_rounded(out, want)
+        assert torch.equal(residual, kept)
+        inplace = residual.clone()
+        launcher = rs.RestoreLauncher(src, tm, tn, BM, BN)
+        for grp in range(plan.num_groups):
+            lo, hi = int(plan.restore_bounds[grp]), int(plan.restore_bounds[grp + 1])
+            launcher(inplace, lo, hi - lo, residual=inplace)
+        _same_rounded(inplace, want)
+    with pytest.raises(ValueError, match="residual must match"):
+        rs.restore_tiles(src, out, tm, tn, 0, 1, BM, BN, residual=torch.zeros(M, N + 1, dtype=dtype))
