@@ -5,10 +5,15 @@ collectives, so a traced graph holds only strings)::
 
     flashoverlap::gemm_all_reduce(Tensor a, Tensor b, str group_name, str engine) -> Tensor
     flashoverlap::gemm_reduce_scatter(Tensor a, Tensor b, str group_name, str engine) -> Tensor
+    flashoverlap::gemm_all_reduce_add(Tensor a, Tensor b, Tensor residual, str group_name, str engine) -> Tensor
+    flashoverlap::gemm_reduce_scatter_add(Tensor a, Tensor b, Tensor residual, str group_name, str engine) -> Tensor
 
 ``engine`` is ``"overlap"``, ``"reference"``, ``"sequential"`` or ``""`` (the best available).
-Both ops mutate nothing and return a fresh tensor: ``[M, N]`` for AllReduce, rank ``r``'s rows
-``[r*M/W, (r+1)*M/W)`` (``[M/W, N]``) for ReduceScatter, dtype of ``a``.
+The ops mutate nothing and return a fresh tensor: ``[M, N]`` for AllReduce, rank ``r``'s rows
+``[r*M/W, (r+1)*M/W)`` (``[M/W, N]``) for ReduceScatter, dtype of ``a``.  The ``_add`` forms
+add ``residual`` (the result's shape) in the same pass as the overlap engine's restores (the
+``residual=`` argument of :mod:`flashoverlap.ops`); a compiler cannot fuse an add into an
+opaque op, so the fused form is its own op.
 
 Why custom ops rather than calling :mod:`flashoverlap.ops` from Python: Dynamo cannot trace
 through the engine (NCCL through ctypes, streams, Triton launches), so under
@@ -24,6 +29,7 @@ graphs share one backward:
 * ReduceScatter: each rank holds only its rows of ``grad_out``; they are all-gathered along
   dim 0 first (``_c10d_functional.all_gather_into_tensor``, traceable and identical on torch
   2.11 and 2.13), then the same two matmuls.
+* ``residual`` of the ``_add`` forms: ``grad_residual = grad_out`` (same shape, this rank's).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from torch.distributed import ProcessGroup
 from . import ops
 from .checks import check_scatter
 
-__all__ = ["all_gather_rows", "gemm_all_reduce", "gemm_reduce_scatter", "resolve_group_name"]
+__all__ = ["all_gather_rows", "gemm_all_reduce", "gemm_all_reduce_add", "gemm_reduce_scatter",
+           "gemm_reduce_scatter_add", "resolve_group_name"]
 
 
 def resolve_group_name(group_name: str) -> ProcessGroup:
@@ -111,3 +118,55 @@ def _reduce_scatter_backward(ctx, grad_out: Tensor):
 
 gemm_all_reduce.register_autograd(_matmul_grads, setup_context=_setup_context)
 gemm_reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_setup_context)
+
+
+# -- the fused residual forms -------------------------------------------------------------
+@torch.library.custom_op("flashoverlap::gemm_all_reduce_add", mutates_args=())
+def gemm_all_reduce_add(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
+                        engine: str) -> Tensor:
+    """``residual + a @ b`` summed over the group, the add fused into the restores."""
+    a, b = _row_major(a, b)
+    return ops.gemm_all_reduce(a, b, resolve_group_name(group_name), residual=residual.contiguous(),
+                               engine=engine or None)
+
+
+@gemm_all_reduce_add.register_fake
+def _gemm_all_reduce_add_fake(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
+                              engine: str) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.custom_op("flashoverlap::gemm_reduce_scatter_add", mutates_args=())
+def gemm_reduce_scatter_add(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
+                            engine: str) -> Tensor:
+    """``residual +`` rank ``r``'s rows of ``a @ b`` summed over the group, fused."""
+    a, b = _row_major(a, b)
+    return ops.gemm_reduce_scatter(a, b, resolve_group_name(group_name),
+                                   residual=residual.contiguous(), engine=engine or None)
+
+
+@gemm_reduce_scatter_add.register_fake
+def _gemm_reduce_scatter_add_fake(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
+                                  engine: str) -> Tensor:
+    return _gemm_reduce_scatter_fake(a, b, group_name, engine)
+
+
+def _setup_context_add(ctx, inputs, output) -> None:
+    a, b, _residual, group_name, _engine = inputs
+    ctx.save_for_backward(a, b)
+    ctx.group_name = group_name
+
+
+def _all_reduce_add_backward(ctx, grad_out: Tensor):
+    grad_a, grad_b, _, _ = _matmul_grads(ctx, grad_out)
+    return grad_a, grad_b, grad_out if ctx.needs_input_grad[2] else None, None, None
+
+
+def _reduce_scatter_add_backward(ctx, grad_out: Tensor):
+    grad_a, grad_b, _, _ = _matmul_grads(ctx, all_gather_rows(grad_out, ctx.group_name))
+    return grad_a, grad_b, grad_out if ctx.needs_input_grad[2] else None, None, None
+
+
+gemm_all_reduce_add.register_autograd(_all_reduce_add_backward, setup_context=_setup_context_add)
+gemm_reduce_scatter_add.register_autograd(_reduce_scatter_add_backward,
+                                          setup_context=_setup_context_add)

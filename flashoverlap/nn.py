@@ -57,8 +57,9 @@ def row_parallel_linear(
     *,
     scatter_dim: int | None = None,
     engine: EngineName | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """``sum_r x_r @ weight_r.T + bias`` over the group named ``group_name``.
+    """``sum_r x_r @ weight_r.T + bias (+ residual)`` over the group named ``group_name``.
 
     Args:
         x: ``[..., K_local]``, this rank's slice of the input's last dim.
@@ -71,6 +72,8 @@ def row_parallel_linear(
             ``torch.chunk(output, world_size, dim=d)[r]``; ``x.shape[d]`` must be divisible by
             ``world_size``.  ``d = 0`` needs no copy.
         engine: as in :func:`flashoverlap.gemm_all_reduce` (``None``: best available).
+        residual: a tensor of the output's shape added to it (a transformer block's residual
+            stream), fused into the overlap engine's restores; a fresh tensor is returned.
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -79,8 +82,14 @@ def row_parallel_linear(
         )
     N, K = weight.shape
     op_engine = engine or ""
+    ops_ = torch.ops.flashoverlap
     if scatter_dim is None:
-        y = torch.ops.flashoverlap.gemm_all_reduce(x.reshape(-1, K), weight.t(), group_name, op_engine)
+        if residual is not None:
+            _check_residual_shape(residual, (*x.shape[:-1], N))
+            y = ops_.gemm_all_reduce_add(x.reshape(-1, K), weight.t(), residual.reshape(-1, N),
+                                         group_name, op_engine)
+        else:
+            y = ops_.gemm_all_reduce(x.reshape(-1, K), weight.t(), group_name, op_engine)
         y = y.view(*x.shape[:-1], N)
     else:
         d = scatter_dim + x.dim() if scatter_dim < 0 else scatter_dim
@@ -96,15 +105,30 @@ def row_parallel_linear(
                 f"{world_size}"
             )
         rows_first = x.movedim(d, 0) if d else x  # reshape below copies only when d != 0
-        y = torch.ops.flashoverlap.gemm_reduce_scatter(
-            rows_first.reshape(-1, K), weight.t(), group_name, op_engine
-        )
-        y = y.view(rows_first.shape[0] // world_size, *rows_first.shape[1:-1], N)
+        out_shape = (rows_first.shape[0] // world_size, *rows_first.shape[1:-1], N)
+        if residual is not None:
+            expected = list(out_shape)
+            if d:
+                expected.insert(d, expected.pop(0))
+            _check_residual_shape(residual, tuple(expected))
+            res_rows = residual.movedim(d, 0) if d else residual
+            y = ops_.gemm_reduce_scatter_add(rows_first.reshape(-1, K), weight.t(),
+                                             res_rows.reshape(-1, N), group_name, op_engine)
+        else:
+            y = ops_.gemm_reduce_scatter(rows_first.reshape(-1, K), weight.t(), group_name,
+                                         op_engine)
+        y = y.view(out_shape)
         if d:
             y = y.movedim(0, d)
     if bias is not None:
         y = y + bias
     return y
+
+
+def _check_residual_shape(residual: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; the layer's output is "
+                         f"{tuple(shape)}")
 
 
 class RowParallelLinear(nn.Module):
@@ -172,10 +196,12 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The layer's output, plus ``residual`` (output-shaped) when given, fused."""
         return row_parallel_linear(
             x, self.weight, self.bias, self.group_name, self.world_size,
             scatter_dim=0 if self.sequence_parallel else None, engine=self.engine,
+            residual=residual,
         )
 
     @classmethod

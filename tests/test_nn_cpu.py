@@ -115,6 +115,44 @@ def _check_layer_errors_and_api(rank: int) -> None:
     torch.testing.assert_close(wrapped(x_r), want + local.bias, **TOL)
 
 
+def _check_residual(rank: int, engine: str) -> None:
+    """layer(x, residual=r) == layer(x) + r in value and gradients (r's gradient is the
+    upstream one), for both forms, scatter along dim 1 too, eager and compiled."""
+    full, x, grad = _full_problem((4, 6), seed=21)
+    for sp in (False, True):
+        layer = fo.RowParallelLinear.shard_from_full(full, sequence_parallel=sp, engine=engine)
+        K_r = layer.in_features_per_rank
+        x_r = x[..., rank * K_r:(rank + 1) * K_r]
+        out_shape = (4 // W, 6, 10) if sp else (4, 6, 10)
+        g = torch.Generator().manual_seed(7 + rank)
+        res = torch.randn(out_shape, generator=g)
+        up = torch.randn(out_shape, generator=g)
+        xa, xb = x_r.clone().requires_grad_(), x_r.clone().requires_grad_()
+        ra, rb = res.clone().requires_grad_(), res.clone().requires_grad_()
+        fused = layer(xa, residual=ra)
+        plain = layer(xb) + rb
+        torch.testing.assert_close(fused, plain, **TOL)
+        (fused * up).sum().backward()
+        (plain * up).sum().backward()
+        torch.testing.assert_close(ra.grad, up, **TOL)
+        torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+        compiled = torch.compile(lambda t, r: layer(t, residual=r), fullgraph=True,
+                                 backend="aot_eager")
+        torch.testing.assert_close(compiled(x_r, res), plain, **TOL)
+        with pytest.raises(ValueError, match="residual has shape"):
+            layer(x_r, residual=res[:1])
+    # the ReduceScatter form along dim 1 (batch-first input), residual in output layout
+    from flashoverlap.nn import row_parallel_linear
+
+    x_r, weight = x[..., rank * 6:(rank + 1) * 6], full.weight[:, rank * 6:(rank + 1) * 6]
+    name = dist.group.WORLD.group_name
+    y = row_parallel_linear(x_r, weight, None, name, W, scatter_dim=1, engine=engine)
+    res = torch.randn(y.shape)
+    got = row_parallel_linear(x_r, weight, None, name, W, scatter_dim=1, engine=engine,
+                              residual=res)
+    torch.testing.assert_close(got, y + res, **TOL)
+
+
 def _layers(rank: int, world: int) -> None:
     for engine in ("reference", "sequential"):
         for lead in ((), (8,), (4, 3)):  # 1-D, 2-D and 3-D ([S, B, K]) inputs
@@ -123,6 +161,8 @@ def _layers(rank: int, world: int) -> None:
                 _check_layer_parity(rank, engine, True, lead)
     _check_layer_errors_and_api(rank)
     _check_compile(rank)
+    for engine in ("reference", "sequential"):
+        _check_residual(rank, engine)
 
 
 def test_row_parallel_linear_parity_errors_and_compile():

@@ -145,3 +145,23 @@ def test_patch_dtensor_model_on_gpu(forced_overlap):
     assert isinstance(got, torch.Tensor) and got.shape == want.shape
     assert _rel(got, want.float()) <= 1e-2
     assert torch.equal(again, want)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_layer_residual_fused_equals_separate_add(forced_overlap, sequence_parallel):
+    """layer(x, residual=r) through the fused custom op: the bits of layer(x) + r (no bias,
+    so the rounding order is the same), eager and under torch.compile (inductor); gradients."""
+    full = _full_linear(2048, 4096, torch.bfloat16)
+    layer = fo.RowParallelLinear.shard_from_full(full, sequence_parallel=sequence_parallel,
+                                                 engine="overlap")
+    layer.bias = None
+    x = torch.randn(4, 512, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(4, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    want = layer(x) + r
+    assert torch.equal(layer(x, residual=r), want)
+    compiled = torch.compile(lambda t, res: layer(t, residual=res), fullgraph=True)
+    assert torch.equal(compiled(x, r), want)
+    rg = r.clone().requires_grad_()
+    up = torch.randn_like(want)
+    (layer(x, residual=rg) * up).sum().backward()
+    assert torch.equal(rg.grad, up)
