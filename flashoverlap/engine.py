@@ -2,8 +2,10 @@
 
 One call of ``run_overlap(plan, a, b, group, out)``::
 
-    caller stream : wait previous `done` ─ zero counters ─ record `armed` ─ signal GEMM (P CTAs; tile -> slot, bump group counter)
-    watcher stream: wait `armed` ─ for g in groups: [wait counter g >= tiles(g)] ─ NCCL(g) ─ restore(g)
+    caller stream : wait previous `done` ─ zero counters ─ record `armed` ─
+                    signal GEMM (P CTAs; tile -> slot, bump group counter)
+    watcher stream: wait `armed` ─ for g in groups:
+                        [wait counter g >= tiles(g)] ─ NCCL(g) ─ restore(g) (+ residual)
                     ─ record `done`;   caller stream waits `done`
 
 Ordering and lifetime, the reasons behind each step:
@@ -19,18 +21,22 @@ Ordering and lifetime, the reasons behind each step:
   ``maxCTAs = r``, so NCCL kernels find free SMs while the GEMM runs instead of queueing
   behind a grid that holds every SM (stream priority does not preempt running CTAs).
 * **Buffers**: comm buffer, receive buffer, counters and events belong to a workspace cached
-  per (plan, device, group); a call allocates nothing but ``out`` (when not given).  Reuse is
-  safe because each call's caller stream first waits on the previous call's ``done`` (from
-  whichever stream it was made), so no GEMM overwrites the comm buffer or re-arms counters
-  that the watcher is still working on.  ``out`` is allocated on, and joined back to, the caller's stream,
-  so the caching allocator needs no ``record_stream``.
-* **Same order on every rank**: the first use of a plan on a group all-gathers its hash and
-  raises on mismatch (``comm.exchange_check``) instead of hanging in mismatched collectives.
+  per (plan, device, group), least recently used first within a per-GPU byte budget
+  (:func:`get_workspace`); a call allocates nothing but ``out`` (when not given).  Reuse is
+  safe because each eager call's caller stream first waits on the previous call's ``done``
+  (from whichever stream it was made), so no GEMM overwrites the comm buffer or re-arms
+  counters that the watcher is still working on.  ``out`` is allocated on, and joined back
+  to, the caller's stream, so the caching allocator needs no ``record_stream`` for it.
+* **Residual**: ``residual=`` is added in the restores (fp32 add, the bits of ``torch.add``),
+  so a transformer block's residual stream costs no extra pass over the output.
+* **Same order on every rank**: the first use of a plan on a group all-gathers its hash (with
+  the overlap decision) and raises on mismatch (``comm.exchange_check``) instead of hanging
+  in mismatched collectives.
 * **Host time**: per group, the watcher loop enqueues a stream wait, a raw ``ncclAllReduce``
   (ctypes) and a restore through its compiled kernel's launcher; the GEMM likewise skips the
   Triton JIT dispatch after its first call (``kernels.direct_launch``), and the counter
-  reset and event records and waits are plain driver calls (``stream_ops``).  A small shape's GPU
-  work is a few hundred microseconds, so every ten microseconds per group shows.
+  reset and event records and waits are plain driver calls (``stream_ops``).  A small
+  shape's GPU work is a few hundred microseconds, so every ten microseconds per group shows.
 * **CUDA graphs**: zeroing, GEMM, waits, NCCL and restores are all capturable; the one-time
   work (communicator, hash check, NVRTC compile, Triton JIT) must happen in a warm-up call
   before capture, and raises a clear error if attempted during capture.
@@ -264,7 +270,7 @@ def _evict_workspaces(device_index: int, keep: tuple) -> None:
     its buffers).  Freed buffers are safe to reuse: every workspace tensor was marked as used
     by the watcher stream, whose last work on them comes after the GEMM's last store."""
     budget = workspace_budget_bytes()
-    mine = [(k, w) for k, w in _WORKSPACES.items() if k[1] == device_index]
+    mine = [(k, w) for k, w in list(_WORKSPACES.items()) if k[1] == device_index]
     total = sum(w.nbytes for _, w in mine)
     for k, w in mine:
         if total <= budget:
