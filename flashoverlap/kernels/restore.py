@@ -186,7 +186,8 @@ class RestoreLauncher:
     are checked once per output signature (:func:`restore_tiles`' checks; later slot ranges
     are the plan's and are not re-checked) and the compiled kernel is launched directly
     (:mod:`flashoverlap.kernels.direct_launch`), keyed on what varies: ``out``'s shape,
-    stride, dtype and 16-byte alignment.
+    stride, dtype and 16-byte alignment, and whether a residual is added (its row stride and
+    alignment).  The residual's shape and dtype are the caller's to check (the ops do).
     """
 
     def __init__(self, src: torch.Tensor, tile_m: torch.Tensor, tile_n: torch.Tensor,
