@@ -77,35 +77,37 @@ def check_out(out: object, shape: tuple[int, int], like: torch.Tensor) -> None:
         raise ValueError("out must be contiguous")
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """``[first, last)`` bytes a tensor's elements can touch (strides >= 0 here)."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+def byte_extent(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past the last element it can touch (strides >= 0).
+
+    A function of shape, strides and dtype alone, so the ops compute it once per validated
+    call signature and per call add it to ``data_ptr()``: two tensors overlap in memory iff
+    ``[ptr, ptr + extent)`` intervals intersect (distinct allocations never do).
+    """
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def spans_intersect(p: int, extent_p: int, q: int, extent_q: int) -> bool:
+    return p < q + extent_q and q < p + extent_p
 
 
 def check_out_aliasing(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out`` must not share memory with the operands.
 
     The engines write ``out`` (restores, collectives) while the GEMM may still read ``a`` and
-    ``b``: an overlapping ``out`` would be corrupted silently.  Checked per call, since the
-    memoised signature checks see metadata, not addresses (a few pointer comparisons).
-    Compares byte spans, so a contiguous ``out`` lying wholly in the gaps of a strided operand
-    is refused too (conservative; no supported layout needs that).
+    ``b``: an overlapping ``out`` would be corrupted silently.  Byte spans are compared, so a
+    contiguous ``out`` lying wholly in the gaps of a strided operand is refused too
+    (conservative; no supported layout needs that).  The ops run the same arithmetic per call
+    with memoised extents (:func:`byte_extent`) and call this for the message.
     """
-    storage = out.untyped_storage().data_ptr()
-    lo, hi = _byte_span(out)
+    o, eo = out.data_ptr(), byte_extent(out)
     for name, t in (("a", a), ("b", b)):
-        if t.untyped_storage().data_ptr() != storage:
-            continue
-        t_lo, t_hi = _byte_span(t)
-        if lo < t_hi and t_lo < hi:
+        if spans_intersect(o, eo, t.data_ptr(), byte_extent(t)):
             raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor")
 
 
-def check_residual(residual: object, shape: tuple[int, int], like: torch.Tensor,
-                   out: torch.Tensor | None) -> torch.Tensor:
-    """``residual``: the result's shape, dtype and device, row-major; ``out`` may be the very
-    same tensor (in-place ``h += ...``) but must not partly overlap it."""
+def check_residual_meta(residual: object, shape: tuple[int, int], like: torch.Tensor) -> None:
+    """``residual``: the result's shape, dtype and device, row-major."""
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
     if tuple(residual.shape) != tuple(shape):
@@ -117,21 +119,21 @@ def check_residual(residual: object, shape: tuple[int, int], like: torch.Tensor,
     if shape[1] > 1 and residual.stride(1) != 1:
         raise ValueError(f"residual must be row-major (stride(1) == 1), got strides "
                          f"{residual.stride()}")
-    if out is not None and residual.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-        same = residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
-        (lo, hi), (r_lo, r_hi) = _byte_span(out), _byte_span(residual)
-        if not same and lo < r_hi and r_lo < hi:
-            raise ValueError("residual partly overlaps out; pass out=residual for an in-place "
-                             "update, or tensors that do not share memory")
-    return residual
 
 
-def shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether the byte spans of ``x`` and ``y`` intersect."""
-    if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
-        return False
-    (lo, hi), (y_lo, y_hi) = _byte_span(x), _byte_span(y)
-    return lo < y_hi and y_lo < hi
+def residual_is_out(residual: torch.Tensor, out: torch.Tensor) -> bool:
+    """Exactly the same view (the in-place form ``out=residual``)."""
+    return residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()
+
+
+def check_residual_aliasing(residual: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` may be the residual itself but must not partly overlap it."""
+    if residual_is_out(residual, out):
+        return
+    if spans_intersect(out.data_ptr(), byte_extent(out), residual.data_ptr(),
+                       byte_extent(residual)):
+        raise ValueError("residual partly overlaps out; pass out=residual for an in-place "
+                         "update, or tensors that do not share memory")
 
 
 @dataclasses.dataclass(frozen=True)

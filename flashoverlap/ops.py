@@ -17,13 +17,15 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .checks import (
+    byte_extent,
     check_gemm_operands,
     check_group,
     check_out,
     check_out_aliasing,
-    check_residual,
+    check_residual_aliasing,
+    check_residual_meta,
     check_scatter,
-    shares_memory,
+    spans_intersect,
 )
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 from .sequential import run_sequential
@@ -79,6 +81,9 @@ class _Dispatch:
     out_shape: tuple[int, int]
     plan: OverlapPlan | None  # None for the sequential engine
     force_overlap: bool
+    # Byte extents of a, b, out and residual (0 where absent): the per-call aliasing checks
+    # are then pointer arithmetic.
+    extents: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 # Validated call signatures -> dispatch.  The checks depend only on metadata (shapes,
@@ -88,7 +93,7 @@ class _Dispatch:
 _DISPATCH: dict[tuple, _Dispatch] = {}
 
 
-def _signature(op, a, b, group, out, engine, config, scatter_dim) -> tuple | None:
+def _signature(op, a, b, group, out, engine, config, scatter_dim, residual) -> tuple | None:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None  # let the checks raise
     out_meta = None if out is None else (
@@ -96,13 +101,18 @@ def _signature(op, a, b, group, out, engine, config, scatter_dim) -> tuple | Non
         else None)
     if out is not None and out_meta is None:
         return None
+    res_meta = None if residual is None else (
+        (residual.shape, residual.stride(), residual.dtype, residual.device)
+        if isinstance(residual, torch.Tensor) else None)
+    if residual is not None and res_meta is None:
+        return None
     if not dist.is_initialized():
         return None
     if group is None:  # the current world: a new object after destroy + init_process_group
         group = dist.group.WORLD
     current = torch.cuda.current_device() if a.device.type == "cuda" else None
     key = (op, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
-           b.device, group, out_meta, engine, config, scatter_dim, current)
+           b.device, group, out_meta, res_meta, engine, config, scatter_dim, current)
     try:
         hash(key)
         return key
@@ -110,7 +120,7 @@ def _signature(op, a, b, group, out, engine, config, scatter_dim) -> tuple | Non
         return None
 
 
-def _dispatch(op, a, b, group, out, engine, config, scatter_dim) -> _Dispatch:
+def _dispatch(op, a, b, group, out, engine, config, scatter_dim, residual) -> _Dispatch:
     M, N, K = check_gemm_operands(a, b)
     info = check_group(group, a.device)
     W = info.world_size
@@ -118,6 +128,8 @@ def _dispatch(op, a, b, group, out, engine, config, scatter_dim) -> _Dispatch:
         check_scatter(M, W, scatter_dim)
     out_shape = (M // W if op == "reduce_scatter" else M, N)
     check_out(out, out_shape, a)
+    if residual is not None:
+        check_residual_meta(residual, out_shape, a)
     if config is not None and not isinstance(config, PlanConfig):
         raise TypeError(f"config must be a PlanConfig or None, got {type(config).__name__}")
     name = resolve_engine(engine, a.device, info.group)
@@ -125,8 +137,11 @@ def _dispatch(op, a, b, group, out, engine, config, scatter_dim) -> _Dispatch:
     if name != "sequential":
         problem = Problem(M=M, N=N, K=K, dtype=_dtype_name(a.dtype), world_size=W, op=op)
         plan = plan_for(problem, a.device, config)  # ValueError on an inconsistent config
+    extents = (byte_extent(a), byte_extent(b), 0 if out is None else byte_extent(out),
+               0 if residual is None else byte_extent(residual))
     # An explicit config is the caller's decision: run it even where the model sees no gain.
-    return _Dispatch(name, info.group, out_shape, plan, force_overlap=config is not None)
+    return _Dispatch(name, info.group, out_shape, plan, force_overlap=config is not None,
+                     extents=extents)
 
 
 def _gemm_collective(
@@ -140,20 +155,28 @@ def _gemm_collective(
     scatter_dim: int = 0,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    key = _signature(op, a, b, group, out, engine, config, scatter_dim)
+    key = _signature(op, a, b, group, out, engine, config, scatter_dim, residual)
     d = _DISPATCH.get(key) if key is not None else None
     if d is None:
-        d = _dispatch(op, a, b, group, out, engine, config, scatter_dim)
+        d = _dispatch(op, a, b, group, out, engine, config, scatter_dim, residual)
         if key is not None:
             if len(_DISPATCH) > 4096:  # unbounded shape churn: start over
                 _DISPATCH.clear()
             _DISPATCH[key] = d
-    if residual is not None:  # per call: aliasing depends on addresses, not metadata
-        check_residual(residual, d.out_shape, a, out)
+    # Aliasing depends on addresses, not metadata: checked every call, by pointer arithmetic
+    # on the memoised extents (the full checks only build the error message).
+    ext_a, ext_b, ext_out, ext_res = d.extents
+    in_place = False
     if out is None:
         out = torch.empty(d.out_shape, dtype=a.dtype, device=a.device)
     else:
-        check_out_aliasing(out, a, b)
+        o = out.data_ptr()
+        if (spans_intersect(o, ext_out, a.data_ptr(), ext_a)
+                or spans_intersect(o, ext_out, b.data_ptr(), ext_b)):
+            check_out_aliasing(out, a, b)
+        if residual is not None and spans_intersect(o, ext_out, residual.data_ptr(), ext_res):
+            check_residual_aliasing(residual, out)
+            in_place = True
     if d.engine == "overlap":
         from . import engine
 
@@ -163,9 +186,7 @@ def _gemm_collective(
                                       residual=residual)
     # Unfused residual: the result first (into a scratch tensor when out *is* the residual),
     # then one add, rounded once like the fused restore (fp32 add of the two values).
-    target = out
-    if residual is not None and shares_memory(out, residual):
-        target = torch.empty_like(out)
+    target = torch.empty_like(out) if in_place else out
     if d.engine == "sequential":
         run_sequential(op, a, b, d.group, target)
     elif d.engine == "reference":
