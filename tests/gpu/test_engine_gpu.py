@@ -37,6 +37,7 @@ def _config(M, N, W, op, groups=4, reserve=16):
 
 
 def _rel(x, ref):
+    x, ref = x.detach(), ref.detach()
     return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
