@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -230,12 +231,26 @@ def _driver_wait(address: int, target_u32: int, stream_handle: int, device_index
                                           driver.CUdeviceptr(address), target_u32, flags))
 
 
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(stream_handle: int, device_index: int) -> Any:
+    """CuPy's wrapper of a torch stream handle, built once per stream (a wrapper holds only
+    the handle).  CuPy 14 deprecates ``ExternalStream`` in favour of ``Stream.from_external``
+    on objects with ``__cuda_stream__``; the old class still works on every CuPy this
+    supports, so it is kept, and its warning silenced here instead of on every wait."""
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ExternalStream is deprecated",
+                                category=DeprecationWarning)
+        return cupy.cuda.ExternalStream(stream_handle, device_index)
+
+
 def _kernel_wait(address: int, target_u32: int, stream_handle: int, device_index: int) -> None:
     import cupy
     import numpy as np
 
     kernel = _wait_kernel(device_index)
-    with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream_handle, device_index):
+    with cupy.cuda.Device(device_index), _cupy_stream(stream_handle, device_index):
         kernel((1,), (1,), (np.uint64(address), np.uint32(target_u32)))
 
 
