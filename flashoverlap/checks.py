@@ -62,17 +62,22 @@ def check_gemm_operands(a: object, b: object) -> tuple[int, int, int]:
     return M, N, K
 
 
+def _check_result_like(name: str, t: object, shape: tuple[int, int], like: torch.Tensor) -> None:
+    """``t`` (``out`` or ``residual``): a tensor of the result's shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+
+
 def check_out(out: object, shape: tuple[int, int], like: torch.Tensor) -> None:
     if out is None:
         return
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {like.dtype}")
-    if out.device != like.device:
-        raise ValueError(f"out is on {out.device}, expected {like.device}")
+    _check_result_like("out", out, shape, like)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
 
@@ -108,14 +113,7 @@ def check_out_aliasing(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
 
 def check_residual_meta(residual: object, shape: tuple[int, int], like: torch.Tensor) -> None:
     """``residual``: the result's shape, dtype and device, row-major."""
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {tuple(shape)}")
-    if residual.dtype != like.dtype:
-        raise TypeError(f"residual has dtype {residual.dtype}, expected {like.dtype}")
-    if residual.device != like.device:
-        raise ValueError(f"residual is on {residual.device}, expected {like.device}")
+    _check_result_like("residual", residual, shape, like)
     if shape[1] > 1 and residual.stride(1) != 1:
         raise ValueError(f"residual must be row-major (stride(1) == 1), got strides "
                          f"{residual.stride()}")

@@ -429,10 +429,14 @@ def run_sequential_nccl(plan: OverlapPlan, a: torch.Tensor, b: torch.Tensor,
         comm = _FALLBACK_COMMS[(group, a.device.index)] = get_communicator(group, device=a.device)
     stream = torch.cuda.current_stream(a.device).cuda_stream
     dtype, red = _nccl_codes(out.dtype)
-    # With a residual the result goes to scratch first when out *is* the residual.
+    # With a residual the result goes to scratch first when out shares memory with it.
     target = out
-    if residual is not None and residual.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-        target = torch.empty_like(out)
+    if residual is not None:
+        from .checks import byte_extent, spans_intersect
+
+        if spans_intersect(out.data_ptr(), byte_extent(out), residual.data_ptr(),
+                           byte_extent(residual)):
+            target = torch.empty_like(out)
     if plan.problem.op == "all_reduce":
         torch.matmul(a, b, out=target)
         comm.lib.all_reduce(target.data_ptr(), target.data_ptr(), target.numel(), dtype, red,

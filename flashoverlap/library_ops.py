@@ -133,7 +133,7 @@ def gemm_all_reduce_add(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
 @gemm_all_reduce_add.register_fake
 def _gemm_all_reduce_add_fake(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
                               engine: str) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
+    return _gemm_all_reduce_fake(a, b, group_name, engine)
 
 
 @torch.library.custom_op("flashoverlap::gemm_reduce_scatter_add", mutates_args=())

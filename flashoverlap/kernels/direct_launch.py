@@ -68,10 +68,11 @@ def launch(kernel: Any, grid: tuple[int, int, int], stream: int, args: tuple) ->
 
 
 class KernelCache:
-    """Compiled kernels by the caller's specialization key (see the module doc).
+    """Compiled kernels (or entries holding one) by the caller's specialization key.
 
     The caller launches through the JIT when :meth:`get` has nothing for its key and hands
-    the compiled kernel that launch returned to :meth:`remember`; with the cache disabled
+    the compiled kernel that launch returned to :meth:`remember`, with whatever else it wants
+    back from :meth:`get` as ``entry`` (default: the kernel itself); with the cache disabled
     (:data:`ENABLED` false) nothing is remembered and every launch goes through the JIT.
     """
 
@@ -84,6 +85,6 @@ class KernelCache:
     def get(self, key: Any) -> Any | None:
         return self._kernels.get(key)
 
-    def remember(self, key: Any, compiled: Any) -> None:
+    def remember(self, key: Any, compiled: Any, entry: Any = None) -> None:
         if ENABLED and compiled is not None and hasattr(compiled, "run"):
-            self._kernels[key] = compiled
+            self._kernels[key] = compiled if entry is None else entry

@@ -381,13 +381,16 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, sl
     return (programs, 1, 1), args, meta
 
 
-def _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config):
+def _jit_launch(grid, args, meta):
     """Launch through the JIT on the current stream; returns the compiled kernel."""
-    grid, args, meta = _launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
-                                    counters, slotted, config)
     if meta["USE_TMA"] and not _INTERPRET:
         _ensure_tma_allocator()
     return _signal_gemm_kernel[grid[:1]](*args, **meta)
+
+
+def _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config):
+    return _jit_launch(*_launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
+                                     counters, slotted, config))
 
 
 def signal_gemm(
@@ -447,7 +450,8 @@ class SignalGemmLauncher:
         self.out, self.step_table, self.counters = out, step_table, counters
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
         self.config = config
-        self._entries: dict[tuple, tuple] = {}
+        # key -> (compiled kernel, grid, arguments after a and b, uses TMA)
+        self._entries = direct_launch.KernelCache()
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor,
                  stream: torch.cuda.Stream | None = None) -> None:
@@ -472,14 +476,10 @@ class SignalGemmLauncher:
         grid, args, meta = _launch_args(a, b, self.out, self.step_table, self.block_m,
                                         self.block_n, self.num_ctas, self.counters, True,
                                         self.config)
-        use_tma = bool(meta["USE_TMA"]) and not _INTERPRET
-        if use_tma:
-            _ensure_tma_allocator()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            compiled = _signal_gemm_kernel[grid[:1]](*args, **meta)
-        if direct_launch.ENABLED and compiled is not None and hasattr(compiled, "run"):
-            ordered = direct_launch.ordered_args(_signal_gemm_kernel, args, meta)
-            self._entries[key] = (compiled, grid, ordered[2:], use_tma)
+            compiled = _jit_launch(grid, args, meta)
+        fixed = direct_launch.ordered_args(_signal_gemm_kernel, args, meta)[2:]
+        self._entries.remember(key, compiled, (compiled, grid, fixed, bool(meta["USE_TMA"])))
 
 
 def signal_gemm_ref(
