@@ -2,52 +2,48 @@
 
 Public API::
 
-    gemm_all_reduce(a, b, group=None, *, out=None, engine=None, config=None)
-    gemm_reduce_scatter(a, b, group=None, *, scatter_dim=0, out=None, engine=None, config=None)
+    gemm_all_reduce(a, b, group=None, *, out=None, residual=None, residual_replicated=False,
+                    engine=None, config=None)
+    gemm_reduce_scatter(a, b, group=None, *, scatter_dim=0, out=None, residual=None,
+                        engine=None, config=None)
+    gemm_collective(a, b, collective, group=None, *, out=None, residual=None, ...)
+    collectives                             # the Collective protocol, ALL_REDUCE, REDUCE_SCATTER
     PlanConfig, Problem, make_plan          # the overlap plan (pure Python)
-    RowParallelLinear                       # tensor-parallel layer (flashoverlap.nn)
+    RowParallelLinear, row_parallel_linear  # tensor-parallel layer (flashoverlap.nn)
     patch_tensor_parallel(model, group=None, *, pattern=None, engine=None, sequence_parallel=False)
     unpatch_tensor_parallel(result)         # flashoverlap.patch
+    torch.ops.flashoverlap.gemm_collective  # the torch.library op (registered on import)
 
 GPU dependencies (Triton, CuPy, cuda-bindings, NCCL) are imported only when the overlap engine
-runs, so this package imports on CPU-only machines with torch and numpy alone.
+runs, so this package imports on CPU-only machines with torch and numpy alone.  The design
+record is ``docs/design.md`` and the module docstrings.
 """
 
-from .ops import ENGINES, EngineName, gemm_all_reduce, gemm_reduce_scatter
+from . import collectives
+from . import library_ops as _library_ops  # registers torch.ops.flashoverlap.gemm_collective
+from .collectives import Collective
+from .nn import RowParallelLinear, row_parallel_linear
+from .ops import ENGINES, EngineName, gemm_all_reduce, gemm_collective, gemm_reduce_scatter
+from .patch import patch_tensor_parallel, unpatch_tensor_parallel
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collective",
     "ENGINES",
     "EngineName",
     "OverlapPlan",
     "PlanConfig",
     "Problem",
+    "RowParallelLinear",
+    "collectives",
     "gemm_all_reduce",
+    "gemm_collective",
     "gemm_reduce_scatter",
     "make_plan",
-    "__version__",
-    "RowParallelLinear",
     "patch_tensor_parallel",
+    "row_parallel_linear",
     "unpatch_tensor_parallel",
+    "__version__",
 ]
-
-# Layers and patching register torch.library ops and import torch.distributed.tensor: loaded
-# on first use so that `import flashoverlap` stays light.
-_LAZY = {
-    "RowParallelLinear": "nn",
-    "patch_tensor_parallel": "patch",
-    "unpatch_tensor_parallel": "patch",
-}
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'flashoverlap' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value

@@ -1,35 +1,31 @@
-"""``torch.library`` custom ops: the overlapped GEMM+collective as graph nodes torch.compile keeps.
+"""``torch.library`` custom op: the overlapped GEMM + collective as one graph node.
 
-Registered ops (the process group travels by name, as in ``torch.distributed``'s functional
-collectives, so a traced graph holds only strings)::
+Registered when ``flashoverlap`` is imported::
 
-    flashoverlap::gemm_all_reduce(Tensor a, Tensor b, str group_name, str engine) -> Tensor
-    flashoverlap::gemm_reduce_scatter(Tensor a, Tensor b, str group_name, str engine) -> Tensor
-    flashoverlap::gemm_all_reduce_add(Tensor a, Tensor b, Tensor residual, str group_name, str engine) -> Tensor
-    flashoverlap::gemm_reduce_scatter_add(Tensor a, Tensor b, Tensor residual, str group_name, str engine) -> Tensor
+    flashoverlap::gemm_collective(Tensor a, Tensor b, Tensor? residual, str collective,
+                                  str group_name, str engine, str config,
+                                  bool residual_replicated) -> Tensor
 
+``collective`` names a registered :class:`flashoverlap.collectives.Collective` (``"all_reduce"``,
+``"reduce_scatter"``, or one of yours after :func:`flashoverlap.collectives.register`); the
+process group travels by name, as in ``torch.distributed``'s functional collectives, and the
+plan config as JSON (``""``: tuned or analytic), so a traced graph holds only strings.
 ``engine`` is ``"overlap"``, ``"reference"``, ``"sequential"`` or ``""`` (the best available).
-The ops mutate nothing and return a fresh tensor: ``[M, N]`` for AllReduce, rank ``r``'s rows
-``[r*M/W, (r+1)*M/W)`` (``[M/W, N]``) for ReduceScatter, dtype of ``a``.  The ``_add`` forms
-add ``residual`` (the result's shape) in the same pass as the overlap engine's restores (the
-``residual=`` argument of :mod:`flashoverlap.ops`); a compiler cannot fuse an add into an
-opaque op, so the fused form is its own op.
+The op mutates nothing and returns a fresh tensor of the collective's result shape.
 
-Why custom ops rather than calling :mod:`flashoverlap.ops` from Python: Dynamo cannot trace
-through the engine (NCCL through ctypes, streams, Triton launches), so under
-``torch.compile(fullgraph=True)`` the op must be opaque.  The fake (meta) implementations give
-the output shapes without running anything; the group size comes from the live group named
-``group_name``.
+Why a custom op: Dynamo cannot trace through the engine (NCCL through ctypes, streams, Triton
+launches), so under ``torch.compile(fullgraph=True)`` the op must be opaque; the fake
+implementation gives the output shape without running anything (the group size comes from
+the live group named ``group_name``).  A compiler cannot fuse an add into an opaque op, which
+is why ``residual`` is an argument (added in the GEMM epilogue or right after each group).
 
-Autograd is registered on the ops themselves (``register_autograd``) so eager mode and compiled
-graphs share one backward:
-
-* AllReduce: ``grad_out`` is replicated, so ``grad_a = grad_out @ b.T`` and
-  ``grad_b = a.T @ grad_out`` need no communication.
-* ReduceScatter: each rank holds only its rows of ``grad_out``; they are all-gathered along
-  dim 0 first (``_c10d_functional.all_gather_into_tensor``, traceable and identical on torch
-  2.11 and 2.13), then the same two matmuls.
-* ``residual`` of the ``_add`` forms: ``grad_residual = grad_out`` (same shape, this rank's).
+Autograd is registered on the op (``register_autograd``), so eager calls -- the functional
+ops route inputs that require grad here -- and compiled graphs share one backward, under
+tensor-parallel conventions (DTensor / Megatron): the collective's
+:meth:`~flashoverlap.collectives.Collective.backward` turns the result gradient into the
+gradient of this rank's partial product (AllReduce: identity on the replicated gradient;
+ReduceScatter: all-gather along rows, ``_c10d_functional`` so it traces), then
+``grad_a = g @ b.T`` and ``grad_b = a.T @ g``; ``grad_residual`` is the result gradient.
 """
 
 from __future__ import annotations
@@ -38,11 +34,9 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from . import ops
-from .checks import check_scatter
+from . import collectives, ops
 
-__all__ = ["all_gather_rows", "gemm_all_reduce", "gemm_all_reduce_add", "gemm_reduce_scatter",
-           "gemm_reduce_scatter_add", "resolve_group_name"]
+__all__ = ["gemm_collective_op", "resolve_group_name"]
 
 
 def resolve_group_name(group_name: str) -> ProcessGroup:
@@ -53,11 +47,9 @@ def resolve_group_name(group_name: str) -> ProcessGroup:
 
 
 def _row_major(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Accept whatever strides a compiler hands us; copies only layouts the GEMM can't read.
-
-    ``a`` must have unit stride on K; ``b`` may be ``[K, N]`` row-major or a ``[N, K]``
-    row-major weight's ``.t()`` (see :func:`flashoverlap.checks.check_gemm_operands`).
-    """
+    """Accept whatever strides a compiler hands us; copies only layouts the GEMM can't read
+    (``a`` with unit stride on K; ``b`` row-major ``[K, N]`` or a row-major ``[N, K]``'s
+    ``.t()``)."""
     if a.dim() == 2 and a.size(0) > 1 and a.stride(1) != 1:
         a = a.contiguous()
     if b.dim() == 2 and b.stride(0) != 1 and b.stride(1) != 1:
@@ -65,108 +57,45 @@ def _row_major(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-@torch.library.custom_op("flashoverlap::gemm_all_reduce", mutates_args=())
-def gemm_all_reduce(a: Tensor, b: Tensor, group_name: str, engine: str) -> Tensor:
-    """``a @ b`` summed over the group named ``group_name`` (see :func:`flashoverlap.gemm_all_reduce`)."""
+@torch.library.custom_op("flashoverlap::gemm_collective", mutates_args=())
+def gemm_collective_op(a: Tensor, b: Tensor, residual: Tensor | None, collective: str,
+                       group_name: str, engine: str, config: str,
+                       residual_replicated: bool) -> Tensor:
+    """``collective(a @ b)`` (+ ``residual``) over the group named ``group_name``."""
     a, b = _row_major(a, b)
-    return ops.gemm_all_reduce(a, b, resolve_group_name(group_name), engine=engine or None)
+    if residual is not None and residual.dim() == 2 and residual.size(1) > 1 \
+            and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    return ops._run(collectives.get(collective), a, b, resolve_group_name(group_name), None,
+                    residual, residual_replicated, engine or None, ops.config_from_json(config))
 
 
-@gemm_all_reduce.register_fake
-def _gemm_all_reduce_fake(a: Tensor, b: Tensor, group_name: str, engine: str) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
-@torch.library.custom_op("flashoverlap::gemm_reduce_scatter", mutates_args=())
-def gemm_reduce_scatter(a: Tensor, b: Tensor, group_name: str, engine: str) -> Tensor:
-    """Rank ``r``'s rows of ``a @ b`` summed over the group (see :func:`flashoverlap.gemm_reduce_scatter`)."""
-    a, b = _row_major(a, b)
-    return ops.gemm_reduce_scatter(a, b, resolve_group_name(group_name), engine=engine or None)
-
-
-@gemm_reduce_scatter.register_fake
-def _gemm_reduce_scatter_fake(a: Tensor, b: Tensor, group_name: str, engine: str) -> Tensor:
+@gemm_collective_op.register_fake
+def _gemm_collective_fake(a: Tensor, b: Tensor, residual: Tensor | None, collective: str,
+                          group_name: str, engine: str, config: str,
+                          residual_replicated: bool) -> Tensor:
+    coll = collectives.get(collective)
     world_size = resolve_group_name(group_name).size()
-    check_scatter(a.shape[0], world_size, 0)  # the same ValueError at trace time as eagerly
-    return a.new_empty((a.shape[0] // world_size, b.shape[1]))
+    M, N = a.shape[0], b.shape[1]
+    coll.check_problem(M, N, world_size)  # the same ValueError at trace time as eagerly
+    return a.new_empty((coll.result_rows(M, world_size), N))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    a, b, group_name, _engine = inputs
+    a, b, residual, collective, group_name, _engine, _config, _replicated = inputs
     ctx.save_for_backward(a, b)
+    ctx.collective = collective
     ctx.group_name = group_name
 
 
-def _matmul_grads(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-    """Gradients of ``a @ b`` for a replicated ``grad_out`` (no communication)."""
+def _backward(ctx, grad_out: Tensor):
     a, b = ctx.saved_tensors
-    grad_a = grad_out @ b.t() if ctx.needs_input_grad[0] else None
-    grad_b = a.t() @ grad_out if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None, None
+    world_size = resolve_group_name(ctx.group_name).size()
+    grad_partial = collectives.get(ctx.collective).backward(grad_out, ctx.group_name, world_size)
+    grad_a = grad_partial @ b.t() if ctx.needs_input_grad[0] else None
+    grad_b = a.t() @ grad_partial if ctx.needs_input_grad[1] else None
+    grad_residual = grad_out if ctx.needs_input_grad[2] else None
+    return grad_a, grad_b, grad_residual, None, None, None, None, None
 
 
-def all_gather_rows(t: Tensor, group_name: str) -> Tensor:
-    """Concatenation along dim 0 of every rank's ``t`` (rank order), traceable by torch.compile."""
-    world_size = resolve_group_name(group_name).size()
-    gathered = torch.ops._c10d_functional.all_gather_into_tensor(t.contiguous(), world_size, group_name)
-    return torch.ops._c10d_functional.wait_tensor(gathered)
-
-
-def _reduce_scatter_backward(ctx, grad_out: Tensor):
-    return _matmul_grads(ctx, all_gather_rows(grad_out, ctx.group_name))
-
-
-gemm_all_reduce.register_autograd(_matmul_grads, setup_context=_setup_context)
-gemm_reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_setup_context)
-
-
-# -- the fused residual forms -------------------------------------------------------------
-@torch.library.custom_op("flashoverlap::gemm_all_reduce_add", mutates_args=())
-def gemm_all_reduce_add(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
-                        engine: str) -> Tensor:
-    """``residual + a @ b`` summed over the group, the add fused into the restores."""
-    a, b = _row_major(a, b)
-    return ops.gemm_all_reduce(a, b, resolve_group_name(group_name), residual=residual.contiguous(),
-                               engine=engine or None)
-
-
-@gemm_all_reduce_add.register_fake
-def _gemm_all_reduce_add_fake(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
-                              engine: str) -> Tensor:
-    return _gemm_all_reduce_fake(a, b, group_name, engine)
-
-
-@torch.library.custom_op("flashoverlap::gemm_reduce_scatter_add", mutates_args=())
-def gemm_reduce_scatter_add(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
-                            engine: str) -> Tensor:
-    """``residual +`` rank ``r``'s rows of ``a @ b`` summed over the group, fused."""
-    a, b = _row_major(a, b)
-    return ops.gemm_reduce_scatter(a, b, resolve_group_name(group_name),
-                                   residual=residual.contiguous(), engine=engine or None)
-
-
-@gemm_reduce_scatter_add.register_fake
-def _gemm_reduce_scatter_add_fake(a: Tensor, b: Tensor, residual: Tensor, group_name: str,
-                                  engine: str) -> Tensor:
-    return _gemm_reduce_scatter_fake(a, b, group_name, engine)
-
-
-def _setup_context_add(ctx, inputs, output) -> None:
-    a, b, _residual, group_name, _engine = inputs
-    ctx.save_for_backward(a, b)
-    ctx.group_name = group_name
-
-
-def _all_reduce_add_backward(ctx, grad_out: Tensor):
-    grad_a, grad_b, _, _ = _matmul_grads(ctx, grad_out)
-    return grad_a, grad_b, grad_out if ctx.needs_input_grad[2] else None, None, None
-
-
-def _reduce_scatter_add_backward(ctx, grad_out: Tensor):
-    grad_a, grad_b, _, _ = _matmul_grads(ctx, all_gather_rows(grad_out, ctx.group_name))
-    return grad_a, grad_b, grad_out if ctx.needs_input_grad[2] else None, None, None
-
-
-gemm_all_reduce_add.register_autograd(_all_reduce_add_backward, setup_context=_setup_context_add)
-gemm_reduce_scatter_add.register_autograd(_reduce_scatter_add_backward,
-                                          setup_context=_setup_context_add)
+gemm_collective_op.register_autograd(_backward, setup_context=_setup_context)

@@ -21,7 +21,7 @@ Two output forms:
 The bias is replicated and added once, after the reduction.  With ``sequence_parallel`` its
 gradient on each rank covers that rank's rows only: sum it over the group (as Megatron does
 for sequence-parallel parameters) before the optimizer step.  Backward (registered on the
-custom ops in :mod:`flashoverlap.library_ops`): AllReduce form ``grad_x = grad_out @ w_r``,
+custom op in :mod:`flashoverlap.library_ops`): AllReduce form ``grad_x = grad_out @ w_r``,
 ``grad_w_r = grad_out.T @ x_r`` (no communication, ``grad_out`` is replicated); ReduceScatter
 form all-gathers ``grad_out`` along dim 0 first.  The input gradient stays sharded on the last
 dim; the weight gradient is the local shard's.
@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from . import library_ops  # registers torch.ops.flashoverlap.*
+from . import library_ops
+from .collectives import ALL_REDUCE, REDUCE_SCATTER
 from .dist_utils import resolve_group
 from .ops import ENGINES, EngineName
 
@@ -73,7 +74,9 @@ def row_parallel_linear(
             ``world_size``.  ``d = 0`` needs no copy.
         engine: as in :func:`flashoverlap.gemm_all_reduce` (``None``: best available).
         residual: a tensor of the output's shape added to it (a transformer block's residual
-            stream), fused into the overlap engine's restores; a fresh tensor is returned.
+            stream), added without a pass of its own (the AllReduce form treats it as
+            replicated, as a tensor-parallel block's residual stream is); a fresh tensor is
+            returned.
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -81,15 +84,17 @@ def row_parallel_linear(
             f"{tuple(weight.shape)} expects {weight.shape[1]} (in_features / world size)"
         )
     N, K = weight.shape
+    op = library_ops.gemm_collective_op
     op_engine = engine or ""
-    ops_ = torch.ops.flashoverlap
     if scatter_dim is None:
+        res = None
         if residual is not None:
             _check_residual_shape(residual, (*x.shape[:-1], N))
-            y = ops_.gemm_all_reduce_add(x.reshape(-1, K), weight.t(), residual.reshape(-1, N),
-                                         group_name, op_engine)
-        else:
-            y = ops_.gemm_all_reduce(x.reshape(-1, K), weight.t(), group_name, op_engine)
+            res = residual.reshape(-1, N)
+        # The residual stream of a tensor-parallel block is replicated: rank 0 adds it in
+        # its GEMM epilogue and the AllReduce carries it (no pass of its own).
+        y = op(x.reshape(-1, K), weight.t(), res, ALL_REDUCE.name, group_name, op_engine, "",
+               True)
         y = y.view(*x.shape[:-1], N)
     else:
         d = scatter_dim + x.dim() if scatter_dim < 0 else scatter_dim
@@ -106,17 +111,15 @@ def row_parallel_linear(
             )
         rows_first = x.movedim(d, 0) if d else x  # reshape below copies only when d != 0
         out_shape = (rows_first.shape[0] // world_size, *rows_first.shape[1:-1], N)
+        res = None
         if residual is not None:
             expected = list(out_shape)
             if d:
                 expected.insert(d, expected.pop(0))
             _check_residual_shape(residual, tuple(expected))
-            res_rows = residual.movedim(d, 0) if d else residual
-            y = ops_.gemm_reduce_scatter_add(rows_first.reshape(-1, K), weight.t(),
-                                             res_rows.reshape(-1, N), group_name, op_engine)
-        else:
-            y = ops_.gemm_reduce_scatter(rows_first.reshape(-1, K), weight.t(), group_name,
-                                         op_engine)
+            res = (residual.movedim(d, 0) if d else residual).reshape(-1, N)
+        y = op(rows_first.reshape(-1, K), weight.t(), res, REDUCE_SCATTER.name, group_name,
+               op_engine, "", False)
         y = y.view(out_shape)
         if d:
             y = y.movedim(0, d)

@@ -1,21 +1,37 @@
-"""Public functional ops: argument checks, engine choice, plan lookup, dispatch.
+"""Public functional ops: validate once into a call record, then run it.
 
-``gemm_all_reduce`` and ``gemm_reduce_scatter`` behave like ``torch.matmul`` followed by
-``torch.distributed.all_reduce`` / ``reduce_scatter_tensor`` on the given group: the result is
-ordered on the caller's current stream, every rank must call them in the same order with the
-same shapes, and bad input raises before anything is launched.
+``gemm_collective(a, b, collective)`` behaves like ``torch.matmul`` followed by the
+``torch.distributed`` call the collective replaces (``gemm_all_reduce`` and
+``gemm_reduce_scatter`` are the built-in forms): the result is ordered on the caller's current
+stream, every rank must call it in the same order with the same shapes, and bad input raises
+``TypeError``/``ValueError`` before anything is launched.
+
+Validation happens once per call *signature* (shapes, strides, dtypes, devices, group, engine,
+config, the metadata of ``out`` and ``residual``): the checks, the policy's decision
+(:mod:`flashoverlap.policy`) and the cross-rank agreement are memoised into a frozen
+:class:`Call` that the engines trust.  A later call with the same signature pays a dictionary
+lookup and the aliasing check (pointer arithmetic on memoised byte extents): host time per
+call stays near ``torch.matmul`` + the collective's, which matters for small ``M``.
+
+Autograd: when an input requires grad and grad mode is on, the call goes through the
+``torch.library`` op ``flashoverlap::gemm_collective`` (:mod:`flashoverlap.library_ops`), whose
+backward follows tensor-parallel conventions (the collective's
+:meth:`~flashoverlap.collectives.Collective.backward`, then the GEMM's); the functional op and
+``torch.ops.flashoverlap`` therefore share one path on every engine.  ``out=`` cannot be
+differentiated (as for ``torch.matmul(out=...)``) and raises.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Literal, get_args
+import json
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from . import collectives
 from .checks import (
     byte_extent,
     check_gemm_operands,
@@ -24,95 +40,61 @@ from .checks import (
     check_out_aliasing,
     check_residual_aliasing,
     check_residual_meta,
-    check_scatter,
     spans_intersect,
 )
-from .plan import OverlapPlan, PlanConfig, Problem, make_plan
-from .sequential import run_sequential
+from .collectives import Collective
+from .plan import OverlapPlan, PlanConfig
+from .policy import ENGINES, Decision, agree, decide
 
 EngineName = Literal["overlap", "reference", "sequential"]
-ENGINES: tuple[str, ...] = get_args(EngineName)
 
-
-@functools.lru_cache(maxsize=256)
-def get_plan(problem: Problem, config: PlanConfig) -> OverlapPlan:
-    """Plans are pure functions of (problem, config): build each once per process."""
-    return make_plan(problem, config)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_engine(engine: str | None, device: torch.device, group: ProcessGroup) -> str:
-    """The engine to run: the requested one (checked), or the best available."""
-    if engine is not None and engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}")
-    if engine in ("reference", "sequential"):
-        return engine
-    from .availability import overlap_unavailable_reason
-
-    reason = overlap_unavailable_reason(device, group)
-    if engine == "overlap" and reason is not None:
-        raise ValueError(f"the overlap engine cannot run here: {reason}")
-    return "overlap" if reason is None else "reference"
-
-
-def plan_for(problem: Problem, device: torch.device, config: PlanConfig | None = None) -> OverlapPlan:
-    """The plan an engine runs: ``config`` if given, else a tuned or analytic default."""
-    if config is None:
-        if device.type == "cuda":
-            from .engine import choose_config
-
-            config = choose_config(problem, device)
-        else:
-            from .defaults import cpu_plan_config
-
-            config = cpu_plan_config(problem)
-    return get_plan(problem, config)
+__all__ = ["ENGINES", "Call", "EngineName", "gemm_all_reduce", "gemm_collective",
+           "gemm_reduce_scatter"]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dispatch:
-    """What a validated call signature resolves to: engine, group, output shape, plan."""
+class Call:
+    """A validated call signature and what it resolves to (lower layers trust it)."""
 
-    engine: str
+    collective: Collective
+    decision: Decision
     group: ProcessGroup
+    rank: int
+    world_size: int
     out_shape: tuple[int, int]
-    plan: OverlapPlan | None  # None for the sequential engine
-    force_overlap: bool
     # Byte extents of a, b, out and residual (0 where absent): the per-call aliasing checks
     # are then pointer arithmetic.
-    extents: tuple[int, int, int, int] = (0, 0, 0, 0)
+    extents: tuple[int, int, int, int]
+
+    @property
+    def plan(self) -> OverlapPlan | None:
+        return self.decision.plan
 
 
-# Validated call signatures -> dispatch.  The checks depend only on metadata (shapes,
-# strides, dtypes, devices, the group, the engine and config, out's metadata), so a signature
-# seen once needs no second check: this keeps the host cost of a call near that of
-# torch.matmul + the collective, which matters for small M where the GPU work is ~20 us.
-_DISPATCH: dict[tuple, _Dispatch] = {}
+_CALLS: dict[tuple, Call] = {}
+_FALLBACK_COMMS: dict[tuple[ProcessGroup, int], object] = {}
 
 
-def _signature(op, a, b, group, out, engine, config, scatter_dim, residual) -> tuple | None:
+def _meta(t: object, contiguous: bool) -> tuple | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device) + ((t.is_contiguous(),) if contiguous else ())
+
+
+def _signature(collective, a, b, group, out, residual, replicated, engine, config) -> tuple | None:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None  # let the checks raise
-    out_meta = None if out is None else (
-        (out.shape, out.dtype, out.device, out.is_contiguous()) if isinstance(out, torch.Tensor)
-        else None)
-    if out is not None and out_meta is None:
-        return None
-    res_meta = None if residual is None else (
-        (residual.shape, residual.stride(), residual.dtype, residual.device)
-        if isinstance(residual, torch.Tensor) else None)
-    if residual is not None and res_meta is None:
+    out_meta = None if out is None else _meta(out, True)
+    res_meta = None if residual is None else _meta(residual, False)
+    if (out is not None and out_meta is None) or (residual is not None and res_meta is None):
         return None
     if not dist.is_initialized():
         return None
     if group is None:  # the current world: a new object after destroy + init_process_group
         group = dist.group.WORLD
     current = torch.cuda.current_device() if a.device.type == "cuda" else None
-    key = (op, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
-           b.device, group, out_meta, res_meta, engine, config, scatter_dim, current)
+    key = (collective, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
+           b.device, group, out_meta, res_meta, bool(replicated), engine, config, current)
     try:
         hash(key)
         return key
@@ -120,55 +102,50 @@ def _signature(op, a, b, group, out, engine, config, scatter_dim, residual) -> t
         return None
 
 
-def _dispatch(op, a, b, group, out, engine, config, scatter_dim, residual) -> _Dispatch:
+def _validate(collective, a, b, group, out, residual, replicated, engine, config) -> Call:
+    if not isinstance(collective, Collective):
+        raise TypeError(f"collective must be a flashoverlap Collective, got "
+                        f"{type(collective).__name__}")
+    collectives.register(collective)  # a name stands for one collective on every rank
     M, N, K = check_gemm_operands(a, b)
     info = check_group(group, a.device)
     W = info.world_size
-    if op == "reduce_scatter":
-        check_scatter(M, W, scatter_dim)
-    out_shape = (M // W if op == "reduce_scatter" else M, N)
+    collective.check_problem(M, N, W)
+    out_shape = (collective.result_rows(M, W), N)
     check_out(out, out_shape, a)
     if residual is not None:
         check_residual_meta(residual, out_shape, a)
-    if config is not None and not isinstance(config, PlanConfig):
-        raise TypeError(f"config must be a PlanConfig or None, got {type(config).__name__}")
-    name = resolve_engine(engine, a.device, info.group)
-    plan = None
-    if name != "sequential":
-        problem = Problem(M=M, N=N, K=K, dtype=_dtype_name(a.dtype), world_size=W, op=op)
-        plan = plan_for(problem, a.device, config)  # ValueError on an inconsistent config
+    decision = decide(collective, M, N, K, a.dtype, W, a.device, info.group, engine, config)
+    if W > 1:
+        agree(info.group, decision, collective.name, M, N, K, str(a.dtype), engine,
+              config, residual is not None, bool(replicated))
     extents = (byte_extent(a), byte_extent(b), 0 if out is None else byte_extent(out),
                0 if residual is None else byte_extent(residual))
-    # An explicit config is the caller's decision: run it even where the model sees no gain.
-    return _Dispatch(name, info.group, out_shape, plan, force_overlap=config is not None,
-                     extents=extents)
+    return Call(collective, decision, info.group, info.rank, W, out_shape, extents)
 
 
-def _gemm_collective(
-    op: str,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    group: ProcessGroup | None,
-    out: torch.Tensor | None,
-    engine: str | None,
-    config: PlanConfig | None,
-    scatter_dim: int = 0,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    key = _signature(op, a, b, group, out, engine, config, scatter_dim, residual)
-    d = _DISPATCH.get(key) if key is not None else None
-    if d is None:
-        d = _dispatch(op, a, b, group, out, engine, config, scatter_dim, residual)
+def _fallback_comm(group: ProcessGroup, device: torch.device):
+    comm = _FALLBACK_COMMS.get((group, device.index))
+    if comm is None or comm.handle is None:  # first use, or destroy_communicators() since
+        from .comm import get_communicator
+
+        comm = _FALLBACK_COMMS[(group, device.index)] = get_communicator(group, device=device)
+    return comm
+
+
+def _run(collective, a, b, group, out, residual, replicated, engine, config) -> torch.Tensor:
+    key = _signature(collective, a, b, group, out, residual, replicated, engine, config)
+    call = _CALLS.get(key) if key is not None else None
+    if call is None:
+        call = _validate(collective, a, b, group, out, residual, replicated, engine, config)
         if key is not None:
-            if len(_DISPATCH) > 4096:  # unbounded shape churn: start over
-                _DISPATCH.clear()
-            _DISPATCH[key] = d
-    # Aliasing depends on addresses, not metadata: checked every call, by pointer arithmetic
-    # on the memoised extents (the full checks only build the error message).
-    ext_a, ext_b, ext_out, ext_res = d.extents
-    in_place = False
+            if len(_CALLS) > 4096:  # unbounded shape churn: start over
+                _CALLS.clear()
+            _CALLS[key] = call
+    # Aliasing depends on addresses, not metadata: checked every call by pointer arithmetic.
+    ext_a, ext_b, ext_out, ext_res = call.extents
     if out is None:
-        out = torch.empty(d.out_shape, dtype=a.dtype, device=a.device)
+        out = torch.empty(call.out_shape, dtype=a.dtype, device=a.device)
     else:
         o = out.data_ptr()
         if (spans_intersect(o, ext_out, a.data_ptr(), ext_a)
@@ -176,30 +153,86 @@ def _gemm_collective(
             check_out_aliasing(out, a, b)
         if residual is not None and spans_intersect(o, ext_out, residual.data_ptr(), ext_res):
             check_residual_aliasing(residual, out)
-            in_place = True
-    if d.engine == "overlap":
-        from . import engine
+    d = call.decision
+    if d.path == "overlap":
+        from .engine import run_overlap
 
-        if engine.decide_overlap(d.plan, a.device, d.group, d.force_overlap):
-            # The residual add is fused into the restores.
-            return engine.run_overlap(d.plan, a, b, d.group, out, force_overlap=True,
-                                      residual=residual)
-    # Unfused residual: the result first (into a scratch tensor when out *is* the residual),
-    # then one add, rounded once like the fused restore (fp32 add of the two values).
-    target = torch.empty_like(out) if in_place else out
-    if d.engine == "sequential":
-        run_sequential(op, a, b, d.group, target)
-    elif d.engine == "reference":
-        from .reference import run_reference
+        return run_overlap(d.plan, a, b, call.group, out, rank=call.rank, residual=residual,
+                           residual_replicated=replicated)
+    if d.path == "reference":
+        from .engine import run_reference
 
-        run_reference(d.plan, a, b, d.group, target)
-    else:
-        from . import engine
+        return run_reference(d.plan, a, b, call.group, out, rank=call.rank, residual=residual,
+                             residual_replicated=replicated)
+    from .engine import run_sequential
 
-        engine.run_sequential_nccl(d.plan, a, b, d.group, target)
-    if residual is not None:
-        torch.add(target, residual, out=out)
-    return out
+    comm = _fallback_comm(call.group, a.device) if d.nccl else None
+    return run_sequential(collective, a, b, call.group, out, world_size=call.world_size,
+                          residual=residual, comm=comm)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def config_to_json(config: PlanConfig | None) -> str:
+    """``config`` as the string the custom op carries ("" for None)."""
+    return "" if config is None else json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str) -> PlanConfig | None:
+    if not text:
+        return None
+    fields = json.loads(text)
+    if fields.get("group_bands") is not None:
+        fields["group_bands"] = tuple(fields["group_bands"])
+    return PlanConfig(**fields)
+
+
+def gemm_collective(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    collective: Collective,
+    group: ProcessGroup | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_replicated: bool = False,
+    engine: EngineName | None = None,
+    config: PlanConfig | None = None,
+) -> torch.Tensor:
+    """``collective(a @ b)`` over ``group`` (+ ``residual``), the collective overlapped with the GEMM.
+
+    Args:
+        a: ``[M, K]`` row-major, float16 / bfloat16 / float32.
+        b: ``[K, N]`` row-major, or ``weight.t()`` of a row-major ``[N, K]`` weight (no copy).
+        collective: a :class:`flashoverlap.collectives.Collective` (built in:
+            ``collectives.ALL_REDUCE``, ``collectives.REDUCE_SCATTER``; or your own).
+        group: process group (default: the world).
+        out: optional contiguous result (not overlapping ``a`` or ``b``).
+        residual: optional row-major tensor of the result's shape added to it (a transformer
+            block's residual stream); ``out=residual`` updates it in place.
+        residual_replicated: the caller guarantees ``residual`` is the same on every rank
+            (lets an AllReduce add it once, in one rank's GEMM epilogue).
+        engine: ``"overlap"`` (CUDA + NCCL), ``"reference"`` (the plan with torch ops, any
+            backend), ``"sequential"`` (GEMM then collective); ``None``: overlap where it can
+            run, else reference.
+        config: an explicit :class:`PlanConfig` (tile, CTAs, groups); default: tuned or
+            analytic.  An explicit config always overlaps.
+    """
+    if _needs_grad(a, b, residual):
+        if out is not None:
+            raise ValueError("out= does not support automatic differentiation (an input "
+                             "requires grad); drop out= or run under torch.no_grad()")
+        from .checks import group_info
+        from .library_ops import gemm_collective_op
+
+        collectives.register(collective)
+        name = group_info(group).group.group_name
+        return gemm_collective_op(a, b, residual, collective.name, name, engine or "",
+                                  config_to_json(config), bool(residual_replicated))
+    return _run(collective, a, b, group, out, residual, residual_replicated, engine, config)
 
 
 def gemm_all_reduce(
@@ -209,28 +242,19 @@ def gemm_all_reduce(
     *,
     out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    residual_replicated: bool = False,
     engine: EngineName | None = None,
     config: PlanConfig | None = None,
 ) -> torch.Tensor:
-    """Sum over ``group`` of ``a @ b`` (plus ``residual``), overlapping the AllReduce with the GEMM.
+    """Sum over ``group`` of ``a @ b`` (plus ``residual``): ``all_reduce(a @ b)`` overlapped.
 
-    Args:
-        a: ``[M, K]`` row-major, float16 / bfloat16 / float32.
-        b: ``[K, N]`` row-major, or ``weight.t()`` of a row-major ``[N, K]`` weight (no copy).
-        group: process group (default: the world).
-        out: optional ``[M, N]`` contiguous output (not overlapping ``a`` or ``b``).
-        residual: optional ``[M, N]`` row-major tensor added to the reduced result, fused
-            into the overlap engine's restores (a transformer block's residual stream);
-            ``out=residual`` updates it in place.
-        engine: ``"overlap"`` (CUDA + NCCL), ``"reference"`` (plan executed with torch ops,
-            any backend), ``"sequential"`` (GEMM then AllReduce); ``None`` picks overlap where
-            it can run, else reference.
-        config: an explicit :class:`PlanConfig` (tile, CTAs, groups); default: tuned or analytic.
-
-    Returns:
-        ``[M, N]`` tensor in the inputs' dtype, identical on every rank.
+    Returns ``[M, N]`` in the inputs' dtype, identical on every rank.  Backward: the result
+    gradient is replicated, so it is every rank's partial-product gradient (no communication).
+    Arguments as in :func:`gemm_collective`.
     """
-    return _gemm_collective("all_reduce", a, b, group, out, engine, config, residual=residual)
+    return gemm_collective(a, b, collectives.ALL_REDUCE, group, out=out, residual=residual,
+                           residual_replicated=residual_replicated, engine=engine,
+                           config=config)
 
 
 def gemm_reduce_scatter(
@@ -246,13 +270,12 @@ def gemm_reduce_scatter(
 ) -> torch.Tensor:
     """Rank ``r``'s rows ``[r*M/W, (r+1)*M/W)`` of the sum over ``group`` of ``a @ b``.
 
-    Same as ``torch.distributed.reduce_scatter_tensor(out, a @ b, group=group)``, with the
-    ReduceScatter overlapped with the GEMM.  ``M`` must be divisible by the group size and
-    ``scatter_dim`` must be 0.  ``residual`` (``[M / W, N]``, this rank's rows) is added to
-    the shard.  Other arguments as in :func:`gemm_all_reduce`.
-
-    Returns:
-        ``[M / W, N]`` tensor in the inputs' dtype.
+    Same as ``torch.distributed.reduce_scatter_tensor(out, a @ b, group=group)``, overlapped.
+    ``M`` must be divisible by the group size and ``scatter_dim`` must be 0.  ``residual``
+    (``[M / W, N]``, this rank's rows) is added to the shard.  Backward: the result gradients
+    are all-gathered along rows.  Other arguments as in :func:`gemm_collective`.
     """
-    return _gemm_collective("reduce_scatter", a, b, group, out, engine, config, scatter_dim,
-                            residual)
+    if scatter_dim != 0:
+        raise ValueError(f"only scatter_dim=0 is supported, got {scatter_dim}")
+    return gemm_collective(a, b, collectives.REDUCE_SCATTER, group, out=out, residual=residual,
+                           engine=engine, config=config)

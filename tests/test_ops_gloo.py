@@ -57,12 +57,12 @@ def _check_ops(rank, W, engine):
         def config(op):
             if engine != "reference" or case % 2 == 0:
                 return None  # the default plan
-            # explicit small-tile plans with several groups; P a multiple of W for RS
+            # explicit small-tile plans: one group per band of one tile row
             problem = fo.Problem(M, N, K, str(dtype)[6:], W, op)
-            tiles = fo.make_plan(problem, fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=W)).num_tiles
-            P = max(W, (tiles // 3) // W * W)
-            waves = -(-tiles // P)
-            return fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=P, group_waves=(1,) * waves)
+            base = fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=W, group_m=1)
+            bands = fo.plan.num_bands_for(problem, base)
+            return fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=W, group_m=1,
+                                 group_bands=(1,) * bands)
 
         out = torch.full((M, N), float("nan"), dtype=dtype)
         res = fo.gemm_all_reduce(a, b, out=out, engine=engine, config=config("all_reduce"))

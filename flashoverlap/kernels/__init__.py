@@ -1,10 +1,10 @@
-"""Triton kernels of flashoverlap: the signal GEMM and the restore (un-reorder) copy.
+"""Triton kernels of flashoverlap: the signal GEMM (plan-ordered persistent matmul with per-tile signals).
 
 This package's ``__init__`` needs only torch: it holds the kernel configuration
 (:class:`GemmConfig`, :func:`default_config`, :func:`default_block_shape`, which planners
 use on any device) and exposes the kernels lazily, so ``import flashoverlap.kernels`` works
 where Triton is not installed.  The kernels themselves live in
-:mod:`flashoverlap.kernels.signal_gemm` and :mod:`flashoverlap.kernels.restore`.
+:mod:`flashoverlap.kernels.signal_gemm`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ __all__ = [
     "config_for_capability",
     "default_block_shape",
     "default_config",
-    "restore_tiles",
-    "restore_tiles_ref",
     "signal_gemm",
     "signal_gemm_ref",
 ]
@@ -28,8 +26,6 @@ __all__ = [
 _LAZY = {
     "signal_gemm": "flashoverlap.kernels.signal_gemm",
     "signal_gemm_ref": "flashoverlap.kernels.signal_gemm",
-    "restore_tiles": "flashoverlap.kernels.restore",
-    "restore_tiles_ref": "flashoverlap.kernels.restore",
 }
 
 

@@ -3,7 +3,7 @@
 ``kernel[grid](*args)`` re-derives the specialization of every argument, hashes it, looks
 the compiled kernel up and checks the kernel's globals on *every* launch: about 20 us of host
 time on an H100 host (Triton 3.6), where the launch itself (``CompiledKernel.run``) takes
-about 10.  The overlap engine launches one restore per group and one GEMM per call, with
+about 10.  The overlap engine launches one GEMM per call, with
 arguments whose specialization is fixed by the plan, so it resolves the compiled kernel once
 through a normal launch (which returns it) and then calls its launcher directly.
 
@@ -31,7 +31,9 @@ import triton
 def _supported() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
-    if os.environ.get("FLASHOVERLAP_DIRECT_LAUNCH", "1") in ("0", "false", "no"):
+    from ..settings import settings
+
+    if not settings().direct_launch:
         return False
     try:
         major, minor = (int(x) for x in triton.__version__.split(".")[:2])

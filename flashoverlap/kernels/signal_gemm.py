@@ -2,13 +2,19 @@
 
 ``C = A @ B`` where program ``p`` of a grid of ``P`` programs runs steps ``p, p+P, p+2P, ...``
 of the plan's step table (``flashoverlap.plan``: ``row_start, row_stop, col_start, col_stop,
-slot, group`` per step).  Each step computes one ``BLOCK_M x BLOCK_N`` tile of ``C`` and stores
-it either into slot ``slot`` of the comm buffer ``[T, BLOCK_M, BLOCK_N]`` (*slotted* mode; row
-major inside the slot, leading dimension ``BLOCK_N``) or at its place in a row-major ``[M, N]``
-output (*plain* mode).  Rows are masked by ``row_stop`` (a ReduceScatter row block may end
-inside a tile), columns by ``col_stop``.  After a tile is stored, the program bumps the
-counter of the tile's group by one, so group ``g`` is complete once ``counters[g]`` reaches
-its tile count; a watcher stream waits for that and hands the group's slots to NCCL.
+dest_row, group, block`` per step).  Each step computes one ``BLOCK_M x BLOCK_N`` tile of ``C``
+and stores it at row ``dest_row`` of a row-major destination with ``N`` columns: the result
+itself for an in-place collective (``dest_row == row_start``), or a send buffer packed by
+destination (ReduceScatter).  Rows are masked by ``row_stop`` (a row block may end inside a
+tile), columns by ``col_stop``.  After a tile is stored, the program bumps the counter of the
+tile's group by one, so group ``g`` is complete once ``counters[g]`` reaches its tile count; a
+watcher stream waits for that and hands the group's rows to NCCL.
+
+Residual epilogue: with ``HAS_RESIDUAL`` the tiles of row block ``res_block`` get
+``residual[row - res_block * rows_per_block, col]`` added to the fp32 accumulator before the
+store (one rounding), which is how a ReduceScatter's owning rank (or rank 0 of an AllReduce
+whose residual is replicated) adds the residual without a pass of its own.  Other blocks load
+nothing (the load is masked off).
 
 Ordering protocol (why a reader that sees the count also sees the data)
 -----------------------------------------------------------------------
@@ -44,8 +50,8 @@ epilogue re-reads its step's table row (``step_c``) so that the software pipelin
 the next tile's loads before this tile's epilogue.
 
 Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100 SXM, Triton
-3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, slotted + signals,
-one group per wave: with all 132 SMs 0.95-1.03x torch.matmul (median 1.00); with 124 and
+3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, tile-slotted
+stores + signals (the previous layout), one group per wave: with all 132 SMs 0.95-1.03x torch.matmul (median 1.00); with 124 and
 116 CTAs medians 0.95 and 0.93.  Tuning notes: ``epilogue_subtile``, 4 stages, BLOCK_K=128,
 ``group_m`` 4/16 and no accumulator multi-buffering were no better within the run-to-run
 noise (``gemm_sweep_*.txt``); a non-flattened loop was not faster (up to 8% slower).
@@ -65,8 +71,8 @@ from flashoverlap.kernels import GemmConfig, default_config, direct_launch
 
 # Same column order as flashoverlap.plan.STEP_TABLE_COLUMNS (kept literal so the kernel
 # module does not depend on the planner).
-_ROW_START, _ROW_STOP, _COL_START, _COL_STOP, _SLOT, _GROUP = range(6)
-_STEP_COLUMNS = 6
+_ROW_START, _ROW_STOP, _COL_START, _COL_STOP, _DEST_ROW, _GROUP, _BLOCK = range(7)
+_STEP_COLUMNS = 7
 
 # Decided when the kernels are decorated: interpreted kernels run on CPU tensors.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -81,15 +87,17 @@ _MAX_STRIDE = 2**31 // 512  # elements; BLOCK * stride must fit in int32
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
+                               "stride_rm", "res_block", "rows_per_block",
                                "num_steps", "num_progs"])
 def _signal_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
+    a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr, res_ptr,
     M, N, K,
     stride_am, stride_b, stride_cm,  # stride_b: of K for row-major B, of N for B = W.T
+    stride_rm, res_block, rows_per_block,  # residual: row stride, its block, block height
     num_steps, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     B_TRANS: tl.constexpr,  # B is the transposed view of a row-major [N, K] tensor
-    SLOTTED: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+    HAS_COUNTERS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
     ACC_MULTIBUFFER: tl.constexpr,
     ALIGN: tl.constexpr,  # K, N and every stride are multiples of ALIGN elements
@@ -109,6 +117,7 @@ def _signal_gemm_kernel(
     stride_am = stride_am // ALIGN * ALIGN
     stride_b = stride_b // ALIGN * ALIGN
     stride_cm = stride_cm // ALIGN * ALIGN
+    stride_rm = stride_rm // ALIGN * ALIGN
     k_tiles = tl.cdiv(K, BLOCK_K)
 
     if USE_TMA:
@@ -130,8 +139,8 @@ def _signal_gemm_kernel(
     step_c = pid - num_progs
     for step in tl.range(pid, num_steps, num_progs, flatten=FLATTEN,
                          disallow_acc_multi_buffer=not ACC_MULTIBUFFER):
-        row_start = tl.load(step_ptr + step * 6 + 0)
-        col_start = tl.multiple_of(tl.load(step_ptr + step * 6 + 2), BLOCK_N)  # tn * BN
+        row_start = tl.load(step_ptr + step * 7 + 0)
+        col_start = tl.multiple_of(tl.load(step_ptr + step * 7 + 2), BLOCK_N)  # tn * BN
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             for ki in range(k_tiles):
@@ -175,18 +184,24 @@ def _signal_gemm_kernel(
 
         # ---- epilogue: store the tile, then signal its group --------------------------
         step_c += num_progs
-        row = step_ptr + step_c * 6
+        row = step_ptr + step_c * 7
         c_row_start = tl.load(row + 0)
         c_rows = tl.load(row + 1) - c_row_start
         c_col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
         c_cols = tl.multiple_of(tl.load(row + 3) - c_col_start, ALIGN)  # min(BN, N - col)
-        if SLOTTED:
-            slot = tl.load(row + 4)
-            c_base = c_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N)
-            stride_ci = BLOCK_N
-        else:
-            c_base = c_ptr + c_row_start.to(tl.int64) * stride_cm + c_col_start
-            stride_ci = stride_cm
+        dest_row = tl.load(row + 4)
+        c_base = c_ptr + dest_row.to(tl.int64) * stride_cm + c_col_start
+        stride_ci = stride_cm
+        if HAS_RESIDUAL:
+            # Only block res_block's tiles add the residual: elsewhere the mask is all false
+            # and nothing is read.  Added in fp32 before the one rounding of the store.
+            c_block = tl.load(row + 6)
+            r_row = c_row_start - c_block * rows_per_block
+            r_ptrs = res_ptr + r_row.to(tl.int64) * stride_rm + c_col_start \
+                + (offs_i[:, None] * stride_rm + offs_j[None, :])
+            r_rows = tl.where(c_block == res_block, c_rows, 0)  # other blocks: no rows
+            r_mask = (offs_i < r_rows)[:, None] & (offs_j < c_cols)[None, :]
+            acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
         if EPILOGUE_SUBTILE:
             HALF_N: tl.constexpr = BLOCK_N // 2
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
@@ -288,12 +303,14 @@ def uses_tma(a: torch.Tensor, b: torch.Tensor, config: GemmConfig) -> bool:
     return config.use_tma and _tma_ok(a, stride_am) and _tma_ok(b, stride_b)
 
 
-def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted):
+def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
+              rows_per_block):
     for name, t in (("a", a), ("b", b), ("out", out), ("step_table", step_table)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if counters is not None and not isinstance(counters, torch.Tensor):
-        raise TypeError(f"counters must be a torch.Tensor or None, got {type(counters).__name__}")
+    for name, t in (("counters", counters), ("residual", residual)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if a.dtype not in _DTYPES:
         raise TypeError(f"a must be bfloat16, float16 or float32, got {a.dtype}")
     if b.dtype != a.dtype or out.dtype != a.dtype:
@@ -317,26 +334,31 @@ def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slott
         raise ValueError(
             f"b must be row-major [K, N] or the transposed view of a row-major [N, K] tensor, "
             f"got strides {b.stride()}")
-    if step_table.dtype != torch.int32 or step_table.dim() != 2 or step_table.shape[1] != 6:
-        raise ValueError(f"step_table must be int32 [T, 6], got {step_table.dtype} "
+    if step_table.dtype != torch.int32 or step_table.dim() != 2 or step_table.shape[1] != 7:
+        raise ValueError(f"step_table must be int32 [T, 7], got {step_table.dtype} "
                          f"{tuple(step_table.shape)}")
     if not step_table.is_contiguous() or step_table.shape[0] < 1:
         raise ValueError("step_table must be contiguous with at least one row")
     for name, v in (("block_m", block_m), ("block_n", block_n), ("num_ctas", num_ctas)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    T = step_table.shape[0]
-    if slotted:
-        if not out.is_contiguous() or out.numel() < T * block_m * block_n:
-            raise ValueError(
-                f"slotted out must be a contiguous buffer of at least T*BM*BN = "
-                f"{T}*{block_m}*{block_n} elements, got shape {tuple(out.shape)}")
-    else:
-        if tuple(out.shape) != (M, N) or not _is_row_major(out):
-            raise ValueError(f"plain out must be row-major [{M}, {N}], got shape "
-                             f"{tuple(out.shape)} strides {out.stride()}")
+    if tuple(out.shape) != (M, N) or not _is_row_major(out):
+        raise ValueError(f"out must be row-major [{M}, {N}] (the destination of every dest_row), "
+                         f"got shape {tuple(out.shape)} strides {out.stride()}")
+    if residual is not None:
+        _check_device("residual", residual, device)
+        if residual.dtype != a.dtype or residual.dim() != 2 or residual.shape[1] != N \
+                or not _is_row_major(residual):
+            raise ValueError(f"residual must be row-major [rows, {N}] of {a.dtype}, got "
+                             f"{residual.dtype} {tuple(residual.shape)} strides {residual.stride()}")
+        if rows_per_block is None or residual.shape[0] != rows_per_block:
+            raise ValueError(f"residual must have rows_per_block={rows_per_block} rows, got "
+                             f"{residual.shape[0]}")
     # Offsets inside a tile are 32-bit in the kernel.
-    for name, stride in (("a", a.stride(0)), ("b", max(b.stride())), ("out", out.stride(0))):
+    strides = [("a", a.stride(0)), ("b", max(b.stride())), ("out", out.stride(0))]
+    if residual is not None:
+        strides.append(("residual", residual.stride(0)))
+    for name, stride in strides:
         if stride >= _MAX_STRIDE:
             raise ValueError(f"{name} row stride {stride} too large (limit {_MAX_STRIDE})")
     if counters is not None:
@@ -345,7 +367,12 @@ def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slott
             raise ValueError(f"counters must be contiguous int32, got {counters.dtype}")
 
 
-def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config):
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
+                 residual_block, rows_per_block, config):
     """``(grid, args, meta)`` of one launch of the kernel (no checks: :func:`_validate`)."""
     if config is None:
         config = default_config(a.device, a.dtype)
@@ -357,20 +384,23 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, sl
     M, K = a.shape
     N = b.shape[1]
     b_trans, stride_am, stride_b = _operand_strides(a, b)
-    stride_cm = out.stride(0) if not slotted and M > 1 else N
+    stride_cm = _row_stride(out)
+    stride_rm = _row_stride(residual) if residual is not None else N
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
     programs = min(num_ctas, T)
     counter_arg = counters if counters is not None else step_table  # never touched
-    args = (a, b, out, step_table, counter_arg, M, N, K, stride_am, stride_b, stride_cm, T,
-            num_ctas)
+    res_arg = residual if residual is not None else out  # never touched
+    args = (a, b, out, step_table, counter_arg, res_arg, M, N, K, stride_am, stride_b,
+            stride_cm, stride_rm, residual_block, rows_per_block or M, T, num_ctas)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
-        "B_TRANS": b_trans, "SLOTTED": bool(slotted), "HAS_COUNTERS": counters is not None,
+        "B_TRANS": b_trans, "HAS_COUNTERS": counters is not None,
+        "HAS_RESIDUAL": residual is not None,
         "USE_TMA": use_tma, "FLATTEN": config.flatten,
         "ACC_MULTIBUFFER": config.acc_multibuffer,
         "EPILOGUE_SUBTILE": config.epilogue_subtile and block_n >= 32,
-        "ALIGN": _common_align(K, N, stride_am, stride_b, stride_cm),
+        "ALIGN": _common_align(K, N, stride_am, stride_b, stride_cm, stride_rm),
         "ASM_BARRIER": not _INTERPRET,
         "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 or _INTERPRET else None,
         # Triton's interpreter (3.6-3.9) runs tl.dot on bf16 as raw uint16 numbers; bf16
@@ -388,11 +418,6 @@ def _jit_launch(grid, args, meta):
     return _signal_gemm_kernel[grid[:1]](*args, **meta)
 
 
-def _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config):
-    return _jit_launch(*_launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
-                                     counters, slotted, config))
-
-
 def signal_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -403,83 +428,99 @@ def signal_gemm(
     block_n: int,
     num_ctas: int,
     counters: torch.Tensor | None = None,
-    slotted: bool = True,
+    residual: torch.Tensor | None = None,
+    residual_block: int = 0,
+    rows_per_block: int | None = None,
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    """``out <- a @ b`` tile by tile in plan order, bumping ``counters[group]`` per tile.
+    """``out[dest rows] <- a @ b`` tile by tile in plan order, bumping ``counters[group]``.
 
     Args:
         a: ``[M, K]`` row-major (``stride(1) == 1``), bf16/fp16 (fp32 for tests).
         b: ``[K, N]`` row-major, or ``w.T`` for a row-major ``w`` of shape ``[N, K]``.
-        out: slotted: contiguous comm buffer of ``>= T * block_m * block_n`` elements
-            (e.g. ``[T, BM, BN]``); plain: row-major ``[M, N]``.  Same dtype as ``a``.
-        step_table: ``torch.from_numpy(plan.step_table)`` on ``a``'s device (int32 ``[T, 6]``).
+        out: row-major ``[M, N]`` destination; tile ``s`` lands at row ``dest_row[s]``.
+        step_table: ``torch.from_numpy(plan.step_table)`` on ``a``'s device (int32 ``[T, 7]``).
         block_m, block_n, num_ctas: the plan's ``BM``, ``BN`` and ``P``.
         counters: int32 ``[G]`` group counters, incremented (not reset) by the tiles; the
             caller arms them.  ``None`` skips the signals.
-        slotted: write into comm-buffer slots (True) or the row-major output (False).
+        residual: optional row-major ``[rows_per_block, N]`` added (fp32) to the tiles of row
+            block ``residual_block`` before they are stored.
         config: kernel options; defaults to :func:`default_config` for the device.
 
     Returns ``out``.  The launch goes to the current stream of ``a``'s device.
     """
-    _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted)
+    _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
+              rows_per_block)
+    launch = _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
+                          residual, residual_block, rows_per_block, config)
     if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):
-            _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config)
+            _jit_launch(*launch)
     else:
-        _launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, slotted, config)
+        _jit_launch(*launch)
     return out
 
 
-class SignalGemmLauncher:
-    """:func:`signal_gemm` into one slotted buffer with one step table and counter array.
+# Positions of the per-call arguments in the kernel's parameter list.
+_A, _B, _OUT, _RES = 0, 1, 2, 5
 
-    For the overlap engine's hot path, where ``out``, ``step_table`` and ``counters`` belong
-    to a workspace and only the operands change from call to call: the checks run once per
-    operand signature (shapes, strides, dtypes, devices, 16-byte alignment -- everything the
-    compiled kernel is specialized on besides the fixed buffers; the kernel's integers are
-    all ``do_not_specialize``), and later calls launch the compiled kernel directly
-    (:mod:`flashoverlap.kernels.direct_launch`): ~100 us of host time down to ~15 on an H100
-    host.  Launches go to ``stream``, which must be the current stream of the current device
-    (Triton allocates the TMA descriptors' scratch through torch, on the current stream).
+
+class SignalGemmLauncher:
+    """:func:`signal_gemm` with one step table, counter array and residual placement.
+
+    For the overlap engine's hot path, where the step table and counters belong to a
+    workspace and only the operands, the destination and the residual change from call to
+    call: the checks run once per argument signature (shapes, strides, dtypes, devices,
+    16-byte alignment -- everything the compiled kernel is specialized on; the kernel's
+    integers are all ``do_not_specialize``), and later calls launch the compiled kernel
+    directly (:mod:`flashoverlap.kernels.direct_launch`): ~100 us of host time down to ~15 on
+    an H100 host.  Launches go to ``stream``, which must be the current stream of the current
+    device (Triton allocates the TMA descriptors' scratch through torch, on the current
+    stream).
     """
 
-    def __init__(self, out: torch.Tensor, step_table: torch.Tensor, counters: torch.Tensor,
-                 *, block_m: int, block_n: int, num_ctas: int,
-                 config: GemmConfig | None = None) -> None:
-        self.out, self.step_table, self.counters = out, step_table, counters
+    def __init__(self, step_table: torch.Tensor, counters: torch.Tensor | None, *,
+                 block_m: int, block_n: int, num_ctas: int, residual_block: int = 0,
+                 rows_per_block: int | None = None, config: GemmConfig | None = None) -> None:
+        self.step_table, self.counters = step_table, counters
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
+        self.residual_block, self.rows_per_block = residual_block, rows_per_block
         self.config = config
-        # key -> (compiled kernel, grid, arguments after a and b, uses TMA)
+        # key -> (compiled kernel, grid, all arguments, uses TMA)
         self._entries = direct_launch.KernelCache()
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor,
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                 residual: torch.Tensor | None = None,
                  stream: torch.cuda.Stream | None = None) -> None:
-        """``out <- a @ b`` in slots, counters bumped; on ``stream`` (None: the current one)."""
+        """``out <- a @ b`` (+ residual) at the plan's rows, counters bumped, on ``stream``."""
         key = (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
-               b.shape, b.stride(), b.dtype, b.device, b.data_ptr() % 16 == 0)
+               b.shape, b.stride(), b.dtype, b.data_ptr() % 16 == 0,
+               out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16 == 0,
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                              residual.device, residual.data_ptr() % 16 == 0))
         entry = self._entries.get(key)
         if entry is None:
-            self._first(key, a, b, stream)
+            self._first(key, a, b, out, residual, stream)
             return
-        kernel, grid, fixed, use_tma = entry
+        kernel, grid, args, use_tma = entry
         if use_tma:
             _ensure_tma_allocator()  # per thread: Triton keeps the allocator in a ContextVar
         handle = (stream if stream is not None
                   else torch.cuda.current_stream(a.device)).cuda_stream
-        direct_launch.launch(kernel, grid, handle, (a, b) + fixed)
+        args[_A], args[_B], args[_OUT] = a, b, out
+        args[_RES] = residual if residual is not None else out
+        direct_launch.launch(kernel, grid, handle, tuple(args))
 
-    def _first(self, key: tuple, a: torch.Tensor, b: torch.Tensor,
-               stream: torch.cuda.Stream | None) -> None:
-        _validate(a, b, self.out, self.step_table, self.block_m, self.block_n, self.num_ctas,
-                  self.counters, True)
-        grid, args, meta = _launch_args(a, b, self.out, self.step_table, self.block_m,
-                                        self.block_n, self.num_ctas, self.counters, True,
-                                        self.config)
+    def _first(self, key, a, b, out, residual, stream) -> None:
+        _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
+                  self.counters, residual, self.rows_per_block)
+        grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
+                                        self.block_n, self.num_ctas, self.counters, residual,
+                                        self.residual_block, self.rows_per_block, self.config)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             compiled = _jit_launch(grid, args, meta)
-        fixed = direct_launch.ordered_args(_signal_gemm_kernel, args, meta)[2:]
-        self._entries.remember(key, compiled, (compiled, grid, fixed, bool(meta["USE_TMA"])))
+        every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
+        self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))
 
 
 def signal_gemm_ref(
@@ -487,29 +528,26 @@ def signal_gemm_ref(
     b: torch.Tensor,
     out: torch.Tensor,
     step_table: torch.Tensor,
-    block_m: int,
-    block_n: int,
     counters: torch.Tensor | None = None,
-    slotted: bool = True,
+    residual: torch.Tensor | None = None,
+    residual_block: int = 0,
+    rows_per_block: int | None = None,
 ) -> torch.Tensor:
     """Pure-torch definition of :func:`signal_gemm`: same elements written, same counters.
 
-    Products are taken in float64 on CPU and float32 elsewhere, then cast to ``out.dtype``.
-    Elements the kernel does not write (slot padding, or nothing in plain mode) are left
-    untouched; ``counters[g]`` grows by the number of steps of group ``g``.
+    Products are taken in float64 on CPU and float32 elsewhere (the residual added before the
+    one rounding), then cast to ``out.dtype``.  Rows no step writes are left untouched;
+    ``counters[g]`` grows by the number of steps of group ``g``.
     """
     acc_dtype = torch.float64 if a.device.type == "cpu" else torch.float32
-    full = torch.matmul(a.to(acc_dtype), b.to(acc_dtype)).to(out.dtype)
+    full = torch.matmul(a.to(acc_dtype), b.to(acc_dtype))
     table = step_table.detach().cpu().tolist()
-    flat = out.view(-1) if slotted else None
-    for row_start, row_stop, col_start, col_stop, slot, _group in table:
+    for row_start, row_stop, col_start, col_stop, dest, _group, block in table:
         tile = full[row_start:row_stop, col_start:col_stop]
-        if slotted:
-            view = flat[slot * block_m * block_n:(slot + 1) * block_m * block_n]
-            view = view.view(block_m, block_n)
-            view[: row_stop - row_start, : col_stop - col_start] = tile
-        else:
-            out[row_start:row_stop, col_start:col_stop] = tile
+        if residual is not None and block == residual_block:
+            r0 = row_start - block * rows_per_block
+            tile = tile + residual[r0:r0 + row_stop - row_start, col_start:col_stop].to(acc_dtype)
+        out[dest:dest + row_stop - row_start, col_start:col_stop] = tile.to(out.dtype)
     if counters is not None:
         groups = step_table[:, _GROUP].to(device=counters.device, dtype=torch.int64)
         counters += torch.bincount(groups, minlength=counters.numel())[: counters.numel()].to(

@@ -1,0 +1,122 @@
+"""The overlap hot loop: signal GEMM on the caller's stream, collectives on a watcher stream.
+
+One call of ``run_overlap(plan, a, b, group, out)``::
+
+    caller stream : wait previous `done` ─ zero counters ─ record `armed` ─
+                    signal GEMM (P CTAs; tile -> its row of the result or send buffer,
+                                 residual added in the epilogue where the rule says,
+                                 bump the group's counter)
+    watcher stream: wait `armed` ─ for g in groups:
+                        [wait counter g >= tiles(g)] ─ collective(g) [─ residual add(g)]
+                    ─ record `done`;   caller stream waits `done`
+
+Why each step is the way it is:
+
+* **Counters are zeroed on the caller's stream**, before the GEMM, and the watcher waits on the
+  event recorded right after the zeroing, so no wait can see a previous call's count (no epoch
+  arithmetic, and replaying a captured CUDA graph re-arms them).  Targets are the group's tile
+  counts with the wrap-safe ``GEQ`` compare.
+* **Visibility**: the GEMM stores a tile, barriers the CTA, then does a release atomic add at
+  GPU scope (:mod:`flashoverlap.kernels.signal_gemm`); the front-end wait
+  (``cuStreamWaitValue32``) or the spin kernel's acquire load orders NCCL's reads after the
+  tile's stores.
+* **No restore**: a group is a run of whole row bands (:mod:`flashoverlap.plan`), so the
+  collective reads the rows the GEMM wrote and writes the result rows directly.  Per group the
+  host enqueues one wait and the collective's NCCL call(s) -- nothing else (plus a small add
+  when a non-replicated residual must follow an in-place reduction).
+* **SM sharing**: the GEMM runs on ``P = SMs - r`` CTAs and the communicator has
+  ``maxCTAs = r``; stream priority does not preempt running CTAs, so NCCL needs SMs the
+  persistent GEMM leaves free (or room beside it).
+* **Reuse across calls and streams**: each eager call's caller stream first waits on the
+  previous call's ``done`` (from whichever stream it was made), so no GEMM overwrites the send
+  buffer or re-arms counters that the watcher still uses.  Not during capture: an event
+  recorded in a capture cannot be waited on outside it, and inside one graph the order is the
+  capture order.
+* **In-place residual**: ``out`` may be the residual.  Where the residual is added in the GEMM
+  epilogue a tile reads its residual rows before it stores them, and a group's collective
+  writes its rows only after all of the group's tiles; where it is added after the group (a
+  non-replicated residual of an in-place collective, whose GEMM overwrites ``out``) it is
+  copied first.
+* **CUDA graphs**: zeroing, GEMM, waits and NCCL are capturable; one-time work (communicator,
+  plan check, Triton JIT) must happen in a warm-up call (:func:`get_workspace` refuses to
+  build during capture).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from .. import timeline
+from ..plan import OverlapPlan
+from .workspace import get_workspace
+
+
+def run_overlap(
+    plan: OverlapPlan,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: ProcessGroup,
+    out: torch.Tensor,
+    *,
+    rank: int,
+    residual: torch.Tensor | None = None,
+    residual_replicated: bool = False,
+) -> torch.Tensor:
+    """``out`` <- ``plan.collective`` over ``group`` of ``a @ b`` (+ ``residual``), overlapped.
+
+    Trusts its caller (:mod:`flashoverlap.ops` validated the call): shapes match the plan,
+    ``out`` is a contiguous result on the current device, ``residual`` is row-major.
+    """
+    ws = get_workspace(plan, a.device, group, rank)
+    collective = plan.collective
+    caller = torch.cuda.current_stream(a.device)
+    sync = ws.sync
+    caller_h = sync.bind_stream(caller)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        ws.pinned = True  # the graph's replays will use these buffers
+    elif ws.used:
+        sync.wait(caller_h, ws.done_h)
+    ws.used = not capturing
+
+    rule = ws.residual_rule(residual_replicated) if residual is not None else None
+    epilogue_block = rule.epilogue_block if rule is not None else None
+    after = residual if rule is not None and rule.after_group else None
+    dest = out if collective.in_place else ws.send
+    if after is not None and collective.in_place and after.data_ptr() == out.data_ptr():
+        after = after.clone()  # the GEMM is about to overwrite it
+
+    sync.zero_counters(caller_h)
+    sync.record(ws.armed_h, caller_h)
+    timeline.mark(caller, "gemm_start")
+    ws.gemm(epilogue_block)(a, b, dest, residual if epilogue_block is not None else None,
+                            caller)
+    timeline.mark(caller, "gemm_end")
+
+    watcher = ws.watcher
+    sync.wait(ws.watcher_h, ws.armed_h)
+    launch, nccl, enqueue_wait = collective.launch_group, ws.nccl, ws.enqueue_wait
+    send_base, recv_base = dest.data_ptr(), out.data_ptr()
+    if after is None:
+        # Raw handles throughout: no current-stream switch, no per-group argument checks.
+        for step in ws.steps:
+            timeline.mark(watcher, "wait_start", step.index)
+            enqueue_wait(step)
+            timeline.mark(watcher, "wait_end", step.index)
+            launch(nccl, send_base + step.send_offset, recv_base + step.recv_offset,
+                   step.send_count, step.recv_count)
+            timeline.mark(watcher, "comm_end", step.index)
+    else:
+        with torch.cuda.stream(watcher):
+            for step in ws.steps:
+                enqueue_wait(step)
+                launch(nccl, send_base + step.send_offset, recv_base + step.recv_offset,
+                       step.send_count, step.recv_count)
+                rows = slice(step.recv_lo, step.recv_hi)
+                out[rows].add_(after[rows])
+        if after is not residual:
+            after.record_stream(watcher)
+    sync.record(ws.done_h, ws.watcher_h)
+    sync.wait(caller_h, ws.done_h)
+    return out

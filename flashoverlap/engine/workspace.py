@@ -1,0 +1,242 @@
+"""The overlap engine's per-plan workspace: counters, events, send buffer, launchers; cached.
+
+A workspace holds everything one plan needs on one device and group, built once: the step
+table and group counters on the device, the ``armed``/``done`` events, the communicator (with
+NCCL limited to the SMs the GEMM leaves free), the send buffer of a collective that is not in
+place (ReduceScatter's packed ``[M, N]`` buffer; AllReduce needs none: the GEMM writes the
+result), the per-group byte offsets and counts the hot loop turns into pointers, the counter
+wait and the signal-GEMM launcher.
+
+Cache: least recently used first within ``FLASHOVERLAP_WORKSPACE_MB`` (default 1 GiB) of send
+buffers per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
+many calls.  Workspaces captured in a CUDA graph are pinned (their replays use the buffers).
+Every workspace tensor is ``record_stream``-ed on the watcher, so an evicted buffer is reused
+only after the watcher's last work on it.  Plan checks across ranks are remembered apart from
+workspaces (:mod:`flashoverlap.policy`), so evicting and rebuilding is a local affair.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any
+
+import torch
+from torch.distributed import ProcessGroup
+
+from ..collectives import NcclStream, ResidualRule
+from ..plan import OverlapPlan
+from ..settings import settings
+
+_LOCK = threading.Lock()
+# Keyed by the plan objects themselves (identity-hashed and kept alive by the key), never by
+# id(), which a collected plan could hand to a new one.  Least recently used first.
+_WORKSPACES: collections.OrderedDict[tuple[OverlapPlan, int, ProcessGroup], "Workspace"] = (
+    collections.OrderedDict())
+_WATCHERS: dict[int, torch.cuda.Stream] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStep:
+    """One group as plain ints, computed once per workspace (the hot loop runs per group per
+    call: tensor slicing and checks there cost ~140 us per group on an H100 host)."""
+
+    index: int
+    counter_addr: int
+    target: int  # tiles of the group: its counter's final value
+    send_offset: int  # bytes from the send side's base
+    recv_offset: int  # bytes from the result's base
+    send_count: int  # elements
+    recv_count: int
+    recv_lo: int  # result rows, for a residual added after the group
+    recv_hi: int
+
+
+@dataclasses.dataclass
+class Workspace:
+    plan: OverlapPlan
+    comm: Any  # flashoverlap.comm.NcclCommunicator
+    nccl: NcclStream  # what the collective's launch_group gets
+    step_table: torch.Tensor  # int32 [T, 7]
+    counters: torch.Tensor  # int32 [G]
+    send: torch.Tensor | None  # [M, N] packed send buffer (None: in place in the result)
+    rank: int
+    armed: torch.cuda.Event
+    done: torch.cuda.Event
+    watcher: torch.cuda.Stream
+    steps: list[GroupStep]
+    enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
+    sync: Any  # flashoverlap.stream_ops: counter reset, event records and waits
+    armed_h: Any
+    done_h: Any
+    watcher_h: Any
+    nbytes: int  # send-buffer bytes (what the cache budget counts)
+    used: bool = False  # an eager call has run: `done` is recorded
+    pinned: bool = False  # captured in a CUDA graph: never evicted
+    _launchers: dict = dataclasses.field(default_factory=dict)
+
+    def residual_rule(self, replicated: bool) -> ResidualRule:
+        W = self.plan.problem.world_size
+        return self.plan.collective.residual_rule(self.rank, W, replicated)
+
+    def gemm(self, residual_block: int | None) -> Any:
+        """The signal-GEMM launcher that adds a residual to ``residual_block`` (None: none)."""
+        launcher = self._launchers.get(residual_block)
+        if launcher is None:
+            from ..kernels.signal_gemm import SignalGemmLauncher
+
+            cfg = self.plan.config
+            launcher = self._launchers[residual_block] = SignalGemmLauncher(
+                self.step_table, self.counters, block_m=cfg.block_m, block_n=cfg.block_n,
+                num_ctas=cfg.num_ctas, residual_block=residual_block or 0,
+                rows_per_block=self.plan.problem.rows_per_block)
+        return launcher
+
+
+def watcher_stream(device: torch.device) -> torch.cuda.Stream:
+    """One high-priority watcher stream per device (its collectives are latency-critical)."""
+    index = device.index
+    stream = _WATCHERS.get(index)
+    if stream is None:
+        high, _ = torch.cuda.Stream.priority_range()
+        stream = _WATCHERS[index] = torch.cuda.Stream(device=device, priority=high)
+    return stream
+
+
+def _group_steps(plan: OverlapPlan, counters: torch.Tensor, elem: int) -> list[GroupStep]:
+    N = plan.problem.N
+    counts = plan.group_tile_counts
+    return [GroupStep(
+        index=s.index,
+        counter_addr=counters.data_ptr() + 4 * s.index,
+        target=int(counts[s.index]),
+        send_offset=s.send_lo * N * elem,
+        recv_offset=s.recv_lo * N * elem,
+        send_count=s.send_rows * N,
+        recv_count=s.recv_rows * N,
+        recv_lo=s.recv_lo,
+        recv_hi=s.recv_hi,
+    ) for s in plan.spans()]
+
+
+def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream):
+    """A closure enqueueing 'wait until counter >= target' on the watcher stream.
+
+    The driver path (``cuStreamWaitValue32``, no SM) builds its cuda-bindings handles once;
+    the kernel fallback goes through the checked public function (it launches a kernel
+    anyway).
+    """
+    from ..stream_wait import wait_counter_geq
+
+    if method != "driver":
+        def wait(step: GroupStep) -> None:
+            g = step.index
+            wait_counter_geq(counters[g : g + 1], step.target, watcher, method=method)
+        return wait
+
+    from ..stream_wait import _check, _driver
+
+    driver = _driver()
+    stream = driver.CUstream(watcher.cuda_stream)
+    flag = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+    addrs: dict[int, Any] = {}
+
+    def wait(step: GroupStep) -> None:
+        addr = addrs.get(step.index)
+        if addr is None:
+            addr = addrs[step.index] = driver.CUdeviceptr(step.counter_addr)
+        result = driver.cuStreamWaitValue32(stream, addr, step.target, flag)
+        if result[0] if isinstance(result, tuple) else result:
+            _check(driver, "cuStreamWaitValue32", result)
+    return wait
+
+
+def reserved_sms(plan: OverlapPlan, device: torch.device) -> int | None:
+    """CTAs NCCL may use: the SMs the GEMM leaves free (None: NCCL's own default)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    reserved = sms - plan.config.num_ctas
+    return reserved if reserved > 0 else None
+
+
+def _evict(device_index: int, keep: tuple) -> None:
+    """Drop least recently used workspaces of the device until the budget holds (caller holds
+    the lock); never the one being built, never a pinned one."""
+    budget = settings().workspace_bytes
+    mine = [(k, w) for k, w in list(_WORKSPACES.items()) if k[1] == device_index]
+    total = sum(w.nbytes for _, w in mine)
+    for k, w in mine:
+        if total <= budget:
+            break
+        if k == keep or w.pinned:
+            continue
+        del _WORKSPACES[k]
+        total -= w.nbytes
+
+
+def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
+                  rank: int) -> Workspace:
+    """The plan's cached workspace on ``device`` for ``group``, built on first use."""
+    key = (plan, device.index, group)
+    ws = _WORKSPACES.get(key)
+    if ws is not None and ws.comm.handle is not None:
+        _WORKSPACES.move_to_end(key)
+        return ws  # (a destroyed communicator -- destroy_communicators() -- means rebuild)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "flashoverlap: the first call of a shape (plan) must run outside CUDA graph capture "
+            "(it creates the communicator and compiles the kernel); warm up first")
+    from ..comm import get_communicator
+    from ..nccl_lib import nccl_dtype, nccl_red_op
+    from ..stream_ops import stream_ops_for
+    from ..stream_wait import prepare_wait
+
+    with _LOCK:
+        comm = get_communicator(group, max_ctas=reserved_sms(plan, device), device=device)
+        method = prepare_wait(device, settings().wait_method)
+        problem = plan.problem
+        dtype = getattr(torch, problem.dtype)
+        send = None
+        if not plan.collective.in_place:
+            send = torch.empty(problem.M, problem.N, dtype=dtype, device=device)
+        counters = torch.zeros(plan.num_groups, dtype=torch.int32, device=device)
+        watcher = watcher_stream(device)
+        sync = stream_ops_for(counters)
+        current = torch.cuda.current_stream(device)
+        armed, done = torch.cuda.Event(), torch.cuda.Event()
+        ws = Workspace(
+            plan=plan,
+            comm=comm,
+            nccl=NcclStream(comm.lib, comm.handle, watcher.cuda_stream, nccl_dtype(dtype),
+                            nccl_red_op("sum"), rank, problem.world_size),
+            step_table=torch.from_numpy(plan.step_table.copy()).to(device),
+            counters=counters,
+            send=send,
+            rank=rank,
+            armed=armed,
+            done=done,
+            watcher=watcher,
+            steps=_group_steps(plan, counters, torch.empty((), dtype=dtype).element_size()),
+            enqueue_wait=_wait_enqueuer(method, counters, watcher),
+            sync=sync,
+            armed_h=sync.bind_event(armed, current),
+            done_h=sync.bind_event(done, current),
+            watcher_h=sync.bind_stream(watcher),
+            nbytes=0 if send is None else send.untyped_storage().nbytes(),
+        )
+        for t in (ws.step_table, counters) + (() if send is None else (send,)):
+            t.record_stream(watcher)  # freed on eviction: reuse waits for the watcher
+        _WORKSPACES[key] = ws
+        _evict(device.index, key)
+    return ws
+
+
+def clear_workspaces() -> None:
+    """Drop cached workspaces (frees send buffers); communicators stay cached in ``comm``."""
+    with _LOCK:
+        _WORKSPACES.clear()
+
+
+def cached_workspaces() -> list[Workspace]:
+    """The cached workspaces, least recently used first (for tests and diagnostics)."""
+    return list(_WORKSPACES.values())
