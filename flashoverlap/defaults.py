@@ -1,36 +1,59 @@
-"""The analytic default plan, used when no tuned config matches (see ``flashoverlap.tuning``).
+"""Rule-based default plans: the GPU fallback when the tuner is unavailable, and the CPU plan.
+
+The tuner (``flashoverlap.tuning.search.analytic_default``) is the usual source of a default
+on a GPU; these rules need nothing but :mod:`flashoverlap.plan`.
 
 Rules, chosen from DESIGN.md's measurements rather than tuned per shape:
+
 * tile ``128 x 256`` (the Hopper GEMM's block; the kernel module may pick another per arch);
 * ``P = SMs - 16`` GEMM CTAs: 16 SMs are left to NCCL, which on NVLink costs AllReduce
-  ~10% bandwidth (0.65 -> 0.71 ms for 128 MiB) while the GEMM keeps ~90% of its rate;
-  for ReduceScatter ``P`` is rounded down to a multiple of the world size;
-* groups: about four groups of equal wave counts.  The first group is kept to one wave so the
-  first collective starts as early as possible; small problems (fewer than two waves) get one
-  group, and the engine then falls back to sequential.
+  ~10% bandwidth (0.65 -> 0.71 ms for 128 MiB) while the GEMM keeps ~90% of its rate.  No
+  rounding to the world size: groups are whole row bands of every row block, so any ``P``
+  gives every rank the same rows per group;
+* bands: a group is a run of whole bands (``group_m`` tile rows, the full width), so the
+  band count bounds how fine the pipeline can be.  ``group_m`` is the swizzle width 8 of
+  Triton's matmul (L2 reuse) unless that leaves fewer than :data:`MIN_BANDS` bands; then
+  the largest power of two that gives that many (down to 1: one tile row per band);
+* groups: about four groups of equal band counts, the first one band only so the first
+  collective starts as early as possible; a single band gives one group, and the engine
+  then falls back to sequential.
 """
 
 from __future__ import annotations
 
 import math
 
-from .plan import PlanConfig, Problem, num_waves_for
+from .plan import PlanConfig, Problem, band_layout, num_bands_for
 
 DEFAULT_BLOCK = (128, 256)
 DEFAULT_RESERVED_SMS = 16
 DEFAULT_GROUP_M = 8
+MIN_BANDS = 8
 TARGET_GROUPS = 4
+CPU_MIN_BLOCK_M = 16
 
 
-def split_waves(num_waves: int, target_groups: int = TARGET_GROUPS) -> tuple[int, ...]:
-    """One small first group, then the rest in ~equal groups; sums to ``num_waves``."""
-    if num_waves <= 1:
-        return (max(num_waves, 1),)
-    groups = min(target_groups, num_waves)
-    rest = num_waves - 1
+def split_bands(num_bands: int, target_groups: int = TARGET_GROUPS) -> tuple[int, ...]:
+    """One band first, then the rest in ~equal groups; sums to ``num_bands``."""
+    if num_bands <= 1:
+        return (max(num_bands, 1),)
+    groups = min(target_groups, num_bands)
+    if groups <= 1:
+        return (num_bands,)
+    rest = num_bands - 1
     tail = groups - 1
     sizes = [rest // tail + (1 if i < rest % tail else 0) for i in range(tail)]
     return (1, *sizes)
+
+
+def band_group_m(problem: Problem, block_m: int, *, max_group_m: int = DEFAULT_GROUP_M,
+                 min_bands: int = MIN_BANDS) -> int:
+    """The largest power of two ``<= max_group_m`` that leaves ``min_bands`` bands, else 1."""
+    tiles_m = math.ceil(problem.rows_per_block / block_m)
+    group_m = 1 << (max(max_group_m, 1).bit_length() - 1)
+    while group_m > 1 and math.ceil(tiles_m / group_m) < min_bands:
+        group_m //= 2
+    return group_m
 
 
 def default_plan_config(
@@ -39,25 +62,28 @@ def default_plan_config(
     block: tuple[int, int] = DEFAULT_BLOCK,
     reserved_sms: int = DEFAULT_RESERVED_SMS,
 ) -> PlanConfig:
-    """The analytic default :class:`PlanConfig` for ``problem`` on a GPU with ``num_sms``."""
-    W = problem.world_size
+    """The rule-based :class:`PlanConfig` for ``problem`` on a GPU with ``num_sms``."""
     P = max(num_sms - reserved_sms, 1)
-    if problem.op == "reduce_scatter":
-        P = max(P // W * W, W)
-    base = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=P, group_m=DEFAULT_GROUP_M)
-    waves = num_waves_for(problem, base)
-    return PlanConfig(
-        block_m=block[0], block_n=block[1], num_ctas=P, group_m=DEFAULT_GROUP_M,
-        group_waves=split_waves(waves),
-    )
+    group_m = band_group_m(problem, block[0])
+    base = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=P, group_m=group_m)
+    return PlanConfig(block_m=block[0], block_n=block[1], num_ctas=P, group_m=group_m,
+                      group_bands=split_bands(num_bands_for(problem, base)))
 
 
 def cpu_plan_config(problem: Problem, block: tuple[int, int] = (64, 64)) -> PlanConfig:
-    """A plan for the reference engine on CPU: small tiles, about four groups."""
-    W = problem.world_size
-    probe = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=W)
-    tiles = num_waves_for(problem, probe) * W
-    P = max(math.ceil(tiles / TARGET_GROUPS / W) * W, W)
-    base = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=P)
-    waves = num_waves_for(problem, base)
-    return PlanConfig(block_m=block[0], block_n=block[1], num_ctas=P, group_waves=(1,) * waves)
+    """A plan for the reference engine on CPU: small tiles, one tile row per band, about
+    four groups.
+
+    ``block_m`` is halved (down to :data:`CPU_MIN_BLOCK_M`) while a row block has fewer than
+    four tile rows, so that small ``M`` still gives several groups.  ``P`` runs one band of
+    every row block per wave (it does not change the reference engine's result).
+    """
+    rows = problem.rows_per_block
+    block_m = block[0]
+    while block_m > CPU_MIN_BLOCK_M and math.ceil(rows / block_m) < TARGET_GROUPS:
+        block_m //= 2
+    base = PlanConfig(block_m=block_m, block_n=block[1], num_ctas=1, group_m=1)
+    layout = band_layout(problem, base)
+    return PlanConfig(block_m=block_m, block_n=block[1],
+                      num_ctas=layout.row_blocks * layout.tiles_n, group_m=1,
+                      group_bands=split_bands(layout.num_bands))

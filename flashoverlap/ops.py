@@ -44,7 +44,7 @@ from .checks import (
 )
 from .collectives import Collective
 from .plan import OverlapPlan, PlanConfig
-from .policy import ENGINES, Decision, agree, decide
+from .policy import ENGINES, Decision, agree, decide, resolve_engine  # noqa: F401 (re-export)
 
 EngineName = Literal["overlap", "reference", "sequential"]
 

@@ -1,7 +1,7 @@
 """Optional timeline hook: CUDA events at the steps of one overlapped call.
 
 The overlap engine's interesting behaviour -- does collective ``g`` start while the GEMM is
-still running, how long does the watcher wait, how long do restores take -- happens on two
+still running, how long does the watcher wait -- happens on two
 streams inside one op, where a profiler trace is heavy and an outside timer sees only the
 whole call.  This module lets the engine drop a CUDA event at each step *only while someone
 is recording*::
@@ -15,7 +15,7 @@ is recording*::
     for span in rec.spans(origin):
         print(span.lane, span.name, span.group, span.start_ms, span.end_ms)
 
-Engine side (``engine.run_overlap``): ``timeline.mark(stream, label, group)`` after each step,
+Engine side (``flashoverlap.engine.overlap.run_overlap``): ``timeline.mark(stream, label, group)`` after each step,
 with the labels of :data:`MARKS`.  When no recorder is active, :func:`mark` is one global read
 and a return, so the hook costs well under a microsecond per call and nothing on the GPU.
 Marks are skipped during CUDA graph capture (an event with timing cannot be captured usefully).
@@ -25,7 +25,6 @@ Spans derived from the marks (lane, name)::
     compute : GEMM        gemm_start -> gemm_end         (the signal GEMM on the caller's stream)
     watcher : wait        wait_start[g] -> wait_end[g]   (stream blocked on group g's counter)
     watcher : collective  wait_end[g] -> comm_end[g]     (NCCL on group g's range)
-    watcher : restore     comm_end[g] -> restore_end[g]  (tiles back to the row-major output)
 """
 
 from __future__ import annotations
@@ -37,14 +36,13 @@ from typing import Any
 
 import torch
 
-MARKS = ("gemm_start", "gemm_end", "wait_start", "wait_end", "comm_end", "restore_end")
+MARKS = ("gemm_start", "gemm_end", "wait_start", "wait_end", "comm_end")
 
 # (lane, span name, first mark, last mark); GEMM marks carry no group, watcher marks do.
 _SPAN_RULES = (
     ("compute", "GEMM", "gemm_start", "gemm_end"),
     ("watcher", "wait", "wait_start", "wait_end"),
     ("watcher", "collective", "wait_end", "comm_end"),
-    ("watcher", "restore", "comm_end", "restore_end"),
 )
 
 

@@ -23,7 +23,8 @@ def key(**overrides) -> CacheKey:
     return cache.make_key(problem, **fields)
 
 
-CONFIG = PlanConfig(block_m=128, block_n=256, num_ctas=116, group_m=8, group_waves=(1, 3, 14))
+# 8192 rows in tile rows of 128, bands of 8: 8 bands.
+CONFIG = PlanConfig(block_m=128, block_n=256, num_ctas=116, group_m=8, group_bands=(1, 3, 4))
 
 
 def test_round_trip(tmp_path: Path):
@@ -37,7 +38,7 @@ def test_round_trip(tmp_path: Path):
     assert entry is not None and entry.key == k and entry.use_overlap
     assert (entry.predicted_ms, entry.measured_ms, entry.sequential_ms) == (1.0, 1.1, 1.3)
     # Overwrite: the newest entry wins, no temporaries are left behind.
-    other = PlanConfig(block_m=128, block_n=128, num_ctas=124, group_waves=None)
+    other = PlanConfig(block_m=128, block_n=128, num_ctas=124, group_bands=None)
     cache.store(k, other, predicted_ms=2.0, use_overlap=False, directory=tmp_path)
     assert cache.lookup(k, directory=tmp_path) == other
     assert cache.lookup_entry(k, directory=tmp_path).use_overlap is False
@@ -69,16 +70,24 @@ def _drop(d: dict, name: str) -> None:
     del d[name]
 
 
+def _rename(d: dict, old: str, new: str) -> None:
+    d[new] = d.pop(old)
+
+
 @pytest.mark.parametrize("edit, why", [
-    (lambda r: r.update(schema_version=2), "schema version"),
+    (lambda r: r.update(schema_version=1), "schema version"),
+    (lambda r: r.update(schema_version=3), "schema version"),
     (lambda r: r.update(schema_version=None), "schema version"),
     (lambda r: _drop(r, "schema_version"), "schema version"),
     (lambda r: _drop(r, "predicted_ms"), "malformed"),
     (lambda r: _drop(r["config"], "num_ctas"), "malformed"),
     (lambda r: r["config"].update(block_m="128"), "malformed"),
-    (lambda r: r["config"].update(group_waves=[1, "2"]), "malformed"),
+    (lambda r: r["config"].update(group_bands=[1, "2"]), "malformed"),
     (lambda r: r["config"].update(block_m=96), "malformed"),  # not a power of two
-    (lambda r: r["config"].update(group_waves=[0, 3]), "malformed"),
+    (lambda r: r["config"].update(group_bands=[0, 3]), "malformed"),
+    (lambda r: r["config"].update(group_bands=[1, 3, 5]), "does not fit"),  # 9 != 8 bands
+    (lambda r: r["config"].update(group_m=4), "does not fit"),  # now 16 bands
+    (lambda r: _rename(r["config"], "group_bands", "group_waves"), "malformed"),
     (lambda r: r.update(predicted_ms="fast"), "malformed"),
     (lambda r: r.update(use_overlap="yes"), "malformed"),
     (lambda r: r.update(surprise=1), "malformed"),  # unknown fields are rejected
@@ -91,6 +100,25 @@ def test_bad_entries_warn_and_miss(tmp_path: Path, edit, why):
     k = _corrupt(tmp_path, edit)
     with pytest.warns(CacheWarning, match=why):
         assert cache.lookup(k, directory=tmp_path) is None
+
+
+def test_schema_1_entry_is_a_clean_miss(tmp_path: Path):
+    """An entry written by the wave-grouping tuner (schema 1, ``group_waves``) at the path
+    of a current key: a warning and a miss, never an exception."""
+    k = key()
+    path = cache.entry_path(k, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "schema_version": 1, "key": k.model_dump(mode="json"),
+        "config": {"block_m": 128, "block_n": 256, "num_ctas": 116, "group_m": 8,
+                   "group_waves": [1, 3, 14]},
+        "predicted_ms": 1.0, "measured_ms": None, "sequential_ms": None, "use_overlap": True,
+        "created": "2026-01-01T00:00:00+00:00"}))
+    with pytest.warns(CacheWarning, match="schema version 1"):
+        assert cache.lookup_entry(k, directory=tmp_path) is None
+    with pytest.warns(CacheWarning):
+        assert cache.list_entries(directory=tmp_path) == []
+    assert cache.SCHEMA_VERSION == 2
 
 
 def test_bad_entry_is_replaced_by_store(tmp_path: Path):

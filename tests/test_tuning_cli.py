@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from flashoverlap.plan import PlanConfig, Problem
 from flashoverlap.tuning import cache
-from flashoverlap.tuning.cli import format_table, format_waves, tune
+from flashoverlap import collectives
+from flashoverlap.tuning.cli import format_groups, format_table, tune
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_list_entries(runner, tmp_path):
         problem = Problem(M, 8192, 2048, "bfloat16", 4, "all_reduce")
         key = cache.make_key(problem, gpu_name="NVIDIA H100", num_sms=132,
                              interconnect="nvlink", nccl_version="2.21.5")
-        config = PlanConfig(num_ctas=116, group_waves=(1, 1, 2, 2, 2) if M == 8192 else (1,))
+        config = PlanConfig(num_ctas=116, group_bands=(1, 1, 2, 2, 2) if M == 8192 else (1,))
         cache.store(key, config, predicted_ms=1.234, measured_ms=1.3 if overlap else None,
                     sequential_ms=1.5, use_overlap=overlap)
     (tmp_path / "tuning" / "broken.json").write_text("{not json")
@@ -55,6 +56,15 @@ def test_list_entries(runner, tmp_path):
     assert len(lines) == 4  # header, rule, two entries (the broken file is skipped)
     assert "1x2,2x3" in result.output and "1.234" in result.output
     assert lines[2].split()[-1] == "no" and lines[3].split()[-1] == "yes"  # sorted by M
+
+
+def test_op_choices_are_the_registered_collectives(runner):
+    result = runner.invoke(tune, ["--help"])
+    for name in collectives.registered():
+        assert name in result.output
+    result = runner.invoke(tune, ["--m", "8", "--n", "8", "--k", "8", "--world-size", "2",
+                                  "--analytic", "--op", "all_gather_nope"])
+    assert result.exit_code == 2 and "all_gather_nope" in result.output
 
 
 def test_analytic(runner):
@@ -93,7 +103,7 @@ def test_missing_backend_is_a_clear_error(runner):
 
 
 def test_formatting_helpers():
-    assert format_waves((1, 1, 2, 2, 2, 7)) == "1x2,2x3,7"
-    assert format_waves(None) == "per-wave"
+    assert format_groups((1, 1, 2, 2, 2, 7)) == "1x2,2x3,7"
+    assert format_groups(None) == "per-band"
     table = format_table(("a", "bb"), [(1, None), (333, "x")])
     assert table.splitlines() == ["  a  bb", "---  --", "  1   -", "333   x"]

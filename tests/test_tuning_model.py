@@ -1,10 +1,11 @@
-"""The pipeline cost model and its exact grouping DP (no GPU).
+"""The pipeline cost model and its exact band-grouping DP (no GPU).
 
 The central property: :func:`optimal_partition` equals the brute-force minimum of
-:func:`predict` over all ``2**(n-1)`` groupings, bit for bit, on random instances -- including
-latency-dominated collectives (where few groups win), bandwidth-dominated ones (where many
-groups win) and arbitrary non-monotone costs (the exactness argument does not need monotone
-costs, so the test does not assume them either).
+:func:`predict` over all ``2**(n-1)`` groupings of ``n`` bands, bit for bit, on random
+instances -- including latency-dominated collectives (where few groups win),
+bandwidth-dominated ones (where many groups win), several bands ending in the same wave, and
+arbitrary non-monotone costs (the exactness argument does not need monotone costs, so the
+test does not assume them either).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from flashoverlap.tuning.model import (
     CommCurve,
+    band_end_times,
     linear_time,
     optimal_partition,
     overlap_wins,
@@ -30,7 +32,7 @@ EXAMPLES = settings(max_examples=250, deadline=None)
 
 
 def compositions(n: int):
-    """Every partition of ``n`` waves into consecutive groups (``2**(n-1)`` of them)."""
+    """Every partition of ``n`` bands into consecutive groups (``2**(n-1)`` of them)."""
     for cuts in itertools.product((False, True), repeat=n - 1):
         sizes, size = [], 1
         for cut in cuts:
@@ -43,8 +45,8 @@ def compositions(n: int):
         yield tuple(sizes)
 
 
-def brute_force(ends, bytes_fn, comm_fn, restore_fn, overhead):
-    return min(predict(p, ends, bytes_fn, comm_fn, restore_fn, group_overhead=overhead)
+def brute_force(ends, bytes_fn, comm_fn, overhead):
+    return min(predict(p, ends, bytes_fn, comm_fn, group_overhead=overhead)
                for p in compositions(len(ends)))
 
 
@@ -66,35 +68,38 @@ def comm_curves(draw):
 
 
 @st.composite
-def instances(draw, max_waves: int = 10):
-    n = draw(st.integers(1, max_waves))
-    waves = draw(st.lists(positive, min_size=n, max_size=n))
+def instances(draw, max_bands: int = 10):
+    """Bands of a real-looking GEMM: waves of P steps, bands of uneven step counts (several
+    may end in one wave, a band may span waves), a short last band."""
+    n = draw(st.integers(1, max_bands))
+    P = draw(st.integers(1, 132))
+    band_steps = draw(st.lists(st.integers(1, 300), min_size=n, max_size=n))
+    step_end = list(itertools.accumulate(band_steps))
+    num_waves = -(-step_end[-1] // P)
+    waves = draw(st.lists(positive, min_size=num_waves, max_size=num_waves))
     waves[0] += draw(st.floats(0, 1e-4))  # first-wave warm-up
-    ends = wave_end_times(waves)
-    tiles_per_wave = draw(st.integers(1, 132))
-    last_wave_tiles = draw(st.integers(1, tiles_per_wave))  # partial last wave
-    tile_bytes = draw(st.sampled_from([2 * 64 * 64, 2 * 128 * 256, 4 * 128 * 128]))
-    total_tiles = (n - 1) * tiles_per_wave + last_wave_tiles
+    ends = band_end_times(wave_end_times(waves), step_end, P)
+    row_bytes = draw(st.sampled_from([2 * 1024, 2 * 8192, 4 * 4096]))
+    band_rows = draw(st.lists(st.integers(1, 256), min_size=n, max_size=n))
+    row_lo = [0, *itertools.accumulate(band_rows)]
 
     def bytes_fn(start: int, stop: int) -> int:
-        return (min(stop * tiles_per_wave, total_tiles) - start * tiles_per_wave) * tile_bytes
+        return (row_lo[stop] - row_lo[start]) * row_bytes
 
     comm = draw(comm_curves())
-    restore = linear_time(draw(st.floats(0, 1e-11)), draw(st.floats(0, 5e-6)))
     overhead = draw(st.sampled_from([0.0, 5e-6, draw(st.floats(0, 1e-4))]))
-    return ends, bytes_fn, comm, restore, overhead
+    return ends, bytes_fn, comm, overhead
 
 
 @EXAMPLES
 @given(instances())
 def test_dp_equals_brute_force(inst):
-    ends, bytes_fn, comm, restore, overhead = inst
-    best = optimal_partition(ends, bytes_fn, comm, restore, group_overhead=overhead)
-    assert sum(best.group_waves) == len(ends)
-    assert all(w >= 1 for w in best.group_waves)
-    assert best.time == brute_force(ends, bytes_fn, comm, restore, overhead)
-    assert best.time == predict(best.group_waves, ends, bytes_fn, comm, restore,
-                                group_overhead=overhead)
+    ends, bytes_fn, comm, overhead = inst
+    best = optimal_partition(ends, bytes_fn, comm, group_overhead=overhead)
+    assert sum(best.group_bands) == len(ends)
+    assert all(w >= 1 for w in best.group_bands)
+    assert best.time == brute_force(ends, bytes_fn, comm, overhead)
+    assert best.time == predict(best.group_bands, ends, bytes_fn, comm, group_overhead=overhead)
 
 
 @EXAMPLES
@@ -107,60 +112,79 @@ def test_dp_exact_for_arbitrary_costs(data):
     # Encode the pair as "bytes" and look the cost up: an arbitrary cost per group.
     bytes_fn = lambda i, j: i * 1000 + j  # noqa: E731
     comm = lambda b: table[(int(b) // 1000, int(b) % 1000)]  # noqa: E731
-    restore = lambda b: 0.0  # noqa: E731
-    best = optimal_partition(ends, bytes_fn, comm, restore)
-    assert best.time == brute_force(ends, bytes_fn, comm, restore, 0.0)
-    assert best.time == predict(best.group_waves, ends, bytes_fn, comm, restore)
+    best = optimal_partition(ends, bytes_fn, comm)
+    assert best.time == brute_force(ends, bytes_fn, comm, 0.0)
+    assert best.time == predict(best.group_bands, ends, bytes_fn, comm)
 
 
-def test_single_wave():
+def test_band_end_times():
+    """Step s runs in wave s // P; a band ends with the wave of its last step."""
+    wave_ends = [1.0, 2.5, 4.0]  # P = 10: steps 0-9, 10-19, 20-29
+    assert band_end_times(wave_ends, [5, 10, 11, 30], 10) == [1.0, 1.0, 2.5, 4.0]
+    assert band_end_times(wave_ends, [25], 10) == [4.0]  # a partial last wave
+    with pytest.raises(ValueError):
+        band_end_times(wave_ends, [31], 10)  # beyond the waves given
+    with pytest.raises(ValueError):
+        band_end_times(wave_ends, [5], 0)
+
+
+def test_single_band():
     ends = [3.0]
-    best = optimal_partition(ends, lambda i, j: 10, lambda b: 2.0, lambda b: 0.5,
-                             group_overhead=0.25)
-    assert best.group_waves == (1,)
-    assert best.time == 3.0 + 0.25 + 2.0 + 0.5
-    assert predict((1,), ends, lambda i, j: 10, lambda b: 2.0, lambda b: 0.5,
-                   group_overhead=0.25) == best.time
+    best = optimal_partition(ends, lambda i, j: 10, lambda b: 2.0, group_overhead=0.25)
+    assert best.group_bands == (1,)
+    assert best.time == 3.0 + 0.25 + 2.0
+    assert predict((1,), ends, lambda i, j: 10, lambda b: 2.0, group_overhead=0.25) == best.time
 
 
 def test_pipeline_by_hand():
-    """Two waves ending at 1 and 2; each group's comm costs 1.5 per wave of bytes."""
+    """Two bands ending at 1 and 2; each group's comm costs 1.5 per band of bytes."""
     ends = [1.0, 2.0]
     bytes_fn = lambda i, j: j - i  # noqa: E731
     comm = lambda b: 1.5 * b  # noqa: E731
-    restore = lambda b: 0.1 * b  # noqa: E731
-    # One group: start 2, +3 comm, +0.2 restore.
-    assert predict((2,), ends, bytes_fn, comm, restore) == pytest.approx(5.2)
-    # Two groups: g0 ends 1+1.5+0.1=2.6; g1 waits for the watcher (2.6 > 2): 2.6+1.6 = 4.2.
-    assert predict((1, 1), ends, bytes_fn, comm, restore) == pytest.approx(4.2)
-    best = optimal_partition(ends, bytes_fn, comm, restore)
-    assert best.group_waves == (1, 1) and best.time == pytest.approx(4.2)
-    # A fixed per-group overhead of 2 makes the single group win.
-    best = optimal_partition(ends, bytes_fn, comm, restore, group_overhead=2.0)
-    assert best.group_waves == (2,)
+    # One group: start 2, +3 comm.
+    assert predict((2,), ends, bytes_fn, comm) == pytest.approx(5.0)
+    # Two groups: g0 ends 1+1.5=2.5; g1 waits for the watcher (2.5 > 2): 2.5+1.5 = 4.0.
+    assert predict((1, 1), ends, bytes_fn, comm) == pytest.approx(4.0)
+    best = optimal_partition(ends, bytes_fn, comm)
+    assert best.group_bands == (1, 1) and best.time == pytest.approx(4.0)
+    # A fixed per-group overhead of 2 makes the single group win (5+2 < 4+4).
+    best = optimal_partition(ends, bytes_fn, comm, group_overhead=2.0)
+    assert best.group_bands == (2,) and best.time == pytest.approx(7.0)
+
+
+def test_bands_in_one_wave_are_best_sent_together():
+    """Bands 0 and 1 end in the same wave: splitting them only adds a group's overhead.
+
+    By hand: (3) 2.8, (2, 1) 2.6, (1, 2) 2.7, (1, 1, 1) 2.8."""
+    ends = [1.0, 1.0, 2.0]
+    bytes_fn = lambda i, j: j - i  # noqa: E731
+    comm = linear_time(0.1, 0.0)
+    best = optimal_partition(ends, bytes_fn, comm, group_overhead=0.5)
+    assert best.group_bands == (2, 1)
+    assert best.time == pytest.approx(2.6)
+    assert predict((1, 1, 1), ends, bytes_fn, comm, group_overhead=0.5) == pytest.approx(2.8)
 
 
 def test_latency_dominated_prefers_one_group_bandwidth_dominated_prefers_many():
     ends = wave_end_times([1e-5] * 8)
     bytes_fn = lambda i, j: (j - i) << 20  # noqa: E731
-    zero = linear_time(0.0)
     latency_bound = linear_time(1e-15, 1e-3)
-    assert optimal_partition(ends, bytes_fn, latency_bound, zero).group_waves == (8,)
-    bandwidth_bound = linear_time(1e-11, 0.0)  # 10 us per MiB wave, as long as a wave
-    assert optimal_partition(ends, bytes_fn, bandwidth_bound, zero).group_waves == (1,) * 8
+    assert optimal_partition(ends, bytes_fn, latency_bound).group_bands == (8,)
+    bandwidth_bound = linear_time(1e-11, 0.0)  # 10 us per MiB band, as long as a band
+    assert optimal_partition(ends, bytes_fn, bandwidth_bound).group_bands == (1,) * 8
 
 
 def test_starved_gemm_gives_one_group():
-    """All waves "end" with the GEMM (no SMs for NCCL): any split only adds overhead."""
+    """All bands "end" with the GEMM (no SMs for NCCL): any split only adds overhead."""
     ends = [5.0] * 6
-    best = optimal_partition(ends, lambda i, j: j - i, linear_time(1.0, 0.5), linear_time(0.0),
+    best = optimal_partition(ends, lambda i, j: j - i, linear_time(1.0, 0.5),
                              group_overhead=0.1)
-    assert best.group_waves == (6,)
+    assert best.group_bands == (6,)
 
 
 def test_predict_rejects_bad_partitions():
     ends = [1.0, 2.0, 3.0]
-    args = (ends, lambda i, j: 1, lambda b: 1.0, lambda b: 0.0)
+    args = (ends, lambda i, j: 1, lambda b: 1.0)
     for bad in [(1, 1), (2, 2), (), (0, 3), (1, -1, 3)]:
         with pytest.raises(ValueError):
             predict(bad, *args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -10,9 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashoverlap.plan import PlanConfig, Problem, make_plan, num_waves_for
+from flashoverlap.collectives import Collective, register
+from flashoverlap.collectives import base as collectives_base
+from flashoverlap.plan import (
+    COL_START, COL_STOP, GROUP, ROW_START, ROW_STOP, PlanConfig, Problem, make_plan,
+    num_bands_for,
+)
 from flashoverlap.tuning import search as S
-from flashoverlap.tuning.model import linear_time, optimal_partition, predict, wave_end_times
+from flashoverlap.tuning.model import linear_time, predict
 
 
 @st.composite
@@ -25,31 +31,63 @@ def problems(draw):
                    draw(st.sampled_from([512, 2048, 7168])), "bfloat16", W, op)
 
 
+def compositions(n: int):
+    """Every grouping of ``n`` bands (``2**(n-1)`` of them)."""
+    for cuts in itertools.product((False, True), repeat=n - 1):
+        sizes, size = [], 1
+        for cut in cuts:
+            if cut:
+                sizes.append(size)
+                size = 1
+            else:
+                size += 1
+        sizes.append(size)
+        yield tuple(sizes)
+
+
+def band_ends_from_plan(problem, config, wave_times, starved=False):
+    """Reference: build the one-group-per-band plan and take, for every band, the wave of
+    the last step that writes it (step s runs in wave s // P)."""
+    plan = make_plan(problem, dataclasses.replace(config, group_bands=None))
+    ends = np.cumsum(wave_times)
+    if starved:
+        ends[:] = ends[-1]
+    groups = plan.step_table[:, GROUP]
+    last_step = [int(np.flatnonzero(groups == g).max()) for g in range(plan.num_groups)]
+    return [float(ends[s // config.num_ctas]) for s in last_step]
+
+
 def test_dtype_size_and_num_ctas():
     assert S.dtype_size("bfloat16") == S.dtype_size("torch.float16") == 2
     assert S.dtype_size("float32") == 4
     with pytest.raises(ValueError):
         S.dtype_size("int8")
-    ar = Problem(1024, 1024, 1024, "bfloat16", 8, "all_reduce")
-    rs = dataclasses.replace(ar, op="reduce_scatter")
-    assert S.num_ctas_for(ar, 132, 8) == 124
-    assert S.num_ctas_for(rs, 132, 8) == 120  # rounded down to a multiple of W
-    assert S.num_ctas_for(ar, 132, 200) == 0
+    assert S.num_ctas_for(132, 8) == 124  # no rounding to W: groups are whole bands
+    assert S.num_ctas_for(132, 200) == 0
 
 
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.sampled_from([(128, 256), (128, 128), (64, 64)]),
-       st.sampled_from([0, 8, 16]))
-def test_group_bytes_match_the_plan(problem, tile, reserved):
-    P = S.num_ctas_for(problem, 132, reserved)
-    config = PlanConfig(block_m=tile[0], block_n=tile[1], num_ctas=P)
-    plan = make_plan(problem, config)
+       st.sampled_from([0, 8, 16]), st.sampled_from([1, 2, 8]))
+def test_group_bytes_and_band_ends_match_the_plan(problem, tile, reserved, group_m):
+    P = S.num_ctas_for(132, reserved)
+    config = PlanConfig(block_m=tile[0], block_n=tile[1], num_ctas=P, group_m=group_m)
+    plan = make_plan(problem, config)  # one group per band
     nbytes = S.group_bytes_fn(problem, config)
-    slot = tile[0] * tile[1] * 2
-    # One group per wave: each group's bytes are its comm-buffer slot range.
-    for w in range(plan.num_waves):
-        assert nbytes(w, w + 1) == int(np.diff(plan.group_bounds)[w]) * slot
-    assert nbytes(0, plan.num_waves) == plan.num_tiles * slot
+    table = plan.step_table
+    area = ((table[:, ROW_STOP] - table[:, ROW_START]).astype(np.int64)
+            * (table[:, COL_STOP] - table[:, COL_START]))
+    # A group's bytes are the output elements its tiles write (no padding), and its spans.
+    for g in range(plan.num_groups):
+        tile_elems = int(area[table[:, GROUP] == g].sum())
+        assert nbytes(g, g + 1) == tile_elems * 2 == plan.spans()[g].send_rows * problem.N * 2
+    assert nbytes(0, plan.num_groups) == problem.M * problem.N * 2
+    waves = [1e-6 * (1 + (w * 7919) % 13) for w in range(plan.num_waves)]
+    for starved in (False, True):
+        assert S.band_ends_for(problem, config, waves, starved=starved) == pytest.approx(
+            band_ends_from_plan(problem, config, waves, starved), rel=1e-12)
+    with pytest.raises(ValueError, match="waves"):
+        S.band_ends_for(problem, config, waves + [1.0])
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,9 +98,9 @@ def test_analytic_choices_build_valid_plans(problem, p2p):
     times = [c.predicted_s for c in result.top]
     assert times == sorted(times) and result.best == result.top[0]
     for c in result.top:
-        plan = make_plan(problem, c.config)  # consistent wave count, RS divisibility
-        assert plan.num_groups == len(c.config.group_waves)
-        assert c.config.num_ctas == S.num_ctas_for(problem, 132, c.reserved_sms)
+        plan = make_plan(problem, c.config)  # the bands add up
+        assert plan.num_groups == len(c.config.group_bands)
+        assert c.config.num_ctas == 132 - c.reserved_sms
     default = S.analytic_default(problem, 132, p2p=p2p)
     make_plan(problem, default)
     overlap, sequential = S.predict_times(problem, default, 132, p2p=p2p)
@@ -70,25 +108,30 @@ def test_analytic_choices_build_valid_plans(problem, p2p):
 
 
 def test_search_is_exact_over_candidates():
-    """The best candidate is the minimum over (tile, r) of each candidate's DP optimum."""
+    """Every candidate's prediction is the brute-force optimum over all groupings of its
+    bands (band ends and bytes computed from the plan itself), and the best is the min."""
     problem = Problem(8192, 8192, 2048, "bfloat16", 4, "all_reduce")
     model = S.AnalyticModel()
     result = S.search(problem, 132,
                       wave_times_fn=lambda c: model.wave_times(problem, c),
-                      comm_curve_fn=lambda r: model.comm_time_fn(problem, r),
-                      restore_time_fn=model.restore_time, top_k=100,
+                      comm_curve_fn=lambda r: model.comm_time_fn(problem, r), top_k=100,
                       group_overhead=model.group_overhead)
     assert len(result.top) == len(S.DEFAULT_TILE_CONFIGS) * len(S.DEFAULT_RESERVATIONS)
     for c in result.top:
-        base = dataclasses.replace(c.config, group_waves=None)
-        ends = wave_end_times(model.wave_times(problem, base))
-        if c.reserved_sms == 0:
-            ends = [ends[-1]] * len(ends)
-        args = (ends, S.group_bytes_fn(problem, base), model.comm_time_fn(problem, c.reserved_sms),
-                model.restore_time)
-        assert c.predicted_s == predict(c.config.group_waves, *args,
-                                        group_overhead=model.group_overhead)
-        assert c.predicted_s == optimal_partition(*args, group_overhead=model.group_overhead).time
+        base = dataclasses.replace(c.config, group_bands=None)
+        plan = make_plan(problem, base)
+        assert 2 <= plan.num_groups <= 12  # brute force stays cheap
+        ends = band_ends_from_plan(problem, base, model.wave_times(problem, base),
+                                   starved=c.reserved_sms == 0)
+        send = [s.send_rows * problem.N * 2 for s in plan.spans()]
+        bytes_fn = lambda i, j, send=send: sum(send[i:j])  # noqa: E731
+        comm = model.comm_time_fn(problem, c.reserved_sms)
+        brute = min(predict(p, ends, bytes_fn, comm, group_overhead=model.group_overhead)
+                    for p in compositions(len(ends)))
+        assert c.predicted_s == pytest.approx(brute, rel=1e-12)
+        assert predict(c.config.group_bands, ends, bytes_fn, comm,
+                       group_overhead=model.group_overhead) == pytest.approx(brute, rel=1e-12)
+    assert result.best.predicted_s == min(c.predicted_s for c in result.top)
 
 
 def test_reserving_no_sm_means_no_overlap():
@@ -96,43 +139,67 @@ def test_reserving_no_sm_means_no_overlap():
     problem = Problem(8192, 8192, 2048, "bfloat16", 4, "all_reduce")
     model = S.AnalyticModel()
     result = S.search(problem, 132, wave_times_fn=lambda c: model.wave_times(problem, c),
-                      comm_curve_fn=lambda r: model.comm_time_fn(problem, r),
-                      restore_time_fn=model.restore_time, reservations=(0,),
+                      comm_curve_fn=lambda r: model.comm_time_fn(problem, r), reservations=(0,),
                       tile_configs=((128, 256),), group_overhead=model.group_overhead)
     c = result.best
     gemm_end = sum(model.wave_times(problem, c.config))
-    total = S.group_bytes_fn(problem, c.config)(0, num_waves_for(problem, c.config))
-    assert c.config.group_waves == (num_waves_for(problem, c.config),)
+    assert c.config.group_bands == (num_bands_for(problem, c.config),)
     assert c.predicted_s == pytest.approx(
-        gemm_end + model.group_overhead + model.comm_time_fn(problem, 0)(total)
-        + model.restore_time(total))
+        gemm_end + model.group_overhead + model.comm_time_fn(problem, 0)(8192 * 8192 * 2))
 
 
-def test_reduce_scatter_restores_the_received_share():
-    problem = Problem(4096, 4096, 1024, "bfloat16", 4, "reduce_scatter")
-    seen = []
+@dataclasses.dataclass(frozen=True)
+class TripleTraffic(Collective):
+    """A made-up collective: two row blocks, three bus bytes per send byte."""
 
-    def restore(nbytes):
-        seen.append(nbytes)
-        return 0.0
+    name = "test_tuning_triple_traffic"
 
-    config = S.search(problem, 132, wave_times_fn=lambda c: [1e-5] * num_waves_for(problem, c),
-                      comm_curve_fn=lambda r: linear_time(1e-12, 1e-6), restore_time_fn=restore,
-                      tile_configs=((128, 128),), reservations=(16,)).best.config
-    send = S.group_bytes_fn(problem, config)(0, 1)
-    assert send / 4 in seen  # a one-wave group restores a quarter of what it sends
+    def row_blocks(self, world_size):
+        return 2
+
+    def launch_group(self, nccl, send_ptr, recv_ptr, send_count, recv_count):
+        raise NotImplementedError
+
+    def torch_group(self, send, recv, group):
+        raise NotImplementedError
+
+    def bus_bytes(self, send_bytes, world_size):
+        return 3.0 * send_bytes
+
+
+def test_the_model_asks_the_collective(monkeypatch):
+    """Bus traffic and row blocks come from the Collective object, not from its name."""
+    # Registered for this test only: other tests iterate over the registered collectives.
+    monkeypatch.setattr(collectives_base, "_REGISTRY", dict(collectives_base._REGISTRY))
+    register(TripleTraffic())
+    model = S.AnalyticModel(latency_s={True: 1e-6, False: 1e-6})
+    nbytes = 64 << 20
+    times = {}
+    for op in ("all_reduce", "reduce_scatter", TripleTraffic.name):
+        problem = Problem(4096, 4096, 1024, "bfloat16", 4, op)
+        times[op] = model.comm_time_fn(problem, None, contended=False)(nbytes) - 1e-6
+    busbw = model.bus_bandwidth[(4, True)]
+    assert times["all_reduce"] == pytest.approx(nbytes * 2 * 3 / 4 / busbw)
+    assert times["reduce_scatter"] == pytest.approx(nbytes * 3 / 4 / busbw)
+    assert times[TripleTraffic.name] == pytest.approx(3 * nbytes / busbw)
+    # Two row blocks: a group of bands sends those rows of both blocks.
+    problem = Problem(4096, 1000, 1024, "bfloat16", 4, TripleTraffic.name)
+    config = PlanConfig(block_m=128, block_n=128, num_ctas=100, group_m=2)
+    assert S.group_bytes_fn(problem, config)(0, 1) == 2 * 256 * 1000 * 2
+    best = S.analytic_search(problem, 132, reservations=(16,), tile_configs=((128, 128),),
+                             group_m=2).best
+    assert sum(best.config.group_bands) == num_bands_for(problem, config) == 8
+    assert TripleTraffic.name in collectives_base.registered()
 
 
 def test_search_validates_wave_counts():
     problem = Problem(4096, 4096, 1024, "bfloat16", 2, "all_reduce")
     with pytest.raises(ValueError, match="waves"):
         S.search(problem, 132, wave_times_fn=lambda c: [1e-5],
-                 comm_curve_fn=lambda r: linear_time(1e-12), restore_time_fn=linear_time(0),
-                 reservations=(16,))
+                 comm_curve_fn=lambda r: linear_time(1e-12), reservations=(16,))
     with pytest.raises(ValueError, match="no feasible"):
         S.search(problem, 8, wave_times_fn=lambda c: [1e-5],
-                 comm_curve_fn=lambda r: linear_time(1e-12), restore_time_fn=linear_time(0),
-                 reservations=(8, 16))
+                 comm_curve_fn=lambda r: linear_time(1e-12), reservations=(8, 16))
 
 
 def test_never_slower_decisions():
@@ -143,9 +210,14 @@ def test_never_slower_decisions():
     pcie = Problem(8192, 8192, 32768, "bfloat16", 4, "all_reduce")
     assert S.predict_gain(pcie, None, 132, p2p=False)
     # Any config: a single group of everything cannot beat sequential.
-    one_group = dataclasses.replace(S.analytic_default(big, 132), group_waves=None)
-    waves = num_waves_for(big, one_group)
-    assert not S.predict_gain(big, dataclasses.replace(one_group, group_waves=(waves,)), 132)
+    default = S.analytic_default(big, 132)
+    one_group = dataclasses.replace(default, group_bands=(num_bands_for(big, default),))
+    assert not S.predict_gain(big, one_group, 132)
+    # group_bands=None is the plan's meaning: one group per band.
+    per_band = dataclasses.replace(default, group_bands=None)
+    assert S.predict_times(big, per_band, 132)[0] == S.predict_times(
+        big, dataclasses.replace(per_band, group_bands=(1,) * num_bands_for(big, default)),
+        132)[0]
     # The engine's call: predict_gain(plan.problem, plan.config, num_sms).
     assert S.predict_gain(big, S.analytic_default(big, 132), 132)
 
@@ -153,10 +225,13 @@ def test_never_slower_decisions():
 def test_analytic_default_shape():
     problem = Problem(8192, 8192, 2048, "bfloat16", 4, "reduce_scatter")
     config = S.analytic_default(problem, 132)
-    assert config.num_ctas == 116 and config.num_ctas % 4 == 0
+    assert config.num_ctas == 116
+    assert S.analytic_default(problem, 130).num_ctas == 114  # no rounding to W
     assert (config.block_m, config.block_n) == (128, 256)
-    assert sum(config.group_waves) == num_waves_for(problem, config)
-    assert len(config.group_waves) > 1
+    # 2048 rows per block = 16 tile rows: group_m 2 gives the 8 bands the rule asks for.
+    assert config.group_m == 2 and num_bands_for(problem, config) == 8
+    assert sum(config.group_bands) == 8 and len(config.group_bands) > 1
+    assert S.analytic_default(problem, 132, group_m=8).group_m == 8
     with pytest.raises(ValueError):
         S.analytic_default(problem, 16, reserved_sms=16)
 

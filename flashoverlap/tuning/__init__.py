@@ -2,11 +2,13 @@
 
 Layout (one concept per module):
 
-* :mod:`.model`   -- the watcher-stream pipeline model and the O(n^2) exact grouping DP;
+* :mod:`.model`   -- the watcher-stream pipeline model and the O(n^2) exact DP that groups
+  row bands (plans are restore-free: a group is a run of whole bands);
 * :mod:`.search`  -- search over tiles x SM reservations, analytic defaults, the never-slower
   decision, and the measuring driver :func:`tune`;
-* :mod:`.measure` -- GPU measurements (bandwidth curves under contention, wave times), written
-  against small callables so the plumbing is tested on CPU;
+* :mod:`.measure` -- GPU measurements (bandwidth curves under contention, wave times; band end
+  times follow from the waves), written against small callables so the plumbing is tested
+  on CPU;
 * :mod:`.cache`   -- JSON cache of tuned configs, validated with pydantic;
 * :mod:`.cli`     -- the ``tune`` command (mounted by ``flashoverlap.cli``).
 

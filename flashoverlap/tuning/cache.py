@@ -26,7 +26,10 @@ Design
 * **Validation with pydantic v2**, strict and ``extra="forbid"``, with a ``schema_version``.
   An entry of another schema version, a missing field, a wrong type or a truncated file gives
   ``None`` plus a :class:`CacheWarning`; the entry is left on disk for a human to inspect and
-  is overwritten by the next ``store``.
+  is overwritten by the next ``store``.  Schema 2 stores ``group_bands`` (groups of row
+  bands, restore-free plans); schema-1 entries (``group_waves``) are read as such misses.
+  They also sit under other file names: the key holds the plan format version, which
+  changed with them.
 
 Location: ``$FLASHOVERLAP_CACHE/tuning`` if the variable is set, else
 ``platformdirs.user_cache_dir("flashoverlap")/tuning``.
@@ -48,9 +51,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flashoverlap.plan import PLAN_FORMAT_VERSION, PlanConfig, Problem
+from flashoverlap.plan import PLAN_FORMAT_VERSION, PlanConfig, Problem, num_bands_for
 
-SCHEMA_VERSION: Literal[1] = 1
+# 2: groups are runs of row bands (``group_bands``); 1 grouped waves (``group_waves``).
+SCHEMA_VERSION: Literal[2] = 2
 CACHE_ENV = "FLASHOVERLAP_CACHE"
 # NCCL variables that change which transport or algorithm a collective uses, hence its speed.
 INTERCONNECT_ENV = (
@@ -119,16 +123,16 @@ class ConfigModel(BaseModel):
     block_n: int
     num_ctas: int
     group_m: int
-    group_waves: tuple[int, ...] | None
+    group_bands: tuple[int, ...] | None
 
     @classmethod
     def from_config(cls, config: PlanConfig) -> ConfigModel:
         return cls(block_m=config.block_m, block_n=config.block_n, num_ctas=config.num_ctas,
-                   group_m=config.group_m, group_waves=config.group_waves)
+                   group_m=config.group_m, group_bands=config.group_bands)
 
     def to_config(self) -> PlanConfig:
         return PlanConfig(block_m=self.block_m, block_n=self.block_n, num_ctas=self.num_ctas,
-                          group_m=self.group_m, group_waves=self.group_waves)
+                          group_m=self.group_m, group_bands=self.group_bands)
 
 
 class CacheEntry(BaseModel):
@@ -136,7 +140,7 @@ class CacheEntry(BaseModel):
 
     model_config = _STRICT
 
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     key: CacheKey
     config: ConfigModel
     predicted_ms: float
@@ -298,13 +302,36 @@ def _read(path: Path) -> CacheEntry | None:
     return entry
 
 
+def _plan_mismatch(entry: CacheEntry) -> str | None:
+    """Why the entry's config cannot make a plan for its key's problem (``None``: it can)."""
+    k = entry.key
+    try:
+        problem = Problem(k.M, k.N, k.K, k.dtype, k.world_size, k.op)
+        config = entry.plan_config
+        bands = config.group_bands
+        if bands is not None and sum(bands) != num_bands_for(problem, config):
+            return (f"group_bands {bands} do not sum to the plan's "
+                    f"{num_bands_for(problem, config)} bands")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def lookup_entry(key: CacheKey, *, directory: Path | None = None) -> CacheEntry | None:
-    """The full entry for ``key`` (config, predictions, overlap decision), or ``None``."""
-    entry = _read(entry_path(key, directory))
+    """The full entry for ``key`` (config, predictions, overlap decision), or ``None``.
+
+    Besides the schema, the config is checked against the key's problem (its bands must add
+    up), so a hand-edited or stale entry reads as a miss instead of failing the op."""
+    path = entry_path(key, directory)
+    entry = _read(path)
     if entry is not None and entry.key != key:
-        warnings.warn(f"flashoverlap cache: {entry_path(key, directory)} holds another key "
+        warnings.warn(f"flashoverlap cache: {path} holds another key "
                       f"(hash collision or edited file); ignoring it", CacheWarning,
                       stacklevel=2)
+        return None
+    if entry is not None and (why := _plan_mismatch(entry)) is not None:
+        warnings.warn(f"flashoverlap cache: {path} does not fit its problem ({why}); "
+                      f"ignoring it", CacheWarning, stacklevel=2)
         return None
     return entry
 

@@ -4,7 +4,7 @@ Role
 ----
 ``flashoverlap tune --m 8192 --n 8192 --k 2048 --op all_reduce`` under ``torchrun`` (or
 ``mpirun``) measures bandwidth curves and GEMM wave times on every rank, searches tiles x SM
-reservations with the exact grouping DP, runs the top-k plans and the sequential baseline for
+reservations with the exact band-grouping DP, runs the top-k plans and the sequential baseline for
 real, and stores the winner (with the never-slower decision) in the cache that the engine
 reads.  ``--list`` prints the cache; ``--analytic`` prints what the analytic model would
 choose, without a GPU.
@@ -34,7 +34,8 @@ from typing import Any
 
 import click
 
-from flashoverlap.plan import OPS, Problem
+from flashoverlap import collectives
+from flashoverlap.plan import Problem
 from flashoverlap.tuning import cache
 from flashoverlap.tuning.model import overlap_wins
 from flashoverlap.tuning.search import (
@@ -52,12 +53,12 @@ DEFAULT_BACKEND = "flashoverlap.tuning.measure:engine_backend"
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def format_waves(group_waves: Sequence[int] | None) -> str:
-    """Run-length form of a grouping: ``(1, 1, 2, 2, 2) -> "1x2,2x3"``."""
-    if group_waves is None:
-        return "per-wave"
+def format_groups(group_bands: Sequence[int] | None) -> str:
+    """Run-length form of a grouping in bands: ``(1, 1, 2, 2, 2) -> "1x2,2x3"``."""
+    if group_bands is None:
+        return "per-band"
     parts = []
-    for size, run in itertools.groupby(group_waves):
+    for size, run in itertools.groupby(group_bands):
         count = len(list(run))
         parts.append(f"{size}x{count}" if count > 1 else str(size))
     return ",".join(parts)
@@ -82,12 +83,14 @@ def _candidate_rows(top: Sequence[Candidate]) -> list[list[Any]]:
     for i, c in enumerate(top):
         err = c.prediction_error
         rows.append([i + 1, f"{c.config.block_m}x{c.config.block_n}", c.config.num_ctas,
-                     c.reserved_sms, format_waves(c.config.group_waves), _ms(c.predicted_s),
+                     c.reserved_sms, c.config.group_m, format_groups(c.config.group_bands),
+                     _ms(c.predicted_s),
                      _ms(c.measured_s), None if err is None else f"{100 * err:.1f}%"])
     return rows
 
 
-_CANDIDATE_HEADERS = ("#", "tile", "P", "r", "groups", "pred ms", "meas ms", "err")
+_CANDIDATE_HEADERS = ("#", "tile", "P", "r", "group_m", "bands/group", "pred ms", "meas ms",
+                      "err")
 
 
 def _parse_tiles(text: str) -> tuple[tuple[int, int], ...]:
@@ -130,14 +133,15 @@ def _list_cache(directory: Path | None) -> None:
     for e in entries:
         k, c = e.key, e.config
         rows.append([k.gpu_name, k.world_size, k.op, k.dtype, k.M, k.N, k.K, k.interconnect,
-                     f"{c.block_m}x{c.block_n}", c.num_ctas, format_waves(c.group_waves),
+                     f"{c.block_m}x{c.block_n}", c.num_ctas, c.group_m,
+                     format_groups(c.group_bands),
                      f"{e.predicted_ms:.3f}",
                      None if e.measured_ms is None else f"{e.measured_ms:.3f}",
                      None if e.sequential_ms is None else f"{e.sequential_ms:.3f}",
                      "yes" if e.use_overlap else "no"])
     click.echo(format_table(
-        ("gpu", "W", "op", "dtype", "M", "N", "K", "link", "tile", "P", "groups", "pred ms",
-         "meas ms", "seq ms", "overlap"), rows))
+        ("gpu", "W", "op", "dtype", "M", "N", "K", "link", "tile", "P", "group_m",
+         "bands/group", "pred ms", "meas ms", "seq ms", "overlap"), rows))
 
 
 def _analytic(problem: Problem, num_sms: int, p2p: bool, tiles, reservations, top_k) -> None:
@@ -204,7 +208,9 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
 @click.option("--m", "m", type=click.IntRange(min=1), help="Rows of A and of the output.")
 @click.option("--n", "n", type=click.IntRange(min=1), help="Columns of B and of the output.")
 @click.option("--k", "k", type=click.IntRange(min=1), help="Inner dimension (per rank).")
-@click.option("--op", type=click.Choice(OPS), default="all_reduce", show_default=True)
+@click.option("--op", type=click.Choice(collectives.registered()),
+              default=collectives.ALL_REDUCE.name,
+              show_default=True, help="Collective (a registered name).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="Ranks (default: the launcher's; required with --analytic).")

@@ -9,9 +9,12 @@ Role
   watcher stream: contention for memory bandwidth and SMs is in the numbers, not modelled;
 * the **wave times** of the signal GEMM (:func:`measure_wave_times`).  The simplest robust
   method: time the GEMM truncated to ``k`` waves (``k * P`` tiles) for ``k = 1..n`` and take
-  differences.  Wave 1 then carries the launch and pipeline warm-up, exactly as ``e_0`` in
-  the model should.  Reading the counters' timestamps would need a clock per tile and a
-  kernel change; differencing needs neither.
+  differences.  Wave 1 then carries the launch and pipeline warm-up.  The model groups row
+  bands, not waves, but a band is complete when the wave holding its last step ends, so
+  wave times give every band's end time (``model.band_end_times``).  Reading the counters'
+  timestamps would need a clock per tile and a kernel change; differencing needs neither.
+
+There is nothing else to measure: plans are restore-free (no copy after a group).
 
 Design
 ------
@@ -309,8 +312,8 @@ class TuningBackend(Protocol):
         """Max of ``x`` over ranks (identity on one rank)."""
 
     def comm_fn(self, reserved_sms: int) -> Callable[[int], Any]:
-        """``f(nbytes)`` runs the problem's collective on ``nbytes`` with NCCL limited to about
-        ``reserved_sms`` CTAs (0: NCCL's default)."""
+        """``f(nbytes)`` runs the problem's collective on ``nbytes`` send bytes with NCCL
+        limited to about ``reserved_sms`` CTAs (0: NCCL's default)."""
 
     def gemm_fn(self, config: PlanConfig) -> Callable[[int], Any]:
         """``f(k)`` runs the signal GEMM of ``config`` truncated to its first ``k`` waves."""
@@ -328,13 +331,16 @@ class TuningBackend(Protocol):
 class EngineBackend:
     """The GPU :class:`TuningBackend`, built on flashoverlap's own engine pieces.
 
-    * collectives: ``flashoverlap.comm`` communicators created with ``maxCTAs`` equal to what
-      the engine will give NCCL for that reservation (``SMs - P``; NCCL's default when
-      ``P = SMs``), i.e. the very communicator configuration the overlapped op runs with;
+    * collectives: the problem's :class:`~flashoverlap.collectives.Collective`, launched raw
+      (``launch_group``, the call the watcher stream makes per group) on ``flashoverlap.comm``
+      communicators created with ``maxCTAs`` equal to what the engine gives NCCL for that
+      reservation (``SMs - P``; NCCL's default when ``P = SMs``), i.e. the very communicator
+      configuration the overlapped op runs with.  Message sizes are send bytes;
     * GEMM waves: ``flashoverlap.kernels.signal_gemm`` on the plan's step table truncated to
-      its first ``k * P`` steps (a persistent CTA stops when the table ends);
-    * the overlapped op: ``flashoverlap.engine.run_overlap`` with ``force_overlap=True``;
-    * the baseline: ``flashoverlap.sequential.run_sequential`` (``torch.matmul`` + NCCL).
+      its first ``k * P`` steps (a persistent CTA stops when the table ends), writing a
+      row-major ``[M, N]`` buffer as the real op does;
+    * the overlapped op: ``flashoverlap.engine.run_overlap`` (always overlaps);
+    * the baseline: ``flashoverlap.engine.run_sequential`` (``torch.matmul`` + NCCL).
 
     Inputs are random (never zeros: power and clocks depend on the data), allocated once;
     the timer flushes L2 before each timed call.  Everything is imported lazily.
@@ -342,12 +348,15 @@ class EngineBackend:
 
     def __init__(self, problem: Problem, group: Any = None, device: Any = None) -> None:
         import torch
+        import torch.distributed as dist
 
         from flashoverlap.dist_utils import resolve_group
 
         self._torch = torch
         self.problem = problem
+        self.collective = problem.collective
         self.group = resolve_group(group)
+        self.rank = dist.get_rank(self.group)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if device is None
                        else torch.device(device))
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -360,9 +369,10 @@ class EngineBackend:
                               generator=gen)
         self._b = torch.randn(problem.K, problem.N, dtype=self.dtype, device=self.device,
                               generator=gen) / problem.K ** 0.5
-        self._out = torch.empty(problem.rows_per_block, problem.N, dtype=self.dtype,
-                                device=self.device)
-        self._comm_buf: Any = None
+        self._out = torch.empty(self.collective.result_rows(problem.M, problem.world_size),
+                                problem.N, dtype=self.dtype, device=self.device)
+        self._gemm_out: Any = None  # the signal GEMM's [M, N] destination, made on first use
+        self._send_buf: Any = None
         self._recv_buf: Any = None
 
     def _line_up_ranks(self) -> None:
@@ -382,29 +392,35 @@ class EngineBackend:
         return float(t.item())
 
     def comm_fn(self, reserved_sms: int) -> Callable[[int], Any]:
+        from flashoverlap import nccl_lib
+        from flashoverlap.collectives import NcclStream
         from flashoverlap.comm import get_communicator
         from flashoverlap.tuning.search import num_ctas_for
 
         torch = self._torch
-        free = self.num_sms - num_ctas_for(self.problem, self.num_sms, reserved_sms)
+        free = self.num_sms - num_ctas_for(self.num_sms, reserved_sms)
         comm = get_communicator(self.group, max_ctas=free or None, device=self.device)
         W = self.problem.world_size
+        blocks = self.collective.row_blocks(W)
         elem = self._a.element_size()
-        quantum = elem * W  # keeps reduce_scatter's shards equal
+        quantum = elem * blocks  # whole rows of every block: the result share is exact
+        dtype_code = nccl_lib.nccl_dtype(self.dtype)
+        sum_op = nccl_lib.nccl_red_op("sum")
 
         def run(nbytes: int) -> None:
-            n = max(quantum, nbytes // quantum * quantum) // elem  # elements
-            if self._comm_buf is None or self._comm_buf.numel() < n:
+            n = max(quantum, nbytes // quantum * quantum) // elem  # send elements
+            if self._send_buf is None or self._send_buf.numel() < n:
                 # Grown once (sizes are measured in increasing order), outside the timing
-                # of later calls; the receive half is for ReduceScatter.
-                self._comm_buf = torch.randn(n, dtype=self.dtype, device=self.device)
-                self._recv_buf = torch.empty(n // W, dtype=self.dtype, device=self.device)
-            send = self._comm_buf[:n]
-            stream = torch.cuda.current_stream(self.device)
-            if self.problem.op == "all_reduce":
-                comm.all_reduce(send, stream)
-            else:
-                comm.reduce_scatter(send, self._recv_buf[:n // W], stream)
+                # of later calls.
+                self._send_buf = torch.randn(n, dtype=self.dtype, device=self.device)
+                self._recv_buf = (None if self.collective.in_place else
+                                  torch.empty(n // blocks, dtype=self.dtype, device=self.device))
+            send_ptr = self._send_buf.data_ptr()
+            recv_ptr = send_ptr if self._recv_buf is None else self._recv_buf.data_ptr()
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            nccl = NcclStream(lib=comm.lib, comm=comm.handle, stream=stream, dtype=dtype_code,
+                              sum_op=sum_op, rank=self.rank, world_size=W)
+            self.collective.launch_group(nccl, send_ptr, recv_ptr, n, n // blocks)
 
         return run
 
@@ -415,18 +431,20 @@ class EngineBackend:
         from flashoverlap.plan import make_plan
 
         torch = self._torch
-        plan = make_plan(self.problem, dataclasses.replace(config, group_waves=None))
+        plan = make_plan(self.problem, dataclasses.replace(config, group_bands=None))
         table = torch.from_numpy(plan.step_table.copy()).to(self.device)
-        buf = torch.empty(plan.num_tiles, config.block_m, config.block_n, dtype=self.dtype,
-                          device=self.device)
+        if self._gemm_out is None:
+            self._gemm_out = torch.empty(self.problem.M, self.problem.N, dtype=self.dtype,
+                                         device=self.device)
+        out = self._gemm_out
         # Signals on, as in the real op; nobody waits, so the counts may simply grow.
         counters = torch.zeros(plan.num_groups, dtype=torch.int32, device=self.device)
         P, T = config.num_ctas, plan.num_tiles
 
         def run(k: int) -> None:
-            signal_gemm(self._a, self._b, buf, step_table=table[:min(k * P, T)],
+            signal_gemm(self._a, self._b, out, step_table=table[:min(k * P, T)],
                         block_m=config.block_m, block_n=config.block_n, num_ctas=P,
-                        counters=counters, slotted=True)
+                        counters=counters)
 
         return run
 
@@ -434,17 +452,17 @@ class EngineBackend:
         return GemmBeside(gemm, timer=self.timer)
 
     def run_plan(self, config: PlanConfig) -> Callable[[], Any]:
-        from flashoverlap.engine import run_overlap
+        from flashoverlap import engine
         from flashoverlap.plan import make_plan
 
         plan = make_plan(self.problem, config)
-        return lambda: run_overlap(plan, self._a, self._b, self.group, self._out,
-                                   force_overlap=True)
+        return lambda: engine.run_overlap(plan, self._a, self._b, self.group, self._out)
 
     def run_sequential(self) -> Callable[[], Any]:
-        from flashoverlap.sequential import run_sequential
+        from flashoverlap import engine
 
-        return lambda: run_sequential(self.problem.op, self._a, self._b, self.group, self._out)
+        return lambda: engine.run_sequential(self.collective, self._a, self._b, self.group,
+                                             self._out)
 
 
 def engine_backend(problem: Problem, group: Any = None) -> EngineBackend:

@@ -2,30 +2,38 @@
 
 Role
 ----
-Predict how long ``gemm -> collective`` takes when the GEMM's waves are grouped and each
-group's collective runs on the watcher stream while later waves still compute, and choose the
-grouping (``PlanConfig.group_waves``) that minimises that prediction.  Pure Python: the inputs
-are numbers and small callables, so the model runs (and is tested) without a GPU; measured
-curves (``measure.py``) or analytic defaults (``search.py``) plug into it the same way.
+Predict how long ``gemm -> collective`` takes when the GEMM's output is cut into groups of
+row *bands* (:mod:`flashoverlap.plan`) and each group's collective runs on the watcher stream
+while later bands still compute, and choose the grouping (``PlanConfig.group_bands``) that
+minimises that prediction.  Pure Python: the inputs are numbers and small callables, so the
+model runs (and is tested) without a GPU; measured curves (``measure.py``) or analytic
+defaults (``search.py``) plug into it the same way.
 
-The model mirrors the engine (DESIGN.md, "Data flow")
------------------------------------------------------
-* The GEMM runs waves ``w = 0..n-1``; ``e_w`` is the time at which wave ``w`` has finished
-  (cumulative wave times, the first wave including launch / pipeline warm-up).  The GEMM is not
-  delayed by the watcher: NCCL runs on SMs the GEMM does not use (SM reservation).  Contention
-  (memory traffic, fewer SMs) belongs in the measured wave times and bandwidth curves.
-* The waves are cut into consecutive groups.  The watcher stream handles the groups one after
-  another, and for each one does ``wait(counter) -> collective -> restore``.  Because all three
-  sit on one in-order stream, group ``g+1``'s collective cannot start before group ``g``'s
-  restore ends.  With ``f_g`` the time the watcher finishes group ``g`` (``f_{-1} = 0``)::
+The model mirrors the engine
+----------------------------
+* The unit of grouping is the band (``group_m`` tile rows of every row block, full width):
+  plans are restore-free, so a group must be whole rows, i.e. a run of whole bands.  ``e_b``
+  is the time at which band ``b`` is complete.  The persistent GEMM runs in waves of ``P``
+  steps and band ``b`` of every block is done after step ``band_step_end[b]``, so ``e_b`` is
+  the end of the wave holding that step (:func:`band_end_times`; waves are what can be
+  measured, bands are what can be grouped).  The GEMM is not delayed by the watcher: NCCL
+  runs on SMs the GEMM does not use (SM reservation); contention belongs in the measured
+  wave times and bandwidth curves.
+* The bands are cut into consecutive groups.  The watcher stream handles the groups one
+  after another, ``wait(counter) -> collective``; group ``g+1``'s collective cannot start
+  before group ``g``'s ends (one in-order stream).  With ``f_g`` the time the watcher
+  finishes group ``g`` (``f_{-1} = 0``)::
 
-      f_g = max(e[last wave of g], f_{g-1}) + overhead + comm(bytes_g) + restore(bytes_g)
+      f_g = max(e[last band of g], f_{g-1}) + overhead + comm(bytes_g)
 
-  and the prediction is ``f_{G-1}`` (end of the last collective plus the last restore).
+  and the prediction is ``f_{G-1}``.  There is no restore term: the collective reads the
+  rows where the GEMM wrote them and delivers straight into the result (an earlier,
+  wave-grouped design paid a restore copy per group here).
 * ``comm`` is a :class:`CommCurve`: measured ``(bytes, seconds)`` points, interpolated, with a
-  latency floor.  ``overhead`` is the fixed per-group cost of the wait and the launch.
+  latency floor, in *send* bytes of the group (the collective's own bus-traffic factor is in
+  the curve).  ``overhead`` is the fixed per-group cost of the wait and the launch.
 
-Why one fixed cost per group matters: it is what makes "one group per wave" lose for small
+Why one fixed cost per group matters: it is what makes "one group per band" lose for small
 messages (latency-dominated collectives), and "one group" lose for large ones (no overlap).
 The optimum in between is found exactly by :func:`optimal_partition`.
 
@@ -41,7 +49,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-# (start_wave, stop_wave) -> bytes moved by the group's collective (its comm-buffer range).
+# (start_band, stop_band) -> send bytes of the group's collective.
 GroupBytesFn = Callable[[int, int], int]
 # bytes -> seconds.
 TimeFn = Callable[[float], float]
@@ -49,6 +57,7 @@ TimeFn = Callable[[float], float]
 __all__ = [
     "CommCurve",
     "Partition",
+    "band_end_times",
     "group_cost",
     "linear_time",
     "optimal_partition",
@@ -126,7 +135,7 @@ class CommCurve:
 
 
 def linear_time(per_byte: float, fixed: float = 0.0) -> TimeFn:
-    """``bytes -> fixed + per_byte * bytes``, e.g. a restore kernel (read + write at HBM speed)."""
+    """``bytes -> fixed + per_byte * bytes`` (an affine collective cost)."""
     if per_byte < 0 or fixed < 0:
         raise ValueError("linear_time needs non-negative coefficients")
     return lambda nbytes: fixed + per_byte * nbytes
@@ -143,62 +152,76 @@ def wave_end_times(wave_times: Sequence[float]) -> list[float]:
     return ends
 
 
+def band_end_times(wave_ends: Sequence[float], band_step_end: Sequence[int],
+                   num_ctas: int) -> list[float]:
+    """``e_b``: end of the wave that runs the last step of band ``b``.
+
+    The persistent GEMM runs step ``s`` in wave ``s // P``; band ``b`` of every row block is
+    complete after ``band_step_end[b]`` steps (:func:`flashoverlap.plan.band_layout`).
+    """
+    if num_ctas < 1:
+        raise ValueError(f"num_ctas must be positive, got {num_ctas}")
+    ends = []
+    for steps in band_step_end:
+        wave = (int(steps) - 1) // num_ctas
+        if not 0 <= wave < len(wave_ends):
+            raise ValueError(f"band ending at step {int(steps)} lies outside the "
+                             f"{len(wave_ends)} waves of P={num_ctas}")
+        ends.append(wave_ends[wave])
+    return ends
+
+
 def group_cost(
     start: int,
     stop: int,
     group_bytes_fn: GroupBytesFn,
     comm_time_fn: TimeFn,
-    restore_time_fn: TimeFn,
     group_overhead: float = 0.0,
 ) -> float:
-    """Watcher-stream time of the group of waves ``[start, stop)``: overhead + comm + restore.
+    """Watcher-stream time of the group of bands ``[start, stop)``: overhead + comm.
 
     Both :func:`predict` and :func:`optimal_partition` go through this one function so that
     they perform the same floating-point operations (the DP's optimum then equals ``predict``
     of its partition bit for bit).
     """
-    nbytes = group_bytes_fn(start, stop)
-    return group_overhead + comm_time_fn(nbytes) + restore_time_fn(nbytes)
+    return group_overhead + comm_time_fn(group_bytes_fn(start, stop))
 
 
 def _check_partition(partition: Sequence[int], n: int) -> None:
     if not partition or any(not isinstance(w, int) or w < 1 for w in partition):
-        raise ValueError(f"partition must be positive wave counts, got {tuple(partition)}")
+        raise ValueError(f"partition must be positive band counts, got {tuple(partition)}")
     if sum(partition) != n:
-        raise ValueError(f"partition {tuple(partition)} sums to {sum(partition)}, not {n} waves")
+        raise ValueError(f"partition {tuple(partition)} sums to {sum(partition)}, not {n} bands")
 
 
 def predict(
     partition: Sequence[int],
-    wave_end_times: Sequence[float],
+    band_ends: Sequence[float],
     group_bytes_fn: GroupBytesFn,
     comm_time_fn: TimeFn,
-    restore_time_fn: TimeFn,
     *,
     group_overhead: float = 0.0,
 ) -> float:
     """Predicted time of the whole op for one grouping.
 
     Args:
-        partition: waves per group, in order (``PlanConfig.group_waves``).
-        wave_end_times: ``e_w``, end of wave ``w`` measured from the GEMM launch.
-        group_bytes_fn: ``(start_wave, stop_wave) -> bytes`` of that group's collective.
+        partition: bands per group, in order (``PlanConfig.group_bands``).
+        band_ends: ``e_b``, time at which band ``b`` is complete, from the GEMM launch
+            (:func:`band_end_times`).
+        group_bytes_fn: ``(start_band, stop_band) -> send bytes`` of that group's collective.
         comm_time_fn: ``bytes -> seconds`` of the collective (a :class:`CommCurve`).
-        restore_time_fn: ``bytes -> seconds`` of the group's restore (given the same bytes as
-            the collective; for ReduceScatter fold the ``1/W`` received share into it).
-        group_overhead: fixed seconds per group (counter wait + launches).
+        group_overhead: fixed seconds per group (counter wait + launch).
 
     Returns:
-        End of the watcher stream: last collective plus last restore.
+        End of the watcher stream: the end of the last collective.
     """
-    n = len(wave_end_times)
+    n = len(band_ends)
     _check_partition(partition, n)
     finish, start = 0.0, 0
     for size in partition:
         stop = start + size
-        cost = group_cost(start, stop, group_bytes_fn, comm_time_fn, restore_time_fn,
-                          group_overhead)
-        finish = max(wave_end_times[stop - 1], finish) + cost
+        cost = group_cost(start, stop, group_bytes_fn, comm_time_fn, group_overhead)
+        finish = max(band_ends[stop - 1], finish) + cost
         start = stop
     return finish
 
@@ -206,55 +229,53 @@ def predict(
 class Partition(NamedTuple):
     """A grouping and its predicted time."""
 
-    group_waves: tuple[int, ...]
+    group_bands: tuple[int, ...]
     time: float
 
 
 def optimal_partition(
-    wave_end_times: Sequence[float],
+    band_ends: Sequence[float],
     group_bytes_fn: GroupBytesFn,
     comm_time_fn: TimeFn,
-    restore_time_fn: TimeFn,
     *,
     group_overhead: float = 0.0,
 ) -> Partition:
     """The grouping that minimises :func:`predict`, over all ``2**(n-1)`` of them, in O(n^2).
 
-    Dynamic programme.  State ``j`` (``0..n``): the waves ``[0, j)`` are grouped and the last
-    group ends at wave ``j - 1``.  Value ``F[j]``: the earliest time the watcher stream can
-    have finished those groups.  ``F[0] = 0`` and::
+    Dynamic programme over the ``n`` bands.  State ``j`` (``0..n``): the bands ``[0, j)`` are
+    grouped and the last group ends at band ``j - 1``.  Value ``F[j]``: the earliest time the
+    watcher stream can have finished those groups.  ``F[0] = 0`` and::
 
         F[j] = min over i < j of  max(e[j-1], F[i]) + cost(i, j)
 
     The answer is ``F[n]``; back-pointers recover the partition.
 
-    Why this is exact.  For a fixed grouping of the remaining waves ``[j, n)``, the end time
+    Why this is exact.  For a fixed grouping of the remaining bands ``[j, n)``, the end time
     is a composition of maps ``x -> max(e, x) + c``, one per remaining group.  Each map is
     non-decreasing in ``x`` (max-plus structure), so the end time is a non-decreasing function
     of the prefix finish time ``x = F``.  Hence, among all groupings of ``[0, j)``, one with
     the smallest finish time is never worse than any other, whatever follows: replacing an
     optimal solution's prefix by the DP's prefix cannot make it later.  Induction over ``j``
     gives ``F[n] = min over all partitions of predict(...)``.  The argument needs nothing of
-    ``comm`` (no monotonicity, no sub-additivity) and survives floating point, because
-    rounding is monotone: ``a <= b`` implies ``fl(a + c) <= fl(b + c)``; and since the DP
-    evaluates exactly the operations :func:`predict` does, the returned ``time`` equals
-    ``predict(group_waves, ...)`` bit for bit.  Ties keep the smallest ``i`` (the longest
-    last group); any minimiser is optimal.
+    ``comm`` (no monotonicity, no sub-additivity) nor of ``e`` (several bands may end in the
+    same wave) and survives floating point, because rounding is monotone: ``a <= b`` implies
+    ``fl(a + c) <= fl(b + c)``; and since the DP evaluates exactly the operations
+    :func:`predict` does, the returned ``time`` equals ``predict(group_bands, ...)`` bit for
+    bit.  Ties keep the smallest ``i`` (the longest last group); any minimiser is optimal.
 
     ``cost(i, j)`` is computed once per pair: O(n^2) calls of the callables, O(n^2) time.
     """
-    n = len(wave_end_times)
+    n = len(band_ends)
     if n < 1:
-        raise ValueError("optimal_partition needs at least one wave")
+        raise ValueError("optimal_partition needs at least one band")
     best = [math.inf] * (n + 1)
     best[0] = 0.0
     back = [0] * (n + 1)
     for j in range(1, n + 1):
-        e = wave_end_times[j - 1]
+        e = band_ends[j - 1]
         for i in range(j):
-            cost = group_cost(i, j, group_bytes_fn, comm_time_fn, restore_time_fn,
-                              group_overhead)
-            t = max(e, best[i]) + cost
+            t = max(e, best[i]) + group_cost(i, j, group_bytes_fn, comm_time_fn,
+                                             group_overhead)
             if t < best[j]:
                 best[j], back[j] = t, i
     groups: list[int] = []
@@ -266,10 +287,8 @@ def optimal_partition(
 
 
 def sequential_time(gemm_time: float, total_bytes: float, comm_time_fn: TimeFn) -> float:
-    """The baseline: the whole GEMM (all SMs, e.g. cuBLAS), then one collective of everything.
-
-    The sequential engine writes the row-major output directly, so there is no restore.
-    """
+    """The baseline: the whole GEMM (all SMs, e.g. cuBLAS), then one collective of all
+    ``total_bytes`` (the send side: ``M x N`` elements)."""
     return gemm_time + comm_time_fn(total_bytes)
 
 

@@ -2,12 +2,23 @@
 
 Role
 ----
-A plan has three coupled knobs: the tile ``BM x BN`` (how many waves, hence how fine the
-groups can be), the SMs ``r`` left to NCCL (``P = SMs - r`` GEMM CTAs: fewer waves' worth of
-compute per unit time, but a faster and less intrusive collective), and the grouping of waves
-(:func:`flashoverlap.tuning.model.optimal_partition`).  For each ``(tile, r)`` the DP gives
-the best grouping exactly, so the search is an enumeration of a handful of ``(tile, r)`` pairs
-with an exact inner optimum: :func:`search`.
+A plan has coupled knobs: the tile ``BM x BN`` and the band height ``group_m`` (how many row
+bands, hence how fine the groups can be), the SMs ``r`` left to NCCL (``P = SMs - r`` GEMM
+CTAs: less compute per unit time, but a faster and less intrusive collective), and the
+grouping of bands (:func:`flashoverlap.tuning.model.optimal_partition`).  For each
+``(tile, r)`` the DP gives the best grouping exactly, so the search is an enumeration of a
+handful of ``(tile, r)`` pairs with an exact inner optimum: :func:`search`.
+
+Groups are runs of whole row bands (restore-free plans, :mod:`flashoverlap.plan`): a band is
+complete when the wave holding its last step ends, and a group's collective moves its send
+rows, ``row_blocks x (rows of its bands) x N`` elements.  Nothing here depends on which
+collective runs: its row blocks and its bus traffic come from the
+:class:`~flashoverlap.collectives.Collective` object (``problem.collective``).
+
+``group_m``: the model does not see L2 reuse, so left to itself it would always pick one tile
+row per band (more cut points never hurt a prediction).  The search therefore takes
+``group_m`` as given, by default :func:`flashoverlap.defaults.band_group_m` (the swizzle
+width 8 unless that leaves too few bands).
 
 Three sources feed the same search:
 
@@ -33,10 +44,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flashoverlap.plan import PlanConfig, Problem, num_waves_for
+from flashoverlap.defaults import band_group_m
+from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
     TimeFn,
+    band_end_times,
     linear_time,
     optimal_partition,
     overlap_wins,
@@ -54,6 +67,7 @@ __all__ = [
     "TuneResult",
     "analytic_default",
     "analytic_search",
+    "band_ends_for",
     "dtype_size",
     "group_bytes_fn",
     "num_ctas_for",
@@ -63,8 +77,8 @@ __all__ = [
     "tune",
 ]
 
-# BM=128/BN=256 is the fast Hopper tile (DESIGN.md, feasibility); 128x128 doubles the wave
-# count, which lets small-M problems form more than one group.  256x128 does not fit in SMEM.
+# BM=128/BN=256 is the fast Hopper tile (DESIGN.md, feasibility); 128x128 has more, smaller
+# tiles (finer waves for small M).  256x128 does not fit in SMEM.
 DEFAULT_TILE_CONFIGS: tuple[tuple[int, int], ...] = ((128, 256), (128, 128))
 DEFAULT_RESERVATIONS: tuple[int, ...] = (0, 8, 16, 24, 32)
 
@@ -80,44 +94,42 @@ def dtype_size(dtype: str) -> int:
     return _DTYPE_SIZES[name]
 
 
-def num_ctas_for(problem: Problem, num_sms: int, reserved_sms: int) -> int:
-    """``P = SMs - r``; for ReduceScatter rounded down to a multiple of ``W`` (the plan needs
-    ``P % W == 0`` so that every group holds the same tiles for every rank), i.e. a few more
-    SMs are left to NCCL.  Returns 0 when nothing is left for the GEMM."""
-    P = num_sms - reserved_sms
-    if problem.op == "reduce_scatter":
-        P -= P % problem.world_size
-    return max(P, 0)
-
-
-def _num_tiles(problem: Problem, block_m: int, block_n: int) -> int:
-    return (problem.row_blocks * math.ceil(problem.rows_per_block / block_m)
-            * math.ceil(problem.N / block_n))
+def num_ctas_for(num_sms: int, reserved_sms: int) -> int:
+    """``P = SMs - r`` GEMM CTAs; 0 when nothing is left for the GEMM."""
+    return max(num_sms - reserved_sms, 0)
 
 
 def group_bytes_fn(problem: Problem, config: PlanConfig) -> GroupBytesFn:
-    """``(start_wave, stop_wave) -> bytes`` of the group's comm-buffer range.
+    """``(start_band, stop_band) -> send bytes`` of the group of those bands.
 
-    Every tile is a padded ``BM x BN`` slot, and the last wave may be partial.  For
-    ReduceScatter this is the send size of the group (what ``ncclReduceScatter`` is given).
+    A run of bands covers local rows ``[row_lo[start], row_lo[stop])`` of every row block;
+    its collective is given those rows of every block, full width (exactly, no padding).
     """
-    T = _num_tiles(problem, config.block_m, config.block_n)
-    P = config.num_ctas
-    slot_bytes = config.block_m * config.block_n * dtype_size(problem.dtype)
+    layout = band_layout(problem, config)
+    row_lo = [int(r) for r in layout.band_row_lo]
+    row_bytes = layout.row_blocks * problem.N * dtype_size(problem.dtype)
 
     def nbytes(start: int, stop: int) -> int:
-        return (min(stop * P, T) - start * P) * slot_bytes
+        return (row_lo[stop] - row_lo[start]) * row_bytes
 
     return nbytes
 
 
-def _restore_per_group(problem: Problem, restore_time_fn: TimeFn) -> TimeFn:
-    """The model passes the group's send bytes; a ReduceScatter rank restores only its
-    ``1/W`` share of them."""
-    share = problem.row_blocks
-    if share == 1:
-        return restore_time_fn
-    return lambda nbytes: restore_time_fn(nbytes / share)
+def band_ends_for(problem: Problem, config: PlanConfig, wave_times: Sequence[float], *,
+                  starved: bool = False) -> list[float]:
+    """End time of every band of ``config`` from its per-wave GEMM times.
+
+    ``starved`` (the GEMM holds every SM): NCCL cannot run before the GEMM has ended, so
+    every band is modelled as ending with the GEMM.
+    """
+    n = num_waves_for(problem, config)
+    if len(wave_times) != n:
+        raise ValueError(f"got {len(wave_times)} wave times for {config}, the plan has {n} "
+                         f"waves")
+    ends = wave_end_times(wave_times)
+    if starved:
+        ends = [ends[-1]] * n
+    return band_end_times(ends, band_layout(problem, config).band_step_end, config.num_ctas)
 
 
 def _candidate_configs(
@@ -125,19 +137,21 @@ def _candidate_configs(
     num_sms: int,
     tile_configs: Sequence[tuple[int, int]],
     reservations: Sequence[int],
-    group_m: int,
+    group_m: int | None,
 ) -> list[tuple[int, PlanConfig]]:
     """``(r, config)`` pairs to evaluate, in input order, without repeats of ``(BM, BN, P)``
-    (ReduceScatter's rounding can map two reservations to one ``P``; the first is kept)."""
+    (repeated reservations; the first is kept).  ``group_m=None``: per tile,
+    :func:`~flashoverlap.defaults.band_group_m`."""
     out: dict[tuple[int, int, int], tuple[int, PlanConfig]] = {}
     for block_m, block_n in tile_configs:
+        gm = group_m if group_m is not None else band_group_m(problem, block_m)
         for r in reservations:
             if r < 0:
                 raise ValueError(f"reserved SMs must be >= 0, got {r}")
-            P = num_ctas_for(problem, num_sms, r)
+            P = num_ctas_for(num_sms, r)
             if P >= 1:
                 out.setdefault((block_m, block_n, P), (r, PlanConfig(
-                    block_m=block_m, block_n=block_n, num_ctas=P, group_m=group_m)))
+                    block_m=block_m, block_n=block_n, num_ctas=P, group_m=gm)))
     if not out:
         raise ValueError(f"no feasible configuration for {problem} on {num_sms} SMs")
     return list(out.values())
@@ -173,43 +187,34 @@ def search(
     *,
     wave_times_fn: Callable[[PlanConfig], Sequence[float]],
     comm_curve_fn: Callable[[int], TimeFn],
-    restore_time_fn: TimeFn,
     tile_configs: Sequence[tuple[int, int]] = DEFAULT_TILE_CONFIGS,
     reservations: Sequence[int] = DEFAULT_RESERVATIONS,
-    group_m: int = 8,
+    group_m: int | None = None,
     group_overhead: float = 0.0,
     top_k: int = 5,
 ) -> SearchResult:
     """Best :class:`PlanConfig` over tiles x reservations, each with its optimal grouping.
 
     Args:
-        wave_times_fn: per-wave seconds of the signal GEMM for a config (``group_waves`` is
+        wave_times_fn: per-wave seconds of the signal GEMM for a config (``group_bands`` is
             ``None``; ``block_m``, ``block_n`` and ``num_ctas`` matter); its length must be the
             config's wave count.
-        comm_curve_fn: ``reserved_sms -> (bytes -> seconds)`` of the collective with NCCL
-            limited to that many CTAs and the GEMM running beside it.
-        restore_time_fn: ``bytes -> seconds`` of a restore, given the bytes it moves (for
-            ReduceScatter the ``1/W`` received share; :func:`search` does the division).
-        group_overhead: fixed seconds per group (counter wait + launches).
+        comm_curve_fn: ``reserved_sms -> (send bytes -> seconds)`` of the collective with
+            NCCL limited to that many CTAs and the GEMM running beside it.
+        group_m: band height in tile rows; ``None``: :func:`flashoverlap.defaults.band_group_m`
+            per tile.
+        group_overhead: fixed seconds per group (counter wait + launch).
         top_k: how many candidates to return, best first.
 
     Deterministic: the same inputs give the same answer on every rank.
     """
-    restore = _restore_per_group(problem, restore_time_fn)
     candidates: list[Candidate] = []
     for r, base in _candidate_configs(problem, num_sms, tile_configs, reservations, group_m):
-        waves = list(wave_times_fn(base))
-        n = num_waves_for(problem, base)
-        if len(waves) != n:
-            raise ValueError(f"wave_times_fn gave {len(waves)} waves for {base}, "
-                             f"the plan has {n}")
-        ends = wave_end_times(waves)
-        if base.num_ctas == num_sms:
-            # Starved NCCL: nothing communicates before the all-SM GEMM has ended.
-            ends = [ends[-1]] * n
+        ends = band_ends_for(problem, base, list(wave_times_fn(base)),
+                             starved=base.num_ctas == num_sms)
         part = optimal_partition(ends, group_bytes_fn(problem, base), comm_curve_fn(r),
-                                 restore, group_overhead=group_overhead)
-        config = dataclasses.replace(base, group_waves=part.group_waves)
+                                 group_overhead=group_overhead)
+        config = dataclasses.replace(base, group_bands=part.group_bands)
         candidates.append(Candidate(config, r, part.time))
     # Ties: prefer fewer reserved SMs, then the earlier tile config (the sort is stable).
     candidates.sort(key=lambda c: (c.predicted_s, c.reserved_sms))
@@ -226,9 +231,10 @@ def search(
 DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 650e12, "float16": 650e12,
                                            "float32": 300e12}  # float32 via TF32
 
-# AllReduce bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped,
-# nothing else running.  p2p=True: NVLink (NV18); measured 0.64 ms for a 128 MiB AllReduce
-# on 4 GPUs (DESIGN.md) -> algbw 210 GB/s -> busbw 315 GB/s.  p2p=False (NCCL_P2P_DISABLE=1,
+# Bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped, nothing else
+# running; measured with AllReduce, applied to every collective through its bus_bytes.
+# p2p=True: NVLink (NV18); measured 0.64 ms for a 128 MiB AllReduce on 4 GPUs (DESIGN.md)
+# -> algbw 210 GB/s -> busbw 315 GB/s.  p2p=False (NCCL_P2P_DISABLE=1,
 # traffic through host memory): 8.3 ms for the same -> busbw 24 GB/s.  Other sizes are rough.
 DEFAULT_BUS_BANDWIDTH: Mapping[tuple[int, bool], float] = {
     (2, True): 300e9, (4, True): 315e9, (8, True): 360e9,
@@ -246,10 +252,12 @@ class AnalyticModel:
 
     GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, a wave
     costs one tile time (partial waves too: wave quantization), the first wave adds
-    ``launch_s``.  Collective: ``latency + bytes / algbw`` with algbw from the bus-bandwidth
-    table (AllReduce ``busbw * W / (2(W-1))``; ReduceScatter, whose bytes are the send
-    size, ``busbw * W / (W-1)``), times the CTA-limit efficiency (p2p only), times
-    ``contention[p2p]`` while a GEMM runs beside it.  Restore: read + write of the received bytes at ``hbm_bandwidth``.
+    ``launch_s``.  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
+    the collective says crosses the interconnect for the send bytes
+    (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
+    ReduceScatter ``(W-1)/W`` of them) and ``busbw`` comes from the bus-bandwidth table,
+    times the CTA-limit efficiency (p2p only), times ``contention[p2p]`` while a GEMM runs
+    beside it.  No restore term: plans are restore-free.
     """
 
     gemm_flops: Mapping[str, float] = dataclasses.field(
@@ -264,13 +272,11 @@ class AnalyticModel:
         default_factory=lambda: {True: 15e-6, False: 30e-6})
     contention: Mapping[bool, float] = dataclasses.field(
         default_factory=lambda: {True: 0.85, False: 1.0})
-    # GPU-side gap per group on the watcher stream (wait release, NCCL and restore launches).
+    # GPU-side gap per group on the watcher stream (wait release, NCCL launch).
     # Host enqueue costs more (17-21 us per group on an H100 host with direct launches,
     # scripts/host_overhead.py, results/2026-11-25-h100/host-overhead.txt) but runs ahead
     # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
-    hbm_bandwidth: float = 3.0e12
-    restore_launch_s: float = 3e-6
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -313,25 +319,22 @@ class AnalyticModel:
 
     def comm_time_fn(self, problem: Problem, reserved_sms: int | None, *, p2p: bool = True,
                      contended: bool = True) -> TimeFn:
-        """``bytes -> seconds`` of the problem's collective (exact affine law, no sampling)."""
+        """``send bytes -> seconds`` of the problem's collective (exact affine law)."""
         W = problem.world_size
         latency = self.latency_s[p2p]
-        if W == 1:  # NCCL still launches, but nothing moves
-            return linear_time(0.0, latency)
         busbw = self._bus_bandwidth(W, p2p)
-        algbw = busbw * W / (W - 1) / (2.0 if problem.op == "all_reduce" else 1.0)
         if p2p:
             # Through host memory the bottleneck is PCIe, not NCCL's SMs or HBM (DESIGN.md:
             # there, concurrency reached max(GEMM, comm)), hence no CTA or contention factor.
-            algbw *= self._cta_efficiency(reserved_sms)
+            busbw *= self._cta_efficiency(reserved_sms)
         # r = 0: the collectives wait for the whole GEMM (starved), so they run alone.
         if contended and reserved_sms:
-            algbw *= self.contention[p2p]
-        return linear_time(1.0 / algbw, latency)
-
-    # -- restore -----------------------------------------------------------------------
-    def restore_time(self, nbytes: float) -> float:
-        return self.restore_launch_s + 2.0 * nbytes / self.hbm_bandwidth
+            busbw *= self.contention[p2p]
+        # Bus bytes are linear in the send bytes: the collective's factor per send byte.
+        per_send_byte = problem.collective.bus_bytes(1.0, W)
+        if per_send_byte < 0:
+            raise ValueError(f"{problem.op}.bus_bytes is negative")
+        return linear_time(per_send_byte / busbw, latency)
 
     def sequential_time(self, problem: Problem, num_sms: int, *, p2p: bool = True) -> float:
         total = problem.M * problem.N * dtype_size(problem.dtype)
@@ -347,7 +350,7 @@ def analytic_search(
     model: AnalyticModel | None = None,
     tile_configs: Sequence[tuple[int, int]] = DEFAULT_TILE_CONFIGS,
     reservations: Sequence[int] = DEFAULT_RESERVATIONS,
-    group_m: int = 8,
+    group_m: int | None = None,
     top_k: int = 5,
 ) -> SearchResult:
     """:func:`search` fed by the analytic model (no GPU)."""
@@ -355,11 +358,9 @@ def analytic_search(
     return search(
         problem, num_sms,
         wave_times_fn=lambda c: model.wave_times(problem, c),
-        # NCCL gets every SM the GEMM leaves (ReduceScatter rounding included), as in the
-        # engine, whose communicator is created with maxCTAs = SMs - P.
-        comm_curve_fn=lambda r: model.comm_time_fn(
-            problem, num_sms - num_ctas_for(problem, num_sms, r), p2p=p2p),
-        restore_time_fn=model.restore_time,
+        # NCCL gets the r SMs the GEMM leaves, as in the engine, whose communicator is
+        # created with maxCTAs = SMs - P.
+        comm_curve_fn=lambda r: model.comm_time_fn(problem, r, p2p=p2p),
         tile_configs=tile_configs, reservations=reservations, group_m=group_m,
         group_overhead=model.group_overhead, top_k=top_k,
     )
@@ -373,39 +374,40 @@ def analytic_default(
     *,
     reserved_sms: int = 16,
     p2p: bool = True,
-    group_m: int = 8,
+    group_m: int | None = None,
     model: AnalyticModel | None = None,
 ) -> PlanConfig:
     """The config the engine uses when the cache has no entry.
 
     ``P = num_sms - reserved_sms`` (16 by default: on NVLink that cap cost the collective
-    ~9% alone and nothing under concurrency, DESIGN.md), groups from the DP on the analytic
-    model.  Deterministic and cheap (microseconds for typical wave counts).
+    ~9% alone and nothing under concurrency, DESIGN.md), ``group_m`` from
+    :func:`flashoverlap.defaults.band_group_m` unless given, groups from the DP on the
+    analytic model.  Deterministic and cheap (microseconds for typical band counts).
     """
     model = model or AnalyticModel()
-    P = num_ctas_for(problem, num_sms, reserved_sms)
+    P = num_ctas_for(num_sms, reserved_sms)
     if P < 1:
         raise ValueError(f"reserving {reserved_sms} of {num_sms} SMs leaves no GEMM CTAs")
+    if group_m is None:
+        group_m = band_group_m(problem, block_m)
     base = PlanConfig(block_m=block_m, block_n=block_n, num_ctas=P, group_m=group_m)
     part = optimal_partition(*_analytic_pipeline(problem, base, num_sms, p2p, model),
                              group_overhead=model.group_overhead)
-    return dataclasses.replace(base, group_waves=part.group_waves)
+    return dataclasses.replace(base, group_bands=part.group_bands)
 
 
 def _analytic_pipeline(problem: Problem, config: PlanConfig, num_sms: int, p2p: bool,
-                       model: AnalyticModel) -> tuple[list[float], GroupBytesFn, TimeFn, TimeFn]:
-    """``(wave_end_times, group_bytes_fn, comm_time_fn, restore_time_fn)`` of ``config``.
+                       model: AnalyticModel) -> tuple[list[float], GroupBytesFn, TimeFn]:
+    """``(band_end_times, group_bytes_fn, comm_time_fn)`` of ``config``.
 
     NCCL gets the SMs the GEMM leaves (the engine creates its communicator with
     ``maxCTAs = SMs - P``); with none left it is starved until the GEMM ends.
     """
     reserved = max(num_sms - config.num_ctas, 0)
-    ends = wave_end_times(model.wave_times(problem, config))
-    if reserved == 0:
-        ends = [ends[-1]] * len(ends)
+    ends = band_ends_for(problem, config, model.wave_times(problem, config),
+                         starved=reserved == 0)
     return (ends, group_bytes_fn(problem, config),
-            model.comm_time_fn(problem, reserved, p2p=p2p),
-            _restore_per_group(problem, model.restore_time))
+            model.comm_time_fn(problem, reserved, p2p=p2p))
 
 
 def predict_times(
@@ -416,14 +418,13 @@ def predict_times(
     p2p: bool = True,
     model: AnalyticModel | None = None,
 ) -> tuple[float, float]:
-    """Analytic ``(overlap_s, sequential_s)`` of ``config`` (its grouping, or the DP's if
-    ``group_waves`` is ``None``).  The NCCL cap is taken as ``num_sms - num_ctas``."""
+    """Analytic ``(overlap_s, sequential_s)`` of ``config`` with its grouping
+    (``group_bands=None``: one group per band, as in the plan).  The NCCL cap is taken as
+    ``num_sms - num_ctas``."""
     model = model or AnalyticModel()
-    args = _analytic_pipeline(problem, config, num_sms, p2p, model)
-    if config.group_waves is None:
-        overlap = optimal_partition(*args, group_overhead=model.group_overhead).time
-    else:
-        overlap = predict(config.group_waves, *args, group_overhead=model.group_overhead)
+    ends, nbytes, comm = _analytic_pipeline(problem, config, num_sms, p2p, model)
+    bands = config.group_bands if config.group_bands is not None else (1,) * len(ends)
+    overlap = predict(bands, ends, nbytes, comm, group_overhead=model.group_overhead)
     return overlap, model.sequential_time(problem, num_sms, p2p=p2p)
 
 
@@ -438,7 +439,7 @@ def predict_gain(
 ) -> bool:
     """Never-slower decision without measurements: is overlap predicted more than
     ``min_gain`` (2%) faster than sequential?  ``False`` for e.g. tiny M, where the GEMM is
-    a single wave and there is nothing to overlap.  ``config=None`` means
+    a single band and there is nothing to overlap.  ``config=None`` means
     :func:`analytic_default`.  (The engine calls ``predict_gain(plan.problem, plan.config,
     num_sms)``.)"""
     if config is None:
@@ -469,7 +470,7 @@ def tune(
     *,
     tile_configs: Sequence[tuple[int, int]] = DEFAULT_TILE_CONFIGS,
     reservations: Sequence[int] = DEFAULT_RESERVATIONS,
-    group_m: int = 8,
+    group_m: int | None = None,
     top_k: int = 5,
     verify: bool = True,
     min_gain: float = 0.02,
@@ -484,7 +485,8 @@ def tune(
     1. One bandwidth curve per reservation ``r``, with the signal GEMM (``P = SMs - r``, first
        tile config) running beside it; ``r = 0`` is measured alone (starved anyway).
     2. Wave times of the signal GEMM per ``(tile, P)`` by truncation differences.
-    3. :func:`search` with the analytic restore cost and per-group overhead of ``model``.
+    3. :func:`search` (exact band grouping per candidate) with the per-group overhead of
+       ``model``.
     4. Time the sequential baseline; if ``verify``, run the top-k configs for real and the
        fastest measured wins (else the best predicted).  Overlap is used only if it beats
        sequential by ``min_gain``.
@@ -503,9 +505,8 @@ def tune(
                   reduce_max=backend.reduce_max)
     pairs = _candidate_configs(problem, num_sms, tile_configs, reservations, group_m)
     used_r = sorted({r for r, _ in pairs}, key=list(reservations).index)
-    max_bytes = max(_num_tiles(problem, c.block_m, c.block_n) * c.block_m * c.block_n
-                    for _, c in pairs) * dtype_size(problem.dtype)
-    sizes = measure.default_sizes(max_bytes)
+    # The largest group sends everything: M x N elements (groups are whole rows, no padding).
+    sizes = measure.default_sizes(problem.M * problem.N * dtype_size(problem.dtype))
     total = (len(used_r) * len(sizes)
              + sum(len(measure._wave_points(num_waves_for(problem, c), max_wave_points))
                    for _, c in pairs)
@@ -524,17 +525,17 @@ def tune(
             progress=update, **timing)
 
     # 2. Wave times of every candidate GEMM.
-    waves: dict[tuple[int, int, int], list[float]] = {}
+    waves: dict[PlanConfig, list[float]] = {}
     for _, c in pairs:
-        waves[(c.block_m, c.block_n, c.num_ctas)] = measure.measure_wave_times(
+        waves[c] = measure.measure_wave_times(
             backend.gemm_fn(c), num_waves_for(problem, c), max_points=max_wave_points,
             progress=update, **timing)
 
     # 3. Search (exact grouping per candidate).
     result = search(
         problem, num_sms,
-        wave_times_fn=lambda c: waves[(c.block_m, c.block_n, c.num_ctas)],
-        comm_curve_fn=lambda r: curves[r], restore_time_fn=model.restore_time,
+        wave_times_fn=lambda c: waves[c],
+        comm_curve_fn=lambda r: curves[r],
         tile_configs=tile_configs, reservations=reservations, group_m=group_m,
         group_overhead=model.group_overhead, top_k=top_k)
     sequential = measure.time_call(backend.run_sequential(), **timing)
