@@ -99,7 +99,7 @@ def spans_intersect(p: int, extent_p: int, q: int, extent_q: int) -> bool:
 def check_out_aliasing(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out`` must not share memory with the operands.
 
-    The engines write ``out`` (restores, collectives) while the GEMM may still read ``a`` and
+    The engines write ``out`` (GEMM tiles, collectives) while the GEMM may still read ``a`` and
     ``b``: an overlapping ``out`` would be corrupted silently.  Byte spans are compared, so a
     contiguous ``out`` lying wholly in the gaps of a strided operand is refused too
     (conservative; no supported layout needs that).  The ops run the same arithmetic per call
@@ -181,13 +181,3 @@ def check_group(group: ProcessGroup | None, device: torch.device) -> GroupInfo:
                 f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({device.index})"
             )
     return info
-
-
-def check_scatter(M: int, world_size: int, scatter_dim: int) -> None:
-    if scatter_dim != 0:
-        raise ValueError(f"only scatter_dim=0 is supported, got {scatter_dim}")
-    if M % world_size:
-        raise ValueError(
-            f"gemm_reduce_scatter needs M divisible by the group size: M={M}, "
-            f"group size={world_size}"
-        )

@@ -24,8 +24,8 @@ Why a private NCCL communicator
   per collective, times several groups per GEMM.  Here a collective is a few argument
   checks and one ctypes call.
 * **CUDA graphs.**  NCCL collectives are capturable when issued on the capturing stream;
-  with no Work objects or side streams in between, the whole op (GEMM, waits, NCCL,
-  restores) captures as one graph.
+  with no Work objects or side streams in between, the whole op (GEMM, waits,
+  NCCL) captures as one graph.
 
 The communicator is bootstrapped through the process group: rank 0 makes the unique id and
 broadcasts it (``broadcast_object_list``, so NCCL and gloo groups both work), then every

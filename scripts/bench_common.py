@@ -8,10 +8,14 @@ present them:
   (:func:`flashoverlap.dist_utils.init_from_env`), a long-timeout gloo *control* group for
   host-side waits, provenance (GPU, torch, NCCL, Triton, date, commit).
 * **Engines**: one callable per measured engine of one ``(op, M, N, K)`` problem on one group
-  (:class:`ShapeRun`): ``gemm_only``, ``comm_only``, ``sequential``, ``decomposition``
-  (flashoverlap's reference engine), ``torch_fused`` (torch's symmetric-memory
-  matmul+ReduceScatter), ``concurrent_ceiling`` (the GEMM and an *independent* collective of
-  the same size on two streams) and ``flashoverlap`` (the overlap engine).
+  (:class:`ShapeRun`): ``gemm_only``, ``comm_only``, ``sequential``
+  (:func:`flashoverlap.engine.run_sequential`: ``torch.matmul`` then the collective through
+  ``torch.distributed``; the one implementation every speedup is quoted against),
+  ``decomposition`` (flashoverlap's reference engine), ``torch_fused`` (torch's
+  symmetric-memory fused matmul + collective, where torch has one), ``concurrent_ceiling`` (the
+  GEMM and an *independent* collective of the same size on two streams) and ``flashoverlap``
+  (the overlap engine).  ``op`` names a registered :mod:`flashoverlap.collectives` object and
+  everything op-specific (result rows, in place or not, the collective call) is asked of it.
 * **Timing** (DESIGN.md "Measuring performance"): CUDA events around each call (on CPU:
   ``time.perf_counter`` wall clock, labelled as such), warm-up, median of the timed calls,
   inputs rotated among several random sets so the L2 does not hold them, a barrier before every
@@ -345,13 +349,30 @@ def teardown() -> None:
 # --------------------------------------------------------------------------------------------
 # one problem, every engine
 # --------------------------------------------------------------------------------------------
-def collective(op: str, full: torch.Tensor, out: torch.Tensor, group: Any, async_op: bool = False):
-    """``all_reduce(full)`` in place, or ``reduce_scatter(out <- full)`` along rows."""
-    if op == "all_reduce":
-        return dist.all_reduce(full, group=group, async_op=async_op)
-    from flashoverlap.dist_utils import reduce_scatter_rows
+# torch's own fused matmul + collective, by collective name (torch has no fused AllReduce).
+TORCH_FUSED = {"reduce_scatter": "_fused_matmul_reduce_scatter"}
 
-    return reduce_scatter_rows(out, full, group, async_op=async_op)
+
+def get_collective(op: str) -> Any:
+    """The registered :class:`flashoverlap.collectives.Collective` named ``op``."""
+    from flashoverlap import collectives
+
+    return collectives.get(op)
+
+
+def start_collective(coll: Any, send: torch.Tensor, result: torch.Tensor, group: Any) -> Callable[[], None]:
+    """Start ``coll`` of ``send`` into ``result`` (``send`` itself when the collective is in
+    place) through ``torch.distributed``; returns the function that waits for it."""
+    return coll.torch_group(send, send if coll.in_place else result, group)
+
+
+def problem_fits(op: str, M: int, N: int, world: int) -> str | None:
+    """``None`` if the collective accepts the problem, else its reason (same on every rank)."""
+    try:
+        get_collective(op).check_problem(M, N, world)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 @dataclasses.dataclass
@@ -385,7 +406,8 @@ class ShapeRun:
         self.extra = dict(extra or {})
         self.configs = configs or {"default": None}  # flashoverlap variants -> PlanConfig
         engines = bench.engines if engines is None else engines
-        rows = M // self.W if op == "reduce_scatter" else M
+        self.coll = get_collective(op)
+        rows = self.coll.result_rows(M, self.W)
         dev, dt = bench.device, bench.dtype
         torch.manual_seed(bench.args.seed + bench.rank)
         # Random data (never zeros, which would let the GEMM run cooler); b scaled so outputs
@@ -408,41 +430,45 @@ class ShapeRun:
         torch.matmul(self.a[i], self.b[i], out=self.full)
 
     def comm_full(self) -> None:
-        """The collective of the GEMM's output (second half of the sequential baseline)."""
-        collective(self.op, self.full, self.out, self.group)
+        """The collective of the GEMM's output (the sequential baseline's second half, for
+        timelines)."""
+        start_collective(self.coll, self.full, self.out, self.group)()
 
     def _sequential(self, i: int) -> None:
-        self.gemm(i)
-        self.comm_full()
+        from flashoverlap.engine import run_sequential
+
+        run_sequential(self.coll, self.a[i], self.b[i], self.group, self.out, world_size=self.W)
 
     def _comm_only(self, i: int) -> None:
-        collective(self.op, self.comm[i], self.comm_out, self.group)
+        start_collective(self.coll, self.comm[i], self.comm_out, self.group)()
 
     def _concurrent(self, i: int) -> None:
         """GEMM and an independent collective at once: the practical ceiling T_conc."""
         if not self.bench.clock.cuda:  # gloo runs collectives on its own thread
-            work = collective(self.op, self.comm[i], self.comm_out, self.group, async_op=True)
+            finish = start_collective(self.coll, self.comm[i], self.comm_out, self.group)
             self.gemm(i)
-            work.wait()
+            finish()
             return
         caller = torch.cuda.current_stream()
         side = self.bench.side_stream
         side.wait_stream(caller)
         with torch.cuda.stream(side):
-            collective(self.op, self.comm[i], self.comm_out, self.group)
+            start_collective(self.coll, self.comm[i], self.comm_out, self.group)()
         self.gemm(i)
         caller.wait_stream(side)
 
     def _library(self, engine: str, config: Any) -> Callable[[int], Any]:
         import flashoverlap as fo
 
-        fn = fo.gemm_all_reduce if self.op == "all_reduce" else fo.gemm_reduce_scatter
-        return lambda i: fn(self.a[i], self.b[i], self.group, out=self.out, engine=engine, config=config)
+        coll = self.coll
+        return lambda i: fo.gemm_collective(self.a[i], self.b[i], coll, self.group, out=self.out,
+                                            engine=engine, config=config)
 
     def _torch_fused(self, i: int) -> torch.Tensor:
-        from torch.distributed._symmetric_memory import _fused_matmul_reduce_scatter
+        import torch.distributed._symmetric_memory as symm
 
-        return _fused_matmul_reduce_scatter(self.a[i], self.b[i], "sum", 0, self.group.group_name)
+        fused = getattr(symm, TORCH_FUSED[self.op])
+        return fused(self.a[i], self.b[i], "sum", 0, self.group.group_name)
 
     def _candidates(self, engine: str) -> list[Candidate]:
         simple = {"gemm_only": self.gemm, "comm_only": self._comm_only,
@@ -451,10 +477,10 @@ class ShapeRun:
             return [Candidate(engine, "default", simple[engine])]
         if engine == "decomposition":
             return [Candidate(engine, "default", self._library("reference", None),
-                              info=self._plan_info(None))]
+                              info=self._plan_info("reference", None))]
         if engine == "torch_fused":
-            if self.op != "reduce_scatter":
-                return []  # torch has no fused matmul + AllReduce
+            if self.op not in TORCH_FUSED:
+                return []  # torch has no fused matmul + this collective
             return [Candidate(engine, "default", self._torch_fused,
                               unavailable=self._torch_fused_reason(), prepare=self._enable_symm_mem)]
         if engine == "flashoverlap":
@@ -462,7 +488,7 @@ class ShapeRun:
 
             reason = overlap_unavailable_reason(self.bench.device, self.group)
             return [Candidate(engine, variant, self._library("overlap", config), unavailable=reason,
-                              info={} if reason else self._plan_info(config))
+                              info={} if reason else self._plan_info("overlap", config))
                     for variant, config in self.configs.items()]
         raise ValueError(f"unknown engine {engine!r}")
 
@@ -470,9 +496,11 @@ class ShapeRun:
         if self.bench.device.type != "cuda":
             return "needs CUDA"
         try:
-            from torch.distributed._symmetric_memory import _fused_matmul_reduce_scatter  # noqa: F401
+            import torch.distributed._symmetric_memory as symm
         except ImportError as exc:
             return f"torch.distributed._symmetric_memory unavailable: {exc}"
+        if not hasattr(symm, TORCH_FUSED[self.op]):
+            return f"torch {torch.__version__} has no {TORCH_FUSED[self.op]}"
         return None
 
     def _enable_symm_mem(self) -> None:
@@ -482,22 +510,19 @@ class ShapeRun:
         if enable is not None:  # newer torch enables groups on first use
             enable(self.group.group_name)
 
-    def _plan_info(self, config: Any) -> dict[str, Any]:
-        """The plan an engine will run, and whether the overlap engine falls back to sequential
-        (default config, plan predicted to gain nothing).  Never raises: provenance only."""
+    def _plan_info(self, engine: str, config: Any) -> dict[str, Any]:
+        """How the library runs this problem (:func:`flashoverlap.policy.decide`): the path
+        (overlap, reference, sequential, or the plain GEMM at world size 1) and the plan.
+        ``fallback`` marks a flashoverlap row that did not overlap.  Never raises: provenance."""
         try:
-            from flashoverlap.ops import plan_for
-            from flashoverlap.plan import Problem
+            from flashoverlap.policy import decide
 
-            problem = Problem(M=self.M, N=self.N, K=self.K, world_size=self.W, op=self.op,
-                              dtype=dtype_name(self.bench.dtype))
-            plan = plan_for(problem, self.bench.device, config)
-            info: dict[str, Any] = {"plan": {**dataclasses.asdict(plan.config),
-                                             "num_groups": plan.num_groups, "num_waves": plan.num_waves}}
-            if self.bench.device.type == "cuda" and config is None:
-                from flashoverlap.engine import predicts_gain
-
-                info["fallback"] = not predicts_gain(plan, self.bench.device)
+            d = decide(self.coll, self.M, self.N, self.K, self.bench.dtype, self.W,
+                       self.bench.device, self.group, engine, config)
+            info: dict[str, Any] = {"path": d.path, "fallback": d.path in ("sequential", "gemm")}
+            if d.plan is not None:
+                info["plan"] = {**dataclasses.asdict(d.plan.config),
+                                "num_groups": d.plan.num_groups, "num_waves": d.plan.num_waves}
             return info
         except Exception as exc:  # noqa: BLE001
             return {"plan_error": f"{type(exc).__name__}: {exc}"}
@@ -590,7 +615,8 @@ class ShapeRun:
             row = {
                 "bench": self.name, "op": self.op, "M": self.M, "N": self.N, "K": self.K,
                 "dtype": dtype_name(b.dtype), "world_size": self.W,
-                "engine": c.engine, "variant": c.variant, "median_ms": s.median_ms,
+                "engine": c.engine, "variant": c.variant,
+                "num_ctas": (c.info.get("plan") or {}).get("num_ctas"), "median_ms": s.median_ms,
                 "speedup_vs_sequential": (seq / s.median_ms) if seq and s.median_ms else None,
                 "min_ms": s.min_ms, "p90_ms": s.p90_ms, "p2p": b.p2p, **bounds, **b.prov,
                 "timer": "cuda_events" if b.clock.cuda else "perf_counter",
@@ -688,7 +714,8 @@ def shape_table(rows: list[dict[str, Any]], key_fields: Sequence[tuple[str, str]
     headers = [*(h for h, _ in key_fields), *(h for h, _, _ in columns)]
     table = markdown_table(headers + (["ideal max(GEMM,comm)"] if with_ideal else []), body)
     if any(r.get("fallback") for r in rows):
-        table += "\n\n\\* the default plan predicted no gain: the overlap engine ran its sequential path"
+        table += ("\n\n\\* flashoverlap did not overlap: the plan predicted no gain (sequential path) "
+                  "or world size 1 (the plain GEMM)")
     return table
 
 

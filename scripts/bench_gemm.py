@@ -1,8 +1,9 @@
-"""Benchmark the signal GEMM (slotted + signals) against torch.matmul.
+"""Benchmark the signal GEMM (row-major stores + per-group signals) against torch.matmul.
 
 For each shape ``M x K @ K x N`` (bf16 by default) it times torch.matmul and the signal GEMM
-with ``P`` = all SMs, SMs-8 and SMs-16 CTAs (plans of one group per wave, the engine's
-finest grouping), using ``triton.testing.do_bench`` (CUDA events, median) over several
+with ``P`` = all SMs, SMs-8 and SMs-16 CTAs (AllReduce plans at world size 1: every tile
+stored at its own row of the ``[M, N]`` result, one group -- one counter -- per band of
+``--group-m`` tile rows, the engine's finest grouping; counters on), using ``triton.testing.do_bench`` (CUDA events, median) over several
 input sets in rotation so the L2 cache does not hold the operands.  torch.matmul is timed
 before and after each signal-GEMM timing; a row's efficiency is the median, over
 ``--repeats`` repetitions of the whole measurement, of ``mean(T_torch before, after) /
@@ -12,6 +13,7 @@ Prints a table and writes ``results/<YYYY-MM-DD>-<machine>/gemm.json`` (DESIGN.m
 files").  ``--sweep`` first times a few kernel variants on three shapes (tuning aid).
 
     python scripts/bench_gemm.py --repeats 3
+    python scripts/bench_gemm.py --repeats 1 --m 8192 --kn 2048x8192,7168x8192 --rep 50  # quick
 """
 
 from __future__ import annotations
@@ -121,20 +123,21 @@ class _Bench:
         return self.time(run, warmup, rep)
 
     def signal_ms(self, plan, config, warmup, rep) -> float:
+        """The signal GEMM into the same destinations as torch.matmul (``self.c``)."""
         torch = self.torch
         BM, BN = plan.config.block_m, plan.config.block_n
-        table = torch.tensor(plan.step_table, device="cuda")
+        table = torch.from_numpy(plan.step_table.copy()).to("cuda")
         counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
-        comm = [torch.empty(plan.num_tiles, BM, BN, device="cuda", dtype=self.c[0].dtype)
-                for _ in self.sets]
         P = plan.config.num_ctas
-        signal_gemm = self.sg.signal_gemm
+        launcher = self.sg.SignalGemmLauncher(table, counters, block_m=BM, block_n=BN,
+                                              num_ctas=P, config=config,
+                                              rows_per_block=plan.problem.rows_per_block)
+        stream = torch.cuda.current_stream()
 
         def run(i):
             a, b = self.sets[i]
             # Counters only grow here (no watcher); int32 wraps after ~1e5 calls of 8k tiles.
-            signal_gemm(a, b, comm[i], step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                        counters=counters, config=config)
+            launcher(a, b, self.c[i], stream=stream)
 
         return self.time(run, warmup, rep)
 
@@ -198,11 +201,11 @@ def _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, base, args, dtype,
 def _compiled(torch, sg, bench, plan, cfg):
     """The compiled kernel of this configuration (for register and spill counts)."""
     a, b = bench.sets[0]
-    comm = torch.empty(plan.num_tiles, cfg.block_m, cfg.block_n, device="cuda", dtype=a.dtype)
-    table = torch.tensor(plan.step_table, device="cuda")
+    table = torch.from_numpy(plan.step_table.copy()).to("cuda")
     counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
-    return sg._launch(a, b, comm, table, cfg.block_m, cfg.block_n, plan.config.num_ctas,
-                      counters, True, cfg)
+    grid, args, meta = sg._launch_args(a, b, bench.c[0], table, cfg.block_m, cfg.block_n,
+                                       plan.config.num_ctas, counters, None, 0, None, cfg)
+    return sg._jit_launch(grid, args, meta)
 
 
 def main(argv=None) -> int:
@@ -214,6 +217,8 @@ def main(argv=None) -> int:
         return 2
     import triton
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import _git_commit
     from flashoverlap.kernels import default_config
     from flashoverlap.kernels import signal_gemm as sg
     from flashoverlap.plan import PlanConfig, Problem, make_plan
@@ -227,7 +232,8 @@ def main(argv=None) -> int:
     offsets = [int(x) for x in args.cta_offsets.split(",") if x != ""]
     today = datetime.date.today().isoformat()
     provenance = {"gpu": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                  "nccl": _nccl_version(torch), "date": today}
+                  "nccl": _nccl_version(torch), "date": today, "commit": _git_commit(),
+                  "p2p": None}
     print(f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, "
           f"nccl {provenance['nccl']}; {config}; B layout {args.b_layout}")
 
@@ -250,7 +256,7 @@ def main(argv=None) -> int:
                 row["torch"].append(t_before)
                 for off in offsets:
                     P = sms - off
-                    plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
+                    plan = make_plan(  # AllReduce at W = 1: dest_row = row, the plain layoutProblem(M, N, K, args.dtype, 1, "all_reduce"),
                                      PlanConfig(block_m=config.block_m, block_n=config.block_n,
                                                 num_ctas=P, group_m=args.group_m))
                     t = bench.signal_ms(plan, config, args.warmup, args.rep)
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
                   f"{flops / t / 1e9:8.1f} {eff:6.3f}")
             rows.append(dict(common, M=M, N=N, K=K, engine="flashoverlap", num_ctas=P,
                              median_ms=t, tflops=flops / t / 1e9, efficiency_vs_torch=eff,
-                             sms=sms, config=dataclasses.asdict(config)))
+                             sms=sms, group_m=args.group_m, config=dataclasses.asdict(config)))
 
     for off in offsets:
         effs = [r["efficiency_vs_torch"] for r in rows

@@ -5,12 +5,17 @@ each op (AllReduce, ReduceScatter), in ONE process run and on the same random in
 
     GEMM          torch.matmul alone                                   T_gemm
     comm          the NCCL collective of the [M, N] output alone       T_comm
-    seq           torch.matmul, then the collective, one stream        T_seq  (the baseline)
+    seq           flashoverlap.engine.run_sequential: torch.matmul, then the
+                  torch.distributed collective, one stream             T_seq  (the baseline)
     decomp        flashoverlap's reference engine: per-group matmul + async collective
-    torch fused   torch's symmetric-memory fused matmul + ReduceScatter (RS only; n/a if it fails)
+    torch fused   torch's symmetric-memory fused matmul + collective (RS only; n/a if it fails)
     ceiling       the GEMM and an *independent* collective on two streams       T_conc
     ideal         max(T_gemm, T_comm)                                            T_ideal
     flashoverlap  engine="overlap", default plan (and --config-json's PlanConfig)
+
+At world size 1 the collectives are the identity: the sequential baseline and the default
+flashoverlap call are the plain GEMM (use --config-json to force an overlapped plan, or
+scripts/bench_overhead.py for the mechanism's cost at one rank).
 
 Timing (DESIGN.md "Measuring performance"): CUDA events, warm-up, median of --iters calls,
 inputs rotated among --rotate sets, max over ranks, a barrier before every measurement.
@@ -24,8 +29,8 @@ Launch (one GPU per rank)::
 
 Writes ``results/<date>-<machine>/overlap[-nop2p].json`` (rows merged into the file), ``.md``
 and a speedup chart ``.png``; prints the table on rank 0.  ``--timeline PATH`` draws one
-overlapped call (GEMM on the compute stream; wait / collective / restore per group on the
-watcher stream, from the engine's :mod:`flashoverlap.timeline` hook when present) above the
+overlapped call (GEMM on the compute stream; wait / collective per group on the watcher
+stream, from the engine's :mod:`flashoverlap.timeline` hook when present) above the
 sequential baseline, on a shared time axis.
 """
 
@@ -73,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "M=16..1024, the never-slower check")
     p.add_argument("--config-json", default=None,
                    help="PlanConfig for an extra flashoverlap row, as JSON or a JSON file, e.g. "
-                        '\'{"block_m":128,"block_n":256,"num_ctas":116,"group_waves":[1,3,3,3]}\'')
+                        '\'{"block_m":128,"block_n":256,"num_ctas":116,"group_m":8,"group_bands":[1,1,2]}\' '
+                        "(group_bands sum to the plan's band count; omitted: one group per band)")
     p.add_argument("--timeline", type=Path, default=None,
                    help="PNG of one overlapped call vs the sequential baseline (several problems: "
                         "one file each, <stem>-<op>-<M>x<N>x<K>.png)")
@@ -97,15 +103,15 @@ def load_plan_config(text: str):
     fields = json.loads(source)
     if not isinstance(fields, dict):
         raise TypeError("expected a JSON object of PlanConfig fields")
-    if fields.get("group_waves") is not None:
-        fields["group_waves"] = tuple(fields["group_waves"])
+    if fields.get("group_bands") is not None:
+        fields["group_bands"] = tuple(fields["group_bands"])
     return PlanConfig(**fields)
 
 
 # --------------------------------------------------------------------------------------------
 # timeline
 # --------------------------------------------------------------------------------------------
-SPAN_COLORS = {"GEMM": "tab:blue", "wait": "0.85", "collective": "tab:orange", "restore": "tab:green",
+SPAN_COLORS = {"GEMM": "tab:blue", "wait": "0.85", "collective": "tab:orange",
                "whole call": "tab:purple"}
 LANE_NAMES = {"compute": "compute stream", "watcher": "watcher stream", "stream": "caller stream",
               "call": "whole call"}
@@ -211,7 +217,7 @@ def draw_timeline(bench: bc.Bench, run: bc.ShapeRun, path: Path) -> None:
         plan = info.get("plan") or {}
         detail = f", {plan['num_waves']} waves in {plan['num_groups']} groups" if plan else ""
         if info.get("fallback"):
-            detail += ", plan predicted no gain: ran the sequential path"
+            detail += f", did not overlap (path: {info.get('path')})"
         how = "engine marks" if hooked else "outside view: GEMM alone + whole call (no engine hook)"
         call = next(s for s in over_spans if s.name == "whole call").end_ms
         panels.append((f"{label}: {call:.3f} ms ({seq_total / call:.2f}x){detail} [{how}]", over_spans))
@@ -245,9 +251,9 @@ def run(bench: bc.Bench) -> None:
             bench.log("note: --config-json ignored (flashoverlap is not measured on this device)")
     bench.log(bc.header(bench, TITLE))
     if bench.clock.cuda and bench.is_root:
-        from flashoverlap import engine
+        from flashoverlap.engine import overlap
 
-        hook = hasattr(engine, "timeline")
+        hook = hasattr(overlap, "timeline")
         bench.log(f"engine timeline hook: {'present' if hook else 'absent (timelines show outside spans)'}")
     import torch.distributed as dist
 
@@ -255,8 +261,9 @@ def run(bench: bc.Bench) -> None:
     rows: list[dict[str, Any]] = []
     bar = bc.progress(bench, len(problems), "overlap")
     for op, (M, N, K) in problems:
-        if op == "reduce_scatter" and M % bench.world:
-            bench.log(f"skip reduce_scatter M={M}: not divisible by {bench.world} ranks")
+        reason = bc.problem_fits(op, M, N, bench.world)
+        if reason is not None:
+            bench.log(f"skip {op} {M}x{N}x{K}: {reason}")
             bar.update()
             continue
         shape_run = bc.ShapeRun(bench, "overlap", group, op, M, N, K, configs=configs)

@@ -1,13 +1,16 @@
 """Fused residual add (``residual=``) against the op followed by a separate ``torch.add``.
 
 A transformer block adds each row-parallel layer's reduced output to its residual stream.
-``gemm_all_reduce(a, b, residual=h, out=h)`` folds that add into the overlap engine's
-restores; this benchmark times, per shape and op, in one run (CUDA events, median over
-ranks' maxima, rotated random inputs, as ``bench_overlap.py``):
+``gemm_all_reduce(a, b, residual=h, out=h, residual_replicated=True)`` folds that add into the
+GEMM epilogue (rank 0 adds the replicated residual, the AllReduce carries it; a ReduceScatter's
+owning rank adds its shard); this benchmark times, per shape and op, in one run (CUDA events,
+median over ranks' maxima, rotated random inputs, as ``bench_overlap.py``):
 
-* ``sequential + add``: ``torch.matmul``, the ``torch.distributed`` collective, ``torch.add``;
+* ``sequential + add``: :func:`flashoverlap.engine.run_sequential` (``torch.matmul``, the
+  ``torch.distributed`` collective), then ``torch.add``;
 * ``flashoverlap + add``: the op, then ``torch.add``;
-* ``flashoverlap fused``: the op with ``residual=`` (in place, ``out=residual``).
+* ``flashoverlap fused``: the op with ``residual=`` (in place, ``out=residual``; the residual
+  is the same on every rank, as a tensor-parallel block's residual stream is).
 
     torchrun --nproc-per-node 4 scripts/bench_residual.py --shape 8192x8192x2048 --op both
     torchrun --nproc-per-node 1 scripts/bench_residual.py --config-json '{"block_m":128,"block_n":256,"num_ctas":116}'
@@ -49,25 +52,28 @@ def measure(bench: bc.Bench, op: str, M: int, N: int, K: int, config: Any) -> li
     import torch.distributed as dist
 
     import flashoverlap as fo
+    from flashoverlap.engine import run_sequential
 
     group = dist.group.WORLD
     run = bc.ShapeRun(bench, "residual", group, op, M, N, K, engines=())
-    fn = fo.gemm_all_reduce if op == "all_reduce" else fo.gemm_reduce_scatter
-    residual = torch.randn_like(run.out)
+    coll = run.coll
+    # The same residual on every rank (a replicated residual stream): seeded without the rank.
+    gen = torch.Generator(device=bench.device).manual_seed(bench.args.seed)
+    residual = torch.randn(run.out.shape, generator=gen, device=bench.device).to(bench.dtype)
     h = residual.clone()  # the residual stream, updated in place by the fused variant
 
     def sequential_add(i: int) -> None:
-        run.gemm(i)
-        run.comm_full()
+        run_sequential(coll, run.a[i], run.b[i], group, run.out, world_size=run.W)
         torch.add(run.out, residual, out=h)
 
     def overlap_add(i: int) -> None:
-        fn(run.a[i], run.b[i], group, out=run.out, config=config)
+        fo.gemm_collective(run.a[i], run.b[i], coll, group, out=run.out, config=config)
         torch.add(run.out, residual, out=h)
 
     def overlap_fused(i: int) -> None:
         # h grows by one reduced product per call; b is scaled by 1/sqrt(K), so it stays finite.
-        fn(run.a[i], run.b[i], group, out=h, residual=h, config=config)
+        fo.gemm_collective(run.a[i], run.b[i], coll, group, out=h, residual=h,
+                           residual_replicated=True, config=config)
 
     variants = (("sequential", "sequential + add", sequential_add),
                 ("flashoverlap", "flashoverlap + add", overlap_add),
@@ -79,6 +85,7 @@ def measure(bench: bc.Bench, op: str, M: int, N: int, K: int, config: Any) -> li
                      "dtype": bc.dtype_name(bench.dtype), "world_size": run.W,
                      "engine": engine, "variant": name,
                      "median_ms": stats.median_ms, "min_ms": stats.min_ms, "p90_ms": stats.p90_ms,
+                     "num_ctas": None if config is None else config.num_ctas,
                      "plan_config": None if config is None else vars(config), "p2p": bench.p2p,
                      **bench.prov, "timer": "cuda_events" if bench.clock.cuda else "perf_counter",
                      "iters": bench.args.iters, "warmup": bench.args.warmup,
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for op in bc.selected_ops(args):
             for M, N, K in args.shape or DEFAULT_SHAPES:
-                if op == "reduce_scatter" and M % bench.world:
+                if bc.problem_fits(op, M, N, bench.world) is not None:
                     continue
                 rows += measure(bench, op, M, N, K, args.plan_config)
         if bench.is_root:

@@ -134,7 +134,7 @@ def run(bench: bc.Bench) -> list[dict[str, Any]]:
     # splits them off the world communicator collectively).
     groups = {w: dist.group.WORLD if w == bench.world else dist.new_group(list(range(w))) for w in sizes}
     plan = {w: [(op, s) for s in shapes_for(args, presets, tokens, w) for op in bc.selected_ops(args)
-                if not (op == "reduce_scatter" and s["M"] % w)] for w in sizes}
+                if bc.problem_fits(op, s["M"], s["N"], w) is None] for w in sizes}
     bench.log(bc.header(bench, "flashoverlap scaling benchmark"))
     bench.log(f"world sizes {sizes}; presets {', '.join(f'{k}={h}:{i}' for k, (h, i) in presets.items())}; "
               f"tokens {tokens}; engines {', '.join(bench.engines)}")

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-REQUIRED_KEYS = {"bench", "op", "M", "N", "K", "dtype", "world_size", "engine", "median_ms",
-                 "speedup_vs_sequential", "p2p", "gpu", "torch", "nccl", "triton", "date"}
+REQUIRED_KEYS = {"bench", "op", "M", "N", "K", "dtype", "world_size", "engine", "num_ctas",
+                 "median_ms", "speedup_vs_sequential", "p2p", "gpu", "torch", "nccl", "triton",
+                 "date", "commit"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--iters", "3", "--warmup", "1", "--no-progress", "--machine", "test"]
 
@@ -62,14 +63,24 @@ def _is_png(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 # --help and launcher runs
 # --------------------------------------------------------------------------------------------
-def test_help_of_both_scripts_on_cpu(tmp_path):
-    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / s), "--help"], env=cpu_launch_env(), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for s in ("bench_overlap.py", "bench_scaling.py")]
-    for proc, flag in zip(procs, ("--timeline", "--max-shapes")):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        assert "usage:" in out and flag in out and "--no-p2p" in out
+HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py": ("--max-shapes", "--no-p2p"),
+              "bench_residual.py": ("--config-json", "--no-p2p"), "bench_gemm.py": ("--repeats", "--kn"),
+              "bench_overhead.py": ("--host-iters", "--groups"), "soak.py": ("--calls", "--watchdog"),
+              "host_overhead.py": ("--group-m", "--json")}
+
+
+def test_help_of_every_script_on_cpu(tmp_path):
+    """``--help`` works on a CPU-only machine (GPU imports are lazy) for every script."""
+    procs = {s: subprocess.Popen([sys.executable, str(SCRIPTS / s), "--help"], env=cpu_launch_env(), cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in HELP_FLAGS}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, (script, err)
+        assert "usage:" in out and all(flag in out for flag in HELP_FLAGS[script]), script
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_session.sh"), "--help"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and "gpu-tests.log" in proc.stdout and "summary.txt" in proc.stdout
 
 
 def test_torchrun_bench_overlap_cpu(tmp_path):
@@ -158,8 +169,10 @@ def test_overlap_args_presets_and_config():
     import bench_overlap as bo
 
     args = bo.parse_args(["--shape", "8192x8192x2048", "--config-json",
-                          '{"block_m": 128, "block_n": 256, "num_ctas": 116, "group_waves": [1, 3]}'])
-    assert args.shape == [(8192, 8192, 2048)] and args.plan_config.group_waves == (1, 3)
+                          '{"block_m": 128, "block_n": 256, "num_ctas": 116, "group_bands": [1, 3]}'])
+    assert args.shape == [(8192, 8192, 2048)] and args.plan_config.group_bands == (1, 3)
+    with pytest.raises(SystemExit):  # the old wave grouping is refused
+        bo.parse_args(["--config-json", '{"num_ctas": 116, "group_waves": [1, 3]}'])
     assert len(bo.PRESETS["design"]) == 6 and {k for _, _, k in bo.PRESETS["pcie"]} == {32768, 65536}
     with pytest.raises(SystemExit):
         bo.parse_args(["--shape", "8192x8192"])
@@ -217,10 +230,12 @@ def test_timeline_spans_from_marks_and_plot(tmp_path):
     for g in range(3):
         base = 0.05 + 0.6 * g
         rec.marks += [("wait_start", g, _FakeEvent(base)), ("wait_end", g, _FakeEvent(base + 0.5)),
-                      ("comm_end", g, _FakeEvent(base + 0.55)), ("restore_end", g, _FakeEvent(base + 0.6))]
+                      ("comm_end", g, _FakeEvent(base + 0.55))]
     spans = rec.spans(_FakeEvent(0.0))
     assert [(s.lane, s.name, s.group) for s in spans[:2]] == [("compute", "GEMM", None), ("watcher", "wait", 0)]
-    assert len(spans) == 1 + 3 * 3
+    assert len(spans) == 1 + 3 * 2  # GEMM; wait and collective per group (no restore)
+    assert {s.name for s in spans} == {"GEMM", "wait", "collective"}
+    assert set(timeline.MARKS) == {"gemm_start", "gemm_end", "wait_start", "wait_end", "comm_end"}
     coll = [s for s in spans if s.name == "collective"]
     assert [round(s.start_ms, 3) for s in coll] == [0.55, 1.15, 1.75]
     assert min(s.start_ms for s in rec.spans()) == 0.0  # default origin: the earliest mark
@@ -244,3 +259,130 @@ def test_torchrun_bench_residual_cpu(tmp_path):
         for v in ("sequential + add", "flashoverlap + add", "flashoverlap fused")}
     assert all(r["bench"] == "residual" and r["world_size"] == 2 for r in rows)
     assert "flashoverlap fused" in stdout and "wrote" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# bench_overhead.py and soak.py: the pure-Python parts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter"])
+@pytest.mark.parametrize("M", [1, 300, 4096, 8192, 16384])
+def test_overhead_forced_config_is_an_overlapped_plan(op, M):
+    import bench_overhead as bov
+
+    from flashoverlap.plan import Problem, make_plan, num_bands_for
+
+    config = bov.forced_config(M, 8192, op, sms=132, block=(128, 256), groups=4, reserve=16)
+    problem = Problem(M, 8192, 2048, "bfloat16", 1, op)
+    plan = make_plan(problem, config)
+    assert config.num_ctas == 116 and sum(config.group_bands) == num_bands_for(problem, config)
+    tiles_m = -(-M // 128)
+    assert plan.num_groups == min(4, tiles_m)  # >= 4 groups wherever the rows allow
+    if M >= 4096:
+        assert plan.num_groups == 4 and max(config.group_bands) - min(config.group_bands) <= 1
+
+
+def _overhead_rows():
+    base = {"op": "all_reduce", "M": 4096, "N": 8192, "K": 2048, "num_groups": 4}
+    return [
+        dict(base, bench="overhead", engine="flashoverlap", graph=False, median_ms=0.22, signal_gemm_ms=0.2,
+             overhead_vs_gemm=1.1, host_us=80.0, host_us_signal_gemm=20.0, host_us_torch=60.0,
+             host_target_us=92.0, host_ok=True),
+        dict(base, bench="overhead", engine="flashoverlap", graph=True, median_ms=0.21, signal_gemm_ms=0.2,
+             overhead_vs_gemm=1.05),
+        dict(base, M=8192, bench="overhead", engine="flashoverlap", graph=False, median_ms=0.5, signal_gemm_ms=0.4,
+             overhead_vs_gemm=1.25, host_us=120.0, host_us_signal_gemm=20.0, host_us_torch=60.0,
+             host_target_us=92.0, host_ok=False),
+        dict(base, bench="overlap", engine="flashoverlap", graph=False, median_ms=0.2, sequential_ms=0.25,
+             speedup_vs_sequential=1.25, host_us=15.0, host_us_torch=60.0),
+    ]
+
+
+def test_overhead_summary_table():
+    import bench_overhead as bov
+
+    lines = bov.summarize(_overhead_rows())
+    text = "\n".join(lines)
+    assert "op/sgemm" in lines[0] and "1.100" in text and "1.050" in text
+    assert "overhead_vs_gemm (eager): median 1.175, max 1.250 over 2 problems" in text
+    assert "overhead_vs_gemm (graph): median 1.050" in text
+    assert "1/2 met; missed: ['all_reduce 8192x2048']" in text
+    assert "default call (plain GEMM)" in text and "1.250" in text
+
+
+def test_overhead_args():
+    import bench_overhead as bov
+
+    args = bov.parse_args(["--m", "4096,8192", "--k", "2048", "--ops", "reduce_scatter"])
+    assert args.m == [4096, 8192] and args.k == [2048] and args.ops == ["reduce_scatter"]
+    assert args.iters >= 20 and args.host_iters >= 50 and args.rotate >= 3 and args.groups >= 4
+    for bad in (["--groups", "1"], ["--ops", "all_gather"], ["--m", "0"]):
+        with pytest.raises(SystemExit):
+            bov.parse_args(bad)
+
+
+def test_soak_cases_and_memory_report():
+    import random
+
+    import soak
+
+    args = soak.parse_args(["--calls", "100"])
+    cases = [soak.random_case(random.Random(5), args) for _ in range(3)]
+    assert cases[0] == soak.random_case(random.Random(5), args)  # deterministic per seed
+    rng = random.Random(0)
+    many = [soak.random_case(rng, args) for _ in range(2000)]
+    assert all(1 <= c["M"] <= 16384 and c["N"] in soak.N_CHOICES and c["K"] in soak.K_CHOICES for c in many)
+    assert {c["op"] for c in many} == set(soak.OPS)
+    assert sum(c["M"] <= 64 for c in many) > 50 and max(c["M"] for c in many) > 12000
+    assert 0.2 < sum(c["forced"] for c in many) / len(many) < 0.4
+    assert not any(c["in_place"] and not c["residual"] for c in many)
+    assert 2 <= min(c["groups"] for c in many) and max(c["groups"] for c in many) <= 6
+    report = soak.memory_report([{"call": 500, "allocated_mib": 10.0, "reserved_mib": 20.0},
+                                 {"call": 1000, "allocated_mib": 30.0, "reserved_mib": 40.0},
+                                 {"call": 1500, "allocated_mib": 12.0, "reserved_mib": 40.0}])
+    assert report["allocated_mib"] == {"first": 10.0, "max": 30.0, "last": 12.0}
+    assert report["reserved_mib"]["max"] == 40.0 and soak.memory_report([]) == {}
+    with pytest.raises(SystemExit):
+        soak.parse_args(["--forced", "2"])
+
+
+def test_soak_watchdog_fires_on_a_stall():
+    """The watchdog aborts a stalled process with a clear message (exit code 3)."""
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "import soak\n"
+            "dog = soak.Watchdog(1.0, lambda what: print('hook', what, flush=True))\n"
+            "dog.beat('call 7')\n"
+            "time.sleep(30)\n") % str(SCRIPTS)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "SOAK HANG" in proc.stderr and "call 7" in proc.stderr and "hook call 7" in proc.stdout
+
+
+def test_collectives_drive_the_bench_pipeline():
+    """The benches ask the collective (no branching on its name): result rows, in-place or
+    not, which problems it accepts, which torch fused op exists."""
+    import bench_common as bc
+
+    bc.load_torch()
+    import torch
+
+    class Fake:
+        in_place = False
+
+        def __init__(self):
+            self.calls = []
+
+        def torch_group(self, send, recv, group):
+            self.calls.append((send, recv, group))
+            return lambda: recv.copy_(send)
+
+    fake = Fake()
+    send, result = torch.ones(4, 3), torch.zeros(4, 3)
+    bc.start_collective(fake, send, result, "g")()
+    assert fake.calls[0][1] is result and torch.equal(result, send)
+    fake.in_place = True
+    bc.start_collective(fake, send, result, "g")
+    assert fake.calls[1][1] is send
+    assert bc.problem_fits("reduce_scatter", 6, 8, 4) is not None
+    assert bc.problem_fits("reduce_scatter", 8, 8, 4) is None and bc.problem_fits("all_reduce", 7, 8, 4) is None
+    assert set(bc.TORCH_FUSED) <= set(bc.OPS)

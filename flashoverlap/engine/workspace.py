@@ -7,8 +7,8 @@ place (ReduceScatter's packed ``[M, N]`` buffer; AllReduce needs none: the GEMM 
 result), the per-group byte offsets and counts the hot loop turns into pointers, the counter
 wait and the signal-GEMM launcher.
 
-Cache: least recently used first within ``FLASHOVERLAP_WORKSPACE_MB`` (default 1 GiB) of send
-buffers per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
+Cache: least recently used first within ``FLASHOVERLAP_WORKSPACE_MB`` (default 1 GiB) of device
+memory (send buffers, step tables, counters) and :data:`MAX_WORKSPACES` workspaces per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
 many calls.  Workspaces captured in a CUDA graph are pinned (their replays use the buffers).
 Every workspace tensor is ``record_stream``-ed on the watcher, so an evicted buffer is reused
 only after the watcher's last work on it.  Plan checks across ranks are remembered apart from
@@ -35,6 +35,8 @@ _LOCK = threading.Lock()
 _WORKSPACES: collections.OrderedDict[tuple[OverlapPlan, int, ProcessGroup], "Workspace"] = (
     collections.OrderedDict())
 _WATCHERS: dict[int, torch.cuda.Stream] = {}
+# Besides the byte budget: workspaces per GPU (each holds events and compiled-kernel entries).
+MAX_WORKSPACES = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,14 +166,15 @@ def _evict(device_index: int, keep: tuple) -> None:
     the lock); never the one being built, never a pinned one."""
     budget = settings().workspace_bytes
     mine = [(k, w) for k, w in list(_WORKSPACES.items()) if k[1] == device_index]
-    total = sum(w.nbytes for _, w in mine)
+    total, count = sum(w.nbytes for _, w in mine), len(mine)
     for k, w in mine:
-        if total <= budget:
+        if total <= budget and count <= MAX_WORKSPACES:
             break
         if k == keep or w.pinned:
             continue
         del _WORKSPACES[k]
         total -= w.nbytes
+        count -= 1
 
 
 def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
@@ -222,8 +225,13 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
             armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current),
             watcher_h=sync.bind_stream(watcher),
-            nbytes=0 if send is None else send.untyped_storage().nbytes(),
+            nbytes=0,
         )
+        # Every workspace counts: an in-place collective has no send buffer, but serving
+        # many prompt lengths would otherwise keep one step table, counter array and launcher
+        # set per M forever.
+        ws.nbytes = sum(t.untyped_storage().nbytes() for t in
+                        (ws.step_table, counters) + (() if send is None else (send,)))
         for t in (ws.step_table, counters) + (() if send is None else (send,)):
             t.record_stream(watcher)  # freed on eviction: reuse waits for the watcher
         _WORKSPACES[key] = ws

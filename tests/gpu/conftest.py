@@ -12,7 +12,7 @@ def world1(tmp_path_factory):
     """An NCCL process group of one rank (module scope), torn down with flashoverlap's caches.
 
     With one rank NCCL still runs every engine step: counters, waits, collectives on the
-    watcher stream, restores.
+    watcher stream.
     """
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -1,15 +1,20 @@
-"""Signal GEMM and restore kernels on a CUDA GPU: numerics, compiled ordering, signal stress.
+"""Signal GEMM on a CUDA GPU: numerics, restore-free layouts, compiled ordering, signal stress.
 
-The stress test is the proof of the memory-ordering contract (DESIGN.md "Contracts"): a
-single-CTA consumer on another stream spins on each group's counter with acquire atomics
-and snapshots the group's slots the moment the count is complete; any difference between a
+The signal GEMM writes every tile at row ``dest_row`` of a row-major ``[M, N]`` destination
+(the result itself for AllReduce plans, a send buffer packed by destination block for
+ReduceScatter plans) and bumps its group's counter.  The stress test is the proof of the
+memory-ordering contract (``flashoverlap/kernels/signal_gemm.py``, "Ordering protocol"): a
+single-CTA consumer on another stream spins on each group's counter with acquire atomics and
+snapshots the group's rows the moment the count is complete; any difference between a
 snapshot and the final buffer is a torn read.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import time
 
 import pytest
 import torch
@@ -18,30 +23,30 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 triton = pytest.importorskip("triton")
-import triton.language as tl
+import triton.language as tl  # noqa: E402
 
-from flashoverlap.kernels import default_block_shape, default_config
-from flashoverlap.kernels import restore as rs
-from flashoverlap.kernels import signal_gemm as sg
-from flashoverlap.plan import PlanConfig, Problem, make_plan
+from flashoverlap.kernels import default_block_shape, default_config  # noqa: E402
+from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
+from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 DEV = torch.device("cuda")
 SMS = torch.cuda.get_device_properties(DEV).multi_processor_count
 BM, BN = default_block_shape(DEV)
+STRESS_ENV = "FLASHOVERLAP_STRESS_GROUPS"
 
 
-def _plan(M, N, K, *, world=1, op="all_reduce", num_ctas=None, group_waves=None, dtype="bf16"):
-    P = num_ctas or SMS
-    P -= P % world
+def _plan(M, N, K, *, world=1, op="all_reduce", num_ctas=None, group_m=8, group_bands=None,
+          block=(BM, BN), dtype="bfloat16"):
     problem = Problem(M, N, K, dtype, world, op)
-    return make_plan(problem, PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=8,
-                                         group_waves=group_waves))
+    return make_plan(problem, PlanConfig(block_m=block[0], block_n=block[1],
+                                         num_ctas=num_ctas or SMS, group_m=group_m,
+                                         group_bands=group_bands))
 
 
 def _table(plan):
-    return torch.tensor(plan.step_table, device=DEV)
+    return torch.from_numpy(plan.step_table.copy()).to(DEV)
 
 
 def _operands(M, N, K, dtype, b_trans, gen=None):
@@ -53,8 +58,34 @@ def _operands(M, N, K, dtype, b_trans, gen=None):
     return a, b
 
 
+def _nan(shape, dtype=torch.bfloat16):
+    return torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+
+
 def _rel_fro(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def _run_pair(plan, a, b, *, counters=True, config=None, residual=None, residual_block=0):
+    """Kernel and reference on NaN-poisoned ``[M, N]`` destinations; (out, ref, counts)."""
+    M, N = a.shape[0], b.shape[1]
+    cfg = plan.config
+    table = _table(plan)
+    out, ref = _nan((M, N), a.dtype), _nan((M, N), a.dtype)
+    cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32) if counters else None
+    rows = plan.problem.rows_per_block
+    sg.signal_gemm(a, b, out, step_table=table, block_m=cfg.block_m, block_n=cfg.block_n,
+                   num_ctas=cfg.num_ctas, counters=cnt, residual=residual,
+                   residual_block=residual_block, rows_per_block=rows, config=config)
+    sg.signal_gemm_ref(a, b, ref, table, residual=residual, residual_block=residual_block,
+                       rows_per_block=rows)
+    return out, ref, cnt
+
+
+def _check(out, ref, what):
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: written rows differ"
+    assert not ref.isnan().any(), f"{what}: the plan leaves rows unwritten"
+    assert _rel_fro(out, ref) <= 1e-2, what
 
 
 SHAPES = [(1, 1, 1), (7, 300, 33), (127, 255, 63), (513, 1031, 777), (1000, 3000, 1536),
@@ -64,32 +95,72 @@ SHAPES = [(1, 1, 1), (7, 300, 33), (127, 255, 63), (513, 1031, 777), (1000, 3000
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
 def test_matches_matmul(dtype, b_trans):
+    """AllReduce plans (dest_row = row): the destination is the product itself."""
     gen = torch.Generator(device=DEV).manual_seed(0)
     rng = random.Random(1)
     shapes = SHAPES + [(rng.randint(1, 3000), rng.randint(1, 3000), rng.randint(1, 2000))
                        for _ in range(4)]
     for M, N, K in shapes:
-        plan = _plan(M, N, K, group_waves=None)
+        plan = _plan(M, N, K, group_m=rng.choice([1, 2, 8]), dtype=str(dtype)[6:])
         a, b = _operands(M, N, K, dtype, b_trans, gen)
-        table = _table(plan)
-        comm = torch.full((plan.num_tiles, BM, BN), float("nan"), device=DEV, dtype=dtype)
-        counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-        sg.signal_gemm(a, b, comm, step_table=table, block_m=BM, block_n=BN,
-                       num_ctas=plan.config.num_ctas, counters=counters)
-        ref = torch.full_like(comm, float("nan"))
-        sg.signal_gemm_ref(a, b, ref, table, BM, BN)
-        assert torch.equal(comm.isnan(), ref.isnan()), (M, N, K)
-        written = ~ref.isnan()
-        assert _rel_fro(comm[written], ref[written]) <= 1e-2, (M, N, K)
-        assert counters.tolist() == plan.group_tile_counts.tolist()
-        if dtype != torch.bfloat16:  # plain mode: one dtype is enough (compile time)
-            continue
-        # Plain mode over the whole output, against torch.matmul in float32.
-        plain = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
-        sg.signal_gemm(a, b, plain, step_table=table, block_m=BM, block_n=BN,
-                       num_ctas=plan.config.num_ctas, slotted=False)
-        assert not plain.isnan().any()
-        assert _rel_fro(plain, a.float() @ b.float()) <= 1e-2, (M, N, K)
+        out, ref, cnt = _run_pair(plan, a, b)
+        _check(out, ref, (M, N, K))
+        assert cnt.tolist() == plan.group_tile_counts.tolist()
+        assert _rel_fro(out, a.float() @ b.float()) <= 1e-2, (M, N, K)
+
+
+@pytest.mark.parametrize("world,bands", [(2, None), (4, (1, 3, 1)), (3, (4, 1))])
+def test_packed_reduce_scatter_layout(world, bands):
+    """ReduceScatter plans: group g's rows of every block, packed by block, at send rows
+    [W*lo_g, W*hi_g); unpacking them gives the plain product bitwise (same tiles, so the
+    same arithmetic), for every rank's block."""
+    rows = 4 * BM + 40  # a short edge tile at the end of every block
+    M, N, K = rows * world, 1500, 777
+    group_m = 1  # 5 bands of one tile row per block
+    base = _plan(M, N, K, world=world, op="reduce_scatter", num_ctas=37, group_m=group_m)
+    if bands is not None:
+        assert sum(bands) == num_bands_for(base.problem, base.config)
+    plan = _plan(M, N, K, world=world, op="reduce_scatter", num_ctas=37, group_m=group_m,
+                 group_bands=bands)
+    a, b = _operands(M, N, K, torch.bfloat16, True)
+    send, ref, cnt = _run_pair(plan, a, b)
+    _check(send, ref, "packed")
+    assert cnt.tolist() == plan.group_tile_counts.tolist()
+    # The same tiles in the identity layout, per block: a W=1 plan of each block's rows.
+    for r in range(world):
+        block_plan = _plan(rows, N, K, num_ctas=37, group_m=group_m)
+        plain = _nan((rows, N))
+        sg.signal_gemm(a[r * rows:(r + 1) * rows], b, plain, step_table=_table(block_plan),
+                       block_m=BM, block_n=BN, num_ctas=37)
+        parts = [send[s.send_lo + r * s.recv_rows: s.send_lo + (r + 1) * s.recv_rows]
+                 for s in plan.spans()]
+        assert torch.equal(torch.cat(parts), plain), f"rank {r}"
+
+
+@pytest.mark.parametrize("world,op", [(1, "all_reduce"), (2, "reduce_scatter"),
+                                      (3, "reduce_scatter")])
+def test_residual_epilogue(world, op):
+    """residual= adds to block ``residual_block`` only, before the one rounding; the other
+    blocks are bitwise the no-residual run."""
+    rows, N, K = 700, 1000, 512
+    M = rows * world
+    plan = _plan(M, N, K, world=world, op=op, num_ctas=SMS - 8, group_m=2)
+    a, b = _operands(M, N, K, torch.bfloat16, False)
+    residual = torch.randn(rows, N, device=DEV, dtype=torch.bfloat16)
+    plain, _, _ = _run_pair(plan, a, b)
+    for block in range(world):
+        out, ref, _ = _run_pair(plan, a, b, residual=residual, residual_block=block)
+        _check(out, ref, f"block {block}")
+        for s in plan.spans():
+            for k in range(world):
+                lo = s.send_lo + k * s.recv_rows
+                got, want = out[lo:lo + s.recv_rows], plain[lo:lo + s.recv_rows]
+                if k != block:
+                    assert torch.equal(got, want), (block, k, s.index)
+                else:  # fp32 product + residual, one rounding: within bf16 of the reference
+                    exact = (a[k * rows + s.recv_lo: k * rows + s.recv_hi].float() @ b.float()
+                             + residual[s.recv_lo:s.recv_hi].float())
+                    assert _rel_fro(got, exact) <= 1e-2
 
 
 @pytest.mark.parametrize("which", ["sm90_pointer_loads", "sm80_default"])
@@ -101,64 +172,40 @@ def test_fallback_paths_compile_and_match(which):
     config = (GemmConfig(use_tma=False) if which == "sm90_pointer_loads"
               else config_for_capability((8, 0), torch.bfloat16))
     gen = torch.Generator(device=DEV).manual_seed(3)
-    for M, N, K, b_trans in ((1000, 3000, 1536, False), (513, 1031, 777, True),
-                             (4096, 4096, 512, True)):
-        plan = make_plan(Problem(M, N, K, "bf16", 1, "all_reduce"),
-                         PlanConfig(block_m=config.block_m, block_n=config.block_n,
-                                    num_ctas=SMS - 8, group_m=8))
+    for M, N, K, b_trans, world, op in ((1000, 3000, 1536, False, 1, "all_reduce"),
+                                        (513, 1031, 777, True, 1, "all_reduce"),
+                                        (4096, 4096, 512, True, 2, "reduce_scatter")):
+        plan = _plan(M, N, K, world=world, op=op, num_ctas=SMS - 8, group_m=4,
+                     block=(config.block_m, config.block_n))
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         assert not sg.uses_tma(a, b, config)
-        table = _table(plan)
-        comm = torch.full((plan.num_tiles, config.block_m, config.block_n), float("nan"),
-                          device=DEV, dtype=torch.bfloat16)
-        counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-        sg.signal_gemm(a, b, comm, step_table=table, block_m=config.block_m,
-                       block_n=config.block_n, num_ctas=plan.config.num_ctas,
-                       counters=counters, config=config)
-        ref = torch.full_like(comm, float("nan"))
-        sg.signal_gemm_ref(a, b, ref, table, config.block_m, config.block_n)
-        assert torch.equal(comm.isnan(), ref.isnan()), (M, N, K)
-        written = ~ref.isnan()
-        assert _rel_fro(comm[written], ref[written]) <= 1e-2, (M, N, K)
-        assert counters.tolist() == plan.group_tile_counts.tolist()
+        out, ref, cnt = _run_pair(plan, a, b, config=config)
+        _check(out, ref, (M, N, K))
+        assert cnt.tolist() == plan.group_tile_counts.tolist()
 
 
-@pytest.mark.parametrize("world,op,waves", [(1, "all_reduce", (2, 1, 1)),
-                                            (4, "reduce_scatter", None),
-                                            (2, "reduce_scatter", (3, 5))])
-def test_plans_and_restore(world, op, waves):
-    """Slotted GEMM + per-group restore reproduces the plain GEMM (bitwise) on every shard."""
-    M, N, K = 1536 * world, 2500, 1000
-    plan = _plan(M, N, K, world=world, op=op, num_ctas=32, group_waves=waves)
-    a, b = _operands(M, N, K, torch.bfloat16, True)
-    table = _table(plan)
-    comm = torch.zeros(plan.num_tiles, BM, BN, device=DEV, dtype=torch.bfloat16)
+def test_launcher_reuses_compiled_kernels():
+    """SignalGemmLauncher: first call through the JIT, later calls direct; same bits."""
+    from flashoverlap.kernels import direct_launch
+
+    M, N, K = 2000, 3000, 1024
+    plan = _plan(M, N, K, num_ctas=SMS - 16, group_m=2)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    sg.signal_gemm(a, b, comm, step_table=table, block_m=BM, block_n=BN,
-                   num_ctas=plan.config.num_ctas, counters=counters)
-    assert counters.tolist() == plan.group_tile_counts.tolist()
-    full = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
-    sg.signal_gemm(a, b, full, step_table=table, block_m=BM, block_n=BN,
-                   num_ctas=plan.config.num_ctas, slotted=False)
-    tile_m = torch.tensor(plan.restore_tile_m, device=DEV)
-    tile_n = torch.tensor(plan.restore_tile_n, device=DEV)
-    rows = plan.out_rows
-    side = torch.cuda.Stream()
-    for rank in range(world):
-        parts = []
-        for g in range(plan.num_groups):
-            lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
-            share = (hi - lo) // world
-            parts.append(comm[lo + rank * share: lo + (rank + 1) * share])
-        recv = torch.cat(parts)
-        shard = torch.full((rows, N), float("nan"), device=DEV, dtype=torch.bfloat16)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the engine restores on its watcher stream
-            for g in range(plan.num_groups):
-                rs.restore_tiles(recv, shard, tile_m, tile_n, int(plan.restore_bounds[g]),
-                                 int(plan.restore_bounds[g + 1]), BM, BN)
-        torch.cuda.current_stream().wait_stream(side)
-        assert torch.equal(shard, full[rank * rows:(rank + 1) * rows])
+    launcher = sg.SignalGemmLauncher(_table(plan), counters, block_m=BM, block_n=BN,
+                                     num_ctas=plan.config.num_ctas,
+                                     rows_per_block=plan.problem.rows_per_block)
+    a, b = _operands(M, N, K, torch.bfloat16, True)
+    outs = []
+    for _ in range(3):
+        out = _nan((M, N))
+        launcher(a, b, out, stream=torch.cuda.current_stream())
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert counters.tolist() == (3 * plan.group_tile_counts).tolist()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert _rel_fro(outs[2], a.float() @ b.float()) <= 1e-2
+    if direct_launch.ENABLED:
+        assert len(launcher._entries) == 1
 
 
 def test_compiled_epilogue_orders_stores_before_release():
@@ -166,11 +213,13 @@ def test_compiled_epilogue_orders_stores_before_release():
     M, N, K = 1024, 1024, 512
     plan = _plan(M, N, K)
     a, b = _operands(M, N, K, torch.bfloat16, False)
-    comm = torch.empty(plan.num_tiles, BM, BN, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
     config = default_config(DEV, torch.bfloat16)
-    kernel = sg._launch(a, b, comm, _table(plan), BM, BN, plan.config.num_ctas, counters,
-                        True, config)
+    grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, plan.config.num_ctas,
+                                       counters, None, 0, None, config)
+    kernel = sg._jit_launch(grid, args, meta)
+    torch.cuda.synchronize()
     ptx = kernel.asm["ptx"].splitlines()
     atoms = [i for i, line in enumerate(ptx) if re.search(r"\b(atom|red)\.", line)]
     barriers = [i for i, line in enumerate(ptx) if re.search(r"\b(bar|barrier)\.sync", line)]
@@ -188,20 +237,18 @@ def test_compiled_epilogue_orders_stores_before_release():
 
 def test_cuda_graph_capture():
     M, N, K = 1000, 1500, 512
-    plan = _plan(M, N, K, group_waves=None)
+    plan = _plan(M, N, K, world=2, op="reduce_scatter", group_m=1)
     a, b = _operands(M, N, K, torch.bfloat16, False)
     table = _table(plan)
-    comm = torch.zeros(plan.num_tiles, BM, BN, device=DEV, dtype=torch.bfloat16)
+    residual = torch.randn(M // 2, N, device=DEV, dtype=torch.bfloat16)
     out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    tile_m = torch.tensor(plan.restore_tile_m, device=DEV)
-    tile_n = torch.tensor(plan.restore_tile_n, device=DEV)
 
     def step():
         counters.zero_()
-        sg.signal_gemm(a, b, comm, step_table=table, block_m=BM, block_n=BN,
-                       num_ctas=plan.config.num_ctas, counters=counters)
-        rs.restore_tiles(comm, out, tile_m, tile_n, 0, plan.num_tiles, BM, BN)
+        sg.signal_gemm(a, b, out, step_table=table, block_m=BM, block_n=BN,
+                       num_ctas=plan.config.num_ctas, counters=counters, residual=residual,
+                       residual_block=1, rows_per_block=M // 2)
 
     side = torch.cuda.Stream()  # warm up (compile) outside the capture
     side.wait_stream(torch.cuda.current_stream())
@@ -211,11 +258,16 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    a.copy_(torch.randn_like(a))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert counters.tolist() == plan.group_tile_counts.tolist()
-    assert _rel_fro(out, a.float() @ b.float()) <= 1e-2
+    for _ in range(2):
+        a.copy_(torch.randn_like(a))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert counters.tolist() == plan.group_tile_counts.tolist()
+        ref = _nan((M, N))
+        sg.signal_gemm_ref(a, b, ref, table, residual=residual, residual_block=1,
+                           rows_per_block=M // 2)
+        _check(out, ref, "graph replay")
 
 
 # --------------------------------------------------------------------------------------
@@ -223,10 +275,11 @@ def test_cuda_graph_capture():
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_groups"])
+@triton.jit(do_not_specialize=["num_groups", "row_elems", "max_spins"])
 def _wait_and_snapshot(counter_ptr, target_ptr, bound_ptr, src_ptr, dst_ptr, spins_ptr,
-                       num_groups, tile_elems, max_spins, BLOCK: tl.constexpr):
-    """One CTA: for each group, spin (acquire) until its count is complete, then copy it."""
+                       num_groups, row_elems, max_spins, BLOCK: tl.constexpr):
+    """One CTA: for each group, spin (acquire) until its count is complete, then copy its
+    rows ``[bound[g], bound[g+1])`` of the destination."""
     offs = tl.arange(0, BLOCK)
     for g in range(num_groups):
         target = tl.load(target_ptr + g)
@@ -237,8 +290,8 @@ def _wait_and_snapshot(counter_ptr, target_ptr, bound_ptr, src_ptr, dst_ptr, spi
             spins += 1
         tl.store(spins_ptr + g, tl.where(seen < target, -1, spins))  # -1: timed out
         tl.debug_barrier()  # the acquiring thread's view -> every thread of the CTA
-        start = tl.load(bound_ptr + g).to(tl.int64) * tile_elems
-        stop = tl.load(bound_ptr + g + 1).to(tl.int64) * tile_elems
+        start = tl.load(bound_ptr + g) * row_elems
+        stop = tl.load(bound_ptr + g + 1) * row_elems
         for off in range(start, stop, BLOCK):
             idx = off + offs
             mask = idx < stop
@@ -246,74 +299,136 @@ def _wait_and_snapshot(counter_ptr, target_ptr, bound_ptr, src_ptr, dst_ptr, spi
 
 
 def _random_case(rng: random.Random):
+    """Many small bands: group_m 1-2, mostly one group per band; small N (cheap copies),
+    K up to 1024 (a band takes a while), P from all-but-two SMs down to a few CTAs."""
     world = rng.choice([1, 1, 2, 4])
     op = "all_reduce" if world == 1 else "reduce_scatter"
-    M = rng.randint(1, 4096 // world) * world
-    N = rng.randint(1, 4096)
+    M = rng.randint(1, 16384 // world) * world
+    N = rng.choice([rng.randint(1, 1024), rng.randrange(8, 1025, 8)])
     # Half the calls TMA-aligned K (multiple of 8), half odd K (pointer path).
-    K = rng.randrange(8, 513, 8) if rng.random() < 0.5 else rng.randrange(1, 513, 2)
-    P = rng.choice([SMS - 2, (SMS - 2) // 2, 24])
-    return M, N, K, world, op, P - P % world
+    K = rng.randrange(8, 1025, 8) if rng.random() < 0.5 else rng.randrange(1, 1025, 2)
+    P = rng.choice([SMS - 2, (SMS - 2) // 2, 24, 8])
+    group_m = rng.choice([1, 1, 2])
+    return M, N, K, world, op, P, group_m
+
+
+def _group_bands(rng: random.Random, bands: int):
+    if rng.random() < 0.6:
+        return None  # one group per band: the most groups
+    cuts = sorted(rng.sample(range(1, bands), k=min(bands - 1, rng.randint(0, 12))))
+    return tuple(b - a for a, b in zip([0, *cuts], [*cuts, bands]))
+
+
+def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
+    """Launch every kernel the loop uses once, with nothing pending.
+
+    CUDA lazy loading may synchronize the context at a kernel's first launch; a first
+    launch of the GEMM while the consumer spins on its counters would wait for the consumer,
+    which waits for the GEMM (stream_wait's module docstring)."""
+    torch.cuda._sleep(100)
+    for b_trans in (False, True):
+        for K in (64, 63):
+            for N in (64, 63):
+                plan = _plan(40, N, K, num_ctas=4, group_m=1)
+                a, b = _operands(40, N, K, torch.bfloat16, b_trans)
+                out = _nan((40, N))
+                cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+                sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
+                               num_ctas=4, counters=cnt)
+                targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
+                bounds = torch.tensor([s.send_lo for s in plan.spans()] + [40], device=DEV,
+                                      dtype=torch.int64)
+                snap = torch.ones_like(out)
+                spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+                main = torch.cuda.current_stream()
+                consumer.wait_stream(main)
+                with torch.cuda.stream(consumer):
+                    _wait_and_snapshot[(1,)](cnt, targets, bounds, out, snap, spins,
+                                             plan.num_groups, N, 1 << 22, BLOCK=4096,
+                                             num_warps=8)
+                main.wait_stream(consumer)
+                _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
+    torch.cuda.synchronize()
 
 
 def test_signal_ordering_stress():
-    calls = 1000
+    target_groups = int(os.environ.get(STRESS_ENV, "100000"))
     rng = random.Random(1234)
     gen = torch.Generator(device=DEV).manual_seed(1234)
     compute = torch.cuda.current_stream()
-    consumer = torch.cuda.Stream(priority=-1)
-    groups_checked = spun = 0
-    for call in range(calls):
-        M, N, K, world, op, P = _random_case(rng)
-        problem = Problem(M, N, K, "bf16", world, op)
-        base = make_plan(problem, PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=8))
-        waves = base.num_waves
-        cuts = sorted(rng.sample(range(1, waves), k=min(waves - 1, rng.randint(0, 3))))
-        group_waves = tuple(b - a for a, b in zip([0] + cuts, cuts + [waves]))
-        plan = make_plan(problem, PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=8,
-                                             group_waves=group_waves))
-        b_trans = call % 2 == 1
+    high, _ = torch.cuda.Stream.priority_range()
+    consumer = torch.cuda.Stream(priority=high)
+    _warm_up_kernels(consumer)
+    max_calls = 200_000
+    # Per-call results stay on the device (no host sync per call): torn elements, groups
+    # whose wait timed out, counters off target, groups that spun before their count.
+    torn = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
+    timeouts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
+    bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
+    spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
+    cases = []
+    groups_checked = calls = 0
+    start = time.perf_counter()
+
+    def verify(upto: int) -> None:
+        bad = (torn[:upto] > 0) | (timeouts[:upto] > 0) | (bad_counts[:upto] > 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            pytest.fail(f"call {i} {cases[i]}: {int(torn[i])} elements read before they were "
+                        f"final, {int(timeouts[i])} waits timed out, {int(bad_counts[i])} "
+                        f"counters off target")
+
+    while groups_checked < target_groups and calls < max_calls:
+        M, N, K, world, op, P, group_m = _random_case(rng)
+        problem = Problem(M, N, K, "bfloat16", world, op)
+        base = PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=group_m)
+        bands = _group_bands(rng, num_bands_for(problem, base))
+        plan = make_plan(problem, PlanConfig(block_m=BM, block_n=BN, num_ctas=P,
+                                             group_m=group_m, group_bands=bands))
+        b_trans = calls % 2 == 1
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         table = _table(plan)
-        targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
-        bounds = torch.tensor(plan.group_bounds, device=DEV, dtype=torch.int64)
-        comm = torch.full((plan.num_tiles, BM, BN), float("nan"), device=DEV,
-                          dtype=torch.bfloat16)
-        snap = torch.full_like(comm, 1.0)
+        targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
+        spans = plan.spans()
+        bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
+                              dtype=torch.int64).to(DEV)
+        dest = _nan((M, N))
+        snap = torch.ones_like(dest)
         counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         ready = torch.cuda.Event()
         ready.record(compute)
 
-        delay = call % 3  # 0: nothing delayed, 1: consumer delayed, 2: GEMM delayed
+        delay = calls % 3  # 0: nothing delayed, 1: consumer delayed, 2: GEMM delayed
         with torch.cuda.stream(consumer):  # launched first, so it really waits
             consumer.wait_event(ready)
             if delay == 1:
-                torch.cuda._sleep(rng.randint(1_000, 200_000))
-            _wait_and_snapshot[(1,)](counters, targets, bounds, comm, snap, spins,
-                                     plan.num_groups, BM * BN, 1 << 22, BLOCK=4096,
-                                     num_warps=8)
+                torch.cuda._sleep(rng.randint(1_000, 100_000))
+            _wait_and_snapshot[(1,)](counters, targets, bounds, dest, snap, spins,
+                                     plan.num_groups, N, 1 << 22, BLOCK=4096, num_warps=8)
         if delay == 2:
-            torch.cuda._sleep(rng.randint(1_000, 200_000))
-        sg.signal_gemm(a, b, comm, step_table=table, block_m=BM, block_n=BN,
-                       num_ctas=P, counters=counters)
+            torch.cuda._sleep(rng.randint(1_000, 100_000))
+        sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
+                       counters=counters)
         compute.wait_stream(consumer)
-
-        spins_host = spins.tolist()
-        assert min(spins_host) >= 0, f"call {call}: consumer timed out {spins_host}"
-        assert counters.tolist() == plan.group_tile_counts.tolist()
-        torn = snap.view(torch.int16) != comm.view(torch.int16)
-        assert not torn.any(), (
-            f"call {call} (M={M} N={N} K={K} W={world} P={P} waves={group_waves}): "
-            f"{int(torn.sum())} elements read before they were final")
+        torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
+        timeouts[calls] = (spins < 0).sum()
+        bad_counts[calls] = (counters != targets).sum()
+        spun[calls] = (spins > 0).sum()
+        cases.append(dict(M=M, N=N, K=K, W=world, P=P, group_m=group_m, bands=bands,
+                          b_trans=b_trans, delay=delay))
+        if calls % 200 == 0:  # and the buffer itself is right
+            ref = _nan((M, N))
+            sg.signal_gemm_ref(a, b, ref, table)
+            _check(dest, ref, f"call {calls}")
+            verify(calls + 1)
         groups_checked += plan.num_groups
-        spun += sum(s > 0 for s in spins_host)
-        if call % 100 == 0:  # and the buffer itself is right
-            ref = torch.full_like(comm, float("nan"))
-            sg.signal_gemm_ref(a, b, ref, table, BM, BN)
-            written = ~ref.isnan()
-            assert torch.equal(comm.isnan(), ref.isnan())
-            assert _rel_fro(comm[written], ref[written]) <= 1e-2
-    print(f"stress: {calls} calls, {groups_checked} groups snapshotted, "
-          f"{spun} waits spun before the count completed")
-    assert spun >= calls // 10, "the consumer almost never waited: test too weak"
+        calls += 1
+    torch.cuda.synchronize()
+    verify(calls)
+    waited = int(spun[:calls].sum())
+    elapsed = time.perf_counter() - start
+    print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
+          f"{waited} groups waited for their count ({elapsed:.1f} s)")
+    assert groups_checked >= target_groups
+    assert waited >= calls // 10, "the consumer almost never waited: test too weak"
