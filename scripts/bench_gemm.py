@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                 row["torch"].append(t_before)
                 for off in offsets:
                     P = sms - off
-                    plan = make_plan(  # AllReduce at W = 1: dest_row = row, the plain layoutProblem(M, N, K, args.dtype, 1, "all_reduce"),
+                    # AllReduce at W = 1: dest_row = row, the plain layout
+                    plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
                                      PlanConfig(block_m=config.block_m, block_n=config.block_n,
                                                 num_ctas=P, group_m=args.group_m))
                     t = bench.signal_ms(plan, config, args.warmup, args.rep)

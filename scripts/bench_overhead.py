@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     p.add_argument("--rotate", type=int, default=3, help="random input sets rotated (>= 3)")
     p.add_argument("--host-iters", type=int, default=60, help="calls per host-time median (>= 50)")
+    p.add_argument("--profile", action="store_true",
+                   help="print a cProfile of the overlapped call's enqueue for one problem")
+    p.add_argument("--profile-op", default="all_reduce")
+    p.add_argument("--profile-m", type=int, default=8192)
+    p.add_argument("--profile-k", type=int, default=2048)
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", type=Path, default=None,
@@ -117,14 +122,18 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     head = (f"{'op':<15}{'M':>6}{'K':>6}{'G':>3}{'graph':>6}{'sgemm ms':>10}{'op ms':>9}"
             f"{'op/sgemm':>9}{'host op':>9}{'host sg':>9}{'host torch':>11}{'target':>8}"
-            f"{'ok':>4}")
+            f"{'ok':>4}{'busy op':>9}{'busy sg':>9}{'busy torch':>11}{'ok':>4}")
     lines += [head, "-" * len(head)]
     for r in rows:
         if r["bench"] != "overhead":
             continue
         host = (f"{r['host_us']:>9.1f}{r['host_us_signal_gemm']:>9.1f}"
                 f"{r['host_us_torch']:>11.1f}{r['host_target_us']:>8.1f}"
-                f"{'yes' if r['host_ok'] else 'NO':>4}") if not r["graph"] else ""
+                f"{'yes' if r['host_ok'] else 'NO':>4}"
+                f"{r.get('host_busy_us', float('nan')):>9.1f}"
+                f"{r.get('host_busy_us_signal_gemm', float('nan')):>9.1f}"
+                f"{r.get('host_busy_us_torch', float('nan')):>11.1f}"
+                f"{'yes' if r.get('host_busy_ok') else 'NO':>4}") if not r["graph"] else ""
         lines.append(f"{r['op']:<15}{r['M']:>6}{r['K']:>6}{r['num_groups']:>3}"
                      f"{str(r['graph']).lower():>6}{r['signal_gemm_ms']:>10.3f}"
                      f"{r['median_ms']:>9.3f}{r['overhead_vs_gemm']:>9.3f}{host}")
@@ -132,11 +141,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     if over:
         lines += ["", "world size 1, default call (plain GEMM) vs torch.matmul + collective:",
                   f"{'op':<15}{'M':>6}{'K':>6}{'default ms':>11}{'torch ms':>9}{'speedup':>8}"
-                  f"{'host us':>8}{'torch host':>11}"]
+                  f"{'host us':>8}{'torch host':>11}{'busy us':>8}{'torch busy':>11}"]
         for r in over:
             lines.append(f"{r['op']:<15}{r['M']:>6}{r['K']:>6}{r['median_ms']:>11.3f}"
                          f"{r['sequential_ms']:>9.3f}{r['speedup_vs_sequential']:>8.3f}"
-                         f"{r['host_us']:>8.1f}{r['host_us_torch']:>11.1f}")
+                         f"{r['host_us']:>8.1f}{r['host_us_torch']:>11.1f}"
+                         f"{r.get('host_busy_us', float('nan')):>8.1f}"
+                         f"{r.get('host_busy_us_torch', float('nan')):>11.1f}")
     for graph in (False, True):
         ratios = [r["overhead_vs_gemm"] for r in rows
                   if r["bench"] == "overhead" and r["graph"] is graph]
@@ -149,6 +160,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         bad = [f"{r['op']} {r['M']}x{r['K']}" for r in host if not r["host_ok"]]
         lines.append(f"host target (op <= torch + {HOST_US_PER_GROUP:g} us x groups): "
                      f"{len(host) - len(bad)}/{len(host)} met" + (f"; missed: {bad}" if bad else ""))
+        busy = [r for r in host if "host_busy_ok" in r]
+        if busy:
+            bad = [f"{r['op']} {r['M']}x{r['K']}" for r in busy if not r["host_busy_ok"]]
+            lines.append(f"host target, GPU busy (enqueue only): {len(busy) - len(bad)}/"
+                         f"{len(busy)} met" + (f"; missed: {bad}" if bad else ""))
     return lines
 
 
@@ -189,30 +205,64 @@ def _init_world(torch, dist) -> None:
 
 def _cuda_ms(torch, fn, sets: int, warmup: int, iters: int) -> float:
     """Median ms of ``fn(i)`` (CUDA events around each call; calls back to back)."""
+    return _paired_ms(torch, [fn], sets, warmup, iters)[0]
+
+
+def _paired_ms(torch, fns, sets: int, warmup: int, iters: int) -> list[float]:
+    """Median ms of each ``fns[j](i)``, the functions interleaved call by call (A B A B ...)
+    so that clock and thermal drift during the run hit all of them alike; CUDA events
+    around each call."""
     for n in range(warmup):
-        fn(n % sets)
+        for fn in fns:
+            fn(n % sets)
     torch.cuda.synchronize()
-    stamps = []
+    stamps: list[list] = [[] for _ in fns]
     for n in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(n % sets)
-        end.record()
-        stamps.append((start, end))
+        for j, fn in enumerate(fns):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(n % sets)
+            end.record()
+            stamps[j].append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in stamps)
+    return [statistics.median(s.elapsed_time(e) for s, e in st) for st in stamps]
 
 
-def _host_us(torch, fn, sets: int, iters: int) -> float:
-    """Median us of CPU time to enqueue ``fn(i)`` with the GPU idle before each call."""
+def _host_us(torch, fn, sets: int, iters: int, busy: bool = False) -> float:
+    """Median us of CPU time to enqueue ``fn(i)``: with the GPU idle before each call, or
+    (``busy``) behind a ~1 ms sleep kernel, so that only the enqueue is timed and nothing the
+    call does can wait for the GPU."""
     samples = []
     for n in range(iters):
         torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(2_000_000)
         t0 = time.perf_counter_ns()
         fn(n % sets)
         samples.append(time.perf_counter_ns() - t0)
     torch.cuda.synchronize()
     return median_ns_to_us(samples)
+
+
+def _host_profile(torch, fn, sets: int, calls: int = 200, top: int = 12) -> str:
+    """cProfile of ``calls`` enqueues (GPU kept busy), the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for n in range(calls):
+        if n % 20 == 0:
+            torch.cuda.synchronize()
+            torch.cuda._sleep(50_000_000)
+        prof.enable()
+        fn(n % sets)
+        prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def _graphs(torch, fn, sets: int) -> list[Any]:
@@ -282,14 +332,20 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     torch_call(0)
 
     sets, it, wu = args.rotate, args.iters, args.warmup
-    t_op = _cuda_ms(torch, op_call, sets, wu, it)
-    t_sg = _cuda_ms(torch, sgemm_call, sets, wu, it)
-    t_default = _cuda_ms(torch, default_call, sets, wu, it)
-    t_torch = _cuda_ms(torch, torch_call, sets, wu, it)
+    t_op, t_sg = _paired_ms(torch, [op_call, sgemm_call], sets, wu, it)
+    t_default, t_torch = _paired_ms(torch, [default_call, torch_call], sets, wu, it)
     h_op = _host_us(torch, op_call, sets, args.host_iters)
     h_sg = _host_us(torch, sgemm_call, sets, args.host_iters)
     h_default = _host_us(torch, default_call, sets, args.host_iters)
     h_torch = _host_us(torch, torch_call, sets, args.host_iters)
+    hb_op = _host_us(torch, op_call, sets, args.host_iters, busy=True)
+    hb_sg = _host_us(torch, sgemm_call, sets, args.host_iters, busy=True)
+    hb_default = _host_us(torch, default_call, sets, args.host_iters, busy=True)
+    hb_torch = _host_us(torch, torch_call, sets, args.host_iters, busy=True)
+    if args.profile and (op, M, K) == (args.profile_op, M, args.profile_k) \
+            and M == args.profile_m:
+        print(f"-- host profile of the {op} {M}x{N}x{K} overlapped call (GPU busy):\n"
+              + _host_profile(torch, op_call, sets), flush=True)
     out.fill_(float("nan"))
     op_call(2 % sets)  # still right after the timed calls
     check.close(torch, out, A[2 % sets].float() @ B[2 % sets].float(),
@@ -304,15 +360,18 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     rows = [dict(common, bench="overhead", engine="flashoverlap", variant="forced plan",
                  graph=False, median_ms=t_op, signal_gemm_ms=t_sg, overhead_vs_gemm=t_op / t_sg,
                  host_us=h_op, host_us_signal_gemm=h_sg, host_us_torch=h_torch,
-                 host_target_us=target, host_ok=h_op <= target)]
+                 host_busy_us=hb_op, host_busy_us_signal_gemm=hb_sg,
+                 host_busy_us_torch=hb_torch,
+                 host_target_us=target, host_ok=h_op <= target,
+                 host_busy_ok=hb_op <= hb_torch + HOST_US_PER_GROUP * plan.num_groups)]
     if not args.no_graph:
         op_graphs = _graphs(torch, op_call, sets)
         sg_graphs = _graphs(torch, sgemm_call, sets)
         out.fill_(float("nan"))
         op_graphs[0].replay()
         check.close(torch, out, A[0].float() @ B[0].float(), f"{op} {M}x{N}x{K} graph replay")
-        g_op = _cuda_ms(torch, lambda i: op_graphs[i].replay(), sets, wu, it)
-        g_sg = _cuda_ms(torch, lambda i: sg_graphs[i].replay(), sets, wu, it)
+        g_op, g_sg = _paired_ms(torch, [lambda i: op_graphs[i].replay(),
+                                        lambda i: sg_graphs[i].replay()], sets, wu, it)
         rows.append(dict(common, bench="overhead", engine="flashoverlap", variant="forced plan",
                          graph=True, median_ms=g_op, signal_gemm_ms=g_sg,
                          overhead_vs_gemm=g_op / g_sg))
@@ -323,10 +382,11 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     rows.append(dict(base, engine="flashoverlap", variant="default (W=1: plain GEMM)",
                      median_ms=t_default, sequential_ms=t_torch,
                      speedup_vs_sequential=t_torch / t_default, host_us=h_default,
-                     host_us_torch=h_torch))
+                     host_us_torch=h_torch, host_busy_us=hb_default,
+                     host_busy_us_torch=hb_torch))
     rows.append(dict(base, engine="torch", variant="torch.matmul + torch.distributed",
                      median_ms=t_torch, sequential_ms=t_torch, speedup_vs_sequential=1.0,
-                     host_us=h_torch))
+                     host_us=h_torch, host_busy_us=hb_torch))
     return rows  # the caller frees the buffers and workspaces (see main)
 
 

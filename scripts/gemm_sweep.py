@@ -503,14 +503,14 @@ def summarize(rows, failures) -> None:
     for r in rows:
         key = (r["dtype"], r["M"], r["N"], r["K"], r["num_ctas"], r["b_layout"])
         groups.setdefault(key, []).append(r)
-    print("\n dtype     M     N     K    P  B  | default | best  config (candidate)")
+    print("\n dtype        M     N     K    P  B  | default | best  config (candidate)")
     effs: dict[tuple, dict[str, list]] = {}
     for key in sorted(groups):
         rs = groups[key]
         best = min(rs, key=lambda r: r["median_ms"])
         dflt = next((r for r in rs if r["candidate"] == "default"), None)
         d_eff = f"{dflt['efficiency_vs_torch']:.3f}" if dflt else "  -  "
-        print(f" {key[0][:5]:5} {key[1]:5} {key[2]:5} {key[3]:5} {key[4]:4} {key[5]} | "
+        print(f" {key[0]:8} {key[1]:5} {key[2]:5} {key[3]:5} {key[4]:4} {key[5]} | "
               f" {d_eff}  | {best['efficiency_vs_torch']:.3f} {_label(best)} "
               f"({best['candidate']})")
         e = effs.setdefault((key[0], key[4]), {"default": [], "best": []})

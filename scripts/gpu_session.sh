@@ -78,7 +78,7 @@ step stress "${T_STRESS:-60}" "$OUT/gpu-tests.log" \
   python -m pytest -q -s -ra -p no:cacheprovider \
   tests/gpu/test_signal_gemm.py::test_signal_ordering_stress
 step overhead "${T_OVERHEAD:-100}" "$OUT/overhead.txt" \
-  python scripts/bench_overhead.py --out "$OUT/overhead.json"
+  python scripts/bench_overhead.py --out "$OUT/overhead.json" ${OVERHEAD_ARGS:-}
 step soak "${T_SOAK:-60}" "$TMP/soak.log" \
   python scripts/soak.py --calls "$SOAK_CALLS" --watchdog 45 --out "$OUT/soak.json"
 step gemm "${T_GEMM:-45}" "$TMP/gemm.log" \

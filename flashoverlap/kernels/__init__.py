@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
+    "DEFAULT_GROUP_M",
+    "GEMM_RULES",
+    "GemmChoice",
     "GemmConfig",
+    "GemmRule",
     "config_for_capability",
     "default_block_shape",
     "default_config",
+    "gemm_config_for",
     "signal_gemm",
     "signal_gemm_ref",
 ]
@@ -50,6 +56,11 @@ class GemmConfig:
             shared-memory scratch of the epilogue's layout conversion).
         acc_multibuffer: let Triton double-buffer the accumulator across tiles of the
             flattened loop (``tl.range(disallow_acc_multi_buffer=not ...)``).
+        warp_specialize: ask Triton to warp-specialize the persistent loop
+            (``tl.range(warp_specialize=True)``).  Checked on the compiled kernel before its
+            first launch: a kernel whose signal protocol did not survive (Triton 3.6 on sm_90
+            drops the release atomic; a partitioned loop cannot use the CTA barrier) raises
+            ``NotImplementedError`` instead of launching.  Kept for newer Triton versions.
     """
 
     block_m: int = 128
@@ -61,6 +72,7 @@ class GemmConfig:
     flatten: bool = True
     epilogue_subtile: bool = False
     acc_multibuffer: bool = True
+    warp_specialize: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -116,3 +128,125 @@ def default_block_shape(device: torch.device | str | None = None) -> tuple[int, 
     """``(block_m, block_n)`` the engine must put in its plans for ``device``."""
     config = default_config(device)
     return config.block_m, config.block_n
+
+
+# --------------------------------------------------------------------------------------
+# Per-shape selection
+# --------------------------------------------------------------------------------------
+
+DEFAULT_GROUP_M = 8  # == PlanConfig.group_m's default and flashoverlap.defaults.DEFAULT_GROUP_M
+
+_BIG = 1 << 62
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class GemmChoice(NamedTuple):
+    """What :func:`gemm_config_for` picks: the kernel options and the plan's band height.
+
+    ``config.block_m``/``config.block_n`` must be the plan's ``block_m``/``block_n``;
+    ``group_m`` is the L2 swizzle width the GEMM prefers (``PlanConfig.group_m``), an upper
+    bound a planner may lower to keep enough bands for the overlap.
+    """
+
+    config: GemmConfig
+    group_m: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRule:
+    """One row of :data:`GEMM_RULES`: where it applies and what it changes.
+
+    Ranges are half-open ``(lo, hi)``: a problem matches when ``lo <= value < hi`` for each
+    of ``M``, ``N``, ``K`` and ``num_ctas``, its dtype is in ``dtypes`` and the capability's
+    major version in ``arch`` (no GPU counts as ``9``, as in :func:`config_for_capability`).
+    ``overrides`` are :class:`GemmConfig` fields replaced in the capability's default
+    configuration; ``group_m`` the band height.  ``note`` says where the rule came from.
+    """
+
+    overrides: tuple[tuple[str, object], ...] = ()
+    group_m: int = DEFAULT_GROUP_M
+    arch: tuple[int, ...] = (9,)
+    dtypes: tuple[str, ...] = ("bfloat16", "float16")
+    m: tuple[int, int] = (1, _BIG)
+    n: tuple[int, int] = (1, _BIG)
+    k: tuple[int, int] = (1, _BIG)
+    num_ctas: tuple[int, int] = (1, _BIG)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        fields = {f.name for f in dataclasses.fields(GemmConfig)}
+        overrides = tuple((str(k), v) for k, v in dict(self.overrides).items())
+        unknown = [k for k, _ in overrides if k not in fields]
+        if unknown:
+            raise ValueError(f"GemmRule overrides unknown GemmConfig fields {unknown}")
+        object.__setattr__(self, "overrides", overrides)
+        if not isinstance(self.group_m, int) or isinstance(self.group_m, bool) \
+                or self.group_m < 1:
+            raise ValueError(f"GemmRule.group_m must be a positive int, got {self.group_m!r}")
+        GemmConfig(**dict(overrides))  # the overrides alone must make a valid config
+
+    def matches(self, M: int, N: int, K: int, dtype: str, num_ctas: int, major: int) -> bool:
+        return (major in self.arch and dtype in self.dtypes
+                and self.m[0] <= M < self.m[1] and self.n[0] <= N < self.n[1]
+                and self.k[0] <= K < self.k[1]
+                and self.num_ctas[0] <= num_ctas < self.num_ctas[1])
+
+
+# First match wins; no match: config_for_capability() and DEFAULT_GROUP_M.  Empty for now,
+# which reproduces the pre-table default exactly (sm_90: 128x256x64, 8 warps, 3 stages, TMA,
+# flattened loop, accumulator multi-buffering, group_m 8).
+#
+# How the rows are measured: ``scripts/gemm_sweep.py`` on one H200 (132 SMs), bf16 (fp16 on a
+# subset), B row-major and ``w.t()``, P = 132 and 116, signals on (counters re-zeroed before
+# every call, outside the timed window), three or more input sets rotated so that the L2 does
+# not hold the operands, CUDA events per call, median of >= 20 calls after warm-up, against
+# torch.matmul timed the same way in the same process (mean of a timing before and after the
+# candidates); every candidate checked once against torch.matmul (NaN-poisoned destination,
+# counters equal to the plan's group tile counts).  A rule is added only where the best
+# candidate beats the default by more than the run-to-run noise (~1%) for both B layouts and
+# both P; the script prints such suggestions as GemmRule(...) lines.
+GEMM_RULES: tuple[GemmRule, ...] = ()
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise TypeError(f"unsupported dtype {dtype}")
+        return _DTYPE_NAMES[dtype]
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_NAMES.values():
+        raise TypeError(f"unsupported dtype {dtype!r}")
+    return name
+
+
+def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfloat16,
+                    num_ctas: int = 132, capability: tuple[int, int] | None = None,
+                    rules: tuple[GemmRule, ...] | None = None) -> GemmChoice:
+    """Kernel configuration and band height for one GEMM shape (pure Python, no GPU needed).
+
+    Args:
+        M, N, K: ``[M, K] @ [K, N]`` (``M`` as the plan sees it: all rows of the GEMM).
+        dtype: ``torch.bfloat16``/``float16``/``float32`` or its name.
+        num_ctas: ``P``, CTAs of the persistent GEMM.
+        capability: ``torch.cuda.get_device_capability()``; ``None`` (no GPU) is treated as
+            sm_90, so that plans made on a CPU match the GPU engine's.
+        rules: the table to use (default :data:`GEMM_RULES`; for tests and sweeps).
+
+    The first matching rule's overrides are applied to :func:`config_for_capability`'s
+    configuration; without a match that configuration is returned as is, with
+    :data:`DEFAULT_GROUP_M`.  fp32 (tests only) never takes a rule.  Plans must be built with
+    ``block_m=choice.config.block_m, block_n=choice.config.block_n`` (see :class:`GemmChoice`).
+    See :data:`GEMM_RULES` for how the table was measured.
+    """
+    for name, value in (("M", M), ("N", N), ("K", K), ("num_ctas", num_ctas)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    name = _dtype_name(dtype)
+    base = config_for_capability(capability, getattr(torch, name))
+    if name == "float32":
+        return GemmChoice(base, DEFAULT_GROUP_M)
+    major = 9 if capability is None else int(capability[0])
+    for rule in GEMM_RULES if rules is None else rules:
+        if rule.matches(M, N, K, name, num_ctas, major):
+            return GemmChoice(dataclasses.replace(base, **dict(rule.overrides)), rule.group_m)
+    return GemmChoice(base, DEFAULT_GROUP_M)

@@ -55,6 +55,12 @@ stores + signals (the previous layout), one group per wave: with all 132 SMs 0.9
 116 CTAs medians 0.95 and 0.93.  Tuning notes: ``epilogue_subtile``, 4 stages, BLOCK_K=128,
 ``group_m`` 4/16 and no accumulator multi-buffering were no better within the run-to-run
 noise (``gemm_sweep_*.txt``); a non-flattened loop was not faster (up to 8% slower).
+Per-shape choices: :func:`flashoverlap.kernels.gemm_config_for`, measured with
+``scripts/gemm_sweep.py``.  ``GemmConfig.warp_specialize`` passes ``warp_specialize`` to the
+persistent ``tl.range``; Triton 3.6's sm_90 pass drops the release atomic (and the inline
+barrier) of such a loop, so the compiled PTX is checked before the first launch and a kernel
+that lost the atomic, or that Triton split into warp partitions (``bar.sync 0`` would wait
+for the producer warps forever), raises ``NotImplementedError`` (``_check_warp_specialized``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 
 import torch
 import triton
@@ -100,6 +107,7 @@ def _signal_gemm_kernel(
     HAS_COUNTERS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     USE_TMA: tl.constexpr, FLATTEN: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
     ACC_MULTIBUFFER: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,  # tl.range(warp_specialize=...): Triton's automatic WS
     ALIGN: tl.constexpr,  # K, N and every stride are multiples of ALIGN elements
     ASM_BARRIER: tl.constexpr,  # CTA barrier as inline PTX (compiled) or tl.debug_barrier
     INPUT_PRECISION: tl.constexpr,
@@ -138,7 +146,8 @@ def _signal_gemm_kernel(
     # loop this keeps the main loop's prologue independent of the previous epilogue.
     step_c = pid - num_progs
     for step in tl.range(pid, num_steps, num_progs, flatten=FLATTEN,
-                         disallow_acc_multi_buffer=not ACC_MULTIBUFFER):
+                         disallow_acc_multi_buffer=not ACC_MULTIBUFFER,
+                         warp_specialize=WARP_SPECIALIZE):
         row_start = tl.load(step_ptr + step * 7 + 0)
         col_start = tl.multiple_of(tl.load(step_ptr + step * 7 + 2), BLOCK_N)  # tn * BN
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -399,6 +408,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         "HAS_RESIDUAL": residual is not None,
         "USE_TMA": use_tma, "FLATTEN": config.flatten,
         "ACC_MULTIBUFFER": config.acc_multibuffer,
+        "WARP_SPECIALIZE": config.warp_specialize,
         "EPILOGUE_SUBTILE": config.epilogue_subtile and block_n >= 32,
         "ALIGN": _common_align(K, N, stride_am, stride_b, stride_cm, stride_rm),
         "ASM_BARRIER": not _INTERPRET,
@@ -415,7 +425,38 @@ def _jit_launch(grid, args, meta):
     """Launch through the JIT on the current stream; returns the compiled kernel."""
     if meta["USE_TMA"] and not _INTERPRET:
         _ensure_tma_allocator()
+    if meta["WARP_SPECIALIZE"] and not _INTERPRET:
+        _check_warp_specialized(_signal_gemm_kernel.warmup(*args, grid=grid[:1], **meta), meta)
     return _signal_gemm_kernel[grid[:1]](*args, **meta)
+
+
+_RELEASE_ATOMIC = re.compile(r"\b(?:atom|red)\.[a-z0-9.]*release[a-z0-9.]*\.add\b"
+                             r"|\b(?:atom|red)\.[a-z0-9.]*\.add[a-z0-9.]*release")
+
+
+def _check_warp_specialized(compiled, meta) -> None:
+    """Refuse a ``warp_specialize`` kernel that would break the ordering protocol.
+
+    Checked on the compiled PTX before the first launch (``warp_specialize`` only):
+    the release atomic must still be there (Triton 3.6's sm_90 warp-specialization pass drops
+    it, and the inline ``bar.sync 0`` with it), and a kernel Triton actually partitioned
+    (more warps than asked for) is refused outright: ``bar.sync 0`` counts every warp of the
+    CTA, and the producer partition never reaches it (deadlock).  A loop Triton left whole is
+    the ordinary kernel and runs.
+    """
+    if not meta["HAS_COUNTERS"]:
+        return
+    ptx = compiled.asm.get("ptx", "") if hasattr(compiled, "asm") else ""
+    if not _RELEASE_ATOMIC.search(ptx):
+        raise NotImplementedError(
+            f"warp_specialize: Triton {triton.__version__} dropped the signal's release atomic "
+            "from the compiled kernel; the signal GEMM cannot use warp specialization here")
+    warps = getattr(getattr(compiled, "metadata", None), "num_warps", meta["num_warps"])
+    if warps != meta["num_warps"]:
+        raise NotImplementedError(
+            f"warp_specialize: Triton {triton.__version__} partitioned the loop ({warps} warps "
+            f"for num_warps={meta['num_warps']}); the CTA barrier of the signal protocol "
+            "(bar.sync 0) is not valid across warp partitions")
 
 
 def signal_gemm(

@@ -1,0 +1,322 @@
+"""Kernel configuration selection (``gemm_config_for``), the ``warp_specialize`` option and
+``scripts/gemm_sweep.py`` on CPU.
+
+Kernel runs need the Triton interpreter, which is read at import time: as in
+``test_signal_gemm_interpret.py``, a normal session runs the interpreter tests in a child
+pytest process with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashoverlap import kernels
+from flashoverlap.kernels import (DEFAULT_GROUP_M, GemmChoice, GemmConfig, GemmRule,
+                                  config_for_capability, default_block_shape, default_config,
+                                  gemm_config_for)
+from flashoverlap.plan import PlanConfig, Problem, make_plan
+
+_REPO = Path(__file__).resolve().parents[1]
+_SCRIPT = _REPO / "scripts" / "gemm_sweep.py"
+_INTERPRET_SESSION = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+SHAPES = [(4096, 8192, 2048), (16384, 8192, 8192), (5000, 5120, 5120), (12000, 3584, 18944),
+          (7, 24, 40), (1, 8, 8)]
+CAPS = [None, (9, 0), (10, 0), (8, 0), (8, 9)]
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("gemm_sweep", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------
+# gemm_config_for: pure Python
+# --------------------------------------------------------------------------------------
+
+if not _INTERPRET_SESSION:
+
+    @pytest.mark.parametrize("cap", CAPS)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16", "float16"])
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_default_table_reproduces_default_config(cap, dtype, shape):
+        M, N, K = shape
+        tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for P in (132, 116, 1):
+            choice = gemm_config_for(M, N, K, dtype, P, cap)
+            assert isinstance(choice, GemmChoice)
+            assert choice.config == config_for_capability(cap, tdtype)
+            assert choice.group_m == DEFAULT_GROUP_M == PlanConfig().group_m
+
+    def test_sm90_default_is_todays_config():
+        choice = gemm_config_for(4096, 8192, 2048, torch.bfloat16, 132, (9, 0))
+        assert choice == (GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8,
+                                     num_stages=3, use_tma=True, flatten=True,
+                                     epilogue_subtile=False, acc_multibuffer=True), 8)
+        assert choice.config.warp_specialize is False
+        assert gemm_config_for(4096, 8192, 2048) == choice  # no GPU: the sm_90 shape
+        # Existing callers keep working.
+        assert default_config("cpu") == choice.config
+        assert default_block_shape("cpu") == (128, 256)
+
+    def test_fp32_never_takes_a_rule():
+        rule = GemmRule(overrides=(("block_m", 256), ("block_n", 128)), group_m=4)
+        choice = gemm_config_for(64, 64, 64, torch.float32, 4, None, rules=(rule,))
+        assert choice == (config_for_capability(None, torch.float32), DEFAULT_GROUP_M)
+
+    def test_rules_first_match_wins_and_ranges_are_half_open():
+        small = GemmRule(overrides={"block_m": 256, "block_n": 128}, group_m=4, m=(1, 4097),
+                         num_ctas=(100, 133))
+        short_k = GemmRule(overrides={"num_stages": 4}, group_m=16, k=(1, 4096))
+        rules = (small, short_k)
+        c = gemm_config_for(4096, 8192, 2048, torch.bfloat16, 132, (9, 0), rules=rules)
+        assert (c.config.block_m, c.config.block_n, c.group_m) == (256, 128, 4)
+        assert c.config.num_stages == 3  # only the first rule applies
+        c = gemm_config_for(4097, 8192, 2048, torch.bfloat16, 132, (9, 0), rules=rules)
+        assert (c.config.block_m, c.config.num_stages, c.group_m) == (128, 4, 16)
+        c = gemm_config_for(4096, 8192, 2048, torch.bfloat16, 133, (9, 0), rules=rules)
+        assert c.config.block_m == 128 and c.group_m == 16  # P outside the first rule
+        c = gemm_config_for(8192, 8192, 4096, torch.bfloat16, 132, (9, 0), rules=rules)
+        assert c == (config_for_capability((9, 0)), DEFAULT_GROUP_M)
+        # sm_80 is not in the rules' arch (9,): the Ampere default.
+        c = gemm_config_for(4096, 8192, 2048, torch.bfloat16, 108, (8, 0), rules=rules)
+        assert c == (config_for_capability((8, 0)), DEFAULT_GROUP_M)
+        # fp16-only rule
+        fp16 = GemmRule(overrides={"epilogue_subtile": True}, dtypes=("float16",))
+        assert gemm_config_for(64, 64, 64, "float16", 4, None, rules=(fp16,)).config \
+            .epilogue_subtile
+        assert not gemm_config_for(64, 64, 64, "bfloat16", 4, None, rules=(fp16,)).config \
+            .epilogue_subtile
+
+    @pytest.mark.parametrize("kwargs", [
+        dict(overrides={"block_mm": 64}),
+        dict(overrides={"block_m": 96}),
+        dict(overrides={"num_warps": 0}),
+        dict(group_m=0),
+    ])
+    def test_bad_rules_are_rejected(kwargs):
+        with pytest.raises(ValueError):
+            GemmRule(**kwargs)
+
+    @pytest.mark.parametrize("bad", [dict(M=0), dict(N=-1), dict(K=2.0), dict(num_ctas=True)])
+    def test_bad_arguments(bad):
+        args = dict(M=64, N=64, K=64, num_ctas=4) | bad
+        with pytest.raises(ValueError):
+            gemm_config_for(args["M"], args["N"], args["K"], torch.bfloat16, args["num_ctas"])
+        with pytest.raises(TypeError):
+            gemm_config_for(64, 64, 64, torch.int8, 4)
+
+    def test_table_rules_are_valid():
+        for rule in kernels.GEMM_RULES:
+            assert isinstance(rule, GemmRule)
+            cfg = dataclasses.replace(config_for_capability((9, 0)), **dict(rule.overrides))
+            assert cfg.block_m * cfg.block_n <= 256 * 256
+
+    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize("op,W", [("all_reduce", 1), ("reduce_scatter", 2)])
+    def test_choice_builds_matching_plans(shape, op, W):
+        """Plans built from the choice use the kernel's tile; every tile fits the blocks."""
+        M, N, K = shape
+        M *= W
+        sweep = _load_sweep()
+        rules = tuple(GemmRule(overrides=ov, group_m=gm) for _, ov, gm in sweep.CANDIDATES)
+        for rule in (None, *[(r,) for r in rules]):
+            choice = gemm_config_for(M, N, K, "bfloat16", 132, (9, 0), rules=rule)
+            cfg = choice.config
+            for value in (cfg.block_m, cfg.block_n, cfg.block_k):
+                assert value >= 16 and value & (value - 1) == 0
+            plan = make_plan(Problem(M, N, K, "bfloat16", W, op),
+                             PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
+                                        num_ctas=132, group_m=choice.group_m))
+            t = plan.step_table
+            assert (t[:, 2] % cfg.block_n == 0).all()
+            assert ((t[:, 1] - t[:, 0]) <= cfg.block_m).all()
+            assert ((t[:, 3] - t[:, 2]) <= cfg.block_n).all()
+            assert plan.num_tiles == W * -(-M // W // cfg.block_m) * -(-N // cfg.block_n)
+
+    # ----------------------------------------------------------------------------------
+    # The warp-specialization guard (needs Triton, not a GPU)
+    # ----------------------------------------------------------------------------------
+
+    def _fake(ptx, warps):
+        return types.SimpleNamespace(asm={"ptx": ptx},
+                                     metadata=types.SimpleNamespace(num_warps=warps))
+
+    def test_warp_specialize_guard():
+        pytest.importorskip("triton")
+        from flashoverlap.kernels import signal_gemm as sg
+
+        ok = "bar.sync 0;\n\tatom.global.gpu.release.add.u32 %r1, [%rd1], 1;"
+        meta = {"HAS_COUNTERS": True, "num_warps": 4}
+        sg._check_warp_specialized(_fake(ok, 4), meta)  # loop left whole: the normal kernel
+        sg._check_warp_specialized(_fake("red.release.gpu.global.add.u32 [%rd1], 1;", 4), meta)
+        with pytest.raises(NotImplementedError, match="release atomic"):
+            sg._check_warp_specialized(_fake("st.global.b16 [%rd1], %rs1;", 4), meta)
+        with pytest.raises(NotImplementedError, match="partitioned"):
+            sg._check_warp_specialized(_fake(ok, 12), meta)
+        # Without counters there is no protocol to break.
+        sg._check_warp_specialized(_fake("", 12), {"HAS_COUNTERS": False, "num_warps": 4})
+
+    # ----------------------------------------------------------------------------------
+    # The sweep script on CPU
+    # ----------------------------------------------------------------------------------
+
+    def test_sweep_script_compiles_and_helps():
+        subprocess.run([sys.executable, "-m", "py_compile", str(_SCRIPT)], check=True,
+                       timeout=60)
+        proc = subprocess.run([sys.executable, str(_SCRIPT), "--help"], capture_output=True,
+                              text=True, timeout=60, check=False, cwd=_REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert "--budget-s" in proc.stdout and "--quick" in proc.stdout
+
+    def test_sweep_candidates_and_args():
+        sweep = _load_sweep()
+        names = [c[0] for c in sweep.CANDIDATES]
+        assert names[0] == "default" and len(names) == len(set(names)) <= 13
+        base = config_for_capability((9, 0), torch.bfloat16)
+        assert dataclasses.replace(base, **sweep.CANDIDATES[0][1]) == base
+        assert sweep.CANDIDATES[0][2] == DEFAULT_GROUP_M
+        for _, overrides, group_m in sweep.CANDIDATES:
+            cfg = dataclasses.replace(base, **overrides)  # valid GemmConfig
+            stages = cfg.num_stages
+            smem = stages * (cfg.block_m + cfg.block_n) * cfg.block_k * 2
+            assert smem <= 200 * 1024  # operand buffers; 227 KB minus epilogue scratch
+            assert group_m in (4, 8, 16)
+        for M, N, K in sweep.SHAPES:
+            assert K % 8 == 0 and N % 8 == 0
+        extra = [s for s in sweep.SHAPES if s[1] != 8192]
+        assert len(sweep.SHAPES) == 13 and len(extra) == 4
+        assert all(M & (M - 1) for M, _, _ in extra)
+        args = sweep._parse_args(["--quick"])
+        assert args.candidate_list[0][0] == "default" and len(args.candidate_list) == 4
+        assert args.shapes == sweep.QUICK_SHAPES
+        args = sweep._parse_args(["--candidates", "s4,gm4", "--shapes", "100x64x32",
+                                  "--fp16-shapes", ""])
+        assert [c[0] for c in args.candidate_list] == ["default", "s4", "gm4"]
+        assert args.shapes == ((100, 64, 32),) and args.fp16_shapes == ()
+        with pytest.raises(SystemExit):
+            sweep._parse_args(["--candidates", "nope"])
+
+    def test_sweep_summary_runs():
+        sweep = _load_sweep()
+        base = dict(M=64, N=64, K=64, dtype="bfloat16", b_layout="kn", torch_ms=1.0,
+                    block_k=64, num_warps=8, num_stages=3, use_tma=True, flatten=True,
+                    epilogue_subtile=False, acc_multibuffer=True, warp_specialize=False)
+        rows = []
+        for P in (132, 116):
+            rows.append(base | dict(num_ctas=P, candidate="default", median_ms=1.0,
+                                    efficiency_vs_torch=1.0, block_m=128, block_n=256,
+                                    group_m=8))
+            rows.append(base | dict(num_ctas=P, candidate="256x128", median_ms=0.9,
+                                    efficiency_vs_torch=1 / 0.9, block_m=256, block_n=128,
+                                    group_m=8))
+        sweep.summarize(rows, [{"candidate": "ws", "reason": "refused", "b_layout": "kn",
+                                "dtype": "bfloat16"}])
+
+    def test_kernels_under_interpreter():
+        """Runs this module's kernel tests in a child process under the interpreter."""
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
+            env=env, cwd=_REPO, capture_output=True, text=True, timeout=900, check=False,
+        )
+        lines = proc.stdout.strip().splitlines()
+        summary = lines[-1] if lines else "(no output)"
+        print("interpreter child:", summary)
+        if re.fullmatch(r"\d+ skipped in .*", summary):
+            reasons = [line for line in lines if line.startswith("SKIPPED")]
+            pytest.skip(reasons[0] if reasons else summary)
+        assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+        assert re.search(r"\d+ passed", summary) and "failed" not in summary
+
+else:
+    # ----------------------------------------------------------------------------------
+    # Interpreter session: every kernel option a sweep candidate uses, incl. the new
+    # warp_specialize, against signal_gemm_ref (NaN-poisoned outputs, counters equal).
+    # ----------------------------------------------------------------------------------
+    triton = pytest.importorskip("triton")
+    from flashoverlap.kernels import signal_gemm as sg
+
+    _OPTIONS = [
+        dict(),
+        dict(warp_specialize=True),
+        dict(warp_specialize=True, flatten=False),
+        dict(warp_specialize=True, flatten=False, num_warps=4, num_stages=3),
+        dict(epilogue_subtile=True),
+        dict(acc_multibuffer=False),
+        dict(num_stages=4),
+        dict(flatten=False),
+    ]
+    _TILES = [(16, 32), (32, 16)]  # 128x256 and 256x128, scaled down
+
+    def _operands(M, N, K, b_trans, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(M, K, generator=g).to(torch.bfloat16)
+        if b_trans:
+            b = torch.randn(N, K, generator=g).to(torch.bfloat16).T
+        else:
+            b = torch.randn(K, N, generator=g).to(torch.bfloat16)
+        return a, b
+
+    @pytest.mark.parametrize("tile", _TILES)
+    @pytest.mark.parametrize("options", _OPTIONS, ids=lambda o: ",".join(
+        f"{k}={v}" for k, v in o.items()) or "default")
+    @pytest.mark.parametrize("b_trans", [False, True])
+    @pytest.mark.parametrize("use_tma", [False, True])
+    def test_option_matches_reference(tile, options, b_trans, use_tma):
+        BM, BN = tile
+        M, N, K, P = 70, 88, 48, 3  # edge tiles in both directions
+        cfg = GemmConfig(block_m=BM, block_n=BN, block_k=16, use_tma=use_tma,
+                         **({"num_warps": 4, "num_stages": 2} | options))
+        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                         PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=2))
+        table = torch.from_numpy(plan.step_table.copy())
+        a, b = _operands(M, N, K, b_trans)
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        ref = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+        ref_counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+        sg.signal_gemm(a, b, out, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
+                       counters=counters, config=cfg)
+        sg.signal_gemm_ref(a, b, ref, table, ref_counters)
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(counters, ref_counters)
+        assert torch.equal(counters, torch.from_numpy(plan.group_tile_counts).to(torch.int32))
+
+    @pytest.mark.parametrize("options", [dict(warp_specialize=True), dict(num_stages=4)])
+    def test_option_reduce_scatter_with_residual(options):
+        BM, BN, W = 16, 32, 2
+        M, N, K, P = 2 * 40, 72, 32, 4
+        cfg = GemmConfig(block_m=BM, block_n=BN, block_k=16, use_tma=False,
+                         **({"num_warps": 4, "num_stages": 2} | options))
+        plan = make_plan(Problem(M, N, K, "bfloat16", W, "reduce_scatter"),
+                         PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=1))
+        table = torch.from_numpy(plan.step_table.copy())
+        a, b = _operands(M, N, K, True, seed=3)
+        residual = torch.randn(M // W, N).to(torch.bfloat16)
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        ref = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+        counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+        ref_counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+        sg.signal_gemm(a, b, out, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
+                       counters=counters, residual=residual, residual_block=1,
+                       rows_per_block=M // W, config=cfg)
+        sg.signal_gemm_ref(a, b, ref, table, ref_counters, residual=residual,
+                           residual_block=1, rows_per_block=M // W)
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(counters, ref_counters)
