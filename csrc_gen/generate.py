@@ -3,8 +3,8 @@
 Role
 ----
 The few pieces of CUDA C that are neither Triton kernels nor NCCL live here as ``.cu``
-templates beside this file: the spin-wait fallback of :mod:`flashoverlap.stream_wait` and
-the fused restore epilogues.  A template is plain CUDA C with ``${name}`` placeholders
+templates beside this file: the spin-wait fallback of :mod:`flashoverlap.stream_wait` (a restore + residual epilogue
+lived here until plans became restore-free).  A template is plain CUDA C with ``${name}`` placeholders
 (:class:`string.Template`), so it reads like the code that runs; this module fills the
 placeholders (kernel name, tile shape, storage type, conversions) and hands the source to
 NVRTC through CuPy.
@@ -25,22 +25,6 @@ from typing import Any
 TEMPLATE_DIR = Path(__file__).resolve().parent
 WAIT_GEQ_KERNEL = "flashoverlap_wait_geq"
 
-# dtype -> (storage type, body of fo_load(x) -> float, body of fo_store(float v)).
-# Inline PTX instead of cuda_fp16.h / cuda_bf16.h: NVRTC then needs no toolkit headers.
-_CONVERSIONS: dict[str, tuple[str, str, str]] = {
-    "float32": ("float", "  return x;", "  return v;"),
-    "float16": (
-        "unsigned short",
-        '  float f;\n  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));\n  return f;',
-        '  unsigned short h;\n  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));\n  return h;',
-    ),
-    "bfloat16": (
-        "unsigned short",
-        "  return __uint_as_float(static_cast<unsigned int>(x) << 16);",
-        '  unsigned short h;\n  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));\n  return h;',
-    ),
-}
-RESTORE_DTYPES: tuple[str, ...] = tuple(_CONVERSIONS)
 
 
 def template_names() -> list[str]:
@@ -78,25 +62,6 @@ def wait_geq_source(kernel_name: str = WAIT_GEQ_KERNEL, min_backoff_ns: int = 32
                          f"{max_backoff_ns}")
     return render("wait_geq", kernel_name=_check_identifier(kernel_name),
                   min_backoff_ns=f"{int(min_backoff_ns)}u", max_backoff_ns=f"{int(max_backoff_ns)}u")
-
-
-def restore_residual_source(dtype: str, block_m: int, block_n: int,
-                            kernel_name: str | None = None) -> tuple[str, str]:
-    """``(source, kernel_name)`` of the restore + residual-add epilogue for one tile shape.
-
-    Kernel arguments: ``(buf, tile_m, tile_n, residual, out, slot_begin, M, N, ld_residual,
-    ld_out)``; launch one CTA per restored tile.
-    """
-    if dtype not in _CONVERSIONS:
-        raise ValueError(f"restore epilogue dtype must be one of {RESTORE_DTYPES}, got {dtype!r}")
-    for label, value in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-    name = _check_identifier(kernel_name or f"flashoverlap_restore_residual_{dtype}_{block_m}x{block_n}")
-    storage, load_body, store_body = _CONVERSIONS[dtype]
-    source = render("restore_residual", kernel_name=name, dtype=dtype, storage_t=storage,
-                    load_body=load_body, store_body=store_body, block_m=block_m, block_n=block_n)
-    return source, name
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,6 +33,10 @@ class TorchStreamOps:
     def bind_stream(self, stream: torch.cuda.Stream) -> Any:
         return stream
 
+    def bind_current(self, handle: int, device: torch.device) -> Any:
+        """The current stream of ``device`` (raw ``handle``), bound."""
+        return torch.cuda.current_stream(device)
+
     def zero_counters(self, stream: Any) -> None:
         with torch.cuda.stream(stream):
             self.counters.zero_()
@@ -51,6 +55,7 @@ class DriverStreamOps:
         self._driver = driver
         self._counters_ptr = driver.CUdeviceptr(counters.data_ptr())
         self._counters_n = counters.numel()
+        self._streams: dict[int, Any] = {}
 
     def bind_event(self, event: torch.cuda.Event, stream: torch.cuda.Stream) -> Any:
         """The driver handle of ``event``, created now by a first record on ``stream``."""
@@ -60,6 +65,16 @@ class DriverStreamOps:
 
     def bind_stream(self, stream: torch.cuda.Stream) -> Any:
         return self._driver.CUstream(stream.cuda_stream)
+
+    def bind_current(self, handle: int, device: torch.device) -> Any:
+        """The current stream of ``device`` (raw ``handle``), bound; the driver handle objects
+        are kept per raw handle (a call's caller stream is almost always the same one)."""
+        bound = self._streams.get(handle)
+        if bound is None:
+            if len(self._streams) > 64:
+                self._streams.clear()
+            bound = self._streams[handle] = self._driver.CUstream(handle)
+        return bound
 
     def _ok(self, name: str, result: Any) -> None:
         if result[0] if isinstance(result, tuple) else result:  # CUDA_SUCCESS is 0

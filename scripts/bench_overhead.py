@@ -312,7 +312,7 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     op_call(0)
     check.close(torch, out, A[0].float() @ B[0].float(), f"{op} {M}x{N}x{K} overlapped")
     ws = get_workspace(plan, dev, group, 0)
-    dest = out if coll.in_place else ws.send
+    dest = out if ws.send is None else ws.send
     counters = torch.zeros(plan.num_groups, device=dev, dtype=torch.int32)
     launcher = SignalGemmLauncher(ws.step_table, counters, block_m=config.block_m,
                                   block_n=config.block_n, num_ctas=config.num_ctas,

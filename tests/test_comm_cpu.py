@@ -252,24 +252,12 @@ def test_wait_kernel_source():
         csrc_gen.wait_geq_source(kernel_name="not a name")
 
 
-@pytest.mark.parametrize("dtype", csrc_gen.RESTORE_DTYPES)
-def test_restore_residual_source(dtype):
-    src, name = csrc_gen.restore_residual_source(dtype, 128, 256)
-    assert name == f"flashoverlap_restore_residual_{dtype}_128x256"
-    assert f'extern "C" __global__ void {name}(' in src
-    assert "#define BM 128" in src and "#define BN 256" in src
-    assert "fo_load" in src and "fo_store" in src
-    assert "$" not in src and _balanced(src)
-
-
 def test_generator_errors():
-    assert {"wait_geq", "restore_residual"} <= set(csrc_gen.template_names())
+    assert "wait_geq" in csrc_gen.template_names()
     with pytest.raises(ValueError, match="no CUDA template"):
         csrc_gen.render("nope")
     with pytest.raises(ValueError, match="needs parameter"):
         csrc_gen.render("wait_geq", kernel_name="k")
-    with pytest.raises(ValueError):
-        csrc_gen.restore_residual_source("int8", 128, 128)
 
 
 # ---------------------------------------------------------------------------------------

@@ -126,6 +126,13 @@ class Collective(abc.ABC):
         """Rows of this rank's result for a GEMM output of ``M`` rows."""
         return M // self.row_blocks(world_size)
 
+    def in_place_for(self, world_size: int) -> bool:
+        """Whether, at this world size, the GEMM writes the result itself and the collective
+        runs in place on its rows (default: :attr:`in_place`).  A collective whose send and
+        result layouts coincide at some world size (ReduceScatter at one rank) says so here,
+        and the engines then skip the send buffer and NCCL's copy."""
+        return self.in_place
+
     def check_problem(self, M: int, N: int, world_size: int) -> None:
         """Raise ``ValueError`` for a GEMM output this collective cannot take."""
         blocks = self.row_blocks(world_size)

@@ -41,6 +41,11 @@ class ReduceScatter(Collective):
     def row_blocks(self, world_size: int) -> int:
         return world_size
 
+    def in_place_for(self, world_size: int) -> bool:
+        # One rank: one block, the send layout is the result's; ncclReduceScatter with
+        # recvbuff == sendbuff + rank * recvcount is NCCL's in-place form (no copy).
+        return world_size == 1
+
     def check_problem(self, M: int, N: int, world_size: int) -> None:
         if M % world_size:
             raise ValueError(f"gemm_reduce_scatter needs M divisible by the group size: M={M}, "

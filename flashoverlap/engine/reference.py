@@ -34,12 +34,13 @@ def run_reference(
     collective = plan.collective
     problem = plan.problem
     B, rows = problem.row_blocks, problem.rows_per_block
-    dest = out if collective.in_place else torch.empty(
+    in_place = collective.in_place_for(problem.world_size)
+    dest = out if in_place else torch.empty(
         (problem.M, problem.N), dtype=a.dtype, device=a.device)
     rule = (collective.residual_rule(rank, problem.world_size, residual_replicated)
             if residual is not None else None)
     after = residual if rule is not None and rule.after_group else None
-    if after is not None and collective.in_place and after.data_ptr() == out.data_ptr():
+    if after is not None and in_place and after.data_ptr() == out.data_ptr():
         after = after.clone()  # the GEMM below overwrites it
     epilogue_block = rule.epilogue_block if rule is not None else None
 

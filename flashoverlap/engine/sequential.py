@@ -57,7 +57,7 @@ def run_sequential(
             torch.addmm(residual, a, b, out=out)
         return out
     M, N = a.shape[0], b.shape[1]
-    if collective.in_place:
+    if collective.in_place_for(world_size):
         aliased = residual is not None and residual.data_ptr() == out.data_ptr()
         result = torch.empty_like(out) if aliased else out
         dest = result

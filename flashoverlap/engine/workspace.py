@@ -200,7 +200,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         problem = plan.problem
         dtype = getattr(torch, problem.dtype)
         send = None
-        if not plan.collective.in_place:
+        if not plan.collective.in_place_for(problem.world_size):
             send = torch.empty(problem.M, problem.N, dtype=dtype, device=device)
         counters = torch.zeros(plan.num_groups, dtype=torch.int32, device=device)
         watcher = watcher_stream(device)

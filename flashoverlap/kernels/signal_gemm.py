@@ -532,8 +532,9 @@ class SignalGemmLauncher:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                  residual: torch.Tensor | None = None,
-                 stream: torch.cuda.Stream | None = None) -> None:
-        """``out <- a @ b`` (+ residual) at the plan's rows, counters bumped, on ``stream``."""
+                 stream: torch.cuda.Stream | int | None = None) -> None:
+        """``out <- a @ b`` (+ residual) at the plan's rows, counters bumped, on ``stream``
+        (a stream, the raw handle of the *current* stream, or None: the current one)."""
         key = (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
                b.shape, b.stride(), b.dtype, b.data_ptr() % 16 == 0,
                out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16 == 0,
@@ -546,8 +547,11 @@ class SignalGemmLauncher:
         kernel, grid, args, use_tma = entry
         if use_tma:
             _ensure_tma_allocator()  # per thread: Triton keeps the allocator in a ContextVar
-        handle = (stream if stream is not None
-                  else torch.cuda.current_stream(a.device)).cuda_stream
+        if isinstance(stream, int):
+            handle = stream
+        else:
+            handle = (stream if stream is not None
+                      else torch.cuda.current_stream(a.device)).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
         args[_RES] = residual if residual is not None else out
         direct_launch.launch(kernel, grid, handle, tuple(args))
@@ -558,7 +562,8 @@ class SignalGemmLauncher:
         grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
                                         self.block_n, self.num_ctas, self.counters, residual,
                                         self.residual_block, self.rows_per_block, self.config)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        switch = stream is not None and not isinstance(stream, int)  # int: the current one
+        with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
             compiled = _jit_launch(grid, args, meta)
         every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
         self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))

@@ -456,13 +456,14 @@ class EngineBackend:
         from flashoverlap.plan import make_plan
 
         plan = make_plan(self.problem, config)
-        return lambda: engine.run_overlap(plan, self._a, self._b, self.group, self._out)
+        return lambda: engine.run_overlap(plan, self._a, self._b, self.group, self._out,
+                                          rank=self.rank)
 
     def run_sequential(self) -> Callable[[], Any]:
         from flashoverlap import engine
 
         return lambda: engine.run_sequential(self.collective, self._a, self._b, self.group,
-                                             self._out)
+                                             self._out, world_size=self.problem.world_size)
 
 
 def engine_backend(problem: Problem, group: Any = None) -> EngineBackend:

@@ -7,9 +7,7 @@
 * the compare is wrap-safe (GEQ modulo 2**32);
 * wait + NCCL AllReduce capture into a CUDA graph and replay with changing inputs;
 * every built-in collective's raw per-group launch (``Collective.launch_group``, what the
-  overlap engine's watcher issues) moves a row range of a larger buffer;
-* the ``csrc_gen`` restore + residual template (no longer used by the restore-free engine)
-  still compiles with NVRTC and matches torch.
+  overlap engine's watcher issues) moves a row range of a larger buffer.
 
 A wait that never releases must not hang the suite: :func:`_finish` polls with a deadline
 and, on timeout, releases the waiter by writing the counter from another stream.
@@ -314,78 +312,3 @@ def test_collective_launch_group_moves_a_row_range(comm_w1, name):
     if not coll.in_place:
         assert recv[:lo].isnan().all() and recv[hi:].isnan().all()
     assert torch.equal(send, expected)
-
-
-# ---------------------------------------------------------------------------------------
-# csrc_gen restore epilogue template (the engine no longer restores; kept while it ships)
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_restore_residual_kernel(dtype):
-    cupy = pytest.importorskip("cupy")
-    import numpy as np
-
-    import csrc_gen
-
-    if not hasattr(csrc_gen, "restore_residual_source"):
-        pytest.skip("csrc_gen no longer ships the restore template")
-
-    BM, BN, M, N = 16, 32, 40, 70  # edge tiles in both directions
-    tiles_m, tiles_n = -(-M // BM), -(-N // BN)
-    order = torch.randperm(tiles_m * tiles_n)
-    tile_m = (order // tiles_n).to(torch.int32).cuda()
-    tile_n = (order % tiles_n).to(torch.int32).cuda()
-    tdtype = getattr(torch, dtype)
-    buf = torch.randn(len(order), BM, BN, device="cuda").to(tdtype)
-    residual = torch.randn(M, N, device="cuda").to(tdtype)
-    out = torch.zeros(M, N, device="cuda", dtype=tdtype)
-
-    source, name = csrc_gen.restore_residual_source(dtype, BM, BN)
-    kernel = csrc_gen.cupy_kernel(source, name)
-    stream = torch.cuda.current_stream()
-    with cupy.cuda.ExternalStream(stream.cuda_stream, torch.cuda.current_device()):
-        kernel((len(order),), (128,),
-               (np.uint64(buf.data_ptr()), np.uint64(tile_m.data_ptr()),
-                np.uint64(tile_n.data_ptr()), np.uint64(residual.data_ptr()),
-                np.uint64(out.data_ptr()), np.int32(0), np.int32(M), np.int32(N),
-                np.int64(residual.stride(0)), np.int64(out.stride(0))))
-    torch.cuda.synchronize()
-
-    grid = torch.zeros(tiles_m * BM, tiles_n * BN, device="cuda")
-    for slot in range(len(order)):
-        r, c = int(tile_m[slot]), int(tile_n[slot])
-        grid[r * BM:(r + 1) * BM, c * BN:(c + 1) * BN] = buf[slot].float()
-    expected = (grid[:M, :N] + residual.float()).to(tdtype)
-    assert torch.equal(out, expected)
-
-
-# ---------------------------------------------------------------------------------------
-# host overhead (informational)
-# ---------------------------------------------------------------------------------------
-
-
-def test_report_host_overhead(comm_w1):
-    """Microseconds of CPU per enqueued call (printed; asserts only a loose bound)."""
-    x = torch.zeros(1024, device="cuda")
-    counter = torch.ones(1, dtype=torch.int32, device="cuda")
-    stream = torch.cuda.Stream()
-    calls = {
-        "all_reduce": lambda: comm_w1.all_reduce(x, stream),
-        "wait[driver]": lambda: stream_wait.wait_counter_geq(counter, 1, stream, method="driver"),
-        "wait[kernel]": lambda: stream_wait.wait_counter_geq(counter, 1, stream, method="kernel"),
-    }
-    for method in METHODS:
-        stream_wait.prepare_wait(method=method)
-    torch.cuda.synchronize()
-    report = {}
-    for name, fn in calls.items():
-        for _ in range(50):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(500):
-            fn()
-        report[name] = (time.perf_counter() - t0) / 500 * 1e6
-        torch.cuda.synchronize()
-    print("host us/call:", {k: round(v, 1) for k, v in report.items()})
-    assert all(v < 1000 for v in report.values())
