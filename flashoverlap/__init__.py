@@ -7,6 +7,8 @@ Public API::
     gemm_reduce_scatter(a, b, group=None, *, scatter_dim=0, out=None, residual=None,
                         engine=None, config=None)
     gemm_collective(a, b, collective, group=None, *, out=None, residual=None, ...)
+    gemm_all_to_all(a, b, output_split_sizes=None, input_split_sizes=None, group=None, out=None)
+    grouped_gemm_all_to_all(a, w, counts, output_split_sizes, group=None, out=None)
     collectives                             # the Collective protocol, ALL_REDUCE, REDUCE_SCATTER
     PlanConfig, Problem, make_plan          # the overlap plan (pure Python)
     RowParallelLinear, row_parallel_linear  # tensor-parallel layer (flashoverlap.nn)
@@ -21,6 +23,7 @@ record is ``docs/design.md`` and the module docstrings.
 
 from . import collectives
 from . import library_ops as _library_ops  # registers torch.ops.flashoverlap.gemm_collective
+from .all_to_all_ops import gemm_all_to_all, grouped_gemm_all_to_all
 from .collectives import Collective
 from .nn import RowParallelLinear, row_parallel_linear
 from .ops import ENGINES, EngineName, gemm_all_reduce, gemm_collective, gemm_reduce_scatter
@@ -39,8 +42,10 @@ __all__ = [
     "RowParallelLinear",
     "collectives",
     "gemm_all_reduce",
+    "gemm_all_to_all",
     "gemm_collective",
     "gemm_reduce_scatter",
+    "grouped_gemm_all_to_all",
     "make_plan",
     "patch_tensor_parallel",
     "row_parallel_linear",
