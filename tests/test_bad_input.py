@@ -55,8 +55,9 @@ BAD = [
     ("residual column-major", lambda: _ab(), {"residual": torch.randn(6, 8).t()}, ValueError,
      "residual must be row-major"),
     ("bad config", lambda: _ab(), {"config": {"block_m": 64}}, TypeError, "config must be a PlanConfig"),
-    ("config waves", lambda: _ab(), {"config": fo.PlanConfig(block_m=4, block_n=4, num_ctas=1, group_waves=(1,))},
-     ValueError, "waves"),
+    ("config bands", lambda: _ab(), {"config": fo.PlanConfig(block_m=4, block_n=4, num_ctas=1, group_bands=(1, 1))},
+     ValueError, "group_bands"),
+    ("engine not str", lambda: _ab(), {"engine": 3}, ValueError, "engine must be one of"),
 ]
 
 
@@ -84,7 +85,7 @@ def test_reduce_scatter_specific(world):
     # W=1 divides everything; the divisibility message is tested with W=3 in a spawned group.
     # With one rank the result is a @ b itself, for every engine and multi-group plans too.
     a, b = torch.randn(100, 20), torch.randn(20, 70)
-    config = fo.PlanConfig(block_m=16, block_n=16, num_ctas=7, group_waves=(1, 2, 2))
+    config = fo.PlanConfig(block_m=16, block_n=16, num_ctas=7, group_m=2, group_bands=(1, 2, 1))
     for engine, cfg in (("reference", config), ("reference", None), ("sequential", None)):
         for op in (fo.gemm_reduce_scatter, fo.gemm_all_reduce):
             out = torch.full((100, 70), float("nan"))
@@ -151,3 +152,22 @@ def test_checks_still_run_after_a_valid_call(world):
         fo.gemm_all_reduce(a, torch.randn(5, 6))
     with pytest.raises(ValueError, match="row-major"):
         fo.gemm_all_reduce(torch.randn(4, 8).t(), b)
+
+
+def test_collective_argument_must_be_a_collective(world):
+    a, b = _ab()
+    for bad in ("all_reduce", None, object()):
+        with pytest.raises(TypeError, match="Collective"):
+            fo.gemm_collective(a, b, bad)
+
+
+@pytest.mark.parametrize("op", [fo.gemm_all_reduce, fo.gemm_reduce_scatter])
+def test_out_with_autograd_is_refused(world, op):
+    a, b = _ab()
+    out = torch.full((8, 6), 7.0)
+    with pytest.raises(ValueError, match="out= does not support automatic differentiation"):
+        op(a.requires_grad_(), b, out=out)
+    assert (out == 7.0).all()
+    with torch.no_grad():  # no graph to build: out= is fine
+        op(a, b, out=out)
+    torch.testing.assert_close(out, a.detach() @ b)

@@ -1,4 +1,4 @@
-"""Signal GEMM and restore kernels under the Triton interpreter (CPU, small shapes).
+"""The signal GEMM under the Triton interpreter (CPU, small shapes).
 
 Triton reads ``TRITON_INTERPRET`` when Triton itself and each kernel are imported, so the
 interpreter cannot be switched on for one module of a pytest process without affecting the
@@ -56,7 +56,6 @@ else:
     import triton.language as tl
 
     from flashoverlap.kernels import GemmConfig
-    from flashoverlap.kernels import restore as rs
     from flashoverlap.kernels import signal_gemm as sg
     from flashoverlap.plan import PlanConfig, Problem, make_plan
 
@@ -95,6 +94,12 @@ def _config(use_tma=False, subtile=False, block_m=BM, block_n=BN):
                       use_tma=use_tma, epilogue_subtile=subtile)
 
 
+def _plan(M, N, K, W, op, P, group_m=2, group_bands=None, block_n=BN, dtype="float32"):
+    return make_plan(Problem(M, N, K, dtype, W, op),
+                     PlanConfig(block_m=BM, block_n=block_n, num_ctas=P, group_m=group_m,
+                                group_bands=group_bands))
+
+
 def _operands(M, N, K, dtype, b_trans, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(M, K, generator=g).to(dtype)
@@ -109,6 +114,24 @@ def _poison(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
+def _expected_dest(plan, a, b, residual=None, residual_block=0):
+    """The destination the plan's layout implies, in float64, built from ``plan.spans()``
+    (independent of the step table and of ``signal_gemm_ref``): group g's rows of block k at
+    ``send_lo + k * recv_rows``; the residual added to block ``residual_block``."""
+    full = a.double() @ b.double()
+    B, rows = plan.problem.row_blocks, plan.problem.rows_per_block
+    if residual is not None:
+        full[residual_block * rows:(residual_block + 1) * rows] += residual.double()
+    dest = _poison(full.shape, torch.float64)
+    for s in plan.spans():
+        h = s.recv_rows
+        for k in range(B):
+            dest[s.send_lo + k * h:s.send_lo + (k + 1) * h] = \
+                full[k * rows + s.recv_lo:k * rows + s.recv_hi]
+    assert not dest.isnan().any()
+    return dest
+
+
 def _check_close(out, ref, dtype):
     """Same written set (non-NaN) and values; tight for fp32, 1e-2 rel Frobenius for 16-bit."""
     assert torch.equal(out.isnan(), ref.isnan()), "written elements differ from the reference"
@@ -117,66 +140,68 @@ def _check_close(out, ref, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
-        assert ((got - want).norm() / want.norm()).item() <= 1e-2
+        assert ((got - want).norm() / want.norm().clamp_min(1e-30)).item() <= 1e-2
 
 
-def _run_both(plan, a, b, *, slotted, counters=True, config=None):
-    """Kernel and reference on poisoned buffers; returns (out, ref, counts, ref_counts)."""
-    BMp, BNp = plan.config.block_m, plan.config.block_n
+def _run_both(plan, a, b, *, counters=True, config=None, residual=None, residual_block=0,
+              table=None):
+    """Kernel and reference on NaN-poisoned destinations; returns (out, ref, counts, ref_counts)."""
     M, N = a.shape[0], b.shape[1]
-    shape = (plan.num_tiles, BMp, BNp) if slotted else (M, N)
-    out, ref = _poison(shape, a.dtype), _poison(shape, a.dtype)
+    out, ref = _poison((M, N), a.dtype), _poison((M, N), a.dtype)
     cnt = torch.zeros(plan.num_groups, dtype=torch.int32) if counters else None
     ref_cnt = torch.zeros(plan.num_groups, dtype=torch.int32) if counters else None
-    table = _table(plan)
-    sg.signal_gemm(a, b, out, step_table=table, block_m=BMp, block_n=BNp,
-                   num_ctas=plan.config.num_ctas, counters=cnt, slotted=slotted,
-                   config=config or _config(block_m=BMp, block_n=BNp))
-    sg.signal_gemm_ref(a, b, ref, table, BMp, BNp, ref_cnt, slotted=slotted)
+    table = _table(plan) if table is None else table
+    rows = plan.problem.rows_per_block
+    sg.signal_gemm(a, b, out, step_table=table, block_m=plan.config.block_m,
+                   block_n=plan.config.block_n, num_ctas=plan.config.num_ctas, counters=cnt,
+                   residual=residual, residual_block=residual_block, rows_per_block=rows,
+                   config=config or _config(block_m=plan.config.block_m,
+                                            block_n=plan.config.block_n))
+    sg.signal_gemm_ref(a, b, ref, table, ref_cnt, residual=residual,
+                       residual_block=residual_block, rows_per_block=rows)
     return out, ref, cnt, ref_cnt
 
 
 CASES = [
-    # (M, N, K, world_size, op, num_ctas, group_waves)
-    pytest.param(37, 45, 29, 1, "all_reduce", 4, None, id="ar-edges"),
-    pytest.param(64, 32, 48, 1, "all_reduce", 3, (2, 1), id="ar-even-2groups"),
-    pytest.param(40, 33, 24, 2, "reduce_scatter", 4, None, id="rs2-rowblock-edge"),
-    pytest.param(54, 20, 17, 3, "reduce_scatter", 3, (1, 2, 1), id="rs3"),
+    # (M, N, K, world_size, op, num_ctas, group_m, group_bands)
+    pytest.param(37, 45, 29, 1, "all_reduce", 4, 2, None, id="ar-edges"),
+    pytest.param(64, 32, 48, 2, "all_reduce", 3, 1, (2, 1, 1), id="ar-3groups"),
+    pytest.param(33, 20, 7, 1, "reduce_scatter", 3, 1, None, id="rs1-in-place"),
+    pytest.param(40, 33, 24, 2, "reduce_scatter", 4, 1, None, id="rs2-rowblock-edge"),
+    pytest.param(54, 20, 17, 3, "reduce_scatter", 3, 1, (1, 1), id="rs3-2groups"),
+    pytest.param(102, 18, 9, 3, "reduce_scatter", 5, 1, (1, 2), id="rs3-uneven-groups"),
 ]
 
 
 @_in_child
-@pytest.mark.parametrize("M,N,K,W,op,P,waves", CASES)
+@pytest.mark.parametrize("M,N,K,W,op,P,group_m,bands", CASES)
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-@pytest.mark.parametrize("slotted", [True, False], ids=["slotted", "plain"])
-def test_matches_reference_fp32(M, N, K, W, op, P, waves, b_trans, slotted):
-    plan = make_plan(Problem(M, N, K, "float32", W, op),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=2, group_waves=waves))
+def test_matches_reference_fp32(M, N, K, W, op, P, group_m, bands, b_trans):
+    plan = _plan(M, N, K, W, op, P, group_m, bands)
     a, b = _operands(M, N, K, torch.float32, b_trans)
-    out, ref, cnt, ref_cnt = _run_both(plan, a, b, slotted=slotted)
+    out, ref, cnt, ref_cnt = _run_both(plan, a, b)
     _check_close(out, ref, torch.float32)
+    assert not out.isnan().any(), "the step table's dest rows cover the destination"
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b), rtol=1e-5, atol=1e-5)
     assert cnt.tolist() == plan.group_tile_counts.tolist() == ref_cnt.tolist()
-    if not slotted:  # plain mode covers the whole output
-        assert not out.isnan().any()
+    if plan.collective.in_place_for(W):  # the destination is the GEMM output itself
         torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
 
 
 @_in_child
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_16bit_vs_float64(dtype, b_trans):
+@pytest.mark.parametrize("op,W", [("all_reduce", 1), ("reduce_scatter", 3)])
+def test_16bit_vs_float64(dtype, b_trans, op, W):
     M, N, K = 45, 38, 40
-    plan = make_plan(Problem(M, N, K, str(dtype).split(".")[1], 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=5, group_m=2))
+    plan = _plan(M, N, K, W, op, 5, group_m=1, dtype=str(dtype).split(".")[1])
     a, b = _operands(M, N, K, dtype, b_trans, seed=1)
-    out, ref, cnt, _ = _run_both(plan, a, b, slotted=True)
+    out, ref, cnt, _ = _run_both(plan, a, b)
     _check_close(out, ref, dtype)
     assert cnt.tolist() == plan.group_tile_counts.tolist()
-    plain = _poison((M, N), dtype)
-    sg.signal_gemm(a, b, plain, step_table=_table(plan), block_m=BM, block_n=BN, num_ctas=5,
-                   slotted=False, config=_config())
-    want = a.double() @ b.double()
-    assert ((plain.double() - want).norm() / want.norm()).item() <= 1e-2
+    want = _expected_dest(plan, a, b)
+    assert not out.isnan().any()
+    assert ((out.double() - want).norm() / want.norm()).item() <= 1e-2
 
 
 @_in_child
@@ -185,23 +210,22 @@ def test_16bit_vs_float64(dtype, b_trans):
 def test_tma_path_and_subtiled_epilogue(b_trans, subtile):
     # K and N multiples of 4 fp32 elements: 16-byte rows, so the descriptor path is taken.
     M, N, K, W = 36, 40, 32, 2
-    plan = make_plan(Problem(M, N, K, "float32", W, "reduce_scatter"),
-                     PlanConfig(block_m=BM, block_n=32, num_ctas=4, group_m=1))
+    plan = _plan(M, N, K, W, "reduce_scatter", 4, group_m=1, block_n=32)
     a, b = _operands(M, N, K, torch.float32, b_trans, seed=2)
     config = _config(use_tma=True, subtile=subtile, block_n=32)
     assert sg.uses_tma(a, b, config)
-    out, ref, cnt, _ = _run_both(plan, a, b, slotted=True, config=config)
+    out, ref, cnt, _ = _run_both(plan, a, b, config=config)
     _check_close(out, ref, torch.float32)
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b), rtol=1e-5, atol=1e-5)
     assert cnt.tolist() == plan.group_tile_counts.tolist()
 
 
 @_in_child
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 17, 5), (19, 1, 3), (5, 7, 1)])
 def test_degenerate_dims(M, N, K):
-    plan = make_plan(Problem(M, N, K, "float32", 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=2, group_m=4))
+    plan = _plan(M, N, K, 1, "all_reduce", 2, group_m=4)
     a, b = _operands(M, N, K, torch.float32, False, seed=3)
-    out, ref, cnt, _ = _run_both(plan, a, b, slotted=False, counters=False)
+    out, ref, cnt, _ = _run_both(plan, a, b, counters=False)
     assert cnt is None
     _check_close(out, ref, torch.float32)
     assert not out.isnan().any()
@@ -209,217 +233,207 @@ def test_degenerate_dims(M, N, K):
 
 @_in_child
 def test_counters_accumulate_and_are_optional():
-    plan = make_plan(Problem(33, 50, 16, "float32", 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=3, group_m=2))
+    plan = _plan(33, 50, 16, 1, "all_reduce", 3, group_m=1)
     a, b = _operands(33, 50, 16, torch.float32, False)
     cnt = torch.full((plan.num_groups,), 7, dtype=torch.int32)  # armed elsewhere: add, not set
-    out = _poison((plan.num_tiles, BM, BN), torch.float32)
+    out = _poison((33, 50), torch.float32)
     sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN, num_ctas=3,
                    counters=cnt, config=_config())
     assert (cnt - 7).tolist() == plan.group_tile_counts.tolist()
     # More CTAs than tiles: the grid shrinks, the schedule (stride P) is unchanged.
-    plan2 = make_plan(Problem(10, 10, 16, "float32", 1, "all_reduce"),
-                      PlanConfig(block_m=BM, block_n=BN, num_ctas=8, group_m=1))
-    out2, ref2, cnt2, _ = _run_both(plan2, *_operands(10, 10, 16, torch.float32, True),
-                                    slotted=True)
+    plan2 = _plan(10, 10, 16, 1, "all_reduce", 8, group_m=1)
+    out2, ref2, cnt2, _ = _run_both(plan2, *_operands(10, 10, 16, torch.float32, True))
     _check_close(out2, ref2, torch.float32)
     assert cnt2.tolist() == [1]
 
 
-def _simulated_receive(plan, comm: torch.Tensor, rank: int) -> torch.Tensor:
-    """What ``rank`` holds after one ReduceScatter per group (single process: no sum)."""
-    W = plan.problem.row_blocks
-    parts = []
-    for g in range(plan.num_groups):
-        lo, hi = int(plan.group_bounds[g]), int(plan.group_bounds[g + 1])
-        share = (hi - lo) // W
-        parts.append(comm[lo + rank * share: lo + (rank + 1) * share])
-    return torch.cat(parts)
-
-
 @_in_child
-@pytest.mark.parametrize("W,op", [(1, "all_reduce"), (2, "reduce_scatter"),
-                                  (3, "reduce_scatter")])
+@pytest.mark.parametrize("W,op,block", [(1, "all_reduce", 0), (2, "reduce_scatter", 1),
+                                        (3, "reduce_scatter", 0), (3, "reduce_scatter", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_restore_round_trip(W, op, dtype):
-    M, N, K = 42, 37, 16
-    plan = make_plan(Problem(M, N, K, "float32", W, op),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=3 * W, group_m=2))
+def test_residual_epilogue_on_one_block(W, op, block, dtype):
+    """The residual ([rows_per_block, N], row i meets the block's row i) is added to the
+    tiles of one row block before the store; other blocks read nothing.  A strided residual
+    (row stride > N) too; the residual stays untouched."""
+    M, N, K = 42 if W != 1 else 30, 37, 16
+    plan = _plan(M, N, K, W, op, 2 * W, group_m=1)
+    rows = plan.problem.rows_per_block
     a, b = _operands(M, N, K, dtype, True, seed=4)
-    comm = torch.zeros(plan.num_tiles, BM, BN, dtype=dtype)
-    sg.signal_gemm(a, b, comm, step_table=_table(plan), block_m=BM, block_n=BN,
-                   num_ctas=plan.config.num_ctas, config=_config())
-    full = torch.full((M, N), float("nan"), dtype=dtype)
-    sg.signal_gemm(a, b, full, step_table=_table(plan), block_m=BM, block_n=BN,
-                   num_ctas=plan.config.num_ctas, slotted=False, config=_config())
-    tile_m = torch.tensor(plan.restore_tile_m)
-    tile_n = torch.tensor(plan.restore_tile_n, dtype=torch.int32)  # either index type
-    rows = plan.out_rows
-    for rank in range(W):
-        recv = _simulated_receive(plan, comm, rank).contiguous()
-        assert recv.shape[0] == plan.recv_tiles
-        shard = _poison((rows, N), dtype)
-        shard_ref = _poison((rows, N), dtype)
-        for g in range(plan.num_groups):  # one restore per group, as the engine does
-            lo, hi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
-            rs.restore_tiles(recv, shard, tile_m, tile_n, lo, hi, BM, BN)
-            rs.restore_tiles_ref(recv, shard_ref, tile_m, tile_n, lo, hi, BM, BN)
-        assert torch.equal(shard, shard_ref)
-        assert torch.equal(shard, full[rank * rows:(rank + 1) * rows])
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(rows, N + 6, generator=g).to(dtype)
+    for residual in (torch.randn(rows, N, generator=g).to(dtype), big[:, 3:3 + N]):
+        kept = residual.clone()
+        out, ref, cnt, _ = _run_both(plan, a, b, residual=residual, residual_block=block)
+        assert torch.equal(residual, kept)
+        _check_close(out, ref, dtype)
+        assert not out.isnan().any()
+        assert cnt.tolist() == plan.group_tile_counts.tolist()
+        want = _expected_dest(plan, a, b, residual, block)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(out.double(), want, **tol)
+        # and nowhere else: without the residual, the other blocks' rows are the same bits
+        plain, _, _, _ = _run_both(plan, a, b, counters=False)
+        for s in plan.spans():
+            h = s.recv_rows
+            for k in range(plan.problem.row_blocks):
+                part = slice(s.send_lo + k * h, s.send_lo + (k + 1) * h)
+                if k != block:
+                    assert torch.equal(out[part], plain[part]), (s.index, k)
+                else:
+                    assert not torch.equal(out[part], plain[part])
 
 
 @_in_child
-def test_restore_partial_range_and_strided_out():
-    plan = make_plan(Problem(40, 40, 16, "float32", 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=2, group_m=2))
-    src = torch.randn(plan.num_tiles, BM, BN)
-    big = torch.zeros(40, 64)
-    out = big[:, 8:48]  # row stride 64, columns offset: a view, not a copy
-    ref = torch.zeros(40, 40)
-    tm, tn = torch.tensor(plan.restore_tile_m), torch.tensor(plan.restore_tile_n)
-    rs.restore_tiles(src, out, tm, tn, 2, 5, BM, BN)
-    rs.restore_tiles_ref(src, ref, tm, tn, 2, 5, BM, BN)
-    assert torch.equal(out, ref)
-    assert (big[:, :8] == 0).all() and (big[:, 48:] == 0).all()
-    rs.restore_tiles(src, out, tm, tn, 3, 3, BM, BN)  # empty range: no launch
-    assert torch.equal(out, ref)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_in_place_all_reduce(dtype):
+    """out is the residual (AllReduce, block 0): each tile reads its residual rows, then
+    stores over them (the engine's ``out=residual`` with a replicated residual)."""
+    M, N, K = 45, 38, 16
+    plan = _plan(M, N, K, 2, "all_reduce", 3, group_m=1)
+    a, b = _operands(M, N, K, dtype, False, seed=6)
+    residual = torch.randn(M, N, generator=torch.Generator().manual_seed(7)).to(dtype)
+    separate, ref, _, _ = _run_both(plan, a, b, residual=residual)
+    _check_close(separate, ref, dtype)
+    inplace = residual.clone()
+    sg.signal_gemm(a, b, inplace, step_table=_table(plan), block_m=BM, block_n=BN, num_ctas=3,
+                   residual=inplace, rows_per_block=M, config=_config())
+    assert torch.equal(inplace, separate)
+
+
+@_in_child
+@pytest.mark.parametrize("W,op", [(1, "all_reduce"), (3, "reduce_scatter")])
+def test_a_partial_table_writes_only_its_groups_rows(W, op):
+    """Run only the first group's steps: exactly its send rows are written (the rest stays
+    NaN) and only its counter moves."""
+    M, N, K = 54, 21, 8
+    plan = _plan(M, N, K, W, op, 2, group_m=1)
+    assert plan.num_groups >= 2
+    first = _table(plan)[: int(plan.group_bounds[1])].contiguous()
+    a, b = _operands(M, N, K, torch.float32, False, seed=8)
+    out, ref, cnt, ref_cnt = _run_both(plan, a, b, table=first)
+    _check_close(out, ref, torch.float32)
+    s = plan.spans()[0]
+    written = ~out.isnan().any(dim=1)
+    assert written.nonzero().flatten().tolist() == list(range(s.send_lo, s.send_hi))
+    assert (~out[s.send_lo:s.send_hi].isnan()).all()
+    full = _expected_dest(plan, a, b)
+    torch.testing.assert_close(out[s.send_lo:s.send_hi].double(), full[s.send_lo:s.send_hi],
+                               rtol=1e-5, atol=1e-5)
+    assert cnt.tolist() == ref_cnt.tolist() == [int(plan.group_tile_counts[0])] + \
+        [0] * (plan.num_groups - 1)
 
 
 @_in_child
 def test_bad_input_raises_before_launch():
-    plan = make_plan(Problem(20, 20, 16, "float32", 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=2, group_m=2))
+    plan = _plan(20, 20, 16, 2, "reduce_scatter", 2)
     a, b = _operands(20, 20, 16, torch.float32, False)
     table = _table(plan)
-    out = torch.zeros(plan.num_tiles, BM, BN)
+    out = torch.zeros(20, 20)
     kw = {"step_table": table, "block_m": BM, "block_n": BN, "num_ctas": 2, "config": _config()}
     with pytest.raises(TypeError):
         sg.signal_gemm(a, b.double(), out, **kw)
     with pytest.raises(TypeError):
         sg.signal_gemm(a.int(), b.int(), out.int(), **kw)
+    with pytest.raises(TypeError):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": [[1.0]], "rows_per_block": 10})
     with pytest.raises(ValueError):
         sg.signal_gemm(a, b[:15], out, **kw)  # K mismatch
     with pytest.raises(ValueError):
         sg.signal_gemm(a.T.contiguous().T, b, out, **kw)  # column-major A
     with pytest.raises(ValueError):
         sg.signal_gemm(a, torch.randn(16, 40)[:, ::2], out, **kw)  # neither layout
-    with pytest.raises(ValueError):
-        sg.signal_gemm(a, b, out[:1], **kw)  # comm buffer too small
-    with pytest.raises(ValueError):
-        sg.signal_gemm(a, b, torch.zeros(20, 19), **{**kw, "slotted": False})
+    with pytest.raises(ValueError, match="out must be row-major"):
+        sg.signal_gemm(a, b, out[:10], **kw)  # destination too small
+    with pytest.raises(ValueError, match="out must be row-major"):
+        sg.signal_gemm(a, b, torch.zeros(20, 40)[:, ::2], **kw)
     with pytest.raises(ValueError):
         sg.signal_gemm(a, b, out, **{**kw, "step_table": table.long()})
+    with pytest.raises(ValueError):
+        sg.signal_gemm(a, b, out, **{**kw, "step_table": table[:, :6].contiguous()})
     with pytest.raises(ValueError):
         sg.signal_gemm(a, b, out, **{**kw, "counters": torch.zeros(1, dtype=torch.int64)})
     with pytest.raises(ValueError):
         sg.signal_gemm(a, b, out, **{**kw, "block_n": 32})  # config/plan tile mismatch
     with pytest.raises(ValueError):
         sg.signal_gemm(a[:0], b, out, **kw)
-    tm = torch.tensor(plan.restore_tile_m)
-    with pytest.raises(ValueError):
-        rs.restore_tiles(out, torch.zeros(20, 20), tm, tm, 0, plan.num_tiles + 1, BM, BN)
-    with pytest.raises(TypeError):
-        rs.restore_tiles(out, torch.zeros(20, 20).double(), tm, tm, 0, 1, BM, BN)
-    with pytest.raises(ValueError):
-        rs.restore_tiles(out, torch.zeros(20, 20), tm.float(), tm, 0, 1, BM, BN)
-    with pytest.raises(ValueError):
-        rs.restore_tiles(out, torch.zeros(20, 20), tm, tm, 3, 2, BM, BN)
+    with pytest.raises(ValueError, match="rows_per_block"):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": torch.zeros(10, 20)})  # no rows_per_block
+    with pytest.raises(ValueError, match="rows_per_block"):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": torch.zeros(20, 20), "rows_per_block": 10})
+    with pytest.raises(ValueError, match="residual must be row-major"):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": torch.zeros(10, 21), "rows_per_block": 10})
+    with pytest.raises(ValueError, match="residual must be row-major"):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": torch.zeros(20, 10).T,
+                                     "rows_per_block": 10})
+    with pytest.raises(ValueError, match="residual must be row-major"):
+        sg.signal_gemm(a, b, out, **{**kw, "residual": torch.zeros(10, 20).double(),
+                                     "rows_per_block": 10})
+    assert (out == 0).all(), "nothing was launched"
 
 
 @_in_child
-@pytest.mark.parametrize("op,W", [("all_reduce", 1), ("reduce_scatter", 2)])
-def test_launchers_match_one_shot_calls(op, W):
-    """The engine's hot-path launchers (checks once, then direct launches where compiled):
-    several calls with new operands each, every output element against the references."""
+@pytest.mark.parametrize("op,W,block", [("all_reduce", 1, None), ("reduce_scatter", 2, 1)])
+def test_launchers_match_one_shot_calls(op, W, block):
+    """The engine's hot-path launcher (checks once, then direct launches where compiled):
+    several calls with new operands and destinations each, with and without the residual,
+    every element and counter against the reference."""
     from flashoverlap.kernels import direct_launch
 
     assert not direct_launch.ENABLED  # the interpreter has no compiled kernels
     M, N, K = 44, 35, 20
-    plan = make_plan(Problem(M, N, K, "float32", W, op),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=2 * W, group_m=2))
+    plan = _plan(M, N, K, W, op, 2 * W, group_m=1)
+    rows = plan.problem.rows_per_block
     table = _table(plan)
-    comm = _poison((plan.num_tiles, BM, BN), torch.float32)
     counters = torch.zeros(plan.num_groups, dtype=torch.int32)
-    gemm = sg.SignalGemmLauncher(comm, table, counters, block_m=BM, block_n=BN,
-                                 num_ctas=plan.config.num_ctas, config=_config())
-    tm, tn = torch.tensor(plan.restore_tile_m), torch.tensor(plan.restore_tile_n)
+    gemm = sg.SignalGemmLauncher(table, counters, block_m=BM, block_n=BN,
+                                 num_ctas=plan.config.num_ctas, residual_block=block or 0,
+                                 rows_per_block=rows, config=_config())
     for call in range(3):
         a, b = _operands(M, N, K, torch.float32, call % 2 == 1, seed=10 + call)
-        comm.fill_(float("nan"))
+        residual = None
+        if block is not None and call > 0:
+            residual = torch.randn(rows, N, generator=torch.Generator().manual_seed(call))
+        out = _poison((M, N), torch.float32)
         counters.zero_()
-        gemm(a, b)
-        ref = _poison((plan.num_tiles, BM, BN), torch.float32)
+        gemm(a, b, out, residual=residual)
+        ref = _poison((M, N), torch.float32)
         ref_counts = torch.zeros_like(counters)
-        sg.signal_gemm_ref(a, b, ref, table, BM, BN, ref_counts)
-        _check_close(comm, ref, torch.float32)
+        sg.signal_gemm_ref(a, b, ref, table, ref_counts, residual=residual,
+                           residual_block=block or 0, rows_per_block=rows)
+        _check_close(out, ref, torch.float32)
+        assert not out.isnan().any()
         assert torch.equal(counters, ref_counts)
-        recv = _simulated_receive(plan, comm, W - 1).contiguous()
-        restore = rs.RestoreLauncher(recv, tm, tn, BM, BN)
-        shard = _poison((plan.out_rows, N), torch.float32)
-        shard_ref = _poison((plan.out_rows, N), torch.float32)
-        for g in range(plan.num_groups):
-            lo, hi = int(plan.restore_bounds[g]), int(plan.restore_bounds[g + 1])
-            restore(shard, lo, hi - lo)
-            rs.restore_tiles_ref(recv, shard_ref, tm, tn, lo, hi, BM, BN)
-        assert not shard.isnan().any()
-        assert torch.equal(shard, shard_ref)
-        rows = plan.out_rows
-        want = (a.double() @ b.double())[(W - 1) * rows:W * rows]
-        torch.testing.assert_close(shard.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double(),
+                                   _expected_dest(plan, a, b, residual, block or 0),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @_in_child
 def test_ordered_args_follow_the_kernel_signature():
     from flashoverlap.kernels import direct_launch
 
-    src, out = torch.zeros(4), torch.zeros(2, 2)
-    args = (src, out, "tm", "tn", out, 0, 2, 2, 2, 0)
-    meta = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 8, "HAS_RESIDUAL": False, "num_warps": 4}
-    got = direct_launch.ordered_args(rs._restore_kernel, args, meta)
-    assert got == args + (16, 32, 8, False)
-    with pytest.raises(TypeError, match="BLOCK_R"):
-        direct_launch.ordered_args(rs._restore_kernel, args, {"BLOCK_M": 16, "BLOCK_N": 32})
-
-
-def _same_rounded(got, want):
-    """Equal, except that the interpreter converts fp32 to bf16 by truncation (compiled
-    kernels round to nearest, as torch does; the GPU tests compare those bitwise): within one
-    bf16 ulp there."""
-    assert not got.isnan().any()
-    if got.dtype == torch.bfloat16:
-        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=0)
-    else:
-        assert torch.equal(got, want)
+    kernel = sg._signal_gemm_kernel
+    positional = kernel.arg_names[:17]
+    assert positional[:6] == ["a_ptr", "b_ptr", "c_ptr", "step_ptr", "counter_ptr", "res_ptr"]
+    assert (sg._A, sg._B, sg._OUT, sg._RES) == (0, 1, 2, 5)  # the launcher's argument slots
+    args = tuple(f"arg{i}" for i in range(17))
+    constexprs = kernel.arg_names[17:]
+    meta = {name: i for i, name in enumerate(constexprs)}
+    got = direct_launch.ordered_args(kernel, args, {**meta, "num_warps": 4, "num_stages": 2})
+    assert got == args + tuple(range(len(constexprs)))
+    missing = dict(meta)
+    missing.pop("HAS_RESIDUAL")
+    with pytest.raises(TypeError, match="HAS_RESIDUAL"):
+        direct_launch.ordered_args(kernel, args, missing)
 
 
 @_in_child
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_restore_with_fused_residual(dtype):
-    """out[tile] = slot + residual[tile] (fp32 add, one rounding): separate residual, the
-    in-place form (residual is out), a strided residual, and the hot-path launcher."""
-    M, N = 45, 38
-    plan = make_plan(Problem(M, N, 16, "float32", 1, "all_reduce"),
-                     PlanConfig(block_m=BM, block_n=BN, num_ctas=3, group_m=2))
-    g = torch.Generator().manual_seed(9)
-    src = torch.randn(plan.num_tiles, BM, BN, generator=g).to(dtype)
-    tm, tn = torch.tensor(plan.restore_tile_m), torch.tensor(plan.restore_tile_n)
-    big = torch.randn(M, N + 10, generator=g).to(dtype)
-    for residual in (torch.randn(M, N, generator=g).to(dtype), big[:, 3:3 + N]):
-        want = _poison((M, N), dtype)
-        rs.restore_tiles_ref(src, want, tm, tn, 0, plan.num_tiles, BM, BN, residual=residual)
-        expected = (rs.restore_tiles_ref(src, _poison((M, N), dtype), tm, tn, 0, plan.num_tiles,
-                                         BM, BN).float() + residual.float()).to(dtype)
-        assert torch.equal(want, expected)
-        out = _poison((M, N), dtype)
-        kept = residual.clone()
-        rs.restore_tiles(src, out, tm, tn, 0, plan.num_tiles, BM, BN, residual=residual)
-        _same_rounded(out, want)
-        assert torch.equal(residual, kept)
-        inplace = residual.clone()
-        launcher = rs.RestoreLauncher(src, tm, tn, BM, BN)
-        for grp in range(plan.num_groups):
-            lo, hi = int(plan.restore_bounds[grp]), int(plan.restore_bounds[grp + 1])
-            launcher(inplace, lo, hi - lo, residual=inplace)
-        _same_rounded(inplace, want)
-    with pytest.raises(ValueError, match="residual must match"):
-        rs.restore_tiles(src, out, tm, tn, 0, 1, BM, BN, residual=torch.zeros(M, N + 1, dtype=dtype))
+def test_step_columns_match_the_planner():
+    """The kernel reads the table by literal column numbers (no planner import)."""
+    from flashoverlap import plan as planner
+
+    assert sg._STEP_COLUMNS == len(planner.STEP_TABLE_COLUMNS)
+    assert (sg._ROW_START, sg._ROW_STOP, sg._COL_START, sg._COL_STOP, sg._DEST_ROW,
+            sg._GROUP, sg._BLOCK) == (planner.ROW_START, planner.ROW_STOP, planner.COL_START,
+                                      planner.COL_STOP, planner.DEST_ROW, planner.GROUP,
+                                      planner.BLOCK)

@@ -86,8 +86,10 @@ def run_overlap(
     epilogue_block = rule.epilogue_block if rule is not None else None
     after = residual if rule is not None and rule.after_group else None
     dest = out if ws.send is None else ws.send
-    if after is not None and ws.send is None and after.data_ptr() == out.data_ptr():
-        after = after.clone()  # the GEMM is about to overwrite it
+    if after is not None and after.data_ptr() == out.data_ptr():
+        # out is the residual: the GEMM (in place) or the collective (into the result rows)
+        # overwrites a group's rows before its residual is added
+        after = after.clone()
 
     marks = timeline.active_recorder() is not None
     caller = torch.cuda.current_stream(a.device) if marks else None

@@ -40,8 +40,10 @@ def run_reference(
     rule = (collective.residual_rule(rank, problem.world_size, residual_replicated)
             if residual is not None else None)
     after = residual if rule is not None and rule.after_group else None
-    if after is not None and in_place and after.data_ptr() == out.data_ptr():
-        after = after.clone()  # the GEMM below overwrites it
+    if after is not None and after.data_ptr() == out.data_ptr():
+        # out is the residual: the GEMM (in place) or the collective (into the result rows)
+        # overwrites a group's rows before its residual is added
+        after = after.clone()
     epilogue_block = rule.epilogue_block if rule is not None else None
 
     finishes = []
