@@ -239,11 +239,13 @@ def run_a2a_overlap(plan: AllToAllPlan, a: torch.Tensor, w: torch.Tensor,
     elif ws.used:
         sync.wait(caller_h, ws.done_h)
     ws.used = not capturing
+    send = ws.send if ws.send is not None else out  # nothing to send: only receives
     sync.zero_counters(caller_h)
     sync.record(ws.armed_h, caller_h)
-    ws.launcher(a, w, ws.send, out, handle)
+    if ws.launcher is not None:  # (no rows at all: nothing to compute)
+        ws.launcher(a, w, send, out, handle)
     sync.wait(ws.watcher_h, ws.armed_h)
-    send_base, recv_base, nccl = ws.send.data_ptr(), out.data_ptr(), ws.nccl
+    send_base, recv_base, nccl = send.data_ptr(), out.data_ptr(), ws.nccl
     for step in ws.steps:
         ws.enqueue_wait(step)
         step.collective.launch_group(nccl, send_base, recv_base, 0, 0)
