@@ -72,7 +72,7 @@ def _rel_err(x, ref):
 
 
 def _check_cases(rank: int, W: int) -> None:
-    for case in range(8):
+    for case in range(6):
         E, K, N, counts, dtype, transposed = _case(case, W)
         data = [_inputs(case, s, E, K, N, counts, dtype, transposed) for s in range(W)]
         a, w = data[rank]
