@@ -24,8 +24,10 @@ ops route inputs that require grad here -- and compiled graphs share one backwar
 tensor-parallel conventions (DTensor / Megatron): the collective's
 :meth:`~flashoverlap.collectives.Collective.backward` turns the result gradient into the
 gradient of this rank's partial product (AllReduce: identity on the replicated gradient;
-ReduceScatter: all-gather along rows, ``_c10d_functional`` so it traces), then
-``grad_a = g @ b.T`` and ``grad_b = a.T @ g``; ``grad_residual`` is the result gradient.
+ReduceScatter: all-gather along rows), then ``grad_a = g @ b.T`` and ``grad_b = a.T @ g``
+(:meth:`~flashoverlap.collectives.Collective.backward_gemms`; ReduceScatter runs the gather and
+``g @ b.T`` as one overlapped ``flashoverlap::all_gather_gemm``); ``grad_residual`` is the
+result gradient.
 """
 
 from __future__ import annotations
@@ -82,18 +84,19 @@ def _gemm_collective_fake(a: Tensor, b: Tensor, residual: Tensor | None, collect
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    a, b, residual, collective, group_name, _engine, _config, _replicated = inputs
+    a, b, residual, collective, group_name, engine, _config, _replicated = inputs
     ctx.save_for_backward(a, b)
     ctx.collective = collective
     ctx.group_name = group_name
+    ctx.engine = engine
 
 
 def _backward(ctx, grad_out: Tensor):
     a, b = ctx.saved_tensors
     world_size = resolve_group_name(ctx.group_name).size()
-    grad_partial = collectives.get(ctx.collective).backward(grad_out, ctx.group_name, world_size)
-    grad_a = grad_partial @ b.t() if ctx.needs_input_grad[0] else None
-    grad_b = a.t() @ grad_partial if ctx.needs_input_grad[1] else None
+    grad_a, grad_b = collectives.get(ctx.collective).backward_gemms(
+        grad_out, a, b, ctx.group_name, world_size, ctx.engine,
+        (ctx.needs_input_grad[0], ctx.needs_input_grad[1]))
     grad_residual = grad_out if ctx.needs_input_grad[2] else None
     return grad_a, grad_b, grad_residual, None, None, None, None, None
 

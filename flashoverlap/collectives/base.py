@@ -178,6 +178,19 @@ class Collective(abc.ABC):
         """
         raise NotImplementedError(f"collective {self.name!r} defines no backward")
 
+    def backward_gemms(self, grad_result: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       group_name: str, world_size: int, engine: str,
+                       needs: tuple[bool, bool]) -> tuple[torch.Tensor | None,
+                                                          torch.Tensor | None]:
+        """``(grad_a, grad_b)`` of ``collective(a @ b)`` from the result gradient.
+
+        Default: :meth:`backward`, then ``grad_a = g @ b.T`` and ``grad_b = a.T @ g``.  A
+        collective whose backward communication can itself overlap the gradient GEMM
+        overrides this (ReduceScatter: AllGather + GEMM).  Must be traceable.
+        """
+        g = self.backward(grad_result, group_name, world_size)
+        return (g @ b.t() if needs[0] else None, a.t() @ g if needs[1] else None)
+
 
 # -- registry ------------------------------------------------------------------------------
 _LOCK = threading.Lock()

@@ -92,5 +92,20 @@ class ReduceScatter(Collective):
             grad_result.contiguous(), world_size, group_name)
         return torch.ops._c10d_functional.wait_tensor(gathered)
 
+    def backward_gemms(self, grad_result: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       group_name: str, world_size: int, engine: str,
+                       needs: tuple[bool, bool]) -> tuple[torch.Tensor | None,
+                                                          torch.Tensor | None]:
+        # all_gather(grad_result) @ b.T as one overlapped AllGather + GEMM; the gathered
+        # gradient it returns is the weight gradient's operand.
+        if world_size == 1:
+            return super().backward_gemms(grad_result, a, b, group_name, world_size, engine,
+                                          needs)
+        from ..gather_ops import all_gather_gemm_op
+
+        grad_a, gathered = all_gather_gemm_op(grad_result.contiguous(), b.t(), group_name,
+                                              engine, "")
+        return (grad_a if needs[0] else None, a.t() @ gathered if needs[1] else None)
+
 
 REDUCE_SCATTER = register(ReduceScatter())

@@ -1,0 +1,151 @@
+"""The plan of an AllGather + GEMM: which tile runs when, and which chunk flag it waits on.
+
+``a_full @ b`` with ``a_full`` ``[m*W, K]`` gathered chunk by chunk
+(:mod:`flashoverlap.collectives.all_gather`): the output ``[m*W, N]`` is split into ``W`` row
+blocks of ``m`` rows, one per source chunk, and tiles never straddle two blocks (a block whose
+height is not a multiple of ``BM`` ends in a short tile), so every tile reads the rows of one
+chunk only.
+
+Tile order: block by block in *arrival order* -- slot 0 (this rank's own chunk, ready
+first), then slot 1 (the first chunk to arrive), ...; inside a block the swizzled band order
+of :func:`flashoverlap.plan.swizzled_tile_order` (``group_m`` tile rows, column-major inside a
+band).  A persistent CTA ``p`` runs steps ``p, p+P, ...``, so its steps' slots never
+decrease: it waits on a chunk's flag once, the first time it meets the chunk.
+
+Rank independence: the plan is stated in slots, so every rank builds (and hashes) the same
+plan; :meth:`GatherPlan.step_table` maps slots to rows for one rank (slot ``j`` is source
+rank ``(r - j) mod W``).  The step table has :mod:`flashoverlap.plan`'s seven columns:
+``row_start, row_stop, col_start, col_stop, dest_row (= row_start: the GEMM writes the
+result itself), group (= the slot: the flag the tile waits on), block (= the source rank)``.
+
+Configs reuse :class:`flashoverlap.plan.PlanConfig` (``block_m``, ``block_n``, ``num_ctas``,
+``group_m``; ``group_bands`` must be ``None``: a chunk is the unit of communication).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from functools import cached_property
+
+import numpy as np
+
+from .collectives.all_gather import ALL_GATHER
+from .plan import PlanConfig, swizzled_tile_order
+
+GATHER_PLAN_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherProblem:
+    """``all_gather(a_shard [m, K]) @ b [K, N]`` over ``world_size`` ranks."""
+
+    m: int
+    N: int
+    K: int
+    dtype: str
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("m", "N", "K", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def M(self) -> int:
+        return self.m * self.world_size
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GatherPlan:
+    """A resolved gather plan (build it with :func:`make_gather_plan`)."""
+
+    problem: GatherProblem
+    config: PlanConfig
+    tiles_m: int  # tile rows per chunk
+    tiles_n: int
+    slot_table: np.ndarray  # [T, 5] int32: slot, local row start/stop, col start/stop
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.slot_table.shape[0])
+
+    @property
+    def tiles_per_chunk(self) -> int:
+        return self.tiles_m * self.tiles_n
+
+    @property
+    def num_slots(self) -> int:
+        return self.problem.world_size
+
+    def step_table(self, rank: int) -> np.ndarray:
+        """The seven-column step table of ``rank`` (module docstring), int32, read-only."""
+        W, m = self.problem.world_size, self.problem.m
+        if not 0 <= rank < W:
+            raise ValueError(f"rank {rank} outside [0, {W})")
+        slot = self.slot_table[:, 0].astype(np.int64)
+        src = (rank - slot) % W
+        base = src * m
+        table = np.stack([base + self.slot_table[:, 1], base + self.slot_table[:, 2],
+                          self.slot_table[:, 3], self.slot_table[:, 4],
+                          base + self.slot_table[:, 1], slot, src], axis=1).astype(np.int32)
+        table.setflags(write=False)
+        return table
+
+    def describe(self) -> dict:
+        return {"format": GATHER_PLAN_FORMAT_VERSION, "collective": ALL_GATHER.name,
+                "problem": dataclasses.asdict(self.problem),
+                "config": dataclasses.asdict(self.config)}
+
+    @cached_property
+    def hash(self) -> str:
+        """Identical on every rank that built the same plan (it is stated in slots)."""
+        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self.slot_table, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def make_gather_plan(problem: GatherProblem, config: PlanConfig) -> GatherPlan:
+    """The plan of ``problem`` under ``config`` (``ValueError`` if ``group_bands`` is set)."""
+    if not isinstance(config, PlanConfig):
+        raise TypeError(f"config must be a PlanConfig, got {type(config).__name__}")
+    if config.group_bands is not None:
+        raise ValueError("an AllGather plan has one group per chunk: leave group_bands=None")
+    BM, BN = config.block_m, config.block_n
+    m, N = problem.m, problem.N
+    tiles_m, tiles_n = math.ceil(m / BM), math.ceil(N / BN)
+    local = swizzled_tile_order(tiles_m, tiles_n, config.group_m)  # [tiles_m*tiles_n, 2]
+    W = problem.world_size
+    slot = np.repeat(np.arange(W, dtype=np.int64), local.shape[0])
+    tm = np.tile(local[:, 0], W)
+    tn = np.tile(local[:, 1], W)
+    row_lo = tm * BM
+    row_hi = np.minimum(row_lo + BM, m)
+    col_lo = tn * BN
+    col_hi = np.minimum(col_lo + BN, N)
+    table = np.stack([slot, row_lo, row_hi, col_lo, col_hi], axis=1).astype(np.int32)
+    table.setflags(write=False)
+    return GatherPlan(problem, config, tiles_m, tiles_n, table)
+
+
+def default_gather_config(problem: GatherProblem, num_sms: int | None = None,
+                          block: tuple[int, int] | None = None,
+                          reserved_sms: int = 16) -> PlanConfig:
+    """A GPU config: the kernel's default tile, ``SMs - reserved_sms`` CTAs (the reserved SMs
+    are NCCL's: see :mod:`flashoverlap.engine.gather` on deadlock freedom), ``group_m`` 8
+    shrunk while a chunk has fewer tile rows.  ``num_sms=None``: a CPU config (small tiles)."""
+    if num_sms is None:
+        bm = 64
+        while bm > 16 and problem.m < bm:
+            bm //= 2
+        return PlanConfig(block_m=bm, block_n=64, num_ctas=4, group_m=1)
+    bm, bn = block or (128, 256)
+    tiles_m = math.ceil(problem.m / bm)
+    group_m = 8
+    while group_m > 1 and group_m > tiles_m:
+        group_m //= 2
+    return PlanConfig(block_m=bm, block_n=bn, num_ctas=max(num_sms - reserved_sms, 1),
+                      group_m=group_m)
