@@ -25,7 +25,9 @@ Ordering protocol (why a program that sees the flag also sees the chunk)
    barrier is needed for the pointer-load path.
 3. On the TMA path the loads are issued by the async proxy: a ``fence.proxy.async.global``
    after the acquire orders them too.
-The interpreter uses ``tl.atomic_add(flag, 0, sem="acquire")`` (no inline PTX there).
+The interpreter uses ``tl.atomic_add(flag, 0, sem="acquire")`` (no inline PTX there), and so
+does a compiled kernel where Triton refuses the inline PTX poll (``_jit_launch`` falls back
+with a warning): one thread's acquire, broadcast behind a CTA barrier.
 
 Deadlock freedom is the engine's business (the reserved SMs; see
 :mod:`flashoverlap.engine.gather`); the kernel only needs every flag to be written
@@ -72,7 +74,8 @@ def _gather_gemm_kernel(
     num_steps, num_progs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     B_TRANS: tl.constexpr, WAIT_FLAGS: tl.constexpr, USE_TMA: tl.constexpr,
-    ALIGN: tl.constexpr, ASM: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ALIGN: tl.constexpr, POLL_ASM: tl.constexpr, PROXY_FENCE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -107,7 +110,7 @@ def _gather_gemm_kernel(
         if WAIT_FLAGS:
             slot = tl.load(row + 5)
             if slot > ready:
-                if ASM:
+                if POLL_ASM:
                     seen = tl.inline_asm_elementwise(
                         "ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [flag_ptr + slot],
                         dtype=tl.int32, is_pure=False, pack=1)
@@ -115,15 +118,18 @@ def _gather_gemm_kernel(
                         seen = tl.inline_asm_elementwise(
                             "nanosleep.u32 200;\n\tld.global.acquire.gpu.b32 $0, [$1];",
                             "=r,l", [flag_ptr + slot], dtype=tl.int32, is_pure=False, pack=1)
-                    if USE_TMA:
-                        seen = tl.inline_asm_elementwise(
-                            "fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [seen],
-                            dtype=tl.int32, is_pure=False, pack=1)
                 else:
+                    # one thread's acquire RMW, its result broadcast through shared memory
+                    # behind a CTA barrier (Triton's scalar atomic): the barrier orders every
+                    # thread's later loads after the acquire
                     seen = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="gpu")
                     while seen < 1:
                         seen = tl.atomic_add(flag_ptr + slot, 0, sem="acquire", scope="gpu")
-                ready = slot
+                if PROXY_FENCE:
+                    seen = tl.inline_asm_elementwise(
+                        "fence.proxy.async.global;\n\tmov.u32 $0, $1;", "=r,r", [seen],
+                        dtype=tl.int32, is_pure=False, pack=1)
+                ready = slot + seen * 0
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             for ki in range(k_tiles):
@@ -222,17 +228,33 @@ def _launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait_
         "B_TRANS": b_trans, "WAIT_FLAGS": bool(wait_flags),
         "USE_TMA": uses_tma(a, b, config) and not _INTERPRET,
         "ALIGN": _common_align(K, N, stride_am, stride_b, stride_cm),
-        "ASM": not _INTERPRET,
+        "POLL_ASM": not _INTERPRET and not _ATOMIC_POLL[0],
         "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 or _INTERPRET else None,
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
         "num_warps": config.num_warps, "num_stages": config.num_stages,
     }
+    meta["PROXY_FENCE"] = bool(wait_flags) and meta["USE_TMA"]
     return (min(num_ctas, T), 1, 1), args, meta
+
+
+# Set once the inline-PTX poll failed to compile on this Triton: poll with the atomic instead.
+_ATOMIC_POLL = [False]
 
 
 def _jit_launch(grid, args, meta):
     if meta["USE_TMA"]:
         _ensure_tma_allocator()
+    if meta["POLL_ASM"] and meta["WAIT_FLAGS"]:
+        try:
+            _gather_gemm_kernel.warmup(*args, grid=grid[:1], **meta)
+        except Exception as exc:  # noqa: BLE001 - a compiler refusal of the inline PTX
+            import warnings
+
+            warnings.warn(f"gather_gemm: the inline-PTX acquire poll did not compile "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); polling with an "
+                          "acquire atomic instead", stacklevel=3)
+            _ATOMIC_POLL[0] = True
+            meta["POLL_ASM"] = False
     return _gather_gemm_kernel[grid[:1]](*args, **meta)
 
 
