@@ -42,6 +42,18 @@ style) the patched forward returns ``Replicate()``, which is correct for *any* d
 (the hook's redistribute from ``Replicate`` to ``Shard`` is a local slice); only the
 ReduceScatter saving is lost.
 
+Column-parallel linears (``colwise=True``; issue 16).  ``ColwiseParallel`` modules (weight
+``(Shard(0),)`` on a 1-D mesh, bias ``Shard(0)``) whose declared input layout is
+``Replicate()`` -- torch's hook-based style or transformers' ``"colwise"`` closure -- get a
+forward that computes the local ``x @ w_r.T + b_r`` through
+:func:`flashoverlap.column_parallel.column_parallel_linear`, whose backward runs the input
+gradient as one overlapped GEMM + AllReduce (DTensor would reduce the ``Partial`` input
+gradient after the GEMM); the output is the DTensor ``Shard(-1)`` the style's output hook
+expects.  Sequence-parallel colwise modules (input ``Shard(d)``) are skipped with a reason:
+their AllGather runs in the style's pre-hook, before the module, so it cannot overlap the
+GEMM without replacing that hook -- use :class:`flashoverlap.ColumnParallelLinear` with
+``sequence_parallel=True`` (``all_gather_gemm``) instead.
+
 Rejected: removing RowwiseParallel's hooks and re-implementing their input/output conversions
 (they are lambdas of private functions, version-dependent; keeping them keeps every layout
 combination the user declared working); swapping modules for :class:`RowParallelLinear`
@@ -211,6 +223,86 @@ def _dtensor_spec(module: nn.Linear, engine: EngineName | None) -> _Spec | str:
     return _Spec(group.group_name, mesh.size(), scatter_dim, engine, mesh, out_placement, local_output)
 
 
+def _colwise_forward(self: nn.Linear, x: Tensor, *, spec: _Spec) -> Tensor:
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from .column_parallel import column_parallel_linear
+
+    if isinstance(x, DTensor):
+        if tuple(x.placements) != (Replicate(),):
+            x = x.redistribute(x.device_mesh, (Replicate(),))
+        # the op's backward all-reduces the input gradient itself: hand it back replicated
+        x = x.to_local(grad_placements=(Replicate(),))
+    bias = self.bias.to_local() if self.bias is not None else None
+    y = column_parallel_linear(x, self.weight.to_local(), bias, spec.group_name,
+                               spec.world_size, engine=spec.engine)
+    if spec.local_output:
+        return y
+    return DTensor.from_local(y, spec.mesh, (spec.out_placement,), run_check=False)
+
+
+def _declared_colwise_layouts(module: nn.Module) -> tuple[Any, Any]:
+    """``(input_layouts[0], output_layouts[0])`` ColwiseParallel registered on ``module``
+    (None where not found)."""
+    from torch.distributed.tensor.parallel.style import ColwiseParallel
+
+    found = [None, None]
+    for hooks, target, slot in ((module._forward_pre_hooks, ColwiseParallel._prepare_input_fn, 0),
+                                (module._forward_hooks, ColwiseParallel._prepare_output_fn, 1)):
+        for hook in hooks.values():
+            for cell in getattr(hook, "__closure__", None) or ():
+                try:
+                    fn = cell.cell_contents
+                except ValueError:
+                    continue
+                if isinstance(fn, functools.partial) and fn.func is target and fn.args:
+                    layout = fn.args[0]
+                    found[slot] = layout[0] if isinstance(layout, tuple) else layout
+    return found[0], found[1]
+
+
+def _colwise_spec(module: nn.Linear, engine: EngineName | None) -> _Spec | str:
+    """The spec for a DTensor column-parallel linear, or why it is not patched."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    weight, bias = module.weight, module.bias
+    mesh = weight.device_mesh
+    if bias is not None and not (isinstance(bias, DTensor)
+                                 and tuple(bias.placements) == (Shard(0),)):
+        return "bias is not a Shard(0) DTensor"
+    installed = module.__dict__.get("forward")
+    if installed is None:  # torch's ColwiseParallel: hooks around the class forward
+        inputs, output = _declared_colwise_layouts(module)
+        local_output = False
+    else:  # transformers' tp_plan closure
+        style = _installed_style(installed)
+        if style is None:
+            return "its forward was replaced by something other than a parallel style"
+        inputs = style.input_layouts
+        inputs = inputs[0] if isinstance(inputs, tuple) else inputs
+        output = style.output_layouts
+        output = output[0] if isinstance(output, tuple) else output
+        local_output = bool(style.use_local_output)
+        if local_output and not (isinstance(output, Shard) and output.dim == -1):
+            return f"output layout {output} with a local output (only Shard(-1) is supported)"
+    if inputs is not None and not isinstance(inputs, Replicate):
+        return (f"input layout {inputs}: a sequence-parallel colwise linear all-gathers its "
+                "input in the style's pre-hook, which cannot overlap the GEMM; use "
+                "flashoverlap.ColumnParallelLinear(sequence_parallel=True)")
+    placement = output if isinstance(output, Shard) and output.dim == -1 else Shard(-1)
+    group = mesh.get_group()
+    return _Spec(group.group_name, mesh.size(), None, engine, mesh, placement, local_output)
+
+
+def _col_sharded(weight: Any) -> bool:
+    """ColwiseParallel's weight layout: ``Shard(0)`` (the output features) on a 1-D mesh."""
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(weight.placements)
+    return (weight.device_mesh.ndim == 1 and isinstance(placements[0], Shard)
+            and placements[0].dim == 0)
+
+
 def _is_dtensor(t: object) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -243,6 +335,7 @@ def patch_tensor_parallel(
     pattern: str | re.Pattern[str] | None = None,
     engine: EngineName | None = None,
     sequence_parallel: bool = False,
+    colwise: bool = False,
 ) -> PatchResult:
     """Make ``model``'s row-parallel ``nn.Linear`` modules use the overlapped GEMM+collective.
 
@@ -259,6 +352,10 @@ def patch_tensor_parallel(
         sequence_parallel: local-shard modules reduce-scatter along dim 0 (see
             :mod:`flashoverlap.nn`) instead of all-reducing.  DTensor modules follow their
             declared ``output_layouts`` instead.
+        colwise: also patch DTensor column-parallel linears (``ColwiseParallel`` /
+            transformers' ``"colwise"`` with a replicated input): their input gradient becomes
+            an overlapped GEMM + AllReduce (module docstring).  Default off: such modules are
+            left alone (and reported in ``skipped`` when ``pattern`` names them).
 
     Returns:
         A :class:`PatchResult` naming what was patched; ``result.undo()`` restores the model.
@@ -278,6 +375,13 @@ def patch_tensor_parallel(
         if _MARK in module.__dict__:
             raise ValueError(f"module {name!r} is already patched; undo the earlier patch first")
         if _is_dtensor(module.weight):
+            if colwise and _col_sharded(module.weight):
+                spec = _colwise_spec(module, engine)
+                if isinstance(spec, str):
+                    skipped[name] = spec
+                    continue
+                todo.append((name, module, functools.partial(_colwise_forward, spec=spec)))
+                continue
             if not _row_sharded(module.weight):  # e.g. ColwiseParallel: report only if named
                 if matches is not None:
                     skipped[name] = (f"weight placements {tuple(module.weight.placements)} are "

@@ -4,7 +4,8 @@ Forward, input gradient and weight/bias gradients of the column layer with and w
 sequence parallelism; RowParallelLinear's sequence-parallel backward (now an
 ``all_gather_gemm``); a 2-layer tensor-parallel MLP (column -> GELU -> row) trained 20 SGD
 steps with and without SP, whose losses must equal the unsharded model's within fp32
-tolerance; ``from_linear``; ``torch.compile(fullgraph=True)``.  One spawn per world size.
+tolerance; ``from_linear``; ``torch.compile(fullgraph=True)``; ``patch_tensor_parallel(
+colwise=True)`` on a DTensor ColwiseParallel/RowwiseParallel MLP.  One spawn per world size.
 """
 
 from __future__ import annotations
@@ -142,6 +143,64 @@ def _check_compile_and_api(rank: int, W: int) -> None:
         ColumnParallelLinear(4, 2 * W)(torch.randn(3, 5))
 
 
+def _check_colwise_patch(rank: int, W: int) -> None:
+    """patch_tensor_parallel(colwise=True): ColwiseParallel linears run through the column op
+    (input gradient as GEMM + AllReduce), values and gradients unchanged; SP colwise skipped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from flashoverlap import ops
+
+    mesh = init_device_mesh("cpu", (W,))
+    torch.manual_seed(4)
+    ref = _MLP(nn.Linear(8, 4 * W), nn.Linear(4 * W, 8))
+    model = copy.deepcopy(ref)
+    parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    x, gy = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+
+    def run(m):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y * gy).sum().backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for n, p in m.named_parameters()}
+        return y.detach(), xi.grad, grads
+
+    want = run(ref)
+    calls: list[str] = []
+    original = ops._run
+
+    def counted(collective, *args, **kwargs):
+        calls.append(collective.name)
+        return original(collective, *args, **kwargs)
+
+    ops._run = counted
+    try:
+        result = fo.patch_tensor_parallel(model, engine="reference", colwise=True)
+        assert result.patched == ["up", "down"], result
+        got = run(model)
+        assert calls == ["all_reduce", "all_reduce"], calls  # down's forward, up's input grad
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        torch.testing.assert_close(got[1], want[1], **TOL)
+        for n in want[2]:
+            torch.testing.assert_close(got[2][n], want[2][n], **TOL, msg=n)
+        result.undo()
+        assert fo.patch_tensor_parallel(model, engine="reference").patched == ["down"]
+    finally:
+        ops._run = original
+    sp = copy.deepcopy(ref)
+    parallelize_module(sp, mesh, {"up": ColwiseParallel(input_layouts=Shard(1)),
+                                  "down": RowwiseParallel(output_layouts=Shard(1))})
+    result = fo.patch_tensor_parallel(sp, colwise=True)
+    assert result.patched == ["down"] and "sequence-parallel" in result.skipped["up"]
+
+
 def _check_all(rank: int, W: int) -> None:
     for engine in ("reference", "sequential"):
         for sp in (False, True):
@@ -152,6 +211,7 @@ def _check_all(rank: int, W: int) -> None:
     if W == 2:
         _check_training(rank, W, "sequential", True)
         _check_compile_and_api(rank, W)
+        _check_colwise_patch(rank, W)
 
 
 @pytest.mark.parametrize("W", [2, 3])
