@@ -159,3 +159,14 @@ def test_gather_plan_tile_order_and_tables():
     with pytest.raises(ValueError, match="group_bands"):
         make_gather_plan(GatherProblem(4, 4, 4, "float32", 2),
                          fo.PlanConfig(block_m=8, block_n=8, num_ctas=1, group_bands=(1,)))
+
+
+def test_overlap_refused_with_one_device_connection(monkeypatch):
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 would queue the watcher's NCCL behind the spinning GEMM:
+    the policy sends such calls to the sequential path."""
+    from flashoverlap.engine.gather import overlap_refusal
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    assert overlap_refusal() is None
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" in overlap_refusal()
