@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import nccl_lib
+from .dist_utils import register_group_cache
 
 __all__ = [
     "CommConfig",
@@ -386,13 +387,31 @@ def get_communicator(group: Any = None, max_ctas: int | None = None,
     return comm
 
 
+# Communicators whose group the library let go of (release_process_groups: at exit, or after a
+# new world): no longer handed out, still destroyed by destroy_communicators().
+_RELEASED: list[NcclCommunicator] = []
+
+
 def destroy_communicators() -> None:
     """Destroy every cached communicator (call before ``destroy_process_group``)."""
     with _CACHE_LOCK:
-        comms = list(_CACHE.values())
+        comms = list(_CACHE.values()) + _RELEASED
         _CACHE.clear()
+        _RELEASED.clear()
     for comm in comms:
         comm.destroy()
+
+
+def _release_groups() -> None:
+    """Forget the groups of cached communicators (no NCCL call: safe at exit)."""
+    with _CACHE_LOCK:
+        for comm in _CACHE.values():
+            comm.group = None
+            _RELEASED.append(comm)
+        _CACHE.clear()
+
+
+register_group_cache(_release_groups)
 
 
 def exchange_check(group: Any, value: int, what: str, timeout_s: float = 60.0) -> None:

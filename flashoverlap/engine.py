@@ -404,6 +404,10 @@ def decide_overlap(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
 
 
 _FALLBACK_COMMS: dict[tuple[ProcessGroup, int], Any] = {}
+# group-lifetime hook (issue 12): these caches hold groups; let go of them at exit / new world.
+from .dist_utils import register_group_cache  # noqa: E402
+
+register_group_cache(clear_workspaces)
 
 
 @functools.lru_cache(maxsize=None)

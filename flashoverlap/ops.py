@@ -27,6 +27,7 @@ from .checks import (
     check_scatter,
     spans_intersect,
 )
+from .dist_utils import register_group_cache  # group-lifetime hook (issue 12)
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 from .sequential import run_sequential
 
@@ -91,6 +92,8 @@ class _Dispatch:
 # seen once needs no second check: this keeps the host cost of a call near that of
 # torch.matmul + the collective, which matters for small M where the GPU work is ~20 us.
 _DISPATCH: dict[tuple, _Dispatch] = {}
+# group-lifetime hook (issue 12): _DISPATCH holds groups; let go of them at exit / new world.
+register_group_cache(_DISPATCH.clear)
 
 
 def _signature(op, a, b, group, out, engine, config, scatter_dim, residual) -> tuple | None:
