@@ -28,12 +28,17 @@ So every such cache registers its ``clear`` here, and :func:`release_process_gro
 (a) from ``atexit``, before finalisation, while threads can still take the GIL: the last
 reference goes, and the group's destructor joins its threads in an orderly way; and (b)
 when the library first sees a new default group (``destroy_process_group`` then
-``init_process_group``), so stale groups of the old world are not kept alive either.
+``init_process_group``), so stale groups of the old world are not kept alive either.  The
+exit handler also runs one garbage collection: a group referenced only from a reference
+cycle (an exception kept with its traceback, e.g. ``pytest.raises``' ``info``, holds the
+frames of the failed call) would otherwise be freed by the collection inside
+``Py_FinalizeEx``, the very moment the worker threads can no longer take the GIL.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import threading
 from collections.abc import Callable
@@ -157,4 +162,9 @@ def release_process_groups() -> None:
         clear()
 
 
-atexit.register(release_process_groups)
+def _release_at_exit() -> None:
+    release_process_groups()
+    gc.collect()  # groups held only by reference cycles (see the module doc)
+
+
+atexit.register(_release_at_exit)

@@ -27,6 +27,7 @@ from .checks import (
     check_scatter,
     spans_intersect,
 )
+from .agreement import agreed_dispatch  # agreement hook (issue 12)
 from .dist_utils import register_group_cache  # group-lifetime hook (issue 12)
 from .plan import OverlapPlan, PlanConfig, Problem, make_plan
 from .sequential import run_sequential
@@ -123,6 +124,7 @@ def _signature(op, a, b, group, out, engine, config, scatter_dim, residual) -> t
         return None
 
 
+@agreed_dispatch  # agreement hook (issue 12): the ranks agree on each new call signature
 def _dispatch(op, a, b, group, out, engine, config, scatter_dim, residual) -> _Dispatch:
     M, N, K = check_gemm_operands(a, b)
     info = check_group(group, a.device)

@@ -26,12 +26,19 @@ _SCRIPT = textwrap.dedent('''
 
     refs = []
 
-    def report():
-        gc.collect()
+    def report():  # no gc.collect() here: what is alive now is alive in Py_FinalizeEx
         alive = sum(r() is not None for r in refs)
         print(f"groups alive at exit: {alive} of {len(refs)}", flush=True)
 
     atexit.register(report)
+    gc.disable()  # collections only where asked for: the cycle below stays until exit
+
+    def hold_in_a_cycle(group):
+        try:
+            raise RuntimeError("a failed call, kept for inspection")
+        except RuntimeError as exc:
+            kept = exc  # noqa: F841 - frame -> kept -> traceback -> frame: a cycle holding `group`
+        return None
 
     import flashoverlap as fo
     from flashoverlap import engine
@@ -57,6 +64,7 @@ _SCRIPT = textwrap.dedent('''
         run_everything(generation)
         dist.destroy_process_group()
     gc.collect()
+    hold_in_a_cycle(refs[1]())
     # The second world's first call released the first world's group.
     print(f"first world alive after re-init: {refs[0]() is not None}", flush=True)
 ''')
