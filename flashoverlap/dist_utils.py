@@ -123,7 +123,13 @@ def resolve_group(group: ProcessGroup | None) -> ProcessGroup:
             "(or flashoverlap.dist_utils.init_from_env) first"
         )
     group = group if group is not None else dist.group.WORLD
-    if dist.get_rank(group) < 0:
+    try:
+        rank = dist.get_rank(group)
+    except ValueError as exc:  # torch: "Group ... is not registered"
+        raise ValueError(
+            f"the process group is not registered with torch.distributed: it was destroyed "
+            f"(destroy_process_group) or never created; pass a live group ({exc})") from exc
+    if rank < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the given group"
         )
