@@ -9,12 +9,13 @@ ranks would wait on forever.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .dist_utils import resolve_group
+from .dist_utils import register_group_cache, release_process_groups, resolve_group
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -145,8 +146,23 @@ class GroupInfo:
 # A process group's backend, rank and size never change; asking torch.distributed each call
 # cost ~30 us of host time, a third of a small op's budget.  Keyed by the group object
 # itself: groups live as long as the process (or until destroy_process_group, whose new
-# groups are new objects).
+# groups are new objects).  Released at exit and when the world changes (dist_utils).
 _GROUP_INFO: dict[ProcessGroup, GroupInfo] = {}
+register_group_cache(_GROUP_INFO.clear)
+# The default group the caches were filled under (weakly: it must not outlive its destroy).
+_WORLD_SEEN: weakref.ref | None = None
+
+
+def _note_world() -> None:
+    """On the first sight of a new default group, drop every cache entry of the old world."""
+    global _WORLD_SEEN
+    world = dist.group.WORLD if dist.is_initialized() else None
+    seen = _WORLD_SEEN() if _WORLD_SEEN is not None else None
+    if world is None or world is seen:
+        return
+    if _WORLD_SEEN is not None:  # destroy_process_group + init_process_group since
+        release_process_groups()
+    _WORLD_SEEN = weakref.ref(world)
 
 
 def group_info(group: ProcessGroup | None) -> GroupInfo:
@@ -156,6 +172,7 @@ def group_info(group: ProcessGroup | None) -> GroupInfo:
     if info is not None and not dist.is_initialized():
         info = None  # destroyed since: let resolve_group raise
     if info is None:
+        _note_world()
         resolved = resolve_group(group)
         info = GroupInfo(resolved, str(dist.get_backend(resolved)).lower(),
                          dist.get_rank(resolved), dist.get_world_size(resolved))

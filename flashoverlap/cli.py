@@ -42,7 +42,8 @@ def nccl_version() -> str:
         lib = get_nccl()
         return str(getattr(lib, "version_string", lambda: "loaded")())
     except Exception as exc:  # noqa: BLE001
-        return f"not loadable ({str(exc).splitlines()[0][:80]})"
+        # Whole: the reason and the install hint are what the reader needs (was cut mid-word).
+        return f"not loadable ({' '.join(str(exc).split())})"
 
 
 def gpu_lines() -> list[str]:

@@ -6,8 +6,9 @@ The overlap engine's watcher stream runs, for every tile group, "wait on the gro
 counter, then a collective on the group's range of the comm buffer".  This module provides
 that collective: :class:`NcclCommunicator` issues NCCL calls on torch tensor ranges
 (``data_ptr`` + ``numel``) on a ``torch.cuda.Stream`` the caller picks, and
-:func:`exchange_check` makes every rank of a group agree on a 63-bit hash (the plan hash)
-before the first overlapped call, so that a mismatch raises instead of hanging.
+:func:`exchange_check` (from :mod:`flashoverlap.agreement`) makes every rank of a group agree
+on a 63-bit hash (the plan hash) before the first overlapped call, so that a mismatch raises
+instead of hanging.
 
 Why a private NCCL communicator
 -------------------------------
@@ -41,13 +42,16 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import nccl_lib
+# exchange_check lives in agreement (issue 12); re-exported here for existing callers.
+from .agreement import _uses_cuda_tensors as _group_uses_cuda_tensors
+from .agreement import exchange_check
+from .dist_utils import register_group_cache
 
 __all__ = [
     "CommConfig",
@@ -124,12 +128,6 @@ def _cuda_device(device: Any) -> torch.device:
     if device.type != "cuda":
         raise ValueError(f"NcclCommunicator needs a CUDA device, got {device}")
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-
-
-def _group_uses_cuda_tensors(group: Any) -> bool:
-    """Whether the group's collectives need CUDA tensors (a pure NCCL group) or CPU ones."""
-    backend = str(dist.get_backend(group)).lower()
-    return not any(name in backend for name in ("gloo", "mpi", "cpu:"))
 
 
 class NcclCommunicator:
@@ -386,53 +384,28 @@ def get_communicator(group: Any = None, max_ctas: int | None = None,
     return comm
 
 
+# Communicators whose group the library let go of (release_process_groups: at exit, or after a
+# new world): no longer handed out, still destroyed by destroy_communicators().
+_RELEASED: list[NcclCommunicator] = []
+
+
 def destroy_communicators() -> None:
     """Destroy every cached communicator (call before ``destroy_process_group``)."""
     with _CACHE_LOCK:
-        comms = list(_CACHE.values())
+        comms = list(_CACHE.values()) + _RELEASED
         _CACHE.clear()
+        _RELEASED.clear()
     for comm in comms:
         comm.destroy()
 
 
-def exchange_check(group: Any, value: int, what: str, timeout_s: float = 60.0) -> None:
-    """Check that every rank of ``group`` passes the same ``value`` (e.g. a plan hash).
+def _release_groups() -> None:
+    """Forget the groups of cached communicators (no NCCL call: safe at exit)."""
+    with _CACHE_LOCK:
+        for comm in _CACHE.values():
+            comm.group = None
+            _RELEASED.append(comm)
+        _CACHE.clear()
 
-    All ranks all-gather ``value`` as an int64 over the process group itself and compare.
-    Raises ``RuntimeError`` naming the ranks that differ, or, when some rank has not joined
-    within ``timeout_s`` seconds, a ``RuntimeError`` saying so — never a silent hang.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
-        raise ValueError(f"exchange_check value must be an int64, got {value!r}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-    group = _resolve_group(group)
-    world_size = dist.get_world_size(group)
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if _group_uses_cuda_tensors(group) else torch.device("cpu"))
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world_size)]
-    work = dist.all_gather(gathered, mine, group=group, async_op=True)
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"exchange_check({what!r}): not every rank of the group joined within "
-            f"{timeout_s:g} s ({exc}); a rank is missing or issuing a different collective"
-        ) from exc
-    values = [int(t.item()) for t in gathered]
-    if len(set(values)) == 1:
-        return
-    by_value: dict[int, list[int]] = {}
-    for rank, v in enumerate(values):
-        by_value.setdefault(v, []).append(rank)
-    mine_ranks = by_value[value]
-    detail = "; ".join(
-        f"{v & (2**64 - 1):#018x} on group ranks {ranks}" for v, ranks in by_value.items()
-    )
-    raise RuntimeError(
-        f"{what} differs across ranks (this is group rank {dist.get_rank(group)}, agreeing with "
-        f"ranks {mine_ranks}): {detail}. Every rank must build the same plan (same shapes, "
-        f"dtype, config and library version); otherwise their collectives would not match "
-        f"and NCCL would hang."
-    )
+
+register_group_cache(_release_groups)

@@ -6,11 +6,42 @@
 * :func:`init_from_env` starts a process group under ``torchrun`` *or* ``mpirun``: Open MPI,
   MPICH/Hydra and Slurm publish the rank in their own variables, which are mapped to the
   ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` names ``torch.distributed`` reads.
+* :func:`register_group_cache` / :func:`release_process_groups`: the library's caches that
+  hold process groups, and one call that drops them all.
+
+Why the library must let go of process groups (issue 12)
+--------------------------------------------------------
+``dist.destroy_process_group()`` only unregisters a group; the C++ ``ProcessGroupGloo`` (and
+its worker threads) is freed when the last Python reference goes.  The memo tables of the
+ops and engines (validated call signatures, group info, workspaces) keyed on the group kept
+it alive past ``destroy_process_group``, so its worker threads were still running when the
+interpreter finalised.  A worker that had just finished an async collective then dropped
+the last reference to the work's tensors, which needs the GIL to release their Python
+objects; during ``Py_FinalizeEx`` taking the GIL ends the thread with ``pthread_exit``, whose
+forced unwind through a ``noexcept`` destructor is ``std::terminate``: "terminate called
+without an active exception", SIGABRT after correct results (core dump: the abort in
+``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` -> ``decref_pyobject`` ->
+``PyThread_exit_thread`` while the main thread is in ``Py_FinalizeEx``).  Plain torch with a
+script-level reference to the group aborts the same way.
+
+So every such cache registers its ``clear`` here, and :func:`release_process_groups` runs
+(a) from ``atexit``, before finalisation, while threads can still take the GIL: the last
+reference goes, and the group's destructor joins its threads in an orderly way; and (b)
+when the library first sees a new default group (``destroy_process_group`` then
+``init_process_group``), so stale groups of the old world are not kept alive either.  The
+exit handler also runs one garbage collection: a group referenced only from a reference
+cycle (an exception kept with its traceback, e.g. ``pytest.raises``' ``info``, holds the
+frames of the failed call) would otherwise be freed by the collection inside
+``Py_FinalizeEx``, the very moment the worker threads can no longer take the GIL.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -92,7 +123,13 @@ def resolve_group(group: ProcessGroup | None) -> ProcessGroup:
             "(or flashoverlap.dist_utils.init_from_env) first"
         )
     group = group if group is not None else dist.group.WORLD
-    if dist.get_rank(group) < 0:
+    try:
+        rank = dist.get_rank(group)
+    except ValueError as exc:  # torch: "Group ... is not registered"
+        raise ValueError(
+            f"the process group is not registered with torch.distributed: it was destroyed "
+            f"(destroy_process_group) or never created; pass a live group ({exc})") from exc
+    if rank < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of the given group"
         )
@@ -105,3 +142,35 @@ def reduce_scatter_rows(
     """``reduce_scatter_tensor`` along dim 0 under whichever name this torch has."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return fn(output, input, group=group, async_op=async_op)
+
+
+_CACHES_LOCK = threading.Lock()
+_GROUP_CACHES: list[Callable[[], None]] = []
+
+
+def register_group_cache(clear: Callable[[], None]) -> None:
+    """Register the ``clear`` of a cache that holds process groups (see the module doc)."""
+    with _CACHES_LOCK:
+        if clear not in _GROUP_CACHES:
+            _GROUP_CACHES.append(clear)
+
+
+def release_process_groups() -> None:
+    """Drop every reference flashoverlap's caches hold to process groups.
+
+    Safe at any time: the caches refill on the next call.  Runs at interpreter exit (before
+    finalisation) and when the default group changes; call it yourself after
+    ``destroy_process_group()`` to free a destroyed group's threads and sockets right away.
+    """
+    with _CACHES_LOCK:
+        clears = list(_GROUP_CACHES)
+    for clear in clears:
+        clear()
+
+
+def _release_at_exit() -> None:
+    release_process_groups()
+    gc.collect()  # groups held only by reference cycles (see the module doc)
+
+
+atexit.register(_release_at_exit)

@@ -43,6 +43,7 @@ from .checks import (
     spans_intersect,
 )
 from .collectives import Collective
+from .dist_utils import register_group_cache
 from .plan import OverlapPlan, PlanConfig
 from .policy import ENGINES, Decision, agree, decide, resolve_engine  # noqa: F401 (re-export)
 
@@ -73,6 +74,10 @@ class Call:
 
 _CALLS: dict[tuple, Call] = {}
 _FALLBACK_COMMS: dict[tuple[ProcessGroup, int], object] = {}
+# Both hold process groups: released at exit and when a new world replaces a destroyed one,
+# so no gloo worker thread outlives interpreter shutdown (dist_utils module docstring).
+register_group_cache(_CALLS.clear)
+register_group_cache(_FALLBACK_COMMS.clear)
 
 
 def _meta(t: object, contiguous: bool) -> tuple | None:
@@ -103,9 +108,28 @@ def _signature(collective, a, b, group, out, residual, replicated, engine, confi
 
 
 def _validate(collective, a, b, group, out, residual, replicated, engine, config) -> Call:
+    """Checks, decision and cross-rank agreement of a new call signature.
+
+    A rank whose own checks fail still joins the agreement exchange with its error (its peers
+    are waiting in it) and then raises: every rank learns why at once instead of one of them
+    waiting for a collective that will never come (:mod:`flashoverlap.agreement`).
+    """
     if not isinstance(collective, Collective):
         raise TypeError(f"collective must be a flashoverlap Collective, got "
                         f"{type(collective).__name__}")
+    try:
+        return _validate_checked(collective, a, b, group, out, residual, replicated, engine,
+                                 config)
+    except (TypeError, ValueError) as exc:
+        from .agreement import RankMismatchError, join_after_local_error
+
+        if not isinstance(exc, RankMismatchError):
+            join_after_local_error(collective.name, a, b, group, exc)
+        raise
+
+
+def _validate_checked(collective, a, b, group, out, residual, replicated, engine,
+                      config) -> Call:
     collectives.register(collective)  # a name stands for one collective on every rank
     M, N, K = check_gemm_operands(a, b)
     info = check_group(group, a.device)
@@ -117,8 +141,10 @@ def _validate(collective, a, b, group, out, residual, replicated, engine, config
         check_residual_meta(residual, out_shape, a)
     decision = decide(collective, M, N, K, a.dtype, W, a.device, info.group, engine, config)
     if W > 1:
-        agree(info.group, decision, collective.name, M, N, K, str(a.dtype), engine,
-              config, residual is not None, bool(replicated))
+        agree(info.group, decision, ("collective", collective.name), ("M", M), ("N", N),
+              ("K", K), ("dtype", str(a.dtype).removeprefix("torch.")), ("engine", engine),
+              ("config", None if config is None else dataclasses.astuple(config)), ("out", out is not None), ("residual", residual is not None),
+              ("residual_replicated", bool(replicated)))
     extents = (byte_extent(a), byte_extent(b), 0 if out is None else byte_extent(out),
                0 if residual is None else byte_extent(residual))
     return Call(collective, decision, info.group, info.rank, W, out_shape, extents)

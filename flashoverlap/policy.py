@@ -154,6 +154,8 @@ def agree(group: ProcessGroup, decision: Decision, *parts: object) -> None:
     """Raise on every rank of ``group`` unless all ranks made the same call and decision."""
     from .agreement import agree_on_call
 
-    plan_hash = decision.plan.hash if decision.plan is not None else ""
-    agree_on_call(group, (*parts, decision.engine, decision.path, decision.nccl, plan_hash),
-                  "call (collective, shapes, dtype, engine, overlap decision, plan)")
+    plan_hash = decision.plan.hash_int64() if decision.plan is not None else None
+    agree_on_call(group, (*parts, ("engine used", decision.engine), ("path", decision.path),
+                          ("nccl fallback", decision.nccl), ("plan", plan_hash),
+                          ("local check", "ok")),
+                  "flashoverlap call (collective, shapes, dtype, engine, decision, plan)")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -278,8 +279,10 @@ def _exchange_worker(rank: int, world_size: int, port: int, values: list[int | N
     from flashoverlap.comm import exchange_check
 
     try:
+        # A short group timeout bounds the teardown after a timed-out check: the pending
+        # all-gather fails at the group's timeout, then destroy_process_group returns.
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=timedelta(seconds=4))
         value = values[rank]
         t0 = time.monotonic()
         if value is None:  # this rank never joins the check
@@ -294,7 +297,8 @@ def _exchange_worker(rank: int, world_size: int, port: int, values: list[int | N
     except Exception as exc:  # noqa: BLE001 - report anything to the parent
         queue.put((rank, "crash", repr(exc), 0.0))
     finally:
-        os._exit(0)  # skip process-group teardown, which may block after a timeout
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _run_exchange(values: list[int | None]) -> dict[int, tuple[str, str, float]]:
@@ -311,6 +315,8 @@ def _run_exchange(values: list[int | None]) -> dict[int, tuple[str, str, float]]
     for p in alive:
         p.kill()
     assert not alive, "a rank hung"
+    # every rank tears down normally (no os._exit), and does not abort at exit
+    assert [p.exitcode for p in procs] == [0] * len(procs)
     results = {}
     while not queue.empty():
         rank, status, message, seconds = queue.get()

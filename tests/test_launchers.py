@@ -59,3 +59,25 @@ def test_cli_info_reports_the_launch_path(env, expected):
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("kernel launches:"))
     assert expected in line, line
+
+
+def test_cli_info_prints_the_whole_nccl_error(monkeypatch, tmp_path):
+    """The NCCL row was cut at 80 characters, mid-word (``...libnccl.s)``)."""
+    import torch
+
+    from flashoverlap import nccl_lib
+    from flashoverlap.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("torch reports its own NCCL here")
+    missing = tmp_path / "a-directory-with-a-long-name-that-does-not-exist" / "libnccl.so.2"
+    monkeypatch.setenv(nccl_lib.NCCL_LIBRARY_ENV, str(missing))
+    monkeypatch.setattr(nccl_lib, "_LIBRARY", None)
+    with pytest.raises(RuntimeError) as info:
+        nccl_lib.get_nccl()
+    want = " ".join(str(info.value).split())
+    assert len(want) > 80 and str(missing) in want
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("NCCL "))
+    assert row.split(None, 1)[1] == f"not loadable ({want})"

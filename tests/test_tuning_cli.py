@@ -22,8 +22,64 @@ def runner(tmp_path: Path, monkeypatch) -> CliRunner:
 def test_help(runner):
     result = runner.invoke(tune, ["--help"])
     assert result.exit_code == 0, result.output
-    for option in ("--m", "--n", "--k", "--op", "--dtype", "--world-size", "--top-k", "--list"):
+    for option in ("-M", "-N", "-K", "--op", "--dtype", "--world-size", "--top-k", "--list"):
         assert option in result.output
+
+
+def _torchrun_line(help_text: str) -> list[str]:
+    import shlex
+
+    line = next(x for x in help_text.splitlines() if x.strip().startswith("torchrun "))
+    return shlex.split(line)[1:]
+
+
+def test_help_example_gets_through_torchrun(runner):
+    """torchrun parses the whole command line, and took --m/--n for its own options
+    ("ambiguous option: --m could match --max-restarts, ...").  The example in the help must
+    reach flashoverlap intact, and flashoverlap must accept what arrives."""
+    run = pytest.importorskip("torch.distributed.run")
+    main = pytest.importorskip("flashoverlap.cli").main
+    argv = _torchrun_line(runner.invoke(main, ["tune", "--help"]).output)
+    args = run.get_args_parser().parse_args(argv)
+    assert args.module and args.training_script == "flashoverlap.cli"
+    assert args.training_script_args[:1] == ["tune"] and "-M" in args.training_script_args
+    # what flashoverlap then sees (model-only, so it runs here)
+    result = runner.invoke(main, [*args.training_script_args, "--world-size",
+                                  str(args.nproc_per_node), "--analytic"])
+    assert result.exit_code == 0, result.output
+    assert "analytic model" in result.output
+    # the old spelling is what torchrun rejects (the reason for -M/-N/-K)
+    with pytest.raises(SystemExit):
+        run.get_args_parser().parse_args(
+            ["--nproc-per-node", "4", "-m", "flashoverlap.cli", "tune", "--m", "8192"])
+
+
+def test_old_and_long_spellings_give_the_same_answer(runner):
+    common = ["--world-size", "4", "--analytic", "--top-k", "3"]
+    outputs = [runner.invoke(tune, dims + common).output for dims in (
+        ["-M", "4096", "-N", "2048", "-K", "1024"],
+        ["--rows", "4096", "--cols", "2048", "--inner", "1024"],
+        ["--m", "4096", "--n", "2048", "--k", "1024"],
+    )]
+    assert "analytic model" in outputs[0]
+    assert outputs[0] == outputs[1] == outputs[2]
+    result = runner.invoke(tune, ["-M", "8", "--m", "16", "-N", "8", "-K", "8"] + common)
+    assert result.exit_code == 2 and "disagree" in result.output
+
+
+def test_tuning_without_a_gpu_is_a_clear_error(runner):
+    """Was a raw ``AssertionError: Torch not compiled with CUDA enabled`` traceback."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = runner.invoke(tune, ["-M", "64", "-N", "64", "-K", "64"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a click error, not a traceback
+    assert "cannot tune on this machine: no CUDA GPU" in result.output
+    assert "--analytic" in result.output
+    assert not dist.is_initialized()  # refused before starting a process group
 
 
 def test_mounted_on_main_cli(runner):
@@ -79,7 +135,7 @@ def test_analytic(runner):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "1", "--k", "1"], "--m, --n and --k are required"),
+    (["--n", "1", "--k", "1"], "-M, -N and -K are required"),
     (["--m", "1", "--n", "1", "--k", "1", "--analytic"], "--world-size"),
     (["--m", "6", "--n", "8", "--k", "8", "--world-size", "4", "--op", "reduce_scatter",
       "--analytic"], "divisible"),

@@ -101,10 +101,10 @@ class ReduceScatter(Collective):
         if world_size == 1:
             return super().backward_gemms(grad_result, a, b, group_name, world_size, engine,
                                           needs)
-        from ..gather_ops import all_gather_gemm_op
-
-        grad_a, gathered = all_gather_gemm_op(grad_result.contiguous(), b.t(), group_name,
-                                              engine, "")
+        # By its registered name (``flashoverlap.gather_ops`` registers it on import): the
+        # collectives stay below the ops layer, with no import of it.
+        grad_a, gathered = torch.ops.flashoverlap.all_gather_gemm(
+            grad_result.contiguous(), b.t(), group_name, engine, "")
         return (grad_a if needs[0] else None, a.t() @ gathered if needs[1] else None)
 
 

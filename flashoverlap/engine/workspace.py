@@ -26,6 +26,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..collectives import NcclStream, ResidualRule
+from ..dist_utils import register_group_cache
 from ..plan import OverlapPlan
 from ..settings import settings
 
@@ -243,6 +244,10 @@ def clear_workspaces() -> None:
     """Drop cached workspaces (frees send buffers); communicators stay cached in ``comm``."""
     with _LOCK:
         _WORKSPACES.clear()
+
+
+# Workspaces are keyed by (and hold) process groups: released at exit and on a new world.
+register_group_cache(clear_workspaces)
 
 
 def cached_workspaces() -> list[Workspace]:

@@ -2,7 +2,7 @@
 
 Role
 ----
-``flashoverlap tune --m 8192 --n 8192 --k 2048 --op all_reduce`` under ``torchrun`` (or
+``flashoverlap tune -M 8192 -N 8192 -K 2048 --op all_reduce`` under ``torchrun`` (or
 ``mpirun``) measures bandwidth curves and GEMM wave times on every rank, searches tiles x SM
 reservations with the exact band-grouping DP, runs the top-k plans and the sequential baseline for
 real, and stores the winner (with the never-slower decision) in the cache that the engine
@@ -124,6 +124,25 @@ def _load_factory(spec: str) -> Any:
     return factory
 
 
+def _merge(value: int | None, old: int | None, name: str) -> int | None:
+    """``-M`` and the old ``--m`` spelling of the same option: one value."""
+    if value is not None and old is not None and value != old:
+        raise click.UsageError(f"-{name} {value} and --{name.lower()} {old} disagree")
+    return value if value is not None else old
+
+
+def _require_overlap_engine() -> None:
+    """The default backend measures the overlap engine: say so before anything starts."""
+    from flashoverlap.availability import overlap_unavailable_reason
+
+    reason = overlap_unavailable_reason()
+    if reason is not None:
+        raise click.ClickException(
+            f"cannot tune on this machine: {reason}. Tuning measures the overlap engine on "
+            f"CUDA GPUs (one process per GPU under torchrun or mpirun); without a GPU, "
+            f"--analytic prints the analytic model's choice and --list the cache.")
+
+
 def _list_cache(directory: Path | None) -> None:
     entries = cache.list_entries(directory=directory)
     if not entries:
@@ -205,9 +224,16 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
 
 
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--m", "m", type=click.IntRange(min=1), help="Rows of A and of the output.")
-@click.option("--n", "n", type=click.IntRange(min=1), help="Columns of B and of the output.")
-@click.option("--k", "k", type=click.IntRange(min=1), help="Inner dimension (per rank).")
+# -M/-N/-K (and --rows/--cols/--inner): torchrun parses every option-like argument, even
+# after ``-m module``, and rejects --m and --n as ambiguous prefixes of its own options
+# (--max-restarts, --nnodes, ...).  Upper-case short options clash with nothing; the old
+# --m/--n/--k still work where nothing else parses them (hidden, merged below).
+@click.option("-M", "--rows", "m", type=click.IntRange(min=1), help="M: rows of A and of the output.")
+@click.option("-N", "--cols", "n", type=click.IntRange(min=1), help="N: columns of B and of the output.")
+@click.option("-K", "--inner", "k", type=click.IntRange(min=1), help="K: inner dimension (per rank).")
+@click.option("--m", "m_old", type=click.IntRange(min=1), hidden=True)
+@click.option("--n", "n_old", type=click.IntRange(min=1), hidden=True)
+@click.option("--k", "k_old", type=click.IntRange(min=1), hidden=True)
 @click.option("--op", type=click.Choice(collectives.registered()),
               default=collectives.ALL_REDUCE.name,
               show_default=True, help="Collective (a registered name).")
@@ -237,20 +263,25 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
               help="Write the result to the cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache directory (default: $FLASHOVERLAP_CACHE/tuning or the user cache).")
-def tune(m, n, k, op, dtype, world_size, top_k, tiles, reservations, iters, list_, analytic,
-         num_sms, p2p, link, backend_spec, store, cache_dir) -> None:
+def tune(m, n, k, m_old, n_old, k_old, op, dtype, world_size, top_k, tiles, reservations,
+         iters, list_, analytic, num_sms, p2p, link, backend_spec, store, cache_dir) -> None:
     """Tune the overlap plan of one GEMM + collective and cache it.
 
     Run under torchrun or mpirun with one process per GPU, e.g.
 
     \b
-        torchrun --nproc-per-node 4 -m flashoverlap.cli tune --m 8192 --n 8192 --k 2048
+        torchrun --nproc-per-node 4 -m flashoverlap.cli tune -M 8192 -N 8192 -K 2048
+        mpirun -n 4 flashoverlap tune -M 8192 -N 8192 -K 2048
+
+    Without a GPU: --analytic (the model's choice) and --list (the cache).
     """
+    m, n, k = (_merge(new, old, name) for new, old, name in
+               ((m, m_old, "M"), (n, n_old, "N"), (k, k_old, "K")))
     if list_:
         _list_cache(cache_dir)
         return
     if m is None or n is None or k is None:
-        raise click.UsageError("--m, --n and --k are required (or use --list)")
+        raise click.UsageError("-M, -N and -K are required (or use --list)")
     tile_configs = _parse_tiles(tiles)
     reserved = _parse_ints(reservations)
     if analytic:
@@ -262,6 +293,8 @@ def tune(m, n, k, op, dtype, world_size, top_k, tiles, reservations, iters, list
             raise click.UsageError(str(exc)) from None
         _analytic(problem, num_sms, p2p, tile_configs, reserved, top_k)
         return
+    if backend_spec == DEFAULT_BACKEND:
+        _require_overlap_engine()
     try:
         # The world size is checked again once the process group exists.
         problem = Problem(m, n, k, dtype, world_size or 1, op)

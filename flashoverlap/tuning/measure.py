@@ -395,10 +395,9 @@ class EngineBackend:
         from flashoverlap import nccl_lib
         from flashoverlap.collectives import NcclStream
         from flashoverlap.comm import get_communicator
-        from flashoverlap.tuning.search import num_ctas_for
 
         torch = self._torch
-        free = self.num_sms - num_ctas_for(self.num_sms, reserved_sms)
+        free = min(max(reserved_sms, 0), self.num_sms)  # the SMs the GEMM (P = SMs - r) leaves
         comm = get_communicator(self.group, max_ctas=free or None, device=self.device)
         W = self.problem.world_size
         blocks = self.collective.row_blocks(W)
