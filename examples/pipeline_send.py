@@ -74,9 +74,10 @@ class SendToNextStage(Collective):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--n", type=int, default=384)
-    parser.add_argument("--k", type=int, default=256)
+    # (no --n / --k: torchrun claims every option that prefixes one of its own)
+    parser.add_argument("--rows", type=int, default=1000, help="M: rows of a")
+    parser.add_argument("--out-features", type=int, default=384, help="N")
+    parser.add_argument("--in-features", type=int, default=256, help="K")
     parser.add_argument("--force-overlap", action="store_true",
                         help="an explicit multi-group plan (the overlap engine on a GPU even "
                              "at world size 1)")
@@ -86,8 +87,9 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(7 + rank)
-    a = torch.randn(args.rows, args.k, device=device, dtype=dtype)
-    w = torch.randn(args.n, args.k, device=device, dtype=dtype) / args.k**0.5
+    a = torch.randn(args.rows, args.in_features, device=device, dtype=dtype)
+    w = torch.randn(args.out_features, args.in_features, device=device, dtype=dtype)
+    w /= args.in_features**0.5
 
     stage = fo.collectives.register(SendToNextStage())  # plans refer to it by name
     config = None
@@ -99,7 +101,8 @@ def main() -> None:
             base = fo.PlanConfig(block_m=128, block_n=256, num_ctas=sms - 16, group_m=2)
         else:
             base = fo.PlanConfig(block_m=64, block_n=128, num_ctas=4, group_m=2)
-        problem = Problem(args.rows, args.n, args.k, str(dtype)[6:], world, stage.name)
+        problem = Problem(args.rows, args.out_features, args.in_features, str(dtype)[6:],
+                          world, stage.name)
         config = dataclasses.replace(base, group_bands=(1,) * num_bands_for(problem, base))
     got = fo.gemm_collective(a, w.t(), stage, config=config)
 

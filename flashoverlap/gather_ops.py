@@ -115,7 +115,8 @@ def _validate(a, b, group, out, gathered, engine, config) -> GatherCall:
     if W > 1:
         from .agreement import agree_on_call
 
-        agree_on_call(info.group, (ALL_GATHER.name, m, N, K, str(a.dtype), engine, config,
+        cfg = None if config is None else dataclasses.astuple(config)
+        agree_on_call(info.group, (ALL_GATHER.name, m, N, K, str(a.dtype), engine, cfg,
                                    name, path, nccl, plan.hash if plan is not None else ""),
                       "all_gather_gemm call (shapes, dtype, engine, overlap decision, plan)")
     return GatherCall(path, name, plan, info.group, info.rank, W, m * W, N, K, nccl)

@@ -229,20 +229,22 @@ def _paired_ms(torch, fns, sets: int, warmup: int, iters: int) -> list[float]:
     return [statistics.median(s.elapsed_time(e) for s, e in st) for st in stamps]
 
 
-def _host_us(torch, fn, sets: int, iters: int, busy: bool = False) -> float:
-    """Median us of CPU time to enqueue ``fn(i)``: with the GPU idle before each call, or
-    (``busy``) behind a ~1 ms sleep kernel, so that only the enqueue is timed and nothing the
-    call does can wait for the GPU."""
-    samples = []
+def _host_us_interleaved(torch, fns, sets: int, iters: int, busy: bool = False) -> list[float]:
+    """Median us of CPU time to enqueue each ``fns[j](i)``: with the GPU idle before each call,
+    or (``busy``) behind a ~1 ms sleep kernel so that only the enqueue is timed.  The
+    functions are sampled in turn (A B C A B C ...): the VM host's speed drifts by tens of
+    percent within a run, which separate medians would turn into differences between them."""
+    samples: list[list[int]] = [[] for _ in fns]
     for n in range(iters):
-        torch.cuda.synchronize()
-        if busy:
-            torch.cuda._sleep(2_000_000)
-        t0 = time.perf_counter_ns()
-        fn(n % sets)
-        samples.append(time.perf_counter_ns() - t0)
+        for j, fn in enumerate(fns):
+            torch.cuda.synchronize()
+            if busy:
+                torch.cuda._sleep(2_000_000)
+            t0 = time.perf_counter_ns()
+            fn(n % sets)
+            samples[j].append(time.perf_counter_ns() - t0)
     torch.cuda.synchronize()
-    return median_ns_to_us(samples)
+    return [median_ns_to_us(s) for s in samples]
 
 
 def _host_profile(torch, fn, sets: int, calls: int = 200, top: int = 12) -> str:
@@ -334,14 +336,10 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     sets, it, wu = args.rotate, args.iters, args.warmup
     t_op, t_sg = _paired_ms(torch, [op_call, sgemm_call], sets, wu, it)
     t_default, t_torch = _paired_ms(torch, [default_call, torch_call], sets, wu, it)
-    h_op = _host_us(torch, op_call, sets, args.host_iters)
-    h_sg = _host_us(torch, sgemm_call, sets, args.host_iters)
-    h_default = _host_us(torch, default_call, sets, args.host_iters)
-    h_torch = _host_us(torch, torch_call, sets, args.host_iters)
-    hb_op = _host_us(torch, op_call, sets, args.host_iters, busy=True)
-    hb_sg = _host_us(torch, sgemm_call, sets, args.host_iters, busy=True)
-    hb_default = _host_us(torch, default_call, sets, args.host_iters, busy=True)
-    hb_torch = _host_us(torch, torch_call, sets, args.host_iters, busy=True)
+    calls = [op_call, sgemm_call, default_call, torch_call]
+    h_op, h_sg, h_default, h_torch = _host_us_interleaved(torch, calls, sets, args.host_iters)
+    hb_op, hb_sg, hb_default, hb_torch = _host_us_interleaved(torch, calls, sets,
+                                                              args.host_iters, busy=True)
     if args.profile and (op, M, K) == (args.profile_op, M, args.profile_k) \
             and M == args.profile_m:
         print(f"-- host profile of the {op} {M}x{N}x{K} overlapped call (GPU busy):\n"

@@ -74,7 +74,7 @@ class Workspace:
     armed_h: Any
     done_h: Any
     watcher_h: Any
-    nbytes: int  # send-buffer bytes (what the cache budget counts)
+    nbytes: int  # device bytes it holds (what the cache budget counts)
     used: bool = False  # an eager call has run: `done` is recorded
     pinned: bool = False  # captured in a CUDA graph: never evicted
     _launchers: dict = dataclasses.field(default_factory=dict)

@@ -304,6 +304,7 @@ class GatherGemmLauncher:
                   else contextlib.nullcontext()):
                 compiled = _jit_launch(grid, args, meta)
             every = list(direct_launch.ordered_args(_gather_gemm_kernel, args, meta))
+            every[_A] = every[_B] = every[_OUT] = None  # filled per call (never kept alive)
             self._entries.remember(key, compiled, (compiled, grid, every, meta["USE_TMA"]))
             return
         kernel, grid, args, use_tma = entry
@@ -311,7 +312,10 @@ class GatherGemmLauncher:
             _ensure_tma_allocator()
         handle = stream if stream is not None else torch.cuda.current_stream(a.device).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
-        direct_launch.launch(kernel, grid, handle, tuple(args))
+        try:
+            direct_launch.launch(kernel, grid, handle, tuple(args))
+        finally:
+            args[_A] = args[_B] = args[_OUT] = None
 
 
 def gather_gemm_ref(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,

@@ -554,7 +554,12 @@ class SignalGemmLauncher:
                       else torch.cuda.current_stream(a.device)).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
         args[_RES] = residual if residual is not None else out
-        direct_launch.launch(kernel, grid, handle, tuple(args))
+        try:
+            direct_launch.launch(kernel, grid, handle, tuple(args))
+        finally:
+            # The cache must not keep the caller's tensors alive (soak on an H200: 10-18 GB
+            # held by cached entries before this).
+            args[_A] = args[_B] = args[_OUT] = args[_RES] = None
 
     def _first(self, key, a, b, out, residual, stream) -> None:
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
@@ -566,6 +571,7 @@ class SignalGemmLauncher:
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
             compiled = _jit_launch(grid, args, meta)
         every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
+        every[_A] = every[_B] = every[_OUT] = every[_RES] = None  # filled per call
         self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))
 
 

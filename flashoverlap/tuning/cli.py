@@ -223,6 +223,22 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
     dist.destroy_process_group()
 
 
+class _CollectiveName(click.ParamType):
+    """A registered collective's name, looked up when used: collectives registered after
+    this module was imported (a user's own) are valid choices too."""
+
+    name = "collective"
+
+    def get_metavar(self, param, *args, **kwargs) -> str:  # click 8.1 and 8.2 signatures
+        return "[" + "|".join(collectives.registered()) + "]"
+
+    def convert(self, value, param, ctx):
+        if value not in collectives.registered():
+            self.fail(f"{value!r} is not a registered collective (one of "
+                      f"{', '.join(collectives.registered())})", param, ctx)
+        return value
+
+
 @click.command("tune", context_settings={"help_option_names": ["-h", "--help"]})
 # -M/-N/-K (and --rows/--cols/--inner): torchrun parses every option-like argument, even
 # after ``-m module``, and rejects --m and --n as ambiguous prefixes of its own options
@@ -234,8 +250,7 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
 @click.option("--m", "m_old", type=click.IntRange(min=1), hidden=True)
 @click.option("--n", "n_old", type=click.IntRange(min=1), hidden=True)
 @click.option("--k", "k_old", type=click.IntRange(min=1), hidden=True)
-@click.option("--op", type=click.Choice(collectives.registered()),
-              default=collectives.ALL_REDUCE.name,
+@click.option("--op", type=_CollectiveName(), default=collectives.ALL_REDUCE.name,
               show_default=True, help="Collective (a registered name).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True)
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
