@@ -403,6 +403,25 @@ def _hf_tp_plan(rank: int, world: int) -> None:
     result.undo()
     assert modules[rowwise[0]].__dict__["forward"] is theirs  # transformers' forward is back
 
+    # colwise=True: transformers' "colwise" linears too (their input is replicated, so they
+    # run as column_parallel_linear: input gradient as an overlapped GEMM + AllReduce).
+    colwise = [n for n, style in plan.items() if style == "colwise"]
+    assert colwise
+    theirs_col = modules[colwise[0]].__dict__.get("forward")
+    model.zero_grad(set_to_none=True)
+    result = fo.patch_tensor_parallel(model, engine="reference", colwise=True)
+    assert modules[colwise[0]].__dict__.get("forward") is not theirs_col
+    assert set(colwise) <= set(result.patched) and set(rowwise) <= set(result.patched), (
+        result.patched, getattr(result, "skipped", None))
+    got = model(ids).logits
+    torch.testing.assert_close(got, want, **TOL)
+    got.square().sum().backward()
+    for name in colwise + rowwise:
+        got_grad = modules[name].weight.grad.full_tensor()
+        torch.testing.assert_close(got_grad, dict(ref.named_modules())[name].weight.grad, **TOL)
+    result.undo()
+    assert modules[colwise[0]].__dict__.get("forward") is theirs_col
+
 
 def test_patch_transformers_tp_plan():
     pytest.importorskip("transformers")
