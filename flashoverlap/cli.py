@@ -107,8 +107,9 @@ def info() -> None:
     for line in gpu_lines():
         click.echo(f"  {line}")
     click.echo(f"kernel launches: {_launch_path()}")
-    for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", "FLASHOVERLAP_CACHE",
-                "FLASHOVERLAP_WAIT", "FLASHOVERLAP_DIRECT_LAUNCH", "FLASHOVERLAP_WORKSPACE_MB"):
+    from . import settings
+
+    for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", *settings.ALL):
         if var in os.environ:
             click.echo(f"{var}={os.environ[var]}")
     reason = overlap_unavailable_reason()
