@@ -126,10 +126,11 @@ def _run(case: str, world_size: int, tmp_path) -> tuple[dict, list]:
     return results, [p.exitcode for p in procs]
 
 
-# (case, world size, what every surviving rank reports, a word its message holds)
+# (case, world size, what every surviving rank reports, words its message holds: one of them)
 CASES = [
     ("raises", 2, "AgreementTimeoutError", "peer failed"),
-    ("raises_memo", 3, "RuntimeError", "Connection closed by peer"),
+    # gloo words a dead peer's socket either way, depending on timing
+    ("raises_memo", 3, "RuntimeError", ("Connection closed by peer", "Connection reset by peer")),
     ("exits", 3, "AgreementTimeoutError", "peer failed"),
     ("skips_idle", 2, "AgreementTimeoutError", "not every rank"),
     ("skips_next", 3, "RankMismatchError", "M: 16 on group ranks [0, 1], 24 on group ranks [2]"),
@@ -151,7 +152,8 @@ def test_fault_between_calls(case, world_size, status, text, tmp_path):
             assert got == "ok"  # it made no call; it only leaves late
             continue
         assert got == status, (case, rank, results[rank])
-        assert text in message, (case, rank, message)
+        words = (text,) if isinstance(text, str) else text
+        assert any(word in message for word in words), (case, rank, message)
         # the error comes from the group's timeout at the latest, never from a hang
         assert seconds < GROUP_TIMEOUT_S + 10, (case, rank, seconds)
     assert exitcodes[:last] == [0] * last, (case, exitcodes)
