@@ -28,7 +28,6 @@ backward per expert).  ``out=`` cannot be differentiated and raises in that case
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -40,6 +39,7 @@ from torch.distributed import ProcessGroup
 from .all_to_all_plan import AllToAllPlan, AllToAllProblem, make_all_to_all_plan
 from .checks import check_group, group_info
 from .collectives.all_to_all import reverse_all_to_all
+from .ops import config_from_json, config_to_json
 from .plan import PlanConfig
 from .policy import resolve_engine, signature_hash
 
@@ -245,19 +245,6 @@ def _overlaps(x: Tensor, y: Tensor) -> bool:
 
 
 # -- the custom op ---------------------------------------------------------------------------
-def _config_json(config: PlanConfig | None) -> str:
-    return "" if config is None else json.dumps(dataclasses.asdict(config))
-
-
-def _config_from_json(text: str) -> PlanConfig | None:
-    if not text:
-        return None
-    fields = json.loads(text)
-    if fields.get("group_bands") is not None:
-        fields["group_bands"] = tuple(fields["group_bands"])
-    return PlanConfig(**fields)
-
-
 def _unflatten(counts: Sequence[int], E: int) -> list[list[int]]:
     if E < 1 or len(counts) % E:
         raise ValueError(f"{len(counts)} counts do not split into {E} experts")
@@ -282,7 +269,7 @@ def grouped_gemm_all_to_all_op(a: Tensor, w: Tensor, counts: list[int],
         w = w.contiguous()
     return _run(a, w, _unflatten(counts, w.shape[0]), list(output_splits),
                 _resolve_group_name(group_name), None, engine or None,
-                _config_from_json(config))
+                config_from_json(config))
 
 
 @grouped_gemm_all_to_all_op.register_fake
@@ -386,7 +373,7 @@ def grouped_gemm_all_to_all(
         flat = [int(x) for row in counts for x in row]
         name = group_info(group).group.group_name
         result = grouped_gemm_all_to_all_op(a, w, flat, [int(x) for x in output_split_sizes],
-                                            name, engine or "", _config_json(config))
+                                            name, engine or "", config_to_json(config))
         if out is not None:
             out.copy_(result)
             return out

@@ -38,6 +38,7 @@ from .checks import byte_extent, check_gemm_operands, check_group, spans_interse
 from .collectives import REDUCE_SCATTER
 from .collectives.all_gather import ALL_GATHER
 from .gather_plan import GatherPlan, GatherProblem, default_gather_config, make_gather_plan
+from .ops import config_from_json, config_to_json
 from .plan import PlanConfig
 
 __all__ = ["all_gather_gemm", "all_gather_gemm_op"]
@@ -205,12 +206,6 @@ def _run(a: Tensor, b: Tensor, group, out, gathered, engine, config) -> tuple[Te
     return out, full
 
 
-def _config_json(config: PlanConfig | None) -> str:
-    from .ops import config_to_json
-
-    return config_to_json(config)
-
-
 def all_gather_gemm(
     a_shard: Tensor,
     b: Tensor,
@@ -244,7 +239,7 @@ def all_gather_gemm(
         from .checks import group_info
 
         name = group_info(group).group.group_name
-        result, _ = all_gather_gemm_op(a_shard, b, name, engine or "", _config_json(config))
+        result, _ = all_gather_gemm_op(a_shard, b, name, engine or "", config_to_json(config))
         return result
     result, _ = _run(a_shard, b, group, out, gathered, engine, config)
     return result
@@ -264,7 +259,6 @@ def all_gather_gemm_op(a_shard: Tensor, b: Tensor, group_name: str, engine: str,
                        config: str) -> tuple[Tensor, Tensor]:
     """``(all_gather(a_shard) @ b, all_gather(a_shard))`` over the group named ``group_name``."""
     from .library_ops import resolve_group_name
-    from .ops import config_from_json
 
     a_shard, b = _row_major(a_shard, b)
     group = resolve_group_name(group_name)

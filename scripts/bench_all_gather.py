@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def _commit() -> str:
         return "?"
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("all_gather.json"))
     p.add_argument("--shapes", default=None, help="M:N:K,... (default: a fixed list)")
@@ -144,8 +143,8 @@ def main() -> None:
     clear_gather_workspaces()
     destroy_communicators()
     dist.destroy_process_group()
-    os._exit(0)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
