@@ -38,6 +38,7 @@ from torch.distributed import ProcessGroup
 
 from .all_to_all_plan import AllToAllPlan, AllToAllProblem, make_all_to_all_plan
 from .checks import check_group, group_info
+from .kernels import GemmConfig
 from .collectives.all_to_all import reverse_all_to_all
 from .ops import config_from_json, config_to_json
 from .plan import PlanConfig
@@ -54,6 +55,7 @@ class A2ACall:
     plan: AllToAllPlan
     group: ProcessGroup
     nccl_sequential: bool = False
+    gemm_config: GemmConfig | None = None  # the grouped GEMM's options (None: the default)
 
 
 _CALLS: dict[tuple, A2ACall] = {}
@@ -114,15 +116,36 @@ def _check_operands(a: object, w: object) -> None:
                          f"of a contiguous [E, N, K] (w.transpose(1, 2)); got strides {w.stride()}")
 
 
-def _default_config(device: torch.device, W: int) -> PlanConfig:
+def _default_config(device: torch.device, W: int,
+                    gemm: GemmConfig | None = None) -> PlanConfig:
+    """The plan configuration without a user's: ``gemm``'s tile (the grouped GEMM's rule for
+    the problem), all SMs but the ones NCCL gets while the GEMM runs."""
     if device.type != "cuda":
         return PlanConfig(block_m=32, block_n=32, num_ctas=4, group_m=1)
     from .kernels import default_block_shape
 
-    bm, bn = default_block_shape(device)
+    bm, bn = (gemm.block_m, gemm.block_n) if gemm is not None else default_block_shape(device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     reserve = 16 if W > 1 else 0  # SMs left to NCCL while the GEMM runs
     return PlanConfig(block_m=bm, block_n=bn, num_ctas=sms - reserve, group_m=8)
+
+
+def _grouped_gemm_config(a: Tensor, M: int, N: int, K: int, E: int, W: int,
+                         config: PlanConfig | None) -> GemmConfig | None:
+    """The grouped GEMM's options for the problem (:data:`kernels.GROUPED_GEMM_RULES`); None
+    off CUDA, or where the user's tile differs from the rule's (the kernel's default options
+    for that tile then)."""
+    if a.device.type != "cuda":
+        return None
+    from .kernels import grouped_gemm_config_for
+
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    ctas = config.num_ctas if config is not None else sms - (16 if W > 1 else 0)
+    gemm = grouped_gemm_config_for(max(M, 1), N, K, E, a.dtype, max(ctas, 1),
+                                   torch.cuda.get_device_capability(a.device))
+    if config is not None and (config.block_m, config.block_n) != (gemm.block_m, gemm.block_n):
+        return None
+    return gemm
 
 
 def _agree(group: ProcessGroup, backend: str, rank: int, W: int, common: int,
@@ -178,13 +201,14 @@ def _validate(a, w, counts, out_splits, group, out, engine, config) -> A2ACall:
     name = resolve_engine(engine, a.device, info.group)
     problem = AllToAllProblem(counts, out_splits, N, K, str(a.dtype).removeprefix("torch."),
                               rank, W)
-    plan = make_all_to_all_plan(problem, config or _default_config(a.device, W))
+    gemm = _grouped_gemm_config(a, M, N, K, E, W, config)
+    plan = make_all_to_all_plan(problem, config or _default_config(a.device, W, gemm))
     nccl_seq = name == "sequential" and a.device.type == "cuda" and "nccl" in info.backend \
         and engine is None
     if W > 1:
         common = signature_hash("all_to_all", N, K, problem.dtype, name, config)
         _agree(info.group, info.backend, rank, W, common, problem.send_splits, out_splits)
-    return A2ACall(name, plan, info.group, nccl_seq)
+    return A2ACall(name, plan, info.group, nccl_seq, gemm)
 
 
 def _fallback_comm(group: ProcessGroup, device: torch.device):
@@ -229,7 +253,7 @@ def _run(a: Tensor, w: Tensor, counts, out_splits, group, out, engine, config) -
     from .engine import all_to_all as eng
 
     if call.engine == "overlap":
-        return eng.run_a2a_overlap(plan, a, w, call.group, out)
+        return eng.run_a2a_overlap(plan, a, w, call.group, out, gemm_config=call.gemm_config)
     if call.engine == "reference":
         return eng.run_a2a_reference(plan, a, w, call.group, out)
     comm = _fallback_comm(call.group, a.device) if call.nccl_sequential else None

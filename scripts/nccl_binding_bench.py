@@ -74,6 +74,32 @@ def main() -> None:
                       args.batches)
         rows.append({"binding": "nccl4py-bindings", "host_us_per_call": us,
                      "nccl": version})
+        # Interop: nccl4py's functions on flashoverlap's own communicator (created through
+        # ctypes) -- only sound when both resolve to one mapped libnccl.
+        maps = sorted({line.split()[-1] for line in open("/proc/self/maps")
+                       if "libnccl" in line and "/" in line})
+        rows.append({"binding": "nccl4py-on-flashoverlap-comm", "libnccl_mapped": maps})
+        try:
+            buf.fill_(1.0)
+            nb.all_reduce(ptr, ptr, n, dt, op, c, handle)
+            half = n // 2
+            nb.reduce_scatter(ptr, ptr, n, dt, op, c, handle)
+            torch.cuda.synchronize()
+            ok = bool((buf == 1.0).all())
+            us_ar = _batches(lambda: nb.all_reduce(ptr, ptr, n, dt, op, c, handle),
+                             args.calls, args.batches)
+            us_rs = _batches(lambda: nb.reduce_scatter(ptr, ptr, half, dt, op, c, handle),
+                             args.calls, args.batches)
+            us_rs_ct = _batches(lambda: lib.reduce_scatter(ptr, ptr, half, dt, op, c, handle),
+                                args.calls, args.batches)
+            rows[-1].update(result_ok=ok, all_reduce_us=us_ar, reduce_scatter_us=us_rs,
+                            reduce_scatter_ctypes_us=us_rs_ct)
+            try:
+                nb.all_reduce(ptr, ptr, n, dt, 99, c, handle)  # invalid op: how errors look
+            except Exception as exc:  # noqa: BLE001
+                rows[-1]["error_example"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            rows[-1]["error"] = repr(exc)[:300]
         try:
             import nccl.core as nc
 

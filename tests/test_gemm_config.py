@@ -320,3 +320,33 @@ else:
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
         assert torch.equal(counters, ref_counters)
+
+
+# --------------------------------------------------------------------------------------
+# grouped_gemm_config_for: the grouped (MoE) GEMM's own table, matched on rows per expert
+# --------------------------------------------------------------------------------------
+class TestGroupedConfig:
+    def test_measured_rule_applies_on_sm90_half_precision(self):
+        for dtype in (torch.bfloat16, torch.float16):
+            c = kernels.grouped_gemm_config_for(16384, 2048, 2048, 64, dtype, 132, (9, 0))
+            assert (c.block_m, c.block_n, c.num_warps, c.num_stages) == (128, 128, 8, 5)
+            assert c == kernels.grouped_gemm_config_for(16384, 2048, 2048, 64, dtype)
+
+    def test_no_rule_off_hopper_or_for_fp32(self):
+        assert kernels.grouped_gemm_config_for(16384, 2048, 2048, 8, torch.bfloat16, 108,
+                                               (8, 0)) == config_for_capability((8, 0))
+        assert kernels.grouped_gemm_config_for(64, 64, 64, 2, torch.float32) == \
+            config_for_capability(None, torch.float32)
+
+    def test_rows_per_expert_decide_the_match(self):
+        rule = GemmRule(overrides=(("block_m", 64),), m=(1, 512))
+        few = kernels.grouped_gemm_config_for(4096, 1024, 1024, 16, "bfloat16", 132, (9, 0),
+                                              rules=(rule,))  # 256 rows per expert
+        many = kernels.grouped_gemm_config_for(4096, 1024, 1024, 2, "bfloat16", 132, (9, 0),
+                                               rules=(rule,))  # 2048 rows per expert
+        assert few.block_m == 64 and many.block_m == config_for_capability((9, 0)).block_m
+
+    @pytest.mark.parametrize("E", [0, -1, 1.5, True])
+    def test_bad_expert_count(self, E):
+        with pytest.raises(ValueError, match="E must be a positive int"):
+            kernels.grouped_gemm_config_for(64, 64, 64, E)
