@@ -88,6 +88,17 @@ def _launch_path() -> str:
             "and FLASHOVERLAP_DIRECT_LAUNCH unset or 1)")
 
 
+def _enqueue_path() -> str:
+    """Which binding the engines' NCCL calls use (flashoverlap.nccl_enqueue), or why none."""
+    try:
+        from .nccl_enqueue import binding_status
+        from .nccl_lib import get_nccl
+
+        return binding_status(get_nccl())
+    except Exception:  # noqa: BLE001 - no NCCL here (the NCCL row says why)
+        return "none (NCCL not loadable)"
+
+
 @main.command()
 def info() -> None:
     """Versions, GPUs and links, and whether the overlap engine can run here."""
@@ -98,6 +109,7 @@ def info() -> None:
         ("Triton", _version(("triton",))),
         ("CuPy", _version(("cupy-cuda13x", "cupy-cuda12x", "cupy"))),
         ("cuda-bindings", _version(("cuda-bindings", "cuda-python"))),
+        ("nccl4py", _version(("nccl4py",))),
         ("mpi4py", _version(("mpi4py",))),
     ]
     width = max(len(k) for k, _ in rows)
@@ -107,6 +119,7 @@ def info() -> None:
     for line in gpu_lines():
         click.echo(f"  {line}")
     click.echo(f"kernel launches: {_launch_path()}")
+    click.echo(f"NCCL enqueue calls: {_enqueue_path()}")
     from . import settings
 
     for var in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE", "NCCL_MAX_CTAS", *settings.ALL):

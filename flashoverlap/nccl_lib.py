@@ -401,6 +401,10 @@ class NCCLLibrary:
     def error_string(self, code: int) -> str:
         return self._fn["ncclGetErrorString"](code).decode(errors="replace")
 
+    def last_error(self, comm: int | None) -> str:
+        """``ncclGetLastError``: NCCL's text about the last failure (on ``comm``)."""
+        return self._fn["ncclGetLastError"](comm).decode(errors="replace")
+
     def _check(self, function: str, code: int, comm: int | None = None) -> None:
         if code == NCCL_SUCCESS:
             return

@@ -80,31 +80,30 @@ register_group_cache(_CALLS.clear)
 register_group_cache(_FALLBACK_COMMS.clear)
 
 
-def _meta(t: object, contiguous: bool) -> tuple | None:
+def _meta(t: object) -> tuple | None:
+    # (shape, strides, dtype, device index): contiguity follows from shape and strides;
+    # get_device() is an int where .device builds a torch.device per call.
     if not isinstance(t, torch.Tensor):
         return None
-    return (t.shape, t.stride(), t.dtype, t.device) + ((t.is_contiguous(),) if contiguous else ())
+    return (t.shape, t.stride(), t.dtype, t.get_device())
 
 
 def _signature(collective, a, b, group, out, residual, replicated, engine, config) -> tuple | None:
+    """The memo key of a call (hashed once, by the lookup), or None where it has none."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None  # let the checks raise
-    out_meta = None if out is None else _meta(out, True)
-    res_meta = None if residual is None else _meta(residual, False)
+    out_meta = None if out is None else _meta(out)
+    res_meta = None if residual is None else _meta(residual)
     if (out is not None and out_meta is None) or (residual is not None and res_meta is None):
         return None
     if not dist.is_initialized():
         return None
     if group is None:  # the current world: a new object after destroy + init_process_group
         group = dist.group.WORLD
-    current = torch.cuda.current_device() if a.device.type == "cuda" else None
-    key = (collective, a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
-           b.device, group, out_meta, res_meta, bool(replicated), engine, config, current)
-    try:
-        hash(key)
-        return key
-    except TypeError:  # an unhashable config or group: no memo, full checks every call
-        return None
+    current = torch._C._cuda_getDevice() if a.is_cuda else None
+    return (collective, a.shape, a.stride(), a.dtype, a.get_device(), b.shape, b.stride(),
+            b.dtype, b.get_device(), group, out_meta, res_meta, bool(replicated), engine,
+            config, current)
 
 
 def _validate(collective, a, b, group, out, residual, replicated, engine, config) -> Call:
@@ -161,7 +160,10 @@ def _fallback_comm(group: ProcessGroup, device: torch.device):
 
 def _run(collective, a, b, group, out, residual, replicated, engine, config) -> torch.Tensor:
     key = _signature(collective, a, b, group, out, residual, replicated, engine, config)
-    call = _CALLS.get(key) if key is not None else None
+    try:
+        call = _CALLS.get(key) if key is not None else None
+    except TypeError:  # an unhashable config or group: no memo, full checks every call
+        key = call = None
     if call is None:
         call = _validate(collective, a, b, group, out, residual, replicated, engine, config)
         if key is not None:

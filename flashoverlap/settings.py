@@ -10,6 +10,8 @@
                                 instead of directly (read when the kernels are imported)
 ``FLASHOVERLAP_CACHE``          directory of the tuning cache (``flashoverlap.tuning.cache``)
 ``FLASHOVERLAP_NCCL_LIBRARY``   path of ``libnccl.so`` to load (``flashoverlap.nccl_lib``)
+``FLASHOVERLAP_NCCL4PY``        ``0`` enqueues NCCL calls through the ctypes binding even
+                                where nccl4py is usable (``flashoverlap.nccl_enqueue``)
 =============================== ==========================================================
 
 Read on use, not at import, except ``FLASHOVERLAP_DIRECT_LAUNCH`` (fixed for the process once
@@ -26,7 +28,8 @@ WAIT_ENV = "FLASHOVERLAP_WAIT"
 DIRECT_LAUNCH_ENV = "FLASHOVERLAP_DIRECT_LAUNCH"
 CACHE_ENV = "FLASHOVERLAP_CACHE"
 NCCL_LIBRARY_ENV = "FLASHOVERLAP_NCCL_LIBRARY"
-ALL = (WORKSPACE_MB_ENV, WAIT_ENV, DIRECT_LAUNCH_ENV, CACHE_ENV, NCCL_LIBRARY_ENV)
+NCCL4PY_ENV = "FLASHOVERLAP_NCCL4PY"
+ALL = (WORKSPACE_MB_ENV, WAIT_ENV, DIRECT_LAUNCH_ENV, CACHE_ENV, NCCL_LIBRARY_ENV, NCCL4PY_ENV)
 
 _DEFAULT_WORKSPACE_MB = 1024
 
@@ -36,6 +39,7 @@ class Settings:
     workspace_bytes: int
     wait_method: str | None
     direct_launch: bool
+    nccl4py: bool
 
 
 def settings() -> Settings:
@@ -49,4 +53,5 @@ def settings() -> Settings:
         workspace_bytes=int(mb * 2**20),
         wait_method=os.environ.get(WAIT_ENV) or None,
         direct_launch=os.environ.get(DIRECT_LAUNCH_ENV, "1").lower() not in ("0", "false", "no"),
+        nccl4py=os.environ.get(NCCL4PY_ENV, "1").lower() not in ("0", "false", "no"),
     )

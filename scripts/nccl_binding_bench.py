@@ -80,24 +80,39 @@ def main() -> None:
                        if "libnccl" in line and "/" in line})
         rows.append({"binding": "nccl4py-on-flashoverlap-comm", "libnccl_mapped": maps})
         try:
+            import gc
+
+            from flashoverlap.nccl_enqueue import binding_status, enqueue_binding
+
+            wrapped = nb.Comm(c)  # wraps, must not own: dropping it keeps the comm alive
+            del wrapped
+            gc.collect()
+            lib.all_reduce(ptr, ptr, n, dt, op, c, handle)
+            torch.cuda.synchronize()
+            fast, cw = enqueue_binding(comm)
+            rows[-1]["engine_binding"] = binding_status(lib)
             buf.fill_(1.0)
-            nb.all_reduce(ptr, ptr, n, dt, op, c, handle)
+            fast.all_reduce(ptr, ptr, n, dt, op, cw, handle)
             half = n // 2
-            nb.reduce_scatter(ptr, ptr, n, dt, op, c, handle)
+            fast.reduce_scatter(ptr, ptr, half, dt, op, cw, handle)
             torch.cuda.synchronize()
             ok = bool((buf == 1.0).all())
-            us_ar = _batches(lambda: nb.all_reduce(ptr, ptr, n, dt, op, c, handle),
+            us_ar = _batches(lambda: fast.all_reduce(ptr, ptr, n, dt, op, cw, handle),
                              args.calls, args.batches)
-            us_rs = _batches(lambda: nb.reduce_scatter(ptr, ptr, half, dt, op, c, handle),
+            us_rs = _batches(lambda: fast.reduce_scatter(ptr, ptr, half, dt, op, cw, handle),
                              args.calls, args.batches)
             us_rs_ct = _batches(lambda: lib.reduce_scatter(ptr, ptr, half, dt, op, c, handle),
                                 args.calls, args.batches)
             rows[-1].update(result_ok=ok, all_reduce_us=us_ar, reduce_scatter_us=us_rs,
                             reduce_scatter_ctypes_us=us_rs_ct)
             try:
-                nb.all_reduce(ptr, ptr, n, dt, 99, c, handle)  # invalid op: how errors look
+                fast.all_reduce(ptr, ptr, n, dt, 99, cw, handle)  # invalid op: how errors look
             except Exception as exc:  # noqa: BLE001
                 rows[-1]["error_example"] = f"{type(exc).__module__}.{type(exc).__name__}: {exc}"
+            torch.cuda.synchronize()
+            lib.all_reduce(ptr, ptr, n, dt, op, c, handle)  # the comm still works after it
+            torch.cuda.synchronize()
+            rows[-1]["comm_ok_after_error"] = True
         except Exception as exc:  # noqa: BLE001
             rows[-1]["error"] = repr(exc)[:300]
         try:

@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 from ..all_to_all_plan import AllToAllPlan
 from ..collectives import NcclStream
 from ..collectives.all_to_all import AllToAll
+from ..nccl_enqueue import enqueue_binding
 
 MAX_A2A_WORKSPACES = 16
 
@@ -78,7 +79,7 @@ def _nccl_stream(comm: Any, dtype: torch.dtype, stream_handle: int, rank: int,
                  world_size: int) -> NcclStream:
     from ..nccl_lib import nccl_dtype, nccl_red_op
 
-    return NcclStream(comm.lib, comm.handle, stream_handle, nccl_dtype(dtype),
+    return NcclStream(*enqueue_binding(comm), stream_handle, nccl_dtype(dtype),
                       nccl_red_op("sum"), rank, world_size)
 
 
@@ -177,7 +178,7 @@ def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup
                                     device=device)
             counters = torch.zeros(max(plan.num_groups, 1), dtype=torch.int32, device=device)
         watcher = watcher_stream(device)
-        nccl = (NcclStream(comm.lib, comm.handle, watcher.cuda_stream, nccl_dtype(dtype),
+        nccl = (NcclStream(*enqueue_binding(comm), watcher.cuda_stream, nccl_dtype(dtype),
                            nccl_red_op("sum"), problem.rank, problem.world_size)
                 if comm is not None else None)
         step_table = (torch.from_numpy(plan.step_table.copy()).to(device)

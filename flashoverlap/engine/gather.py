@@ -71,6 +71,7 @@ from torch.distributed import ProcessGroup
 
 from ..collectives.all_gather import ALL_GATHER
 from ..gather_plan import GatherPlan
+from ..nccl_enqueue import enqueue_binding
 
 # Test hook: cycles of torch.cuda._sleep on the watcher stream before the first chunk (the
 # delayed-watcher test).  0 in production.
@@ -181,7 +182,7 @@ def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessG
         cfg = plan.config
         ws = GatherWorkspace(
             plan=plan, rank=rank, comm=comm,
-            nccl=NcclStream(comm.lib, comm.handle, watcher.cuda_stream, nccl_dtype(dtype),
+            nccl=NcclStream(*enqueue_binding(comm), watcher.cuda_stream, nccl_dtype(dtype),
                             nccl_red_op("sum"), rank, problem.world_size),
             chunks=ALL_GATHER.chunks(problem.m, rank, problem.world_size),
             step_table=step_table, flags=flags,

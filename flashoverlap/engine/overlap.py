@@ -29,7 +29,9 @@ Why each step is the way it is:
   persistent GEMM leaves free (or room beside it).
 * **Reuse across calls and streams**: each eager call's caller stream first waits on the
   previous call's ``done`` (from whichever stream it was made), so no GEMM overwrites the send
-  buffer or re-arms counters that the watcher still uses.  Not during capture: an event
+  buffer or re-arms counters that the watcher still uses -- unless the previous eager call came
+  from the same stream, which already waits on that ``done`` at its end (one driver call
+  less on the common path).  Not during capture: an event
   recorded in a capture cannot be waited on outside it, and inside one graph the order is the
   capture order.
 * **In-place residual**: ``out`` may be the residual.  Where the residual is added in the GEMM
@@ -75,12 +77,14 @@ def run_overlap(
     handle = torch._C._cuda_getCurrentRawStream(a.device.index)
     sync = ws.sync
     caller_h = sync.bind_current(handle, a.device)
-    capturing = torch.cuda.is_current_stream_capturing()
+    capturing = torch._C._cuda_isCurrentStreamCapturing()
     if capturing:
         ws.pinned = True  # the graph's replays will use these buffers
-    elif ws.used:
+    elif ws.used and handle != ws.last_caller:
+        # (The previous eager call from this same stream already made it wait on `done`.)
         sync.wait(caller_h, ws.done_h)
     ws.used = not capturing
+    ws.last_caller = handle if not capturing else None
 
     rule = ws.residual_rule(residual_replicated) if residual is not None else None
     epilogue_block = rule.epilogue_block if rule is not None else None

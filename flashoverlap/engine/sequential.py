@@ -23,12 +23,13 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..collectives import Collective, NcclStream
+from ..nccl_enqueue import enqueue_binding
 
 
 def _nccl_stream(comm: Any, dtype: torch.dtype, stream: torch.cuda.Stream) -> NcclStream:
     from ..nccl_lib import nccl_dtype, nccl_red_op
 
-    return NcclStream(comm.lib, comm.handle, stream.cuda_stream, nccl_dtype(dtype),
+    return NcclStream(*enqueue_binding(comm), stream.cuda_stream, nccl_dtype(dtype),
                       nccl_red_op("sum"), comm.rank, comm.world_size)
 
 

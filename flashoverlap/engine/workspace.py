@@ -26,6 +26,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..collectives import NcclStream, ResidualRule
+from ..nccl_enqueue import enqueue_binding
 from ..dist_utils import register_group_cache
 from ..plan import OverlapPlan
 from ..settings import settings
@@ -76,6 +77,7 @@ class Workspace:
     watcher_h: Any
     nbytes: int  # device bytes it holds (what the cache budget counts)
     used: bool = False  # an eager call has run: `done` is recorded
+    last_caller: int | None = None  # raw caller stream of the last eager call (it waits `done`)
     pinned: bool = False  # captured in a CUDA graph: never evicted
     _launchers: dict = dataclasses.field(default_factory=dict)
 
@@ -211,7 +213,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         ws = Workspace(
             plan=plan,
             comm=comm,
-            nccl=NcclStream(comm.lib, comm.handle, watcher.cuda_stream, nccl_dtype(dtype),
+            nccl=NcclStream(*enqueue_binding(comm), watcher.cuda_stream, nccl_dtype(dtype),
                             nccl_red_op("sum"), rank, problem.world_size),
             step_table=torch.from_numpy(plan.step_table.copy()).to(device),
             counters=counters,

@@ -69,6 +69,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import threading
 
 import torch
 import triton
@@ -245,7 +246,26 @@ def _signal_gemm_kernel(
 # --------------------------------------------------------------------------------------
 
 
+# The device-side TMA descriptors' scratch.  Triton asks the allocator for it on every launch;
+# a fresh torch.empty costs ~4 us of host time on the H200 host (host_breakdown.py), a tenth of
+# the launch.  Launches of the signal GEMMs reuse one buffer per (device, stream, size): the
+# descriptors are written at the kernel's start and read only during it, and two launches on
+# one stream do not overlap (these kernels use no programmatic dependent launch).  Other
+# Triton kernels that find this allocator installed (and may use PDL), and launches during
+# CUDA-graph capture (whose buffers belong to the graph's pool), get a fresh buffer.
+_SCRATCH: dict[tuple[int, int, int], torch.Tensor] = {}
+_REUSE = threading.local()  # .on: a signal-GEMM launch of this thread is asking
+
+
 def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    if getattr(_REUSE, "on", False) and not torch._C._cuda_isCurrentStreamCapturing():
+        key = (torch._C._cuda_getDevice(), int(stream or 0), size)
+        buf = _SCRATCH.get(key)
+        if buf is None:
+            if len(_SCRATCH) >= 64:  # many streams: start over (frees are stream-ordered)
+                _SCRATCH.clear()
+            buf = _SCRATCH[key] = torch.empty(size, dtype=torch.int8, device="cuda")
+        return buf
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -554,9 +574,11 @@ class SignalGemmLauncher:
                       else torch.cuda.current_stream(a.device)).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
         args[_RES] = residual if residual is not None else out
+        _REUSE.on = use_tma
         try:
             direct_launch.launch(kernel, grid, handle, tuple(args))
         finally:
+            _REUSE.on = False
             # The cache must not keep the caller's tensors alive (soak on an H200: 10-18 GB
             # held by cached entries before this).
             args[_A] = args[_B] = args[_OUT] = args[_RES] = None

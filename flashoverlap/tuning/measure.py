@@ -395,6 +395,7 @@ class EngineBackend:
         from flashoverlap import nccl_lib
         from flashoverlap.collectives import NcclStream
         from flashoverlap.comm import get_communicator
+        from flashoverlap.nccl_enqueue import enqueue_binding
 
         torch = self._torch
         free = min(max(reserved_sms, 0), self.num_sms)  # the SMs the GEMM (P = SMs - r) leaves
@@ -417,7 +418,8 @@ class EngineBackend:
             send_ptr = self._send_buf.data_ptr()
             recv_ptr = send_ptr if self._recv_buf is None else self._recv_buf.data_ptr()
             stream = torch.cuda.current_stream(self.device).cuda_stream
-            nccl = NcclStream(lib=comm.lib, comm=comm.handle, stream=stream, dtype=dtype_code,
+            lib, handle = enqueue_binding(comm)
+            nccl = NcclStream(lib=lib, comm=handle, stream=stream, dtype=dtype_code,
                               sum_op=sum_op, rank=self.rank, world_size=W)
             self.collective.launch_group(nccl, send_ptr, recv_ptr, n, n // blocks)
 
