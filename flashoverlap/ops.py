@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from . import collectives
+from . import engine as engines
 from .checks import (
     byte_extent,
     check_gemm_operands,
@@ -183,19 +184,13 @@ def _run(collective, a, b, group, out, residual, replicated, engine, config) -> 
             check_residual_aliasing(residual, out)
     d = call.decision
     if d.path == "overlap":
-        from .engine import run_overlap
-
-        return run_overlap(d.plan, a, b, call.group, out, rank=call.rank, residual=residual,
-                           residual_replicated=replicated)
+        return engines.run_overlap(d.plan, a, b, call.group, out, rank=call.rank,
+                                  residual=residual, residual_replicated=replicated)
     if d.path == "reference":
-        from .engine import run_reference
-
-        return run_reference(d.plan, a, b, call.group, out, rank=call.rank, residual=residual,
-                             residual_replicated=replicated)
-    from .engine import run_sequential
-
+        return engines.run_reference(d.plan, a, b, call.group, out, rank=call.rank,
+                                    residual=residual, residual_replicated=replicated)
     comm = _fallback_comm(call.group, a.device) if d.nccl else None
-    return run_sequential(collective, a, b, call.group, out, world_size=call.world_size,
+    return engines.run_sequential(collective, a, b, call.group, out, world_size=call.world_size,
                           residual=residual, comm=comm)
 
 

@@ -16,6 +16,8 @@ event lazily at the first record, so :meth:`DriverStreamOps.bind_event` records 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Any
 
 import torch
@@ -93,8 +95,106 @@ class DriverStreamOps:
         self._ok("cuStreamWaitEvent", self._driver.cuStreamWaitEvent(stream, event, 0))
 
 
-def stream_ops_for(counters: torch.Tensor) -> TorchStreamOps | DriverStreamOps:
-    """Driver calls where cuda-bindings imports, torch's otherwise."""
+class _Libcuda:
+    """The four driver entry points, from the ``libcuda.so.1`` the process already maps."""
+
+    CU_STREAM_WAIT_VALUE_GEQ = 0x0
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, u32, u64, uint = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint
+
+        def fn(names: tuple[str, ...], argtypes: list) -> Any:
+            for name in names:  # the _v2 symbol is what cuda.h maps the name to since 12.0
+                f = getattr(lib, name, None)
+                if f is not None:
+                    f.restype, f.argtypes = ctypes.c_int, argtypes
+                    return f
+            raise OSError(f"libcuda has none of {names}")
+
+        # CUresult cuMemsetD32Async(CUdeviceptr, unsigned int, size_t, CUstream)
+        self.memset_d32_async = fn(("cuMemsetD32Async",), [u64, uint, ctypes.c_size_t, vp])
+        # CUresult cuEventRecord(CUevent, CUstream)
+        self.event_record = fn(("cuEventRecord",), [vp, vp])
+        # CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int)
+        self.stream_wait_event = fn(("cuStreamWaitEvent",), [vp, vp, uint])
+        # CUresult cuStreamWaitValue32(CUstream, CUdeviceptr, cuuint32_t, unsigned int)
+        self.stream_wait_value32 = fn(("cuStreamWaitValue32_v2", "cuStreamWaitValue32"),
+                                      [vp, u64, u32, uint])
+        self._error_string = lib.cuGetErrorString
+        self._error_string.restype = ctypes.c_int
+        self._error_string.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+
+    def fail(self, name: str, code: int) -> None:
+        text = ctypes.c_char_p()
+        self._error_string(code, ctypes.byref(text))
+        message = text.value.decode(errors="replace") if text.value else "unknown error"
+        raise RuntimeError(f"{name} failed: CUresult {code} ({message})")
+
+
+@functools.lru_cache(maxsize=1)
+def libcuda() -> _Libcuda | None:
+    """The ctypes driver entry points, or None where libcuda cannot be loaded."""
+    try:
+        return _Libcuda()
+    except (OSError, AttributeError):
+        return None
+
+
+class LibcudaStreamOps:
+    """The bookkeeping through ctypes on libcuda: handles are plain ints.
+
+    The cheapest of the three from Python: cuda-bindings' functions wrap every argument and
+    result in objects (``CUstream``, ``CUresult`` enums), several microseconds per call on the
+    H200 host (``scripts/host_breakdown.py``); a ctypes call converts four ints.
+    """
+
+    def __init__(self, counters: torch.Tensor, lib: _Libcuda) -> None:
+        self._lib = lib
+        self._memset, self._record = lib.memset_d32_async, lib.event_record
+        self._wait_event, self._wait_value = lib.stream_wait_event, lib.stream_wait_value32
+        self._counters_ptr = counters.data_ptr()
+        self._counters_n = counters.numel()
+
+    def bind_event(self, event: torch.cuda.Event, stream: torch.cuda.Stream) -> int:
+        if not event.cuda_event:
+            event.record(stream)
+        return event.cuda_event
+
+    def bind_stream(self, stream: torch.cuda.Stream) -> int:
+        return stream.cuda_stream
+
+    def bind_current(self, handle: int, device: torch.device) -> int:
+        return handle
+
+    def zero_counters(self, stream: int) -> None:
+        code = self._memset(self._counters_ptr, 0, self._counters_n, stream)
+        if code:
+            self._lib.fail("cuMemsetD32Async", code)
+
+    def record(self, event: int, stream: int) -> None:
+        code = self._record(event, stream)
+        if code:
+            self._lib.fail("cuEventRecord", code)
+
+    def wait(self, stream: int, event: int) -> None:
+        code = self._wait_event(stream, event, 0)
+        if code:
+            self._lib.fail("cuStreamWaitEvent", code)
+
+    def wait_value_geq(self, stream: int, address: int, value: int) -> None:
+        """Stall ``stream`` until the int32 at ``address`` >= ``value`` (wrap-safe GEQ)."""
+        code = self._wait_value(stream, address, value, _Libcuda.CU_STREAM_WAIT_VALUE_GEQ)
+        if code:
+            self._lib.fail("cuStreamWaitValue32", code)
+
+
+def stream_ops_for(counters: torch.Tensor) -> TorchStreamOps | DriverStreamOps | LibcudaStreamOps:
+    """ctypes on libcuda where it loads, cuda-bindings' driver calls where that imports,
+    torch's otherwise."""
+    lib = libcuda()
+    if lib is not None:
+        return LibcudaStreamOps(counters, lib)
     try:
         from .stream_wait import _driver
 

@@ -11,9 +11,11 @@ Pieces, each called exactly as the hot loop calls it:
 * the ops layer up to the engine (signature key, memo lookup, aliasing check): the op with
   ``run_overlap`` replaced by a no-op;
 * the workspace lookup, the raw stream handle, the capture query;
-* the driver bookkeeping (``cuMemsetD32Async``, ``cuEventRecord``, ``cuStreamWaitEvent``);
+* the driver bookkeeping (``cuMemsetD32Async``, ``cuEventRecord``, ``cuStreamWaitEvent``),
+  through the engine's binding (ctypes on libcuda) and, for scale, cuda-bindings;
 * the signal-GEMM launcher (direct launch, raw stream handle);
-* per group: the counter wait (``cuStreamWaitValue32``) and the collective's NCCL call;
+* per group: the counter wait (``cuStreamWaitValue32``; on a counter already past its target,
+  on a side stream) and the collective's NCCL call (the engine's binding: nccl4py or ctypes);
 * the whole op, and a cProfile of it (own time, top functions).
 
     python scripts/host_breakdown.py --out results/<date>-<machine>/host-breakdown.json
@@ -102,6 +104,20 @@ def main() -> int:
             handle = torch._C._cuda_getCurrentRawStream(0)
             caller_h = ws.sync.bind_current(handle, dev)
             step = ws.steps[0]
+            # Counter waits on a counter that is already past its target, on a side stream
+            # (the workspace's own counters are zero between calls: a wait there would stall
+            # the watcher for good).
+            from flashoverlap.engine.workspace import GroupStep, _wait_enqueuer
+            from flashoverlap.stream_ops import DriverStreamOps
+            from flashoverlap.stream_wait import _driver
+
+            done_counter = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
+            side = torch.cuda.Stream(device=dev)
+            side_step = GroupStep(0, done_counter.data_ptr(), 1, 0, 0, 0, 0, 0, 0)
+            wait_fast = _wait_enqueuer("driver", done_counter, side, ws.sync)
+            wait_cb = _wait_enqueuer("driver", done_counter, side, None)
+            cb_ops = DriverStreamOps(ws.counters, _driver())
+            cb_caller = cb_ops.bind_current(handle, dev)
             torch_coll = coll.torch_group(full, full if coll.in_place else out, group)
             real_run = engine_mod.run_overlap
 
@@ -118,10 +134,12 @@ def main() -> int:
                 "is_capturing": torch.cuda.is_current_stream_capturing,
                 "get_workspace": lambda: get_workspace(plan, dev, group, 0),
                 "zero_counters": lambda: ws.sync.zero_counters(caller_h),
+                "zero_counters_cuda_bindings": lambda: cb_ops.zero_counters(cb_caller),
                 "event_record": lambda: ws.sync.record(ws.armed_h, caller_h),
                 "stream_wait_event": lambda: ws.sync.wait(ws.watcher_h, ws.armed_h),
                 "signal_gemm_launch": lambda: launcher(a, b, dest, None, handle),
-                "counter_wait_per_group": lambda: ws.enqueue_wait(step),
+                "counter_wait_per_group": lambda: wait_fast(side_step),
+                "counter_wait_cuda_bindings": lambda: wait_cb(side_step),
                 "nccl_call_per_group": lambda: coll.launch_group(
                     ws.nccl, dest.data_ptr() + step.send_offset,
                     out.data_ptr() + step.recv_offset, step.send_count, step.recv_count),
@@ -135,9 +153,11 @@ def main() -> int:
             finally:
                 engine_mod.run_overlap = real_run
             G = plan.num_groups
+            # An eager call from the stream of the previous one: zero + record `done` on the
+            # watcher, the caller waits `done`; GEMM; per group one wait and one NCCL call.
             parts = (res["ops_layer_only"] + res["raw_stream_handle"] + res["is_capturing"]
-                     + res["get_workspace"] + res["zero_counters"] + 3 * res["event_record"]
-                     + 2 * res["stream_wait_event"] + res["signal_gemm_launch"]
+                     + res["get_workspace"] + res["zero_counters"] + res["event_record"]
+                     + res["stream_wait_event"] + res["signal_gemm_launch"]
                      + G * (res["counter_wait_per_group"] + res["nccl_call_per_group"]))
             row = dict(bench="host_breakdown", op=op, M=M, N=N, K=K, num_groups=G,
                        gpu=torch.cuda.get_device_name(dev), torch=torch.__version__,

@@ -176,8 +176,8 @@ def test_the_import_graph_is_resolved():
     assert "flashoverlap.plan" in top["flashoverlap.engine.reference"]  # from ..plan import
     assert "flashoverlap.collectives.base" in top["flashoverlap.collectives.all_reduce"]
     assert "flashoverlap.library_ops" in top["flashoverlap"]
-    assert "flashoverlap.engine" in every["flashoverlap.ops"]  # lazily, inside _run
-    assert "flashoverlap.engine" not in top["flashoverlap.ops"]
+    assert "flashoverlap.agreement" in every["flashoverlap.ops"]  # lazily, inside _validate
+    assert "flashoverlap.agreement" not in top["flashoverlap.ops"]
     assert "flashoverlap.kernels" in top["flashoverlap.kernels.signal_gemm"]  # absolute form
 
 

@@ -2,20 +2,30 @@
 
 One call of ``run_overlap(plan, a, b, group, out)``::
 
-    caller stream : wait previous `done` ─ zero counters ─ record `armed` ─
+    caller stream : [wait previous `done`: another stream's call] ─
                     signal GEMM (P CTAs; tile -> its row of the result or send buffer,
                                  residual added in the epilogue where the rule says,
                                  bump the group's counter)
-    watcher stream: wait `armed` ─ for g in groups:
+    watcher stream: for g in groups:
                         [wait counter g >= tiles(g)] ─ collective(g) [─ residual add(g)]
-                    ─ record `done`;   caller stream waits `done`
+                    ─ zero the counters ─ record `done`;   caller stream waits `done`
 
 Why each step is the way it is:
 
-* **Counters are zeroed on the caller's stream**, before the GEMM, and the watcher waits on the
-  event recorded right after the zeroing, so no wait can see a previous call's count (no epoch
-  arithmetic, and replaying a captured CUDA graph re-arms them).  Targets are the group's tile
-  counts with the wrap-safe ``GEQ`` compare.
+* **The watcher re-arms the counters** after its last wait of a call, and records ``done``
+  after that; the next call's GEMM is ordered after ``done`` (the caller stream waited on it
+  at the end of the previous call, or waits at the start when the call comes from another
+  stream), and the watcher's next waits after the zeroing (stream order).  So no wait sees a
+  previous call's count, without epoch arithmetic, and a captured CUDA graph re-arms itself
+  on every replay.  Targets are the group's tile counts with the wrap-safe ``GEQ`` compare.
+  The watcher needs no event from the caller before its waits: a wait passes only once this
+  call's GEMM has signalled, which it can only do after everything before it on the caller
+  stream (the inputs, ``out``, a cloned residual) is complete.  Only under capture does the
+  caller record ``armed`` for the watcher to wait on: that cross-stream edge is what brings
+  the watcher stream into the capture.  This order costs the eager call two driver calls
+  fewer than zeroing on the caller (measured: ``scripts/host_breakdown.py``).  A call that
+  fails between its GEMM and the re-arm leaves the workspace ``dirty``; the next one zeroes
+  the counters on the watcher stream first (behind any waits the failed call left there).
 * **Visibility**: the GEMM stores a tile, barriers the CTA, then does a release atomic add at
   GPU scope (:mod:`flashoverlap.kernels.signal_gemm`); the front-end wait
   (``cuStreamWaitValue32``) or the spin kernel's acquire load orders NCCL's reads after the
@@ -97,8 +107,17 @@ def run_overlap(
 
     marks = timeline.active_recorder() is not None
     caller = torch.cuda.current_stream(a.device) if marks else None
-    sync.zero_counters(caller_h)
-    sync.record(ws.armed_h, caller_h)
+    if ws.dirty:
+        # A call failed between its GEMM and its re-arm: the counters hold its counts, and
+        # the watcher may still wait on them.  Zero them behind those waits.
+        sync.zero_counters(ws.watcher_h)
+        sync.record(ws.done_h, ws.watcher_h)
+        sync.wait(caller_h, ws.done_h)
+    if capturing:
+        # The event pulls the watcher stream into the capture (eagerly it is not needed:
+        # see the module docstring).
+        sync.record(ws.armed_h, caller_h)
+    ws.dirty = True
     if marks:
         timeline.mark(caller, "gemm_start")
     ws.gemm(epilogue_block)(a, b, dest, residual if epilogue_block is not None else None,
@@ -107,7 +126,8 @@ def run_overlap(
         timeline.mark(caller, "gemm_end")
 
     watcher = ws.watcher
-    sync.wait(ws.watcher_h, ws.armed_h)
+    if capturing:
+        sync.wait(ws.watcher_h, ws.armed_h)
     launch, nccl, enqueue_wait = collective.launch_group, ws.nccl, ws.enqueue_wait
     send_base, recv_base = dest.data_ptr(), out.data_ptr()
     if after is None and not marks:
@@ -135,6 +155,9 @@ def run_overlap(
                 out[rows].add_(after[rows])
         if after is not residual:
             after.record_stream(watcher)
+    # Re-arm for the next call: behind this call's last wait, before `done`.
+    sync.zero_counters(ws.watcher_h)
     sync.record(ws.done_h, ws.watcher_h)
+    ws.dirty = False
     sync.wait(caller_h, ws.done_h)
     return out

@@ -78,6 +78,7 @@ class Workspace:
     nbytes: int  # device bytes it holds (what the cache budget counts)
     used: bool = False  # an eager call has run: `done` is recorded
     last_caller: int | None = None  # raw caller stream of the last eager call (it waits `done`)
+    dirty: bool = False  # a call failed before re-arming the counters
     pinned: bool = False  # captured in a CUDA graph: never evicted
     _launchers: dict = dataclasses.field(default_factory=dict)
 
@@ -125,14 +126,24 @@ def _group_steps(plan: OverlapPlan, counters: torch.Tensor, elem: int) -> list[G
     ) for s in plan.spans()]
 
 
-def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream):
+def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream,
+                   sync: Any = None):
     """A closure enqueueing 'wait until counter >= target' on the watcher stream.
 
-    The driver path (``cuStreamWaitValue32``, no SM) builds its cuda-bindings handles once;
-    the kernel fallback goes through the checked public function (it launches a kernel
-    anyway).
+    The driver path (``cuStreamWaitValue32``, no SM) goes through ``sync`` where it is the
+    ctypes libcuda binding (:class:`flashoverlap.stream_ops.LibcudaStreamOps`), else builds
+    its cuda-bindings handles once; the kernel fallback goes through the checked public
+    function (it launches a kernel anyway).
     """
+    from ..stream_ops import LibcudaStreamOps
     from ..stream_wait import wait_counter_geq
+
+    if method == "driver" and isinstance(sync, LibcudaStreamOps):
+        wait_value, stream = sync.wait_value_geq, watcher.cuda_stream
+
+        def wait_ctypes(step: GroupStep) -> None:
+            wait_value(stream, step.counter_addr, step.target)
+        return wait_ctypes
 
     if method != "driver":
         def wait(step: GroupStep) -> None:
@@ -223,7 +234,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
             done=done,
             watcher=watcher,
             steps=_group_steps(plan, counters, torch.empty((), dtype=dtype).element_size()),
-            enqueue_wait=_wait_enqueuer(method, counters, watcher),
+            enqueue_wait=_wait_enqueuer(method, counters, watcher, sync),
             sync=sync,
             armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current),
@@ -237,6 +248,9 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
                         (ws.step_table, counters) + (() if send is None else (send,)))
         for t in (ws.step_table, counters) + (() if send is None else (send,)):
             t.record_stream(watcher)  # freed on eviction: reuse waits for the watcher
+        # The watcher's waits are not ordered after the caller stream (engine.overlap), so
+        # the counters must be zero before the first wait can read them: once, here.
+        current.synchronize()
         _WORKSPACES[key] = ws
         _evict(device.index, key)
     return ws

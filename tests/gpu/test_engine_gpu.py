@@ -320,6 +320,42 @@ def test_calls_from_two_streams_share_the_workspace_safely(world1):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_a_call_that_fails_mid_loop_leaves_the_next_ones_right(world1, op, monkeypatch):
+    """The watcher re-arms the counters after a call's last wait (engine.overlap).  A call
+    whose NCCL enqueue raises after the GEMM leaves them holding its counts; the next call
+    must zero them behind the failed call's pending waits -- not pass its own waits early
+    (NaN rows from the poisoned result would show) and not hang."""
+    M, N, K = 2048, 2048, 1024
+    config = _config(M, N, 1, op, groups=4)
+    coll = collectives.get(op)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    exact = a.float() @ b.float()
+    out = _nan(_result_rows(op, M), N)
+    _call(op, a, b, out=out, engine="overlap", config=config)  # warm-up: workspace, JIT
+    torch.cuda.synchronize()
+    real, calls = type(coll).launch_group, []
+
+    def failing(self, nccl, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected NCCL failure")
+        return real(self, nccl, *args)
+
+    monkeypatch.setattr(type(coll), "launch_group", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        _call(op, a, b, out=out, engine="overlap", config=config)
+    monkeypatch.setattr(type(coll), "launch_group", real)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        _call(op, a, b, out=out, engine="overlap", config=config)
+        torch.cuda.synchronize()
+        assert _rel(out, exact[: out.shape[0]]) <= 1e-2, op
+    ws = _workspace(M, N, K, op, config)
+    assert not ws.dirty and ws.counters.tolist() == [0] * ws.plan.num_groups
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_overlap_equals_signal_gemm_then_collective_bitwise(world1, op):
     """Overlap engine vs its sequential twin: the same kernel on the same plan without
     signals, then one NCCL call of the collective over the whole range (exact at W = 1)."""
