@@ -1,17 +1,24 @@
 """The overlap engine's per-call stream bookkeeping as raw CUDA driver calls.
 
-Every overlapped call waits for the previous call on its workspace, resets the group
-counters, records two events and makes two streams wait on them: five small CUDA calls
-around the GEMM and the watcher loop.  Through torch (``Tensor.zero_``, ``Event.record``,
-``Stream.wait_event``) each costs 5-13 us of host time on an H100 host, because each goes
-through torch's dispatcher or its Python wrappers; through cuda-bindings each is a plain
-driver call.  The CUDA semantics are the same ones torch uses (``cuMemsetD32Async``,
-``cuEventRecord``, ``cuStreamWaitEvent`` with flags 0), and they are captured into CUDA
-graphs the same way.  Where cuda-bindings is missing, :class:`TorchStreamOps` does the same
-through torch.
+Every overlapped call may wait for the previous call on its workspace, zeroes the group
+counters, records an event and makes a stream wait on it (plus an ``armed`` event under graph
+capture): a few small CUDA calls around the GEMM and the watcher loop.  Through torch
+(``Tensor.zero_``, ``Event.record``, ``Stream.wait_event``) each costs 5-13 us of host time on
+an H100 host, because each goes through torch's dispatcher or its Python wrappers; through
+cuda-bindings (:class:`DriverStreamOps`, the default) each is one driver call.  Where
+cuda-bindings is missing, :class:`LibcudaStreamOps` makes the same calls through ctypes on
+``libcuda.so.1``, and without that :class:`TorchStreamOps` goes through torch.  The CUDA
+semantics are the ones torch uses (``cuMemsetD32Async``, ``cuEventRecord``,
+``cuStreamWaitEvent`` with flags 0), captured into CUDA graphs the same way.
+
+Measured on the H200 host (``scripts/host_breakdown.py``, six problems, medians of 40 x 10
+calls): ``cuMemsetD32Async`` 1.8-3.1 us through cuda-bindings against 2.2-4.9 through ctypes,
+``cuStreamWaitValue32`` 1.7-6.8 against 2.2-7.0: cuda-bindings was as fast or faster in 11 of
+12 pairs, so it stays first (a ctypes call converts its arguments in Python too).  The
+watcher's counter waits go through the same binding (``engine.workspace._wait_enqueuer``).
 
 Events are ``torch.cuda.Event`` objects (torch owns their lifetime); torch creates the CUDA
-event lazily at the first record, so :meth:`DriverStreamOps.bind_event` records it once.
+event lazily at the first record, so ``bind_event`` records it once.
 """
 
 from __future__ import annotations
@@ -142,12 +149,8 @@ def libcuda() -> _Libcuda | None:
 
 
 class LibcudaStreamOps:
-    """The bookkeeping through ctypes on libcuda: handles are plain ints.
-
-    The cheapest of the three from Python: cuda-bindings' functions wrap every argument and
-    result in objects (``CUstream``, ``CUresult`` enums), several microseconds per call on the
-    H200 host (``scripts/host_breakdown.py``); a ctypes call converts four ints.
-    """
+    """The bookkeeping through ctypes on libcuda (handles are plain ints): the fallback where
+    cuda-bindings is not installed, cheaper than torch's wrappers."""
 
     def __init__(self, counters: torch.Tensor, lib: _Libcuda) -> None:
         self._lib = lib
@@ -190,14 +193,15 @@ class LibcudaStreamOps:
 
 
 def stream_ops_for(counters: torch.Tensor) -> TorchStreamOps | DriverStreamOps | LibcudaStreamOps:
-    """ctypes on libcuda where it loads, cuda-bindings' driver calls where that imports,
-    torch's otherwise."""
-    lib = libcuda()
-    if lib is not None:
-        return LibcudaStreamOps(counters, lib)
+    """cuda-bindings' driver calls where that imports, else ctypes on libcuda where it loads,
+    else torch's."""
     try:
         from .stream_wait import _driver
 
         return DriverStreamOps(counters, _driver())
     except (RuntimeError, ImportError):
-        return TorchStreamOps(counters)
+        pass
+    lib = libcuda()
+    if lib is not None:
+        return LibcudaStreamOps(counters, lib)
+    return TorchStreamOps(counters)

@@ -156,6 +156,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
                          f"{statistics.median(ratios):.3f}, max {max(ratios):.3f} over "
                          f"{len(ratios)} problems")
     host = [r for r in rows if r["bench"] == "overhead" and not r["graph"]]
+    for key, label in (("host_ok_vs_all_reduce", "idle"),
+                       ("host_busy_ok_vs_all_reduce", "GPU busy")):
+        marked = [r for r in host if key in r]
+        if marked:
+            miss = [f"{r['op']} {r['M']}x{r['K']}" for r in marked if not r[key]]
+            lines.append(f"host target vs torch.matmul + dist.all_reduce ({label}): "
+                         f"{len(marked) - len(miss)}/{len(marked)} met"
+                         + (f"; missed: {miss}" if miss else ""))
     if host:
         bad = [f"{r['op']} {r['M']}x{r['K']}" for r in host if not r["host_ok"]]
         lines.append(f"host target (op <= torch + {HOST_US_PER_GROUP:g} us x groups): "
@@ -336,10 +344,15 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
     sets, it, wu = args.rotate, args.iters, args.warmup
     t_op, t_sg = _paired_ms(torch, [op_call, sgemm_call], sets, wu, it)
     t_default, t_torch = _paired_ms(torch, [default_call, torch_call], sets, wu, it)
-    calls = [op_call, sgemm_call, default_call, torch_call]
-    h_op, h_sg, h_default, h_torch = _host_us_interleaved(torch, calls, sets, args.host_iters)
-    hb_op, hb_sg, hb_default, hb_torch = _host_us_interleaved(torch, calls, sets,
-                                                              args.host_iters, busy=True)
+    def torch_ar_call(i):  # the literal baseline for every op: matmul + all_reduce
+        torch.matmul(A[i], B[i], out=full)
+        dist.all_reduce(full, group=group)
+
+    calls = [op_call, sgemm_call, default_call, torch_call, torch_ar_call]
+    h_op, h_sg, h_default, h_torch, h_ar = _host_us_interleaved(torch, calls, sets,
+                                                                args.host_iters)
+    hb_op, hb_sg, hb_default, hb_torch, hb_ar = _host_us_interleaved(torch, calls, sets,
+                                                                     args.host_iters, busy=True)
     if args.profile and (op, M, K) == (args.profile_op, M, args.profile_k) \
             and M == args.profile_m:
         print(f"-- host profile of the {op} {M}x{N}x{K} overlapped call (GPU busy):\n"
@@ -361,7 +374,11 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
                  host_busy_us=hb_op, host_busy_us_signal_gemm=hb_sg,
                  host_busy_us_torch=hb_torch,
                  host_target_us=target, host_ok=h_op <= target,
-                 host_busy_ok=hb_op <= hb_torch + HOST_US_PER_GROUP * plan.num_groups)]
+                 host_busy_ok=hb_op <= hb_torch + HOST_US_PER_GROUP * plan.num_groups,
+                 host_us_torch_all_reduce=h_ar, host_busy_us_torch_all_reduce=hb_ar,
+                 host_ok_vs_all_reduce=h_op <= h_ar + HOST_US_PER_GROUP * plan.num_groups,
+                 host_busy_ok_vs_all_reduce=(
+                     hb_op <= hb_ar + HOST_US_PER_GROUP * plan.num_groups))]
     if not args.no_graph:
         op_graphs = _graphs(torch, op_call, sets)
         sg_graphs = _graphs(torch, sgemm_call, sets)

@@ -110,6 +110,9 @@ def run_overlap(
     if ws.dirty:
         # A call failed between its GEMM and its re-arm: the counters hold its counts, and
         # the watcher may still wait on them.  Zero them behind those waits.
+        if capturing:
+            raise RuntimeError("flashoverlap: the previous call of this shape failed; make one "
+                               "eager call (it repairs the workspace) before capturing")
         sync.zero_counters(ws.watcher_h)
         sync.record(ws.done_h, ws.watcher_h)
         sync.wait(caller_h, ws.done_h)

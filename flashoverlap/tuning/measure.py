@@ -227,24 +227,33 @@ def measure_wave_times(
 
 
 def cuda_event_timer(*, flush_l2_bytes: int = 256 << 20,
-                     before: Callable[[], Any] | None = None) -> Timer:
+                     before: Callable[[], Any] | None = None,
+                     host_lead_cycles: int = 1_000_000) -> Timer:
     """A :data:`Timer` using CUDA events on the current stream.
 
     Before each start event it overwrites a ``flush_l2_bytes`` scratch buffer, so the inputs
     are not served from L2 (H100 L2 is 50 MB), then calls ``before`` (e.g. a one-element
     AllReduce that lines the ranks up, so a collective's time does not include waiting for a
-    late rank); both are outside the timed region.
+    late rank), then keeps the GPU busy for ``host_lead_cycles`` clock cycles (~0.5 ms) so
+    that the host has enqueued the start event, ``fn``'s work and the end event before the
+    start event runs: otherwise a slow host's launch time lands between the events (seen on
+    the H200 VM host: truncated GEMM runs of 1..18 waves all timed alike, ~the launch time).
+    All of it is outside the timed region.
     """
     import torch
 
     scratch = (torch.empty(flush_l2_bytes, dtype=torch.uint8, device="cuda")
                if flush_l2_bytes else None)
+    if host_lead_cycles:
+        torch.cuda._sleep(1)  # load the kernel now (lazy module loading), not mid-measurement
 
     def timer(fn: Callable[[], Any]) -> float:
         if scratch is not None:
             scratch.zero_()
         if before is not None:
             before()
+        if host_lead_cycles:
+            torch.cuda._sleep(host_lead_cycles)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
