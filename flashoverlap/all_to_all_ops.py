@@ -38,8 +38,8 @@ from torch.distributed import ProcessGroup
 
 from .all_to_all_plan import AllToAllPlan, AllToAllProblem, make_all_to_all_plan
 from .checks import check_group, group_info
-from .kernels import GemmConfig
 from .collectives.all_to_all import reverse_all_to_all
+from .kernels import GemmConfig
 from .ops import config_from_json, config_to_json
 from .plan import PlanConfig
 from .policy import resolve_engine, signature_hash
@@ -125,9 +125,13 @@ def _default_config(device: torch.device, W: int,
     from .kernels import default_block_shape
 
     bm, bn = (gemm.block_m, gemm.block_n) if gemm is not None else default_block_shape(device)
+    return PlanConfig(block_m=bm, block_n=bn, num_ctas=_default_ctas(device, W), group_m=8)
+
+
+def _default_ctas(device: torch.device, W: int) -> int:
+    """The GEMM's CTAs: all SMs but the 16 NCCL gets while it runs (none at one rank)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    reserve = 16 if W > 1 else 0  # SMs left to NCCL while the GEMM runs
-    return PlanConfig(block_m=bm, block_n=bn, num_ctas=sms - reserve, group_m=8)
+    return sms - (16 if W > 1 else 0)
 
 
 def _grouped_gemm_config(a: Tensor, M: int, N: int, K: int, E: int, W: int,
@@ -139,8 +143,7 @@ def _grouped_gemm_config(a: Tensor, M: int, N: int, K: int, E: int, W: int,
         return None
     from .kernels import grouped_gemm_config_for
 
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    ctas = config.num_ctas if config is not None else sms - (16 if W > 1 else 0)
+    ctas = config.num_ctas if config is not None else _default_ctas(a.device, W)
     gemm = grouped_gemm_config_for(max(M, 1), N, K, E, a.dtype, max(ctas, 1),
                                    torch.cuda.get_device_capability(a.device))
     if config is not None and (config.block_m, config.block_n) != (gemm.block_m, gemm.block_n):

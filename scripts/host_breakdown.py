@@ -11,8 +11,7 @@ Pieces, each called exactly as the hot loop calls it:
 * the ops layer up to the engine (signature key, memo lookup, aliasing check): the op with
   ``run_overlap`` replaced by a no-op;
 * the workspace lookup, the raw stream handle, the capture query;
-* the driver bookkeeping (``cuMemsetD32Async``, ``cuEventRecord``, ``cuStreamWaitEvent``),
-  through the engine's binding (ctypes on libcuda) and, for scale, cuda-bindings;
+* the driver bookkeeping (``cuMemsetD32Async``, ``cuEventRecord``, ``cuStreamWaitEvent``);
 * the signal-GEMM launcher (direct launch, raw stream handle);
 * per group: the counter wait (``cuStreamWaitValue32``; on a counter already past its target,
   on a side stream) and the collective's NCCL call (the engine's binding: nccl4py or ctypes);
@@ -108,16 +107,11 @@ def main() -> int:
             # (the workspace's own counters are zero between calls: a wait there would stall
             # the watcher for good).
             from flashoverlap.engine.workspace import GroupStep, _wait_enqueuer
-            from flashoverlap.stream_ops import DriverStreamOps
-            from flashoverlap.stream_wait import _driver
 
             done_counter = torch.full((1,), 1 << 30, dtype=torch.int32, device=dev)
             side = torch.cuda.Stream(device=dev)
             side_step = GroupStep(0, done_counter.data_ptr(), 1, 0, 0, 0, 0, 0, 0)
-            wait_fast = _wait_enqueuer("driver", done_counter, side, ws.sync)
-            wait_cb = _wait_enqueuer("driver", done_counter, side, None)
-            cb_ops = DriverStreamOps(ws.counters, _driver())
-            cb_caller = cb_ops.bind_current(handle, dev)
+            wait_side = _wait_enqueuer("driver", done_counter, side)
             torch_coll = coll.torch_group(full, full if coll.in_place else out, group)
             real_run = engine_mod.run_overlap
 
@@ -134,12 +128,10 @@ def main() -> int:
                 "is_capturing": torch.cuda.is_current_stream_capturing,
                 "get_workspace": lambda: get_workspace(plan, dev, group, 0),
                 "zero_counters": lambda: ws.sync.zero_counters(caller_h),
-                "zero_counters_cuda_bindings": lambda: cb_ops.zero_counters(cb_caller),
                 "event_record": lambda: ws.sync.record(ws.armed_h, caller_h),
                 "stream_wait_event": lambda: ws.sync.wait(ws.watcher_h, ws.armed_h),
                 "signal_gemm_launch": lambda: launcher(a, b, dest, None, handle),
-                "counter_wait_per_group": lambda: wait_fast(side_step),
-                "counter_wait_cuda_bindings": lambda: wait_cb(side_step),
+                "counter_wait_per_group": lambda: wait_side(side_step),
                 "nccl_call_per_group": lambda: coll.launch_group(
                     ws.nccl, dest.data_ptr() + step.send_offset,
                     out.data_ptr() + step.recv_offset, step.send_count, step.recv_count),

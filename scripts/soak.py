@@ -130,6 +130,9 @@ class Watchdog:
                 try:
                     self.on_hang(self.what)
                 finally:
+                    # A detected hang, not an exit path: the main thread is stuck inside a
+                    # CUDA/NCCL wait that no exception can interrupt, so the watchdog ends the
+                    # process itself (status 3 = hang) after dumping every thread's stack.
                     os._exit(3)
 
 

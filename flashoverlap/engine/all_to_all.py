@@ -202,7 +202,7 @@ def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup
         ws = A2AWorkspace(
             plan=plan, comm=comm, nccl=nccl, step_table=step_table, counters=counters,
             send=send, armed=armed, done=done, watcher=watcher, steps=steps,
-            enqueue_wait=(_wait_enqueuer(method, counters, watcher, sync)
+            enqueue_wait=(_wait_enqueuer(method, counters, watcher)
                           if counters is not None else None),
             sync=sync, armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current), watcher_h=sync.bind_stream(watcher),

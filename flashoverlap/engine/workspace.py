@@ -26,8 +26,8 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..collectives import NcclStream, ResidualRule
-from ..nccl_enqueue import enqueue_binding
 from ..dist_utils import register_group_cache
+from ..nccl_enqueue import enqueue_binding
 from ..plan import OverlapPlan
 from ..settings import settings
 
@@ -126,24 +126,14 @@ def _group_steps(plan: OverlapPlan, counters: torch.Tensor, elem: int) -> list[G
     ) for s in plan.spans()]
 
 
-def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream,
-                   sync: Any = None):
+def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream):
     """A closure enqueueing 'wait until counter >= target' on the watcher stream.
 
-    The driver path (``cuStreamWaitValue32``, no SM) goes through ``sync`` where it is the
-    ctypes libcuda binding (:class:`flashoverlap.stream_ops.LibcudaStreamOps`), else builds
-    its cuda-bindings handles once; the kernel fallback goes through the checked public
-    function (it launches a kernel anyway).
+    The driver path (``cuStreamWaitValue32``, no SM) builds its cuda-bindings handles once;
+    the kernel fallback goes through the checked public function (it launches a kernel
+    anyway).
     """
-    from ..stream_ops import LibcudaStreamOps
     from ..stream_wait import wait_counter_geq
-
-    if method == "driver" and isinstance(sync, LibcudaStreamOps):
-        wait_value, stream = sync.wait_value_geq, watcher.cuda_stream
-
-        def wait_ctypes(step: GroupStep) -> None:
-            wait_value(stream, step.counter_addr, step.target)
-        return wait_ctypes
 
     if method != "driver":
         def wait(step: GroupStep) -> None:
@@ -234,7 +224,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
             done=done,
             watcher=watcher,
             steps=_group_steps(plan, counters, torch.empty((), dtype=dtype).element_size()),
-            enqueue_wait=_wait_enqueuer(method, counters, watcher, sync),
+            enqueue_wait=_wait_enqueuer(method, counters, watcher),
             sync=sync,
             armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current),
