@@ -89,6 +89,12 @@ class PlanConfig:
                                 for w in bands):
                 raise ValueError(f"PlanConfig.group_bands must be positive ints, got {bands!r}")
             object.__setattr__(self, "group_bands", bands)
+        # Hashed on every call that passes a config (the ops' memo key): computed once.  The
+        # fields are ints, whose hashes are the same in every process, so pickling is safe.
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclasses.dataclass(frozen=True)

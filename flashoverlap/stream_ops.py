@@ -1,8 +1,8 @@
 """The overlap engine's per-call stream bookkeeping as raw CUDA driver calls.
 
-Every overlapped call may wait for the previous call on its workspace, zeroes the group
-counters, records an event and makes a stream wait on it (plus an ``armed`` event under graph
-capture): a few small CUDA calls around the GEMM and the watcher loop.  Through torch
+Every overlapped call may wait for the previous call on its workspace, records an event and
+makes a stream wait on it (a call under graph capture also zeroes its counters and records
+``armed``): a few small CUDA calls around the GEMM and the watcher loop.  Through torch
 (``Tensor.zero_``, ``Event.record``, ``Stream.wait_event``) each costs 5-13 us of host time on
 an H100 host, because each goes through torch's dispatcher or its Python wrappers; through
 cuda-bindings (:class:`DriverStreamOps`) each is one driver call.  Where cuda-bindings is

@@ -1,11 +1,19 @@
 """The overlap engine's per-plan workspace: counters, events, send buffer, launchers; cached.
 
 A workspace holds everything one plan needs on one device and group, built once: the step
-table and group counters on the device, the ``armed``/``done`` events, the communicator (with
+table and group counters on the device (two sets: see below), the ``armed``/``done`` events, the communicator (with
 NCCL limited to the SMs the GEMM leaves free), the send buffer of a collective that is not in
 place (ReduceScatter's packed ``[M, N]`` buffer; AllReduce needs none: the GEMM writes the
 result), the per-group byte offsets and counts the hot loop turns into pointers, the counter
 wait and the signal-GEMM launcher.
+
+Two counter sets.  Eager calls count on the *eager* set and never reset it: call ``n`` (from
+1) waits for ``n x tiles(g)`` (mod 2**32, the wrap-safe ``GEQ`` compare), so an eager call
+enqueues no re-arm at all (one driver call, 2-5 us of host time on the H200 host, fewer per
+call).  A CUDA graph replays fixed wait targets, so a call captured in a graph counts on the
+*captured* set, which its graph zeroes at its end (every replay starts from zero); replays
+and eager calls of one workspace therefore never see each other's counts.  Each set starts
+on a 16-byte boundary, so one compiled GEMM serves both.
 
 Cache: least recently used first within ``FLASHOVERLAP_WORKSPACE_MB`` (default 1 GiB) of device
 memory (send buffers, step tables, counters) and :data:`MAX_WORKSPACES` workspaces per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
@@ -57,28 +65,39 @@ class GroupStep:
     recv_hi: int
 
 
+# The hot loop's per-group record: (counter-wait argument, tiles of the group, send byte
+# offset, result byte offset, send elements, result elements).  A tuple, unpacked in the loop:
+# attribute loads on a dataclass cost more per group.
+HotStep = tuple[Any, int, int, int, int, int]
+
+
 @dataclasses.dataclass
 class Workspace:
     plan: OverlapPlan
     comm: Any  # flashoverlap.comm.NcclCommunicator
     nccl: NcclStream  # what the collective's launch_group gets
     step_table: torch.Tensor  # int32 [T, 7]
-    counters: torch.Tensor  # int32 [G]
+    counters: torch.Tensor  # int32 [G]: the eager set (counts up across calls, never reset)
+    captured_counters: torch.Tensor  # int32 [G]: the set of captured calls (zeroed per replay)
     send: torch.Tensor | None  # [M, N] packed send buffer (None: in place in the result)
     rank: int
     armed: torch.cuda.Event
     done: torch.cuda.Event
     watcher: torch.cuda.Stream
-    steps: list[GroupStep]
-    enqueue_wait: Any  # (GroupStep) -> None, on the watcher stream
-    sync: Any  # flashoverlap.stream_ops: counter reset, event records and waits
+    steps: list[GroupStep]  # on the eager set
+    captured_steps: list[GroupStep]  # on the captured set
+    hot_steps: list[HotStep]  # `steps` for the hot loop
+    enqueue_wait: Any  # (GroupStep) -> None: wait for step.target, on the watcher stream
+    wait_value: Any  # (HotStep[0], target) -> None: wait for target, on the watcher stream
+    sync: Any  # flashoverlap.stream_ops: re-arm of the captured set, event records and waits
     armed_h: Any
     done_h: Any
     watcher_h: Any
     nbytes: int  # device bytes it holds (what the cache budget counts)
+    epoch: int = 0  # eager GEMMs launched on `counters` (mod 2**32): each adds tiles(g)
     used: bool = False  # an eager call has run: `done` is recorded
     last_caller: int | None = None  # raw caller stream of the last eager call (it waits `done`)
-    dirty: bool = False  # a call failed before re-arming the counters
+    dirty: bool = False  # an eager call failed after its GEMM, before recording `done`
     pinned: bool = False  # captured in a CUDA graph: never evicted
     _launchers: dict = dataclasses.field(default_factory=dict)
 
@@ -87,7 +106,8 @@ class Workspace:
         return self.plan.collective.residual_rule(self.rank, W, replicated)
 
     def gemm(self, residual_block: int | None) -> Any:
-        """The signal-GEMM launcher that adds a residual to ``residual_block`` (None: none)."""
+        """The signal-GEMM launcher that adds a residual to ``residual_block`` (None: none);
+        it bumps the eager set unless a call passes ``counters=ws.captured_counters``."""
         launcher = self._launchers.get(residual_block)
         if launcher is None:
             from ..kernels.signal_gemm import SignalGemmLauncher
@@ -126,35 +146,46 @@ def _group_steps(plan: OverlapPlan, counters: torch.Tensor, elem: int) -> list[G
     ) for s in plan.spans()]
 
 
-def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream):
-    """A closure enqueueing 'wait until counter >= target' on the watcher stream.
-
-    The driver path (``cuStreamWaitValue32``, no SM) builds its cuda-bindings handles once;
-    the kernel fallback goes through the checked public function (it launches a kernel
-    anyway).
-    """
-    from ..stream_wait import wait_counter_geq
-
+def _value_waiter(method: str, watcher: torch.cuda.Stream):
+    """``(wait_arg(address, view), wait)``: ``wait(arg, target)`` enqueues 'wait until the
+    counter of ``arg`` >= target' (target in ``[0, 2**32)``) on the watcher stream; ``arg`` is
+    built once per counter by ``wait_arg`` (a driver pointer object, or the counter's view
+    for the kernel fallback)."""
     if method != "driver":
-        def wait(step: GroupStep) -> None:
-            g = step.index
-            wait_counter_geq(counters[g : g + 1], step.target, watcher, method=method)
-        return wait
+        from ..stream_wait import wait_counter_geq
+
+        def wait_kernel(view: torch.Tensor, target: int) -> None:
+            wait_counter_geq(view, target, watcher, method=method)
+        return (lambda address, view: view), wait_kernel
 
     from ..stream_wait import _check, _driver
 
     driver = _driver()
     stream = driver.CUstream(watcher.cuda_stream)
     flag = int(driver.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
-    addrs: dict[int, Any] = {}
+    call = driver.cuStreamWaitValue32
 
-    def wait(step: GroupStep) -> None:
-        addr = addrs.get(step.index)
-        if addr is None:
-            addr = addrs[step.index] = driver.CUdeviceptr(step.counter_addr)
-        result = driver.cuStreamWaitValue32(stream, addr, step.target, flag)
+    def wait(addr: Any, target: int) -> None:
+        result = call(stream, addr, target, flag)
         if result[0] if isinstance(result, tuple) else result:
             _check(driver, "cuStreamWaitValue32", result)
+    return (lambda address, view: driver.CUdeviceptr(address)), wait
+
+
+def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stream):
+    """A closure enqueueing 'wait until the step's counter >= step.target' on the watcher
+    stream (a step's ``counter_addr`` lies in ``counters``); the wait argument of each
+    counter is built once."""
+    wait_arg, wait_value = _value_waiter(method, watcher)
+    base = counters.data_ptr()
+    args: dict[int, Any] = {}
+
+    def wait(step: GroupStep) -> None:
+        arg = args.get(step.counter_addr)
+        if arg is None:
+            i = (step.counter_addr - base) // 4
+            arg = args[step.counter_addr] = wait_arg(step.counter_addr, counters[i : i + 1])
+        wait_value(arg, step.target & 0xFFFFFFFF)
     return wait
 
 
@@ -206,9 +237,15 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         send = None
         if not plan.collective.in_place_for(problem.world_size):
             send = torch.empty(problem.M, problem.N, dtype=dtype, device=device)
-        counters = torch.zeros(plan.num_groups, dtype=torch.int32, device=device)
+        G = plan.num_groups
+        stride = -(-G // 4) * 4  # each set 16-byte aligned: one GEMM specialization for both
+        counter_sets = torch.zeros(2 * stride, dtype=torch.int32, device=device)
+        counters, captured = counter_sets[:G], counter_sets[stride : stride + G]
         watcher = watcher_stream(device)
-        sync = stream_ops_for(counters)
+        sync = stream_ops_for(captured)
+        elem = torch.empty((), dtype=dtype).element_size()
+        steps = _group_steps(plan, counters, elem)
+        wait_arg, wait_value = _value_waiter(method, watcher)
         current = torch.cuda.current_stream(device)
         armed, done = torch.cuda.Event(), torch.cuda.Event()
         ws = Workspace(
@@ -218,13 +255,19 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
                             nccl_red_op("sum"), rank, problem.world_size),
             step_table=torch.from_numpy(plan.step_table.copy()).to(device),
             counters=counters,
+            captured_counters=captured,
             send=send,
             rank=rank,
             armed=armed,
             done=done,
             watcher=watcher,
-            steps=_group_steps(plan, counters, torch.empty((), dtype=dtype).element_size()),
-            enqueue_wait=_wait_enqueuer(method, counters, watcher),
+            steps=steps,
+            captured_steps=_group_steps(plan, captured, elem),
+            hot_steps=[(wait_arg(s.counter_addr, counters[s.index : s.index + 1]), s.target,
+                        s.send_offset, s.recv_offset, s.send_count, s.recv_count)
+                       for s in steps],
+            enqueue_wait=_wait_enqueuer(method, counter_sets, watcher),
+            wait_value=wait_value,
             sync=sync,
             armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current),
@@ -235,8 +278,8 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         # many prompt lengths would otherwise keep one step table, counter array and launcher
         # set per M forever.
         ws.nbytes = sum(t.untyped_storage().nbytes() for t in
-                        (ws.step_table, counters) + (() if send is None else (send,)))
-        for t in (ws.step_table, counters) + (() if send is None else (send,)):
+                        (ws.step_table, counter_sets) + (() if send is None else (send,)))
+        for t in (ws.step_table, counter_sets) + (() if send is None else (send,)):
             t.record_stream(watcher)  # freed on eviction: reuse waits for the watcher
         # The watcher's waits are not ordered after the caller stream (engine.overlap), so
         # the counters must be zero before the first wait can read them: once, here.

@@ -258,7 +258,7 @@ _REUSE = threading.local()  # .on: a signal-GEMM launch of this thread is asking
 
 
 def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
-    if getattr(_REUSE, "on", False) and not torch._C._cuda_isCurrentStreamCapturing():
+    if getattr(_REUSE, "on", False):  # (set only outside capture)
         key = (torch._C._cuda_getDevice(), int(stream or 0), size)
         buf = _SCRATCH.get(key)
         if buf is None:
@@ -275,15 +275,29 @@ def _ensure_tma_allocator() -> None:
     Triton keeps the allocator in a ContextVar, so a new thread starts without one: check
     on every TMA launch (cheap), and never replace an allocator the user installed.
     """
-    try:
-        from triton.runtime import _allocation
-
-        current = _allocation._allocator.get()
-        if not isinstance(current, _allocation.NullAllocator):
+    var = _ALLOCATOR_VAR[0]
+    if var is not None:
+        current = var.get()
+        if current is _torch_allocator or not isinstance(current, _NULL_ALLOCATOR[0]):
             return
-    except (ImportError, AttributeError):  # layout of a future Triton: just set ours
-        pass
+    elif var is False:  # the layout of a future Triton: just set ours
+        triton.set_allocator(_torch_allocator)
+        return
+    else:
+        try:
+            from triton.runtime import _allocation
+
+            _ALLOCATOR_VAR[0], _NULL_ALLOCATOR[0] = _allocation._allocator, _allocation.NullAllocator
+        except (ImportError, AttributeError):
+            _ALLOCATOR_VAR[0] = False
+        _ensure_tma_allocator()
+        return
     triton.set_allocator(_torch_allocator)
+
+
+# Triton's allocator ContextVar and its "none set" class, looked up at the first TMA launch.
+_ALLOCATOR_VAR: list = [None]
+_NULL_ALLOCATOR: list = [type(None)]
 
 
 def _is_row_major(t: torch.Tensor) -> bool:
@@ -523,7 +537,7 @@ def signal_gemm(
 
 
 # Positions of the per-call arguments in the kernel's parameter list.
-_A, _B, _OUT, _RES = 0, 1, 2, 5
+_A, _B, _OUT, _CNT, _RES = 0, 1, 2, 4, 5
 
 
 class SignalGemmLauncher:
@@ -552,17 +566,28 @@ class SignalGemmLauncher:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                  residual: torch.Tensor | None = None,
-                 stream: torch.cuda.Stream | int | None = None) -> None:
+                 stream: torch.cuda.Stream | int | None = None, *,
+                 counters: torch.Tensor | None = None,
+                 capturing: bool | None = None) -> None:
         """``out <- a @ b`` (+ residual) at the plan's rows, counters bumped, on ``stream``
-        (a stream, the raw handle of the *current* stream, or None: the current one)."""
-        key = (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16 == 0,
-               b.shape, b.stride(), b.dtype, b.data_ptr() % 16 == 0,
-               out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16 == 0,
+        (a stream, the raw handle of the *current* stream, or None: the current one).
+
+        ``counters``: bump these instead of the launcher's own (same length and 16-byte
+        alignment: the compiled kernel is shared).  ``capturing``: whether the current stream
+        is being captured, where the caller knows (else it is asked).
+        """
+        # Every property the compiled kernel is specialized on, and the devices (checked by
+        # the first launch of a key); 16-byte alignment of the three pointers in one test.
+        pa, pb, po = a.data_ptr(), b.data_ptr(), out.data_ptr()
+        aligned = (pa | pb | po) & 15 == 0
+        key = (a.shape, a.stride(), a.dtype, a.get_device(), b.shape, b.stride(), b.dtype,
+               out.shape, out.stride(), out.dtype, out.get_device(),
+               True if aligned else (pa % 16 == 0, pb % 16 == 0, po % 16 == 0),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                              residual.device, residual.data_ptr() % 16 == 0))
+                                              residual.data_ptr() % 16 == 0))
         entry = self._entries.get(key)
         if entry is None:
-            self._first(key, a, b, out, residual, stream)
+            self._first(key, a, b, out, residual, stream, counters)
             return
         kernel, grid, args, use_tma = entry
         if use_tma:
@@ -574,7 +599,11 @@ class SignalGemmLauncher:
                       else torch.cuda.current_stream(a.device)).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
         args[_RES] = residual if residual is not None else out
-        _REUSE.on = use_tma
+        if counters is not None:
+            args[_CNT] = counters
+        if capturing is None:
+            capturing = torch._C._cuda_isCurrentStreamCapturing()
+        _REUSE.on = use_tma and not capturing
         try:
             direct_launch.launch(kernel, grid, handle, tuple(args))
         finally:
@@ -582,18 +611,22 @@ class SignalGemmLauncher:
             # The cache must not keep the caller's tensors alive (soak on an H200: 10-18 GB
             # held by cached entries before this).
             args[_A] = args[_B] = args[_OUT] = args[_RES] = None
+            if counters is not None:
+                args[_CNT] = self.counters
 
-    def _first(self, key, a, b, out, residual, stream) -> None:
+    def _first(self, key, a, b, out, residual, stream, counters) -> None:
+        bumped = self.counters if counters is None else counters
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
-                  self.counters, residual, self.rows_per_block)
+                  bumped, residual, self.rows_per_block)
         grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
-                                        self.block_n, self.num_ctas, self.counters, residual,
+                                        self.block_n, self.num_ctas, bumped, residual,
                                         self.residual_block, self.rows_per_block, self.config)
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
             compiled = _jit_launch(grid, args, meta)
         every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
         every[_A] = every[_B] = every[_OUT] = every[_RES] = None  # filled per call
+        every[_CNT] = self.counters if self.counters is not None else self.step_table
         self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))
 
 

@@ -321,10 +321,10 @@ def test_calls_from_two_streams_share_the_workspace_safely(world1):
 
 @pytest.mark.parametrize("op", OPS)
 def test_a_call_that_fails_mid_loop_leaves_the_next_ones_right(world1, op, monkeypatch):
-    """The watcher re-arms the counters after a call's last wait (engine.overlap).  A call
-    whose NCCL enqueue raises after the GEMM leaves them holding its counts; the next call
-    must zero them behind the failed call's pending waits -- not pass its own waits early
-    (NaN rows from the poisoned result would show) and not hang."""
+    """Eager calls wait for epoch targets (engine.overlap).  A call whose NCCL enqueue
+    raises after the GEMM has still counted a whole epoch, and its `done` was never recorded:
+    the next call must wait for what the failed call enqueued and for its own epoch -- not
+    pass its waits early (NaN rows from the poisoned result would show) and not hang."""
     M, N, K = 2048, 2048, 1024
     config = _config(M, N, 1, op, groups=4)
     coll = collectives.get(op)
@@ -352,7 +352,40 @@ def test_a_call_that_fails_mid_loop_leaves_the_next_ones_right(world1, op, monke
         torch.cuda.synchronize()
         assert _rel(out, exact[: out.shape[0]]) <= 1e-2, op
     ws = _workspace(M, N, K, op, config)
-    assert not ws.dirty and ws.counters.tolist() == [0] * ws.plan.num_groups
+    torch.cuda.synchronize()
+    # warm-up, failed call, 3 calls: 5 epochs counted on the eager set, none on the other
+    assert ws.epoch == 5 and not ws.dirty
+    assert ws.counters.tolist() == [5 * int(t) for t in ws.plan.group_tile_counts]
+    assert ws.captured_counters.tolist() == [0] * ws.plan.num_groups
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_epoch_targets_wrap_around_2_to_the_32(world1, op):
+    """Call n waits for n x tiles(g) mod 2**32: counters and targets wrap together (the
+    wrap-safe GEQ compare).  Start a few epochs before the wrap and check every call."""
+    M, N, K = 2048, 2048, 512
+    config = _config(M, N, 1, op, groups=4)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    out = _nan(_result_rows(op, M), N)
+    _call(op, a, b, out=out, engine="overlap", config=config)  # warm-up
+    torch.cuda.synchronize()
+    ws = _workspace(M, N, K, op, config)
+    tiles = [int(t) for t in ws.plan.group_tile_counts]
+    start = 2**32 - 3  # epoch and counters wrap at the 3rd call
+    ws.epoch = start
+    wrapped = [((start * t) & 0xFFFFFFFF) for t in tiles]
+    ws.counters.copy_(torch.tensor([w - 2**32 if w >= 2**31 else w for w in wrapped],
+                                   dtype=torch.int32))
+    torch.cuda.synchronize()
+    for _ in range(6):
+        a.normal_()
+        out.fill_(float("nan"))
+        _call(op, a, b, out=out, engine="overlap", config=config)
+        torch.cuda.synchronize()
+        assert _rel(out, (a.float() @ b.float())[: out.shape[0]]) <= 1e-2, op
+    assert ws.epoch == 3  # wrapped
+    assert ws.counters.tolist() == [3 * t for t in tiles]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -444,8 +477,8 @@ def test_cuda_graph_capture_and_replay(world1, op):
         graph.replay()
         torch.cuda.synchronize()
         assert _rel(out, a.float() @ b.float()) <= 1e-2
-    # Eager calls of the captured shape go on working (the workspace's last `done` was
-    # recorded inside the capture, which an eager stream may not wait on), replays too.
+    # Eager calls of the captured shape go on working (they count on the other counter set
+    # and wait on `done`, which a capture never records), replays too.
     for _ in range(2):
         out.fill_(float("nan"))
         _call(op, a, b, out=out, engine="overlap", config=config)
