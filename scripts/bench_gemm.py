@@ -62,6 +62,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flatten", type=int, choices=[0, 1])
     p.add_argument("--subtile", type=int, choices=[0, 1])
     p.add_argument("--no-tma", action="store_true")
+    p.add_argument("--split-tail", type=int, choices=[0, 1],
+                   help="split a partial last wave along K (GemmConfig.split_tail)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="first time kernel variants (';'-separated 'key=value,...' over "
                         "GemmConfig fields and group_m; default: a small grid) and print them")
@@ -154,6 +156,8 @@ def _config_from_args(args, base):
         overrides["epilogue_subtile"] = bool(args.subtile)
     if args.no_tma:
         overrides["use_tma"] = False
+    if args.split_tail is not None:
+        overrides["split_tail"] = bool(args.split_tail)
     return dataclasses.replace(base, **overrides)
 
 

@@ -350,3 +350,25 @@ class TestGroupedConfig:
     def test_bad_expert_count(self, E):
         with pytest.raises(ValueError, match="E must be a positive int"):
             kernels.grouped_gemm_config_for(64, 64, 64, E)
+
+
+def test_tail_split_rule():
+    """Which last waves are split, into how many K parts (kernels.tail_split)."""
+    from flashoverlap.kernels import TAIL_SPLIT_MAX, tail_split
+
+    assert TAIL_SPLIT_MAX == 4
+    # N = 8192 with 128x256 tiles on 132 CTAs: 4096 tiles leave 4 -> 4 parts of 8 K steps
+    assert tail_split(4096, 132, 32) == (4092, 4)
+    # 2048 tiles leave 68 (more than half a wave): not split
+    assert tail_split(2048, 132, 32) == (2048, 1)
+    # 6144 x 3072: 576 tiles leave 48 -> 2 parts
+    assert tail_split(576, 132, 128) == (528, 2)
+    # a single partial wave: every tile split
+    assert tail_split(30, 132, 64) == (0, 4)
+    assert tail_split(50, 132, 64) == (0, 2)
+    # short K: parts of at least 4 K steps
+    assert tail_split(4096, 132, 7) == (4096, 1)
+    assert tail_split(4096, 132, 8) == (4092, 2)
+    # whole waves, or one CTA: nothing to split
+    assert tail_split(264, 132, 64) == (264, 1)
+    assert tail_split(5, 1, 64) == (5, 1)

@@ -413,11 +413,13 @@ def test_ordered_args_follow_the_kernel_signature():
     from flashoverlap.kernels import direct_launch
 
     kernel = sg._signal_gemm_kernel
-    positional = kernel.arg_names[:17]
+    positional = kernel.arg_names[:21]
     assert positional[:6] == ["a_ptr", "b_ptr", "c_ptr", "step_ptr", "counter_ptr", "res_ptr"]
-    assert (sg._A, sg._B, sg._OUT, sg._RES) == (0, 1, 2, 5)  # the launcher's argument slots
-    args = tuple(f"arg{i}" for i in range(17))
-    constexprs = kernel.arg_names[17:]
+    assert positional[17:] == ["part_ptr", "ticket_ptr", "num_main", "tail_parts"]
+    # the launcher's argument slots
+    assert (sg._A, sg._B, sg._OUT, sg._CNT, sg._RES) == (0, 1, 2, 4, 5)
+    args = tuple(f"arg{i}" for i in range(21))
+    constexprs = kernel.arg_names[21:]
     meta = {name: i for i, name in enumerate(constexprs)}
     got = direct_launch.ordered_args(kernel, args, {**meta, "num_warps": 4, "num_stages": 2})
     assert got == args + tuple(range(len(constexprs)))
@@ -437,3 +439,89 @@ def test_step_columns_match_the_planner():
             sg._GROUP, sg._BLOCK) == (planner.ROW_START, planner.ROW_STOP, planner.COL_START,
                                       planner.COL_STOP, planner.DEST_ROW, planner.GROUP,
                                       planner.BLOCK)
+
+
+# -- the split last wave (kernels.tail_split) ----------------------------------------------
+SPLIT_CASES = [
+    # (M, N, K, W, op, P, group_bands): K = 256 is 16 K steps of BK = 16
+    pytest.param(37, 45, 256, 1, "all_reduce", 4, None, id="ar-one-tail-tile-4-parts"),
+    pytest.param(20, 30, 256, 1, "all_reduce", 9, None, id="ar-single-wave-2-parts"),
+    pytest.param(64, 33, 200, 2, "reduce_scatter", 5, None, id="rs2-tail-edges"),
+    pytest.param(54, 20, 250, 3, "reduce_scatter", 5, (1, 1), id="rs3-2groups-2-parts"),
+]
+
+
+@_in_child
+@pytest.mark.parametrize("M,N,K,W,op,P,bands", SPLIT_CASES)
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+@pytest.mark.parametrize("use_tma", [False, True], ids=["ptr", "tma"])
+def test_split_tail_matches_float64_and_rearms(M, N, K, W, op, P, bands, b_trans, use_tma):
+    """The last wave's tiles split along K: same destination rows and values as the float64
+    product (NaN-poisoned first), same counter counts as the reference, every ticket back to
+    zero, and a second launch with the same buffers right again and bitwise equal (the sum
+    over parts runs in part order)."""
+    from flashoverlap.kernels import tail_split
+
+    plan = _plan(M, N, K, W, op, P, group_m=1, group_bands=bands)
+    table = _table(plan)
+    T = table.shape[0]
+    num_main, parts = tail_split(T, P, -(-K // BK))
+    assert parts > 1, "case must split its last wave"
+    a, b = _operands(M, N, K, torch.float32, b_trans, seed=7)
+    out = _poison((M, N), torch.float32)
+    counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+    grid, args, meta = sg._launch_args(a, b, out, table, BM, BN, P, counters, None, 0,
+                                       plan.problem.rows_per_block, _config(use_tma=use_tma))
+    assert meta["SPLIT_TAIL"] and args[19:] == (num_main, parts)
+    assert grid[0] == min(P, max(T, (T - num_main) * parts))
+    tickets = args[18]
+    sg._jit_launch(grid, args, meta)
+    expected = _expected_dest(plan, a, b)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    ref_counts = torch.zeros_like(counters)
+    sg.signal_gemm_ref(a, b, _poison((M, N), torch.float32), table, ref_counts)
+    assert torch.equal(counters, ref_counts)
+    assert tickets.numel() == T - num_main and not tickets.any()
+    first = out.clone()
+    out.fill_(float("nan"))
+    sg._jit_launch(grid, args, meta)
+    assert torch.equal(out, first)
+    assert torch.equal(counters, 2 * ref_counts) and not tickets.any()
+
+
+@_in_child
+@pytest.mark.parametrize("W,op,block,P", [(1, "all_reduce", 0, 4), (2, "reduce_scatter", 1, 7)])
+def test_split_tail_adds_the_residual_once(W, op, block, P):
+    """Only the piece that completes a split tile adds the residual (in fp32, once)."""
+    M, N, K = 40, 30, 256
+    plan = _plan(M, N, K, W, op, P, group_m=1)
+    T = plan.step_table.shape[0]
+    assert tail_split_parts(T, P, K) > 1
+    a, b = _operands(M, N, K, torch.float32, False, seed=3)
+    rows = plan.problem.rows_per_block
+    residual = torch.randn(rows, N, generator=torch.Generator().manual_seed(5))
+    out, ref, cnt, ref_cnt = _run_both(plan, a, b, residual=residual, residual_block=block)
+    _check_close(out, ref, torch.float32)
+    assert torch.equal(cnt, ref_cnt)
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b, residual, block),
+                               rtol=1e-5, atol=1e-5)
+
+
+def tail_split_parts(T, P, K):
+    from flashoverlap.kernels import tail_split
+
+    return tail_split(T, P, -(-K // BK))[1]
+
+
+@_in_child
+def test_split_tail_can_be_switched_off():
+    M, N, K, P = 37, 45, 256, 4
+    plan = _plan(M, N, K, 1, "all_reduce", P, group_m=1)
+    a, b = _operands(M, N, K, torch.float32, False)
+    config = GemmConfig(block_m=BM, block_n=BN, block_k=BK, num_warps=4, num_stages=2,
+                        use_tma=False, split_tail=False)
+    grid, args, meta = sg._launch_args(a, b, _poison((M, N), torch.float32), _table(plan),
+                                       BM, BN, P, None, None, 0, None, config)
+    assert not meta["SPLIT_TAIL"] and args[19:] == (plan.step_table.shape[0], 1)
+    out, ref, _, _ = _run_both(plan, a, b, config=config)
+    _check_close(out, ref, torch.float32)

@@ -1,11 +1,13 @@
 """The overlap engine's per-plan workspace: counters, events, send buffer, launchers; cached.
 
 A workspace holds everything one plan needs on one device and group, built once: the step
-table and group counters on the device (two sets: see below), the ``armed``/``done`` events, the communicator (with
-NCCL limited to the SMs the GEMM leaves free), the send buffer of a collective that is not in
-place (ReduceScatter's packed ``[M, N]`` buffer; AllReduce needs none: the GEMM writes the
-result), the per-group byte offsets and counts the hot loop turns into pointers, the counter
-wait and the signal-GEMM launcher.
+table and group counters on the device (two sets: see below), the ``armed``/``done`` events,
+the communicator (with NCCL limited to the SMs the GEMM leaves free), the send buffer of a
+collective that is not in place (ReduceScatter's packed ``[M, N]`` buffer; AllReduce needs
+none: the GEMM writes the result), the per-group byte offsets and counts the hot loop turns
+into pointers, the counter wait, the signal-GEMM launchers and, where the GEMM splits its
+last wave (:func:`flashoverlap.kernels.tail_split`), that split's fp32 slots and tickets
+(up to ``P x BLOCK_M x BLOCK_N x 4`` bytes: 16.5 MiB for 132 tiles of 128 x 256).
 
 Two counter sets.  Eager calls count on the *eager* set and never reset it: call ``n`` (from
 1) waits for ``n x tiles(g)`` (mod 2**32, the wrap-safe ``GEQ`` compare), so an eager call
@@ -16,7 +18,7 @@ and eager calls of one workspace therefore never see each other's counts.  Each 
 on a 16-byte boundary, so one compiled GEMM serves both.
 
 Cache: least recently used first within ``FLASHOVERLAP_WORKSPACE_MB`` (default 1 GiB) of device
-memory (send buffers, step tables, counters) and :data:`MAX_WORKSPACES` workspaces per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
+memory (send buffers, step tables, counters, split-tail slots) and :data:`MAX_WORKSPACES` workspaces per GPU, because serving prompts of many lengths means a new ``M`` -- a new plan -- on
 many calls.  Workspaces captured in a CUDA graph are pinned (their replays use the buffers).
 Every workspace tensor is ``record_stream``-ed on the watcher, so an evicted buffer is reused
 only after the watcher's last work on it.  Plan checks across ranks are remembered apart from
@@ -93,6 +95,7 @@ class Workspace:
     armed_h: Any
     done_h: Any
     watcher_h: Any
+    tail_scratch: Any  # the GEMM's split-last-wave slots and tickets, or None (no split)
     nbytes: int  # device bytes it holds (what the cache budget counts)
     epoch: int = 0  # eager GEMMs launched on `counters` (mod 2**32): each adds tiles(g)
     used: bool = False  # an eager call has run: `done` is recorded
@@ -107,7 +110,8 @@ class Workspace:
 
     def gemm(self, residual_block: int | None) -> Any:
         """The signal-GEMM launcher that adds a residual to ``residual_block`` (None: none);
-        it bumps the eager set unless a call passes ``counters=ws.captured_counters``."""
+        it bumps the eager set unless a call passes ``counters=ws.captured_counters``.  All
+        launchers share the workspace's split-tail scratch (their launches are ordered)."""
         launcher = self._launchers.get(residual_block)
         if launcher is None:
             from ..kernels.signal_gemm import SignalGemmLauncher
@@ -116,7 +120,7 @@ class Workspace:
             launcher = self._launchers[residual_block] = SignalGemmLauncher(
                 self.step_table, self.counters, block_m=cfg.block_m, block_n=cfg.block_n,
                 num_ctas=cfg.num_ctas, residual_block=residual_block or 0,
-                rows_per_block=self.plan.problem.rows_per_block)
+                rows_per_block=self.plan.problem.rows_per_block, tail_scratch=self.tail_scratch)
         return launcher
 
 
@@ -237,6 +241,12 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         send = None
         if not plan.collective.in_place_for(problem.world_size):
             send = torch.empty(problem.M, problem.N, dtype=dtype, device=device)
+        from ..kernels import default_config
+        from ..kernels.signal_gemm import tail_scratch_for
+
+        tail_scratch = tail_scratch_for(
+            plan.step_table.shape[0], plan.config.num_ctas, problem.K, plan.config.block_m,
+            plan.config.block_n, default_config(device, dtype), device)
         G = plan.num_groups
         stride = -(-G // 4) * 4  # each set 16-byte aligned: one GEMM specialization for both
         counter_sets = torch.zeros(2 * stride, dtype=torch.int32, device=device)
@@ -268,6 +278,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
                        for s in steps],
             enqueue_wait=_wait_enqueuer(method, counter_sets, watcher),
             wait_value=wait_value,
+            tail_scratch=tail_scratch,
             sync=sync,
             armed_h=sync.bind_event(armed, current),
             done_h=sync.bind_event(done, current),
@@ -277,9 +288,10 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         # Every workspace counts: an in-place collective has no send buffer, but serving
         # many prompt lengths would otherwise keep one step table, counter array and launcher
         # set per M forever.
-        ws.nbytes = sum(t.untyped_storage().nbytes() for t in
-                        (ws.step_table, counter_sets) + (() if send is None else (send,)))
-        for t in (ws.step_table, counter_sets) + (() if send is None else (send,)):
+        held = ((ws.step_table, counter_sets) + (() if send is None else (send,))
+                + (tail_scratch or ()))
+        ws.nbytes = sum(t.untyped_storage().nbytes() for t in held)
+        for t in held:
             t.record_stream(watcher)  # freed on eviction: reuse waits for the watcher
         # The watcher's waits are not ordered after the caller stream (engine.overlap), so
         # the counters must be zero before the first wait can read them: once, here.

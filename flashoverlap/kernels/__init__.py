@@ -29,6 +29,8 @@ __all__ = [
     "GROUPED_GEMM_RULES",
     "signal_gemm",
     "signal_gemm_ref",
+    "tail_split",
+    "TAIL_SPLIT_MAX",
 ]
 
 _LAZY = {
@@ -63,6 +65,10 @@ class GemmConfig:
             first launch: a kernel whose signal protocol did not survive (Triton 3.6 on sm_90
             drops the release atomic; a partitioned loop cannot use the CTA barrier) raises
             ``NotImplementedError`` instead of launching.  Kept for newer Triton versions.
+        split_tail: split the tiles of a last, partial wave along K (see
+            :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
+            the last one to finish sums the parts in a fixed order (deterministic) and stores
+            and signals it.
     """
 
     block_m: int = 128
@@ -75,6 +81,7 @@ class GemmConfig:
     epilogue_subtile: bool = False
     acc_multibuffer: bool = True
     warp_specialize: bool = False
+    split_tail: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -124,6 +131,35 @@ def config_for_capability(capability: tuple[int, int] | None,
                           flatten=False)
     return GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=4, num_stages=4,
                       use_tma=False, flatten=False)
+
+
+# A last wave that leaves SMs idle is split along K into at most this many parts per tile,
+# each of at least TAIL_MIN_K_TILES K steps (a shorter part is mostly pipeline fill).
+TAIL_SPLIT_MAX = 4
+TAIL_MIN_K_TILES = 4
+
+
+def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
+    """``(num_main, parts)``: the persistent GEMM runs steps ``[0, num_main)`` whole and splits
+    each of the remaining ``r`` steps -- a last wave of ``r < P`` tiles -- into ``parts``
+    ranges of its K steps, one per program, so that the last wave takes about ``1 / parts``
+    of a tile's time instead of a whole one.  ``parts = min(TAIL_SPLIT_MAX, P // r,
+    k_tiles // TAIL_MIN_K_TILES)``; ``(num_steps, 1)`` (no split) when that is below 2.
+
+    Why only the last wave, and at most 4 parts: the tile's last part to finish reads the
+    other parts back (fp32, ``BLOCK_M x BLOCK_N`` each) and sums them in part order, so the
+    result does not depend on timing; that read is what one program pays for the split.  A
+    full stream-K schedule (every program the same number of K steps, tiles split anywhere)
+    would also cover last waves that are more than half full; it is not done.
+    """
+    T, P = num_steps, num_ctas
+    r = T % P if T >= P else T
+    if r == 0:
+        return T, 1
+    parts = min(TAIL_SPLIT_MAX, P // r, k_tiles // TAIL_MIN_K_TILES)
+    if parts < 2:
+        return T, 1
+    return T - r, parts
 
 
 def default_block_shape(device: torch.device | str | None = None) -> tuple[int, int]:

@@ -49,6 +49,23 @@ The persistent loop is the ``flatten`` form of Triton's persistent-matmul tutori
 epilogue re-reads its step's table row (``step_c``) so that the software pipeline can start
 the next tile's loads before this tile's epilogue.
 
+Split last wave
+---------------
+A persistent GEMM of ``T`` tiles on ``P`` programs ends with a wave of ``r = T mod P``
+tiles, during which ``P - r`` SMs idle for a whole tile's time (4 of 132 busy for 16384 x 8192
+with 128 x 256 tiles).  When ``r <= P / 2`` (:func:`flashoverlap.kernels.tail_split`) those
+tiles are split along K into up to 4 parts, one program each.  A part stores its fp32 partial
+sum in its own slot, barriers and takes a ticket (``atom.add.acq_rel.gpu``); the part that
+draws the last ticket reads the tile's slots back (``ld.global.cg``, after a barrier) and sums
+them in part order -- the same result whichever part finishes last -- re-arms the ticket,
+and stores and signals the tile exactly like the main loop's epilogue (pointer stores,
+``bar.sync 0``, release atomic).  No part waits for another, so nothing assumes the programs
+are co-resident (NCCL may hold SMs).  Rejected: fp32 atomics into one slot (the result
+would depend on timing), more than 4 parts (the last part reads every slot: 128 KB each),
+a full stream-K schedule (covers last waves more than half full too, but splits tiles
+anywhere; not done).  The slots (``parts x BLOCK_M x BLOCK_N`` fp32 per split tile) and
+tickets are allocated with the launch arguments and reused by every launch of a launcher.
+
 Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100 SXM, Triton
 3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, tile-slotted
 stores + signals (the previous layout), one group per wave: with all 132 SMs 0.95-1.03x torch.matmul (median 1.00); with 124 and
@@ -75,7 +92,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import GemmConfig, default_config, direct_launch
+from flashoverlap.kernels import GemmConfig, default_config, direct_launch, tail_split
 
 # Same column order as flashoverlap.plan.STEP_TABLE_COLUMNS (kept literal so the kernel
 # module does not depend on the planner).
@@ -96,13 +113,15 @@ _MAX_STRIDE = 2**31 // 512  # elements; BLOCK * stride must fit in int32
 
 @triton.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
                                "stride_rm", "res_block", "rows_per_block",
-                               "num_steps", "num_progs"])
+                               "num_steps", "num_progs", "num_main", "tail_parts"])
 def _signal_gemm_kernel(
     a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr, res_ptr,
     M, N, K,
     stride_am, stride_b, stride_cm,  # stride_b: of K for row-major B, of N for B = W.T
     stride_rm, res_block, rows_per_block,  # residual: row stride, its block, block height
     num_steps, num_progs,
+    part_ptr, ticket_ptr,  # split tail: fp32 [pieces, BM * BN] parts, int32 [tail] tickets
+    num_main, tail_parts,  # steps run whole; K parts of each later step (SPLIT_TAIL)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     B_TRANS: tl.constexpr,  # B is the transposed view of a row-major [N, K] tensor
     HAS_COUNTERS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -113,6 +132,7 @@ def _signal_gemm_kernel(
     ASM_BARRIER: tl.constexpr,  # CTA barrier as inline PTX (compiled) or tl.debug_barrier
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
+    SPLIT_TAIL: tl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
 ):
     pid = tl.program_id(0)
     dtype = c_ptr.dtype.element_ty
@@ -146,7 +166,7 @@ def _signal_gemm_kernel(
     # The epilogue tracks its own step (step_c) and re-reads the table: with a flattened
     # loop this keeps the main loop's prologue independent of the previous epilogue.
     step_c = pid - num_progs
-    for step in tl.range(pid, num_steps, num_progs, flatten=FLATTEN,
+    for step in tl.range(pid, num_main, num_progs, flatten=FLATTEN,
                          disallow_acc_multi_buffer=not ACC_MULTIBUFFER,
                          warp_specialize=WARP_SPECIALIZE):
         row_start = tl.load(step_ptr + step * 7 + 0)
@@ -239,6 +259,112 @@ def _signal_gemm_kernel(
             else:
                 tl.debug_barrier()
             tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+
+    if SPLIT_TAIL:
+        # ---- the last wave's tiles, each split into tail_parts K ranges ---------------
+        # Part q of tail tile t is piece v = t * tail_parts + q, run by program v (at most
+        # one piece per program: pieces <= num_progs).  A piece stores its fp32 partial sum
+        # in its own slot, then (CTA barrier, one acq_rel atomic) takes a ticket; the piece
+        # that draws the last ticket sums the tile's slots in part order -- the same sum
+        # whichever piece finishes last -- re-arms the ticket and stores and signals the
+        # tile like the main loop's epilogue.  Nobody waits, so no co-residency is assumed.
+        TILE: tl.constexpr = BLOCK_M * BLOCK_N
+        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]
+        num_pieces = (num_steps - num_main) * tail_parts
+        for v in range(pid, num_pieces, num_progs):
+            t = v // tail_parts
+            q = v - t * tail_parts
+            row = step_ptr + (num_main + t) * 7
+            row_start = tl.load(row + 0)
+            col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
+            k_lo = q * k_tiles // tail_parts
+            k_hi = (q + 1) * k_tiles // tail_parts
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if USE_TMA:
+                for ki in range(k_lo, k_hi):
+                    off_k = ki * BLOCK_K
+                    a = a_desc.load([row_start, off_k])
+                    if B_TRANS:
+                        b = b_desc.load([col_start, off_k]).T
+                    else:
+                        b = b_desc.load([off_k, col_start])
+                    if DOT_FP32:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            else:
+                mask_am = (row_start + offs_i) < M
+                mask_bn = (col_start + offs_j) < N
+                a_ptrs = a_ptr + row_start.to(tl.int64) * stride_am + k_lo * BLOCK_K \
+                    + (offs_i[:, None] * stride_am + offs_k[None, :])
+                if B_TRANS:
+                    b_ptrs = b_ptr + col_start.to(tl.int64) * stride_b + k_lo * BLOCK_K \
+                        + (offs_j[None, :] * stride_b + offs_k[:, None])
+                else:
+                    b_ptrs = b_ptr + col_start + tl.cast(k_lo * BLOCK_K, tl.int64) * stride_b \
+                        + (offs_k[:, None] * stride_b + offs_j[None, :])
+                for ki in range(k_lo, k_hi):
+                    k_left = K - ki * BLOCK_K
+                    a = tl.load(a_ptrs, mask=mask_am[:, None] & (offs_k[None, :] < k_left),
+                                other=0.0)
+                    b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_bn[None, :],
+                                other=0.0)
+                    if DOT_FP32:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                    a_ptrs += BLOCK_K
+                    if B_TRANS:
+                        b_ptrs += BLOCK_K
+                    else:
+                        b_ptrs += BLOCK_K * stride_b
+            # Own part -> slot v; barrier; ticket (release of every thread's part stores,
+            # acquire of the other pieces' for the last one).
+            tl.store(part_ptr + tl.cast(v, tl.int64) * TILE + offs_tile, acc)
+            if ASM_BARRIER:
+                t = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r", [t],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
+            if ticket == tail_parts - 1:
+                # The acquiring thread's view, then the CTA's: a barrier before the reads
+                # (they bypass L1: .cg).
+                if ASM_BARRIER:
+                    t = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
+                                                  [t], dtype=tl.int32, is_pure=False, pack=1)
+                else:
+                    tl.debug_barrier()
+                slots = part_ptr + tl.cast(t * tail_parts, tl.int64) * TILE + offs_tile
+                total = tl.load(slots, cache_modifier=".cg")
+                for q2 in range(1, tail_parts):
+                    total += tl.load(slots + q2 * TILE, cache_modifier=".cg")
+                tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")  # next launch
+                c_row_start = tl.load(row + 0)
+                c_rows = tl.load(row + 1) - c_row_start
+                c_cols = tl.multiple_of(tl.load(row + 3) - col_start, ALIGN)
+                dest_row = tl.load(row + 4)
+                if HAS_RESIDUAL:
+                    c_block = tl.load(row + 6)
+                    r_row = c_row_start - c_block * rows_per_block
+                    r_ptrs = res_ptr + r_row.to(tl.int64) * stride_rm + col_start \
+                        + (offs_i[:, None] * stride_rm + offs_j[None, :])
+                    r_rows = tl.where(c_block == res_block, c_rows, 0)
+                    r_mask = (offs_i < r_rows)[:, None] & (offs_j < c_cols)[None, :]
+                    total += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
+                c_ptrs = c_ptr + dest_row.to(tl.int64) * stride_cm + col_start \
+                    + (offs_i[:, None] * stride_cm + offs_j[None, :])
+                mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
+                tl.store(c_ptrs, total.to(dtype), mask=mask_c)
+                if HAS_COUNTERS:
+                    group = tl.load(row + 5)
+                    if ASM_BARRIER:
+                        group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;",
+                                                          "=r,r", [group], dtype=tl.int32,
+                                                          is_pure=False, pack=1)
+                    else:
+                        tl.debug_barrier()
+                    tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -414,9 +540,27 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_n: int,
+                     config: GemmConfig, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fp32 part slots and int32 tickets a launch of this shape needs to split its last
+    wave (None: no split).  Launches of one launcher reuse them (every launch leaves the
+    tickets zero); the overlap engine allocates them once per workspace and counts them in its
+    memory budget."""
+    num_main, parts = (tail_split(num_steps, num_ctas, triton.cdiv(K, config.block_k))
+                       if config.split_tail else (num_steps, 1))
+    if parts == 1:
+        return None
+    tail = num_steps - num_main
+    return (torch.empty(tail * parts * block_m * block_n, dtype=torch.float32, device=device),
+            torch.zeros(tail, dtype=torch.int32, device=device))
+
+
 def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
-                 residual_block, rows_per_block, config):
-    """``(grid, args, meta)`` of one launch of the kernel (no checks: :func:`_validate`)."""
+                 residual_block, rows_per_block, config, tail_scratch=None):
+    """``(grid, args, meta)`` of one launch of the kernel (no checks: :func:`_validate`);
+    ``tail_scratch``: :func:`tail_scratch_for`'s buffers to use (allocated here if None or
+    too small)."""
     if config is None:
         config = default_config(a.device, a.dtype)
         if (config.block_m, config.block_n) != (block_m, block_n):
@@ -431,11 +575,23 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     stride_rm = _row_stride(residual) if residual is not None else N
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
-    programs = min(num_ctas, T)
+    num_main, parts = (tail_split(T, num_ctas, triton.cdiv(K, config.block_k))
+                       if config.split_tail else (T, 1))
+    programs = min(num_ctas, max(T, (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
+    part_arg = ticket_arg = step_table  # never touched without a split
+    if parts > 1:
+        # fp32 parts of the split tiles and their tickets: zero, and left zero by every
+        # launch (the last piece of a tile re-arms its ticket; slots are overwritten).
+        need = (T - num_main) * parts * block_m * block_n
+        if (tail_scratch is None or tail_scratch[0].numel() < need
+                or tail_scratch[1].numel() < T - num_main):
+            tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, a.device)
+        part_arg, ticket_arg = tail_scratch
     args = (a, b, out, step_table, counter_arg, res_arg, M, N, K, stride_am, stride_b,
-            stride_cm, stride_rm, residual_block, rows_per_block or M, T, num_ctas)
+            stride_cm, stride_rm, residual_block, rows_per_block or M, T, num_ctas,
+            part_arg, ticket_arg, num_main, parts)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "B_TRANS": b_trans, "HAS_COUNTERS": counters is not None,
@@ -450,6 +606,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         # Triton's interpreter (3.6-3.9) runs tl.dot on bf16 as raw uint16 numbers; bf16
         # products are exact in fp32, so upcasting gives the tensor-core result.
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
+        "SPLIT_TAIL": parts > 1,
         "num_warps": config.num_warps, "num_stages": config.num_stages,
     }
     return (programs, 1, 1), args, meta
@@ -556,8 +713,12 @@ class SignalGemmLauncher:
 
     def __init__(self, step_table: torch.Tensor, counters: torch.Tensor | None, *,
                  block_m: int, block_n: int, num_ctas: int, residual_block: int = 0,
-                 rows_per_block: int | None = None, config: GemmConfig | None = None) -> None:
+                 rows_per_block: int | None = None, config: GemmConfig | None = None,
+                 tail_scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.step_table, self.counters = step_table, counters
+        # The split last wave's slots and tickets (tail_scratch_for), shared by the launches
+        # of every key; allocated at the first launch that needs them when not given.
+        self.tail_scratch = tail_scratch
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
         self.residual_block, self.rows_per_block = residual_block, rows_per_block
         self.config = config
@@ -620,7 +781,10 @@ class SignalGemmLauncher:
                   bumped, residual, self.rows_per_block)
         grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
                                         self.block_n, self.num_ctas, bumped, residual,
-                                        self.residual_block, self.rows_per_block, self.config)
+                                        self.residual_block, self.rows_per_block, self.config,
+                                        self.tail_scratch)
+        if meta["SPLIT_TAIL"]:
+            self.tail_scratch = (args[17], args[18])
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
             compiled = _jit_launch(grid, args, meta)

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from flashoverlap.kernels import default_block_shape, default_config  # noqa: E402
+from flashoverlap.kernels import default_block_shape, default_config, tail_split  # noqa: E402
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
@@ -208,24 +208,36 @@ def test_launcher_reuses_compiled_kernels():
         assert len(launcher._entries) == 1
 
 
-def test_compiled_epilogue_orders_stores_before_release():
-    """PTX: every tile's global stores, then a CTA barrier, then one release atomic."""
-    M, N, K = 1024, 1024, 512
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
+def test_compiled_epilogue_orders_stores_before_release(split):
+    """PTX: every tile's global stores, then a CTA barrier, then one release atomic; with a
+    split last wave also each part's stores, a barrier, then the acq_rel ticket (the ticket's
+    re-arm is the one relaxed exchange)."""
+    import dataclasses
+
+    M, N, K = 1024, 1024, 512  # 32 tiles on 132 CTAs: a single wave, split in 2
     plan = _plan(M, N, K)
     a, b = _operands(M, N, K, torch.bfloat16, False)
     out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    config = default_config(DEV, torch.bfloat16)
+    config = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
     grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, plan.config.num_ctas,
                                        counters, None, 0, None, config)
+    assert meta["SPLIT_TAIL"] is split
     kernel = sg._jit_launch(grid, args, meta)
     torch.cuda.synchronize()
+    assert torch.equal(counters.cpu(), torch.tensor(plan.group_tile_counts, dtype=torch.int32))
     ptx = kernel.asm["ptx"].splitlines()
     atoms = [i for i, line in enumerate(ptx) if re.search(r"\b(atom|red)\.", line)]
     barriers = [i for i, line in enumerate(ptx) if re.search(r"\b(bar|barrier)\.sync", line)]
     assert atoms, "no counter update"
+    exchanges = [i for i in atoms if ".exch" in ptx[i]]
+    assert len(exchanges) == (1 if split else 0)
+    assert any("acq_rel" in ptx[i] for i in atoms) is split
     for i in atoms:  # the epilogue may be emitted more than once (loop peeling)
-        assert "release" in ptx[i] and ".gpu" in ptx[i], ptx[i]
+        if i in exchanges:
+            continue
+        assert ("release" in ptx[i] or "acq_rel" in ptx[i]) and ".gpu" in ptx[i], ptx[i]
         stores = [j for j, line in enumerate(ptx[:i]) if "st.global" in line]
         assert stores, "epilogue must use pointer stores"
         assert any(stores[-1] < j < i for j in barriers), "no CTA barrier before the release"
@@ -233,6 +245,41 @@ def test_compiled_epilogue_orders_stores_before_release():
     if torch.cuda.get_device_capability(DEV)[0] >= 9 and config.use_tma:
         assert sg.uses_tma(a, b, config)
         assert any("cp.async.bulk.tensor" in line for line in ptx), "TMA loads expected"
+
+
+@pytest.mark.parametrize("M,N,K", [(16384, 8192, 2048), (6144, 3072, 8192), (1000, 1024, 4096)],
+                         ids=["4-parts", "2-parts", "single-wave"])
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans):
+    """Shapes whose last wave is split along K (kernels.tail_split) on all SMs: right against
+    fp32 matmul, counters at the tile counts, bitwise the same over launches (the parts are
+    summed in order), and close to the same kernel without the split."""
+    import dataclasses
+
+    plan = _plan(M, N, K)
+    T = plan.step_table.shape[0]
+    config = default_config(DEV, torch.bfloat16)
+    assert tail_split(T, SMS, -(-K // config.block_k))[1] > 1
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    kwargs = dict(block_m=BM, block_n=BN, num_ctas=SMS, rows_per_block=plan.problem.rows_per_block)
+    launcher = sg.SignalGemmLauncher(_table(plan), counters, config=config, **kwargs)
+    whole = sg.SignalGemmLauncher(_table(plan), None,
+                                  config=dataclasses.replace(config, split_tail=False), **kwargs)
+    a, b = _operands(M, N, K, torch.bfloat16, b_trans)
+    outs = []
+    for _ in range(3):
+        out = _nan((M, N))
+        launcher(a, b, out, stream=torch.cuda.current_stream())
+        outs.append(out)
+    ref = _nan((M, N))
+    whole(a, b, ref, stream=torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert counters.tolist() == (3 * plan.group_tile_counts).tolist()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert not outs[2].isnan().any()
+    exact = a.float() @ b.float()
+    assert _rel_fro(outs[2], exact) <= 1e-2
+    assert _rel_fro(outs[2], ref) <= 1e-2 and _rel_fro(ref, exact) <= 1e-2
 
 
 def test_cuda_graph_capture():
@@ -367,7 +414,8 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = 0
+    groups_checked = calls = split_calls = 0
+    block_k = default_config(DEV).block_k
     start = time.perf_counter()
 
     def verify(upto: int) -> None:
@@ -388,6 +436,7 @@ def test_signal_ordering_stress():
         b_trans = calls % 2 == 1
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         table = _table(plan)
+        split_calls += tail_split(table.shape[0], P, -(-K // block_k))[1] > 1
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
         spans = plan.spans()
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
@@ -429,6 +478,8 @@ def test_signal_ordering_stress():
     waited = int(spun[:calls].sum())
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
-          f"{waited} groups waited for their count ({elapsed:.1f} s)")
+          f"{waited} groups waited for their count, {split_calls} calls with a split last "
+          f"wave ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
+    assert split_calls >= calls // 10, "too few split last waves: test too weak"
