@@ -113,7 +113,11 @@ def test_matches_matmul(dtype, b_trans):
 def test_packed_reduce_scatter_layout(world, bands):
     """ReduceScatter plans: group g's rows of every block, packed by block, at send rows
     [W*lo_g, W*hi_g); unpacking them gives the plain product bitwise (same tiles, so the
-    same arithmetic), for every rank's block."""
+    same arithmetic -- without the split last wave, which splits different tiles of the two
+    plans), for every rank's block."""
+    import dataclasses
+
+    config = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=False)
     rows = 4 * BM + 40  # a short edge tile at the end of every block
     M, N, K = rows * world, 1500, 777
     group_m = 1  # 5 bands of one tile row per block
@@ -123,7 +127,7 @@ def test_packed_reduce_scatter_layout(world, bands):
     plan = _plan(M, N, K, world=world, op="reduce_scatter", num_ctas=37, group_m=group_m,
                  group_bands=bands)
     a, b = _operands(M, N, K, torch.bfloat16, True)
-    send, ref, cnt = _run_pair(plan, a, b)
+    send, ref, cnt = _run_pair(plan, a, b, config=config)
     _check(send, ref, "packed")
     assert cnt.tolist() == plan.group_tile_counts.tolist()
     # The same tiles in the identity layout, per block: a W=1 plan of each block's rows.
@@ -131,7 +135,7 @@ def test_packed_reduce_scatter_layout(world, bands):
         block_plan = _plan(rows, N, K, num_ctas=37, group_m=group_m)
         plain = _nan((rows, N))
         sg.signal_gemm(a[r * rows:(r + 1) * rows], b, plain, step_table=_table(block_plan),
-                       block_m=BM, block_n=BN, num_ctas=37)
+                       block_m=BM, block_n=BN, num_ctas=37, config=config)
         parts = [send[s.send_lo + r * s.recv_rows: s.send_lo + (r + 1) * s.recv_rows]
                  for s in plan.spans()]
         assert torch.equal(torch.cat(parts), plain), f"rank {r}"
@@ -371,10 +375,11 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
 
     CUDA lazy loading may synchronize the context at a kernel's first launch; a first
     launch of the GEMM while the consumer spins on its counters would wait for the consumer,
-    which waits for the GEMM (stream_wait's module docstring)."""
+    which waits for the GEMM (stream_wait's module docstring).  K = 512/511 compile the
+    variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps)."""
     torch.cuda._sleep(100)
     for b_trans in (False, True):
-        for K in (64, 63):
+        for K in (64, 63, 512, 511):
             for N in (64, 63):
                 plan = _plan(40, N, K, num_ctas=4, group_m=1)
                 a, b = _operands(40, N, K, torch.bfloat16, b_trans)
