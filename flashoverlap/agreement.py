@@ -52,7 +52,6 @@ rank 1 skips a call that rank 0 makes:
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 from datetime import timedelta
 from typing import Any
