@@ -804,11 +804,12 @@ class _NoBar:
 
 
 def progress(bench: Bench, total: int, desc: str):
-    """tqdm bar on rank 0 (stderr); a no-op elsewhere, with --no-progress, or without tqdm."""
+    """tqdm bar on rank 0 (stderr); a no-op elsewhere, with --no-progress, or without tqdm,
+    and off where stderr is not a terminal (a log file would get one line per update)."""
     if not bench.is_root or bench.args.no_progress or total <= 1:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="problem", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="problem", dynamic_ncols=True, disable=None)

@@ -197,7 +197,8 @@ def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,
     bars: list[Any] = []
 
     def progress(total: int):
-        bars.append(tqdm(total=total, desc="tune", disable=rank != 0))
+        # Rank 0 only, and only on a terminal (disable=None): logs get no bar lines.
+        bars.append(tqdm(total=total, desc="tune", disable=True if rank != 0 else None))
         return bars[-1].update
 
     try:
