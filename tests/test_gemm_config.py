@@ -372,3 +372,20 @@ def test_tail_split_rule():
     # whole waves, or one CTA: nothing to split
     assert tail_split(264, 132, 64) == (264, 1)
     assert tail_split(5, 1, 64) == (5, 1)
+
+
+def test_stream_k_tail_rule():
+    """Which last waves stream-K takes (kernels.stream_k_tail): more than half full."""
+    from flashoverlap.kernels import stream_k_tail
+
+    # 2048 tiles on 132: 68 left -> the last full wave and them, 200 tiles, on 132 programs
+    assert stream_k_tail(2048, 132, 32) == (1848, 132)
+    # 1024 tiles: 100 left -> 232 tiles shared
+    assert stream_k_tail(1024, 132, 32) == (792, 132)
+    # a single wave more than half full: all tiles shared
+    assert stream_k_tail(100, 132, 8) == (0, 132)
+    # at most half full: the split's case; whole waves: nothing
+    assert stream_k_tail(4096, 132, 32) == (4096, 1)
+    assert stream_k_tail(264, 132, 32) == (264, 1)
+    # fewer than 2 K steps per program
+    assert stream_k_tail(70, 132, 3) == (70, 1)

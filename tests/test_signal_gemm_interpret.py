@@ -525,3 +525,83 @@ def test_split_tail_can_be_switched_off():
     assert not meta["SPLIT_TAIL"] and args[19:] == (plan.step_table.shape[0], 1)
     out, ref, _, _ = _run_both(plan, a, b, config=config)
     _check_close(out, ref, torch.float32)
+
+
+# -- stream-K over the last two waves (GemmConfig.stream_k, kernels.stream_k_tail) ----------
+STREAM_CASES = [
+    # (M, N, K, W, op, P, group_bands): K = 256 / 250 are 16 K steps of BK = 16
+    pytest.param(176, 32, 256, 1, "all_reduce", 6, None, id="ar-22-tiles-on-6"),
+    pytest.param(37, 45, 250, 1, "all_reduce", 5, None, id="ar-9-tiles-on-5"),
+    pytest.param(37, 45, 256, 1, "all_reduce", 12, None, id="ar-single-wave-9-on-12"),
+    pytest.param(102, 18, 250, 3, "reduce_scatter", 5, (1, 2), id="rs3-uneven-groups"),
+]
+
+
+def _stream_config(use_tma=False):
+    return GemmConfig(block_m=BM, block_n=BN, block_k=BK, num_warps=4, num_stages=2,
+                      use_tma=use_tma, stream_k=True)
+
+
+@_in_child
+@pytest.mark.parametrize("M,N,K,W,op,P,bands", STREAM_CASES)
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+@pytest.mark.parametrize("use_tma", [False, True], ids=["ptr", "tma"])
+def test_stream_k_tail_matches_float64_and_rearms(M, N, K, W, op, P, bands, b_trans, use_tma):
+    """Last waves more than half full, K steps of the last two waves shared evenly by all
+    programs: the float64 product in the plan's layout, the reference's counter counts,
+    tickets back to zero, and a second launch bitwise the same."""
+    from flashoverlap.kernels import stream_k_tail, tail_split
+
+    plan = _plan(M, N, K, W, op, P, group_m=1, group_bands=bands)
+    table = _table(plan)
+    T, k_tiles = table.shape[0], -(-K // BK)
+    assert tail_split(T, P, k_tiles)[1] == 1, "case must not be the split's"
+    num_main, programs = stream_k_tail(T, P, k_tiles)
+    assert programs == P, "case must take stream-K"
+    a, b = _operands(M, N, K, torch.float32, b_trans, seed=11)
+    out = _poison((M, N), torch.float32)
+    counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+    grid, args, meta = sg._launch_args(a, b, out, table, BM, BN, P, counters, None, 0,
+                                       plan.problem.rows_per_block, _stream_config(use_tma))
+    assert meta["STREAM_K"] and not meta["SPLIT_TAIL"] and args[19:] == (num_main, P)
+    assert grid[0] == P
+    tickets = args[18]
+    sg._jit_launch(grid, args, meta)
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b), rtol=1e-5, atol=1e-5)
+    ref_counts = torch.zeros_like(counters)
+    sg.signal_gemm_ref(a, b, _poison((M, N), torch.float32), table, ref_counts)
+    assert torch.equal(counters, ref_counts)
+    assert tickets.numel() == T - num_main and not tickets.any()
+    first = out.clone()
+    out.fill_(float("nan"))
+    sg._jit_launch(grid, args, meta)
+    assert torch.equal(out, first)
+    assert torch.equal(counters, 2 * ref_counts) and not tickets.any()
+
+
+@_in_child
+def test_stream_k_tail_adds_the_residual_once():
+    M, N, K, P = 176, 32, 256, 6
+    plan = _plan(M, N, K, 1, "all_reduce", P, group_m=1)
+    a, b = _operands(M, N, K, torch.float32, False, seed=4)
+    residual = torch.randn(M, N, generator=torch.Generator().manual_seed(6))
+    out, ref, cnt, ref_cnt = _run_both(plan, a, b, residual=residual, config=_stream_config())
+    _check_close(out, ref, torch.float32)
+    assert torch.equal(cnt, ref_cnt)
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b, residual, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@_in_child
+def test_stream_k_is_off_by_default_and_defers_to_the_split():
+    """Default configs never take stream-K; with it on, a last wave at most half full is
+    still the split's."""
+    from flashoverlap.kernels import default_config
+
+    assert default_config("cpu").stream_k is False
+    M, N, K, P = 37, 45, 256, 4  # 9 tiles on 4: r = 1, the split's case
+    plan = _plan(M, N, K, 1, "all_reduce", P, group_m=1)
+    a, b = _operands(M, N, K, torch.float32, False)
+    _, _, meta = sg._launch_args(a, b, _poison((M, N), torch.float32), _table(plan), BM, BN, P,
+                                 None, None, 0, None, _stream_config())
+    assert meta["SPLIT_TAIL"] and not meta["STREAM_K"]

@@ -29,6 +29,7 @@ __all__ = [
     "GROUPED_GEMM_RULES",
     "signal_gemm",
     "signal_gemm_ref",
+    "stream_k_tail",
     "tail_split",
     "TAIL_SPLIT_MAX",
 ]
@@ -69,6 +70,10 @@ class GemmConfig:
             :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
             the last one to finish sums the parts in a fixed order (deterministic) and stores
             and signals it.
+        stream_k: where the last wave is more than half full (no split), share the K steps
+            of the last two waves' tiles evenly among all ``P`` programs
+            (:func:`stream_k_tail`), same deterministic sum of parts.  Off by default: tested
+            in the interpreter and compiled for sm_90, **not yet measured on a GPU**.
     """
 
     block_m: int = 128
@@ -82,6 +87,7 @@ class GemmConfig:
     acc_multibuffer: bool = True
     warp_specialize: bool = False
     split_tail: bool = True
+    stream_k: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -160,6 +166,25 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
     if parts < 2:
         return T, 1
     return T - r, parts
+
+
+def stream_k_tail(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
+    """``(num_main, programs)``: the stream-K schedule of :attr:`GemmConfig.stream_k` for a
+    last wave of ``r > P / 2`` tiles (smaller ones are :func:`tail_split`'s): the persistent
+    GEMM runs steps ``[0, num_main)`` whole, and the K steps of the remaining ``R`` tiles
+    (the last full wave and the partial one, ``R = P + r``; or all ``T < P`` tiles) are cut
+    into ``P`` equal ranges, one per program.  The last waves then take ``R / P`` tile times
+    (1.5-2) instead of 2, or ``T / P`` instead of 1.  ``(num_steps, 1)``: not applicable
+    (whole waves, ``r <= P / 2``, or fewer than 2 K steps per program).
+    """
+    T, P = num_steps, num_ctas
+    r = T % P if T >= P else T
+    if r == 0 or 2 * r <= P:
+        return T, 1
+    R = r + P if T >= P else r
+    if R * k_tiles < 2 * P:
+        return T, 1
+    return T - R, P
 
 
 def default_block_shape(device: torch.device | str | None = None) -> tuple[int, int]:

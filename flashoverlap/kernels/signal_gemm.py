@@ -66,6 +66,21 @@ a full stream-K schedule (covers last waves more than half full too, but splits 
 anywhere; not done).  The slots (``parts x BLOCK_M x BLOCK_N`` fp32 per split tile) and
 tickets are allocated with the launch arguments and reused by every launch of a launcher.
 
+Stream-K tail (``GemmConfig.stream_k``, off by default)
+-------------------------------------------------------
+Where the last wave is more than half full, the split above does not apply
+(:func:`flashoverlap.kernels.stream_k_tail`): the K steps of the last full wave and the
+partial one (or of every tile of a single partial wave) are cut into ``P`` equal ranges, one
+per program, in tile order, so a range may start or end inside a tile.  A tile one range
+covers is stored and signalled at once; the ranges that share a tile follow the split's
+protocol (own slot, barrier, ``acq_rel`` ticket, the last one sums the slots in range order,
+re-arms the ticket, stores and signals).  The last two waves then take ``(P + r) / P`` tile
+times instead of 2.  Status: tested under the interpreter (float64 results, counters, ticket
+re-arm, residual) and compiled for sm_90 with Triton 3.6 (same shared memory, release and
+``acq_rel`` atomics in the PTX); **not yet run or measured on a GPU**, hence off by default.
+Its helpers (``_k_range_*``, ``_store_and_signal``) are where the main loop's and the split's
+copies of the same code should converge once a GPU run validates them.
+
 Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100 SXM, Triton
 3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, tile-slotted
 stores + signals (the previous layout), one group per wave: with all 132 SMs 0.95-1.03x torch.matmul (median 1.00); with 124 and
@@ -92,7 +107,13 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import GemmConfig, default_config, direct_launch, tail_split
+from flashoverlap.kernels import (
+    GemmConfig,
+    default_config,
+    direct_launch,
+    stream_k_tail,
+    tail_split,
+)
 
 # Same column order as flashoverlap.plan.STEP_TABLE_COLUMNS (kept literal so the kernel
 # module does not depend on the planner).
@@ -133,6 +154,7 @@ def _signal_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
     SPLIT_TAIL: tl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
+    STREAM_K: tl.constexpr,  # steps [num_main, num_steps) shared by tail_parts programs
 ):
     pid = tl.program_id(0)
     dtype = c_ptr.dtype.element_ty
@@ -366,6 +388,155 @@ def _signal_gemm_kernel(
                         tl.debug_barrier()
                     tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
 
+    if STREAM_K:
+        # ---- stream-K tail (GemmConfig.stream_k; kernels.stream_k_tail) ---------------
+        # The K steps of tail tiles [num_main, num_steps), in order, are cut into
+        # tail_parts equal ranges, one per program; a range may end inside a tile and the
+        # next start there.  A tile covered by one range is stored and signalled at once;
+        # otherwise each range's partial goes to the tile's slot of that range (ranges of a
+        # tile numbered from its first program), and the range that draws the tile's last
+        # ticket sums the slots in order, re-arms the ticket, stores and signals -- the
+        # split tail's protocol with a variable number of parts.
+        TILE_SK: tl.constexpr = BLOCK_M * BLOCK_N
+        offs_sk = offs_i[:, None] * BLOCK_N + offs_j[None, :]
+        total_k = (num_steps - num_main) * k_tiles
+        max_parts = (k_tiles * tail_parts + total_k - 1) // total_k + 1
+        if pid < tail_parts:
+            it = pid * total_k // tail_parts
+            it_end = (pid + 1) * total_k // tail_parts
+            while it < it_end:
+                t = it // k_tiles
+                k_lo = it - t * k_tiles
+                k_hi = tl.minimum(k_tiles, k_lo + (it_end - it))
+                # program holding K step x: ceil((x + 1) * Q / total) - 1
+                first = ((t * k_tiles + 1) * tail_parts + total_k - 1) // total_k - 1
+                last = ((t + 1) * k_tiles * tail_parts + total_k - 1) // total_k - 1
+                row = step_ptr + (num_main + t) * 7
+                row_start = tl.load(row + 0)
+                col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
+                if USE_TMA:
+                    acc = _k_range_tma(a_desc, b_desc, row_start, col_start, k_lo, k_hi,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32,
+                                       INPUT_PRECISION)
+                else:
+                    acc = _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K,
+                                       stride_am, stride_b, offs_i, offs_j, offs_k, BLOCK_M,
+                                       BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
+                if first == last:
+                    _store_and_signal(acc, row, col_start, c_ptr, res_ptr, counter_ptr,
+                                      stride_cm, stride_rm, res_block, rows_per_block, offs_i,
+                                      offs_j, ALIGN, HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
+                else:
+                    slots = part_ptr + tl.cast(t * max_parts, tl.int64) * TILE_SK + offs_sk
+                    tl.store(slots + (pid - first) * TILE_SK, acc)
+                    t = _cta_barrier(t, ASM_BARRIER)
+                    ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
+                    if ticket == last - first:
+                        t = _cta_barrier(t, ASM_BARRIER)
+                        whole = tl.load(slots, cache_modifier=".cg")
+                        for q2 in range(1, last - first + 1):
+                            whole += tl.load(slots + q2 * TILE_SK, cache_modifier=".cg")
+                        tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")
+                        _store_and_signal(whole, row, col_start, c_ptr, res_ptr, counter_ptr,
+                                          stride_cm, stride_rm, res_block, rows_per_block,
+                                          offs_i, offs_j, ALIGN, HAS_RESIDUAL, HAS_COUNTERS,
+                                          ASM_BARRIER)
+                it += k_hi - k_lo
+
+
+@triton.jit
+def _cta_barrier(x, ASM_BARRIER: tl.constexpr):
+    """``bar.sync 0`` (inline PTX, returning ``x`` so later code depends on it) or
+    ``tl.debug_barrier()`` in the interpreter."""
+    if ASM_BARRIER:
+        x = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.debug_barrier()
+    return x
+
+
+@triton.jit
+def _k_range_tma(a_desc, b_desc, row_start, col_start, k_lo, k_hi, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_TRANS: tl.constexpr,
+                 DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 ``A[rows, k] @ B[k, cols]`` over K steps ``[k_lo, k_hi)`` (TMA loads)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(k_lo, k_hi):
+        off_k = ki * BLOCK_K
+        a = a_desc.load([row_start, off_k])
+        if B_TRANS:
+            b = b_desc.load([col_start, off_k]).T
+        else:
+            b = b_desc.load([off_k, col_start])
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K, stride_am, stride_b,
+                 offs_i, offs_j, offs_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, B_TRANS: tl.constexpr, DOT_FP32: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """fp32 ``A[rows, k] @ B[k, cols]`` over K steps ``[k_lo, k_hi)`` (masked pointer loads)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    mask_am = (row_start + offs_i) < M
+    mask_bn = (col_start + offs_j) < N
+    a_ptrs = a_ptr + row_start.to(tl.int64) * stride_am + k_lo * BLOCK_K \
+        + (offs_i[:, None] * stride_am + offs_k[None, :])
+    if B_TRANS:
+        b_ptrs = b_ptr + col_start.to(tl.int64) * stride_b + k_lo * BLOCK_K \
+            + (offs_j[None, :] * stride_b + offs_k[:, None])
+    else:
+        b_ptrs = b_ptr + col_start + tl.cast(k_lo * BLOCK_K, tl.int64) * stride_b \
+            + (offs_k[:, None] * stride_b + offs_j[None, :])
+    for ki in range(k_lo, k_hi):
+        k_left = K - ki * BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_am[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_bn[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K
+        if B_TRANS:
+            b_ptrs += BLOCK_K
+        else:
+            b_ptrs += BLOCK_K * stride_b
+    return acc
+
+
+@triton.jit
+def _store_and_signal(acc, row, col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm,
+                      res_block, rows_per_block, offs_i, offs_j, ALIGN: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+                      ASM_BARRIER: tl.constexpr):
+    """The epilogue of the tile of step-table ``row``: residual (fp32), one rounding, pointer
+    stores, CTA barrier, release atomic on the tile's group counter (module docstring)."""
+    dtype = c_ptr.dtype.element_ty
+    c_row_start = tl.load(row + 0)
+    c_rows = tl.load(row + 1) - c_row_start
+    c_cols = tl.multiple_of(tl.load(row + 3) - col_start, ALIGN)
+    dest_row = tl.load(row + 4)
+    if HAS_RESIDUAL:
+        c_block = tl.load(row + 6)
+        r_row = c_row_start - c_block * rows_per_block
+        r_ptrs = res_ptr + r_row.to(tl.int64) * stride_rm + col_start \
+            + (offs_i[:, None] * stride_rm + offs_j[None, :])
+        r_rows = tl.where(c_block == res_block, c_rows, 0)
+        r_mask = (offs_i < r_rows)[:, None] & (offs_j < c_cols)[None, :]
+        acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
+    c_ptrs = c_ptr + dest_row.to(tl.int64) * stride_cm + col_start \
+        + (offs_i[:, None] * stride_cm + offs_j[None, :])
+    mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
+    tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
+    if HAS_COUNTERS:
+        group = _cta_barrier(tl.load(row + 5), ASM_BARRIER)
+        tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+
 
 # --------------------------------------------------------------------------------------
 # Host side
@@ -547,13 +718,38 @@ def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_
     wave (None: no split).  Launches of one launcher reuse them (every launch leaves the
     tickets zero); the overlap engine allocates them once per workspace and counts them in its
     memory budget."""
-    num_main, parts = (tail_split(num_steps, num_ctas, triton.cdiv(K, config.block_k))
-                       if config.split_tail else (num_steps, 1))
+    k_tiles = triton.cdiv(K, config.block_k)
+    num_main, parts, stream = _tail_schedule(num_steps, num_ctas, k_tiles, config)
     if parts == 1:
         return None
     tail = num_steps - num_main
-    return (torch.empty(tail * parts * block_m * block_n, dtype=torch.float32, device=device),
+    slots = tail * _slots_per_tile(tail, parts, k_tiles, stream)
+    return (torch.empty(slots * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(tail, dtype=torch.int32, device=device))
+
+
+def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
+                   config: GemmConfig) -> tuple[int, int, bool]:
+    """``(num_main, parts, stream_k)``: the split last wave where it applies, else stream-K
+    where enabled and it applies, else ``(num_steps, 1, False)``."""
+    if config.split_tail:
+        num_main, parts = tail_split(num_steps, num_ctas, k_tiles)
+        if parts > 1:
+            return num_main, parts, False
+    if config.stream_k:
+        num_main, programs = stream_k_tail(num_steps, num_ctas, k_tiles)
+        if programs > 1:
+            return num_main, programs, True
+    return num_steps, 1, False
+
+
+def _slots_per_tile(tail: int, parts: int, k_tiles: int, stream: bool) -> int:
+    """Part slots per tail tile: ``parts`` for the split; for stream-K the most ranges that
+    can meet one tile (the kernel's ``max_parts``)."""
+    if not stream:
+        return parts
+    total = tail * k_tiles
+    return (k_tiles * parts + total - 1) // total + 1
 
 
 def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
@@ -575,16 +771,17 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     stride_rm = _row_stride(residual) if residual is not None else N
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
-    num_main, parts = (tail_split(T, num_ctas, triton.cdiv(K, config.block_k))
-                       if config.split_tail else (T, 1))
-    programs = min(num_ctas, max(T, (T - num_main) * parts))
+    k_tiles = triton.cdiv(K, config.block_k)
+    num_main, parts, stream = _tail_schedule(T, num_ctas, k_tiles, config)
+    programs = min(num_ctas, max(T, num_ctas if stream else (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
     part_arg = ticket_arg = step_table  # never touched without a split
     if parts > 1:
         # fp32 parts of the split tiles and their tickets: zero, and left zero by every
         # launch (the last piece of a tile re-arms its ticket; slots are overwritten).
-        need = (T - num_main) * parts * block_m * block_n
+        need = ((T - num_main) * _slots_per_tile(T - num_main, parts, k_tiles, stream)
+                * block_m * block_n)
         if (tail_scratch is None or tail_scratch[0].numel() < need
                 or tail_scratch[1].numel() < T - num_main):
             tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, a.device)
@@ -606,7 +803,8 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         # Triton's interpreter (3.6-3.9) runs tl.dot on bf16 as raw uint16 numbers; bf16
         # products are exact in fp32, so upcasting gives the tensor-core result.
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
-        "SPLIT_TAIL": parts > 1,
+        "SPLIT_TAIL": parts > 1 and not stream,
+        "STREAM_K": stream,
         "num_warps": config.num_warps, "num_stages": config.num_stages,
     }
     return (programs, 1, 1), args, meta
@@ -783,7 +981,7 @@ class SignalGemmLauncher:
                                         self.block_n, self.num_ctas, bumped, residual,
                                         self.residual_block, self.rows_per_block, self.config,
                                         self.tail_scratch)
-        if meta["SPLIT_TAIL"]:
+        if meta["SPLIT_TAIL"] or meta["STREAM_K"]:
             self.tail_scratch = (args[17], args[18])
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():

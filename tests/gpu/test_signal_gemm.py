@@ -11,6 +11,7 @@ snapshot and the final buffer is a torn read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -25,7 +26,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from flashoverlap.kernels import default_block_shape, default_config, tail_split  # noqa: E402
+from flashoverlap.kernels import (  # noqa: E402
+    default_block_shape,
+    default_config,
+    stream_k_tail,
+    tail_split,
+)
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
@@ -286,6 +292,42 @@ def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans):
     assert _rel_fro(outs[2], ref) <= 1e-2 and _rel_fro(ref, exact) <= 1e-2
 
 
+@pytest.mark.parametrize("M,N,K", [(4096, 8192, 2048), (8192, 8192, 7168), (1280, 2048, 1024)],
+                         ids=["1024-tiles", "2048-tiles", "single-wave"])
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_stream_k_tail_matches_matmul_and_is_deterministic(M, N, K, b_trans):
+    """GemmConfig.stream_k (off by default) on shapes whose last wave is more than half full:
+    right against fp32 matmul, counters at the tile counts, bitwise the same over launches,
+    close to the kernel without it."""
+    import dataclasses
+
+    from flashoverlap.kernels import stream_k_tail
+
+    plan = _plan(M, N, K)
+    T = plan.step_table.shape[0]
+    base = default_config(DEV, torch.bfloat16)
+    assert stream_k_tail(T, SMS, -(-K // base.block_k))[1] == SMS
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    kwargs = dict(block_m=BM, block_n=BN, num_ctas=SMS, rows_per_block=plan.problem.rows_per_block)
+    launcher = sg.SignalGemmLauncher(_table(plan), counters,
+                                     config=dataclasses.replace(base, stream_k=True), **kwargs)
+    plain = sg.SignalGemmLauncher(_table(plan), None, config=base, **kwargs)
+    a, b = _operands(M, N, K, torch.bfloat16, b_trans)
+    outs = []
+    for _ in range(3):
+        out = _nan((M, N))
+        launcher(a, b, out, stream=torch.cuda.current_stream())
+        outs.append(out)
+    ref = _nan((M, N))
+    plain(a, b, ref, stream=torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    assert counters.tolist() == (3 * plan.group_tile_counts).tolist()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert not outs[2].isnan().any()
+    exact = a.float() @ b.float()
+    assert _rel_fro(outs[2], exact) <= 1e-2 and _rel_fro(outs[2], ref) <= 1e-2
+
+
 def test_cuda_graph_capture():
     M, N, K = 1000, 1500, 512
     plan = _plan(M, N, K, world=2, op="reduce_scatter", group_m=1)
@@ -387,6 +429,9 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
                 cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
                 sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
                                num_ctas=4, counters=cnt)
+                if K >= 512:  # and the stream-K variant of this layout
+                    torch.cuda.synchronize()
+                    _stream_warm_up(b_trans, N, K)
                 targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
                 bounds = torch.tensor([s.send_lo for s in plan.spans()] + [40], device=DEV,
                                       dtype=torch.int64)
@@ -400,6 +445,20 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
                                              num_warps=8)
                 main.wait_stream(consumer)
                 _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
+    torch.cuda.synchronize()
+
+
+def _stream_warm_up(b_trans: bool, N: int, K: int) -> None:
+    """Compile and load the stream-K variant for this operand layout: 3 tiles on 4 CTAs (a
+    single wave more than half full)."""
+    M = 3 * BM
+    plan = _plan(M, N, K, num_ctas=4, group_m=1)
+    a3, b3 = _operands(M, N, K, torch.bfloat16, b_trans)
+    out3 = _nan((M, N))
+    cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    config = dataclasses.replace(default_config(DEV, torch.bfloat16), stream_k=True)
+    sg.signal_gemm(a3, b3, out3, step_table=_table(plan), block_m=BM, block_n=BN, num_ctas=4,
+                   counters=cnt, config=config)
     torch.cuda.synchronize()
 
 
@@ -419,8 +478,9 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = split_calls = 0
+    groups_checked = calls = split_calls = stream_calls = 0
     block_k = default_config(DEV).block_k
+    stream_config = dataclasses.replace(default_config(DEV, torch.bfloat16), stream_k=True)
     start = time.perf_counter()
 
     def verify(upto: int) -> None:
@@ -441,7 +501,11 @@ def test_signal_ordering_stress():
         b_trans = calls % 2 == 1
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         table = _table(plan)
-        split_calls += tail_split(table.shape[0], P, -(-K // block_k))[1] > 1
+        k_tiles = -(-K // block_k)
+        split_calls += tail_split(table.shape[0], P, k_tiles)[1] > 1
+        # Every 4th call with GemmConfig.stream_k (off by default) where it applies.
+        config = stream_config if calls % 4 == 3 else None
+        stream_calls += config is not None and stream_k_tail(table.shape[0], P, k_tiles)[1] > 1
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
         spans = plan.spans()
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
@@ -463,7 +527,7 @@ def test_signal_ordering_stress():
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
         sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                       counters=counters)
+                       counters=counters, config=config)
         compute.wait_stream(consumer)
         torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
         timeouts[calls] = (spins < 0).sum()
@@ -484,7 +548,8 @@ def test_signal_ordering_stress():
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
-          f"wave ({elapsed:.1f} s)")
+          f"wave, {stream_calls} with a stream-K tail ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"
+    assert stream_calls >= calls // 40, "too few stream-K tails: test too weak"
