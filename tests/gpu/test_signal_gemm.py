@@ -218,22 +218,26 @@ def test_launcher_reuses_compiled_kernels():
         assert len(launcher._entries) == 1
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
-def test_compiled_epilogue_orders_stores_before_release(split):
+@pytest.mark.parametrize("mode", ["whole", "split_tail", "stream_k"])
+def test_compiled_epilogue_orders_stores_before_release(mode):
     """PTX: every tile's global stores, then a CTA barrier, then one release atomic; with a
-    split last wave also each part's stores, a barrier, then the acq_rel ticket (the ticket's
-    re-arm is the one relaxed exchange)."""
+    split last wave or a stream-K tail also each part's stores, a barrier, then the acq_rel
+    ticket (the ticket's re-arm is the one relaxed exchange)."""
     import dataclasses
 
-    M, N, K = 1024, 1024, 512  # 32 tiles on 132 CTAs: a single wave, split in 2
+    # 32 tiles on 132 CTAs: a single wave, split in 2; 80 tiles: stream-K (more than half)
+    M, N, K = (1280, 2048, 512) if mode == "stream_k" else (1024, 1024, 512)
     plan = _plan(M, N, K)
     a, b = _operands(M, N, K, torch.bfloat16, False)
     out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    config = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
+    config = dataclasses.replace(default_config(DEV, torch.bfloat16),
+                                 split_tail=mode == "split_tail", stream_k=mode == "stream_k")
     grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, plan.config.num_ctas,
                                        counters, None, 0, None, config)
-    assert meta["SPLIT_TAIL"] is split
+    split = mode != "whole"
+    assert meta["SPLIT_TAIL"] is (mode == "split_tail")
+    assert meta["STREAM_K"] is (mode == "stream_k")
     kernel = sg._jit_launch(grid, args, meta)
     torch.cuda.synchronize()
     assert torch.equal(counters.cpu(), torch.tensor(plan.group_tile_counts, dtype=torch.int32))
