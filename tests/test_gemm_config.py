@@ -389,3 +389,38 @@ def test_stream_k_tail_rule():
     assert stream_k_tail(264, 132, 32) == (264, 1)
     # fewer than 2 K steps per program
     assert stream_k_tail(70, 132, 3) == (70, 1)
+
+
+def test_stream_k_piece_numbering_matches_the_ranges():
+    """The stream-K kernel numbers the ranges that meet tile t from
+    ``first = ceil((t*k + 1) * Q / total) - 1`` to ``last = ceil((t+1)*k * Q / total) - 1``
+    and gives each tile ``ceil(k * Q / total) + 1`` slots; check those formulas (copied from
+    the kernel) against the ranges themselves, by brute force, over many schedules."""
+    import random
+
+    from flashoverlap.kernels import stream_k_tail
+
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(400):
+        P = rng.randint(2, 140)
+        k_tiles = rng.randint(1, 64)
+        T = rng.randint(1, 4 * P)
+        num_main, Q = stream_k_tail(T, P, k_tiles)
+        if Q == 1:
+            continue
+        R = T - num_main
+        total = R * k_tiles
+        ranges = [(p * total // Q, (p + 1) * total // Q) for p in range(Q)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(hi > lo for lo, hi in ranges), "every program gets K steps"
+        max_parts = (k_tiles * Q + total - 1) // total + 1
+        for t in range(R):
+            lo, hi = t * k_tiles, (t + 1) * k_tiles
+            meet = [p for p, (a, b) in enumerate(ranges) if a < hi and b > lo]
+            first = ((t * k_tiles + 1) * Q + total - 1) // total - 1
+            last = ((t + 1) * k_tiles * Q + total - 1) // total - 1
+            assert meet == list(range(first, last + 1)), (T, P, k_tiles, t)
+            assert last - first + 1 <= max_parts
+        checked += 1
+    assert checked > 50
