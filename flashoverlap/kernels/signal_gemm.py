@@ -78,8 +78,12 @@ re-arms the ticket, stores and signals).  The last two waves then take ``(P + r)
 times instead of 2.  Status: tested under the interpreter (float64 results, counters, ticket
 re-arm, residual) and compiled for sm_90 with Triton 3.6 (same shared memory, release and
 ``acq_rel`` atomics in the PTX); **not yet run or measured on a GPU**, hence off by default.
-Its helpers (``_k_range_*``, ``_store_and_signal``) are where the main loop's and the split's
-copies of the same code should converge once a GPU run validates them.
+The split last wave and the stream-K tail share their K loop and epilogue through
+``_k_range_tma`` / ``_k_range_ptr`` and ``_store_and_signal`` (the split's own copies were
+replaced by them with the compiled PTX unchanged: 48 variants compiled for sm_90 with Triton
+3.6, identical apart from debug labels).  The main loop keeps its inline copies: passing its
+epilogue through the helper reorders a few table loads in the PTX, which would need a GPU
+run to judge.
 
 Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100 SXM, Triton
 3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, tile-slotted
@@ -301,92 +305,30 @@ def _signal_gemm_kernel(
             col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
             k_lo = q * k_tiles // tail_parts
             k_hi = (q + 1) * k_tiles // tail_parts
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if USE_TMA:
-                for ki in range(k_lo, k_hi):
-                    off_k = ki * BLOCK_K
-                    a = a_desc.load([row_start, off_k])
-                    if B_TRANS:
-                        b = b_desc.load([col_start, off_k]).T
-                    else:
-                        b = b_desc.load([off_k, col_start])
-                    if DOT_FP32:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = _k_range_tma(a_desc, b_desc, row_start, col_start, k_lo, k_hi, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
             else:
-                mask_am = (row_start + offs_i) < M
-                mask_bn = (col_start + offs_j) < N
-                a_ptrs = a_ptr + row_start.to(tl.int64) * stride_am + k_lo * BLOCK_K \
-                    + (offs_i[:, None] * stride_am + offs_k[None, :])
-                if B_TRANS:
-                    b_ptrs = b_ptr + col_start.to(tl.int64) * stride_b + k_lo * BLOCK_K \
-                        + (offs_j[None, :] * stride_b + offs_k[:, None])
-                else:
-                    b_ptrs = b_ptr + col_start + tl.cast(k_lo * BLOCK_K, tl.int64) * stride_b \
-                        + (offs_k[:, None] * stride_b + offs_j[None, :])
-                for ki in range(k_lo, k_hi):
-                    k_left = K - ki * BLOCK_K
-                    a = tl.load(a_ptrs, mask=mask_am[:, None] & (offs_k[None, :] < k_left),
-                                other=0.0)
-                    b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_bn[None, :],
-                                other=0.0)
-                    if DOT_FP32:
-                        a = a.to(tl.float32)
-                        b = b.to(tl.float32)
-                    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                    a_ptrs += BLOCK_K
-                    if B_TRANS:
-                        b_ptrs += BLOCK_K
-                    else:
-                        b_ptrs += BLOCK_K * stride_b
+                acc = _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K,
+                                   stride_am, stride_b, offs_i, offs_j, offs_k, BLOCK_M,
+                                   BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
             # Own part -> slot v; barrier; ticket (release of every thread's part stores,
             # acquire of the other pieces' for the last one).
             tl.store(part_ptr + tl.cast(v, tl.int64) * TILE + offs_tile, acc)
-            if ASM_BARRIER:
-                t = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r", [t],
-                                              dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                tl.debug_barrier()
+            t = _cta_barrier(t, ASM_BARRIER)
             ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
             if ticket == tail_parts - 1:
                 # The acquiring thread's view, then the CTA's: a barrier before the reads
                 # (they bypass L1: .cg).
-                if ASM_BARRIER:
-                    t = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
-                                                  [t], dtype=tl.int32, is_pure=False, pack=1)
-                else:
-                    tl.debug_barrier()
+                t = _cta_barrier(t, ASM_BARRIER)
                 slots = part_ptr + tl.cast(t * tail_parts, tl.int64) * TILE + offs_tile
                 total = tl.load(slots, cache_modifier=".cg")
                 for q2 in range(1, tail_parts):
                     total += tl.load(slots + q2 * TILE, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")  # next launch
-                c_row_start = tl.load(row + 0)
-                c_rows = tl.load(row + 1) - c_row_start
-                c_cols = tl.multiple_of(tl.load(row + 3) - col_start, ALIGN)
-                dest_row = tl.load(row + 4)
-                if HAS_RESIDUAL:
-                    c_block = tl.load(row + 6)
-                    r_row = c_row_start - c_block * rows_per_block
-                    r_ptrs = res_ptr + r_row.to(tl.int64) * stride_rm + col_start \
-                        + (offs_i[:, None] * stride_rm + offs_j[None, :])
-                    r_rows = tl.where(c_block == res_block, c_rows, 0)
-                    r_mask = (offs_i < r_rows)[:, None] & (offs_j < c_cols)[None, :]
-                    total += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-                c_ptrs = c_ptr + dest_row.to(tl.int64) * stride_cm + col_start \
-                    + (offs_i[:, None] * stride_cm + offs_j[None, :])
-                mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
-                tl.store(c_ptrs, total.to(dtype), mask=mask_c)
-                if HAS_COUNTERS:
-                    group = tl.load(row + 5)
-                    if ASM_BARRIER:
-                        group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;",
-                                                          "=r,r", [group], dtype=tl.int32,
-                                                          is_pure=False, pack=1)
-                    else:
-                        tl.debug_barrier()
-                    tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+                _store_and_signal(total, row, col_start, c_ptr, res_ptr, counter_ptr, stride_cm,
+                                  stride_rm, res_block, rows_per_block, offs_i, offs_j, ALIGN,
+                                  HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
 
     if STREAM_K:
         # ---- stream-K tail (GemmConfig.stream_k; kernels.stream_k_tail) ---------------
