@@ -468,25 +468,35 @@ def test_split_tail_matches_float64_and_rearms(M, N, K, W, op, P, bands, b_trans
     num_main, parts = tail_split(T, P, -(-K // BK))
     assert parts > 1, "case must split its last wave"
     a, b = _operands(M, N, K, torch.float32, b_trans, seed=7)
+    meta, args, grid = _launch_tail_twice(plan, a, b, P, _config(use_tma=use_tma), num_main)
+    assert meta["SPLIT_TAIL"] and args[19:] == (num_main, parts)
+    assert grid[0] == min(P, max(T, (T - num_main) * parts))
+
+
+def _launch_tail_twice(plan, a, b, P, config, num_main):
+    """Launch the kernel twice with the same arguments (slots, tickets) on a NaN-poisoned
+    destination: the float64 product in the plan's layout, the reference's counter counts,
+    every ticket back to zero, and the second launch bitwise the first.  Returns
+    ``(meta, args, grid)`` of the launch."""
+    M, N = a.shape[0], b.shape[1]
+    table = _table(plan)
     out = _poison((M, N), torch.float32)
     counters = torch.zeros(plan.num_groups, dtype=torch.int32)
     grid, args, meta = sg._launch_args(a, b, out, table, BM, BN, P, counters, None, 0,
-                                       plan.problem.rows_per_block, _config(use_tma=use_tma))
-    assert meta["SPLIT_TAIL"] and args[19:] == (num_main, parts)
-    assert grid[0] == min(P, max(T, (T - num_main) * parts))
+                                       plan.problem.rows_per_block, config)
     tickets = args[18]
     sg._jit_launch(grid, args, meta)
-    expected = _expected_dest(plan, a, b)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b), rtol=1e-5, atol=1e-5)
     ref_counts = torch.zeros_like(counters)
     sg.signal_gemm_ref(a, b, _poison((M, N), torch.float32), table, ref_counts)
     assert torch.equal(counters, ref_counts)
-    assert tickets.numel() == T - num_main and not tickets.any()
+    assert tickets.numel() == table.shape[0] - num_main and not tickets.any()
     first = out.clone()
     out.fill_(float("nan"))
     sg._jit_launch(grid, args, meta)
     assert torch.equal(out, first)
     assert torch.equal(counters, 2 * ref_counts) and not tickets.any()
+    return meta, args, grid
 
 
 @_in_child
@@ -559,24 +569,9 @@ def test_stream_k_tail_matches_float64_and_rearms(M, N, K, W, op, P, bands, b_tr
     num_main, programs = stream_k_tail(T, P, k_tiles)
     assert programs == P, "case must take stream-K"
     a, b = _operands(M, N, K, torch.float32, b_trans, seed=11)
-    out = _poison((M, N), torch.float32)
-    counters = torch.zeros(plan.num_groups, dtype=torch.int32)
-    grid, args, meta = sg._launch_args(a, b, out, table, BM, BN, P, counters, None, 0,
-                                       plan.problem.rows_per_block, _stream_config(use_tma))
+    meta, args, grid = _launch_tail_twice(plan, a, b, P, _stream_config(use_tma), num_main)
     assert meta["STREAM_K"] and not meta["SPLIT_TAIL"] and args[19:] == (num_main, P)
     assert grid[0] == P
-    tickets = args[18]
-    sg._jit_launch(grid, args, meta)
-    torch.testing.assert_close(out.double(), _expected_dest(plan, a, b), rtol=1e-5, atol=1e-5)
-    ref_counts = torch.zeros_like(counters)
-    sg.signal_gemm_ref(a, b, _poison((M, N), torch.float32), table, ref_counts)
-    assert torch.equal(counters, ref_counts)
-    assert tickets.numel() == T - num_main and not tickets.any()
-    first = out.clone()
-    out.fill_(float("nan"))
-    sg._jit_launch(grid, args, meta)
-    assert torch.equal(out, first)
-    assert torch.equal(counters, 2 * ref_counts) and not tickets.any()
 
 
 @_in_child

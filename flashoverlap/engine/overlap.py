@@ -55,8 +55,8 @@ Why each step is the way it is:
   non-replicated residual of an in-place collective, whose GEMM overwrites ``out``) it is
   copied first.
 * **CUDA graphs**: GEMM, waits, NCCL and the zeroing are capturable; one-time work
-  (communicator, plan check, Triton JIT) must happen in a warm-up call (:func:`get_workspace` refuses to
-  build during capture).
+  (communicator, plan check, Triton JIT) must happen in a warm-up call
+  (:func:`get_workspace` refuses to build during capture).
 """
 
 from __future__ import annotations
@@ -137,17 +137,26 @@ def _eager_targets(ws: Workspace, epoch: int) -> list[GroupStep]:
     return [dataclasses.replace(s, target=(epoch * s.target) & _MASK) for s in ws.steps]
 
 
-def _run_eager_general(ws: Workspace, a, b, out, caller_h, handle, residual,
-                       residual_replicated) -> torch.Tensor:
-    """An eager call with a residual or a timeline recorder (the hot loop's general form)."""
-    rule = ws.residual_rule(residual_replicated) if residual is not None else None
-    epilogue_block = rule.epilogue_block if rule is not None else None
-    after = residual if rule is not None and rule.after_group else None
-    dest = out if ws.send is None else ws.send
+def _residual_parts(ws: Workspace, out: torch.Tensor, residual: torch.Tensor | None,
+                    replicated: bool) -> tuple[int | None, torch.Tensor | None]:
+    """``(epilogue_block, after)``: the row block whose GEMM tiles add ``residual`` (None:
+    none), and the residual to add after each group's collective (None: none)."""
+    if residual is None:
+        return None, None
+    rule = ws.residual_rule(replicated)
+    after = residual if rule.after_group else None
     if after is not None and after.data_ptr() == out.data_ptr():
         # out is the residual: the GEMM (in place) or the collective (into the result rows)
         # overwrites a group's rows before its residual is added
         after = after.clone()
+    return rule.epilogue_block, after
+
+
+def _run_eager_general(ws: Workspace, a, b, out, caller_h, handle, residual,
+                       residual_replicated) -> torch.Tensor:
+    """An eager call with a residual or a timeline recorder (the hot loop's general form)."""
+    epilogue_block, after = _residual_parts(ws, out, residual, residual_replicated)
+    dest = out if ws.send is None else ws.send
     marks = timeline.active_recorder() is not None
     caller = torch.cuda.current_stream(a.device) if marks else None
     if marks:
@@ -173,12 +182,8 @@ def _run_captured(ws: Workspace, a, b, out, caller_h, handle, residual,
     watcher at the end (every replay starts from zero and waits for the tile counts)."""
     ws.pinned = True  # the graph's replays will use these buffers
     sync = ws.sync
-    rule = ws.residual_rule(residual_replicated) if residual is not None else None
-    epilogue_block = rule.epilogue_block if rule is not None else None
-    after = residual if rule is not None and rule.after_group else None
+    epilogue_block, after = _residual_parts(ws, out, residual, residual_replicated)
     dest = out if ws.send is None else ws.send
-    if after is not None and after.data_ptr() == out.data_ptr():
-        after = after.clone()
     # The event pulls the watcher stream into the capture (eagerly it is not needed: see the
     # module docstring).
     sync.record(ws.armed_h, caller_h)

@@ -78,10 +78,10 @@ re-arms the ticket, stores and signals).  The last two waves then take ``(P + r)
 times instead of 2.  Status: tested under the interpreter (float64 results, counters, ticket
 re-arm, residual) and compiled for sm_90 with Triton 3.6 (same shared memory, release and
 ``acq_rel`` atomics in the PTX); **not yet run or measured on a GPU**, hence off by default.
-The split last wave and the stream-K tail share their K loop and epilogue through
-``_k_range_tma`` / ``_k_range_ptr`` and ``_store_and_signal`` (the split's own copies were
-replaced by them with the compiled PTX unchanged: 48 variants compiled for sm_90 with Triton
-3.6, identical apart from debug labels).  The main loop keeps its inline copies: passing its
+The split last wave and the stream-K tail share their K loop, their part protocol and their
+epilogue through ``_k_range_tma`` / ``_k_range_ptr``, ``_add_part`` and ``_store_and_signal``
+(the split's own copies were replaced by them with its compiled PTX unchanged: every split
+variant compiled for sm_90 with Triton 3.6, identical apart from debug labels).  The main loop keeps its inline copies: passing its
 epilogue through the helper reorders a few table loads in the PTX, which would need a GPU
 run to judge.
 
@@ -294,8 +294,7 @@ def _signal_gemm_kernel(
         # that draws the last ticket sums the tile's slots in part order -- the same sum
         # whichever piece finishes last -- re-arms the ticket and stores and signals the
         # tile like the main loop's epilogue.  Nobody waits, so no co-residency is assumed.
-        TILE: tl.constexpr = BLOCK_M * BLOCK_N
-        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]
+        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]  # a slot, row-major
         num_pieces = (num_steps - num_main) * tail_parts
         for v in range(pid, num_pieces, num_progs):
             t = v // tail_parts
@@ -312,23 +311,10 @@ def _signal_gemm_kernel(
                 acc = _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K,
                                    stride_am, stride_b, offs_i, offs_j, offs_k, BLOCK_M,
                                    BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
-            # Own part -> slot v; barrier; ticket (release of every thread's part stores,
-            # acquire of the other pieces' for the last one).
-            tl.store(part_ptr + tl.cast(v, tl.int64) * TILE + offs_tile, acc)
-            t = _cta_barrier(t, ASM_BARRIER)
-            ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
-            if ticket == tail_parts - 1:
-                # The acquiring thread's view, then the CTA's: a barrier before the reads
-                # (they bypass L1: .cg).
-                t = _cta_barrier(t, ASM_BARRIER)
-                slots = part_ptr + tl.cast(t * tail_parts, tl.int64) * TILE + offs_tile
-                total = tl.load(slots, cache_modifier=".cg")
-                for q2 in range(1, tail_parts):
-                    total += tl.load(slots + q2 * TILE, cache_modifier=".cg")
-                tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")  # next launch
-                _store_and_signal(total, row, col_start, c_ptr, res_ptr, counter_ptr, stride_cm,
-                                  stride_rm, res_block, rows_per_block, offs_i, offs_j, ALIGN,
-                                  HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
+            _add_part(acc, v, t, tail_parts, tail_parts, part_ptr, ticket_ptr, offs_tile, row,
+                      col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm, res_block,
+                      rows_per_block, offs_i, offs_j, BLOCK_M, BLOCK_N, ALIGN, HAS_RESIDUAL,
+                      HAS_COUNTERS, ASM_BARRIER)
 
     if STREAM_K:
         # ---- stream-K tail (GemmConfig.stream_k; kernels.stream_k_tail) ---------------
@@ -339,8 +325,7 @@ def _signal_gemm_kernel(
         # tile numbered from its first program), and the range that draws the tile's last
         # ticket sums the slots in order, re-arms the ticket, stores and signals -- the
         # split tail's protocol with a variable number of parts.
-        TILE_SK: tl.constexpr = BLOCK_M * BLOCK_N
-        offs_sk = offs_i[:, None] * BLOCK_N + offs_j[None, :]
+        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]  # a slot, row-major
         total_k = (num_steps - num_main) * k_tiles
         max_parts = (k_tiles * tail_parts + total_k - 1) // total_k + 1
         if pid < tail_parts:
@@ -369,21 +354,40 @@ def _signal_gemm_kernel(
                                       stride_cm, stride_rm, res_block, rows_per_block, offs_i,
                                       offs_j, ALIGN, HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
                 else:
-                    slots = part_ptr + tl.cast(t * max_parts, tl.int64) * TILE_SK + offs_sk
-                    tl.store(slots + (pid - first) * TILE_SK, acc)
-                    t = _cta_barrier(t, ASM_BARRIER)
-                    ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
-                    if ticket == last - first:
-                        t = _cta_barrier(t, ASM_BARRIER)
-                        whole = tl.load(slots, cache_modifier=".cg")
-                        for q2 in range(1, last - first + 1):
-                            whole += tl.load(slots + q2 * TILE_SK, cache_modifier=".cg")
-                        tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")
-                        _store_and_signal(whole, row, col_start, c_ptr, res_ptr, counter_ptr,
-                                          stride_cm, stride_rm, res_block, rows_per_block,
-                                          offs_i, offs_j, ALIGN, HAS_RESIDUAL, HAS_COUNTERS,
-                                          ASM_BARRIER)
+                    _add_part(acc, t * max_parts + pid - first, t, max_parts, last - first + 1,
+                              part_ptr, ticket_ptr, offs_tile, row, col_start, c_ptr, res_ptr,
+                              counter_ptr, stride_cm, stride_rm, res_block, rows_per_block,
+                              offs_i, offs_j, BLOCK_M, BLOCK_N, ALIGN, HAS_RESIDUAL,
+                              HAS_COUNTERS, ASM_BARRIER)
                 it += k_hi - k_lo
+
+
+@triton.jit
+def _add_part(acc, own_slot, t, slots_per_tile, parts, part_ptr, ticket_ptr, offs_tile, row,
+              col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm, res_block,
+              rows_per_block, offs_i, offs_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              ALIGN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_COUNTERS: tl.constexpr,
+              ASM_BARRIER: tl.constexpr):
+    """One K range's fp32 partial of tail tile ``t`` (one of ``parts``): into ``own_slot``;
+    CTA barrier; an ``acq_rel`` ticket (release of every thread's slot stores, acquire of the
+    other parts' for the last one).  The part that draws the last ticket barriers again (the
+    acquiring thread's view -> the CTA's), sums the tile's slots in order from
+    ``t * slots_per_tile`` (``.cg``: past L1) -- the same sum whichever part finishes last --,
+    re-arms the ticket for the next launch and stores and signals the tile."""
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    tl.store(part_ptr + tl.cast(own_slot, tl.int64) * TILE + offs_tile, acc)
+    t = _cta_barrier(t, ASM_BARRIER)
+    ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
+    if ticket == parts - 1:
+        t = _cta_barrier(t, ASM_BARRIER)
+        slots = part_ptr + tl.cast(t * slots_per_tile, tl.int64) * TILE + offs_tile
+        total = tl.load(slots, cache_modifier=".cg")
+        for q in range(1, parts):
+            total += tl.load(slots + q * TILE, cache_modifier=".cg")
+        tl.atomic_xchg(ticket_ptr + t, 0, sem="relaxed", scope="gpu")
+        _store_and_signal(total, row, col_start, c_ptr, res_ptr, counter_ptr, stride_cm,
+                          stride_rm, res_block, rows_per_block, offs_i, offs_j, ALIGN,
+                          HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
 
 
 @triton.jit
