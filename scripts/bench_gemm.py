@@ -64,9 +64,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-tma", action="store_true")
     p.add_argument("--split-tail", type=int, choices=[0, 1],
                    help="split a partial last wave along K (GemmConfig.split_tail)")
-    p.add_argument("--stream-k", type=int, choices=[0, 1],
-                   help="stream-K tail where the last wave is more than half full "
-                        "(GemmConfig.stream_k)")
+    p.add_argument("--max-registers", type=int,
+                   help="cap on registers per thread (GemmConfig.max_registers)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="first time kernel variants (';'-separated 'key=value,...' over "
                         "GemmConfig fields and group_m; default: a small grid) and print them")
@@ -161,8 +160,8 @@ def _config_from_args(args, base):
         overrides["use_tma"] = False
     if args.split_tail is not None:
         overrides["split_tail"] = bool(args.split_tail)
-    if args.stream_k is not None:
-        overrides["stream_k"] = bool(args.stream_k)
+    if args.max_registers is not None:
+        overrides["max_registers"] = args.max_registers
     return dataclasses.replace(base, **overrides)
 
 

@@ -12,11 +12,12 @@
 #   soak.json      gemm.json      soak summary, GEMM rows
 #   summary.txt    per-step status and time, GPU and versions, the soak and GEMM logs
 # Usage (repo root or anywhere):  bash scripts/gpu_session.sh OUT_DIR
-# Environment: STRESS_GROUPS, SOAK_CALLS, and per-step limits in seconds T_TESTS, T_STRESS,
-# T_OVERHEAD, T_SOAK, T_GEMM.  Exit status: 0 if every step passed, else 1.
+# Environment: STRESS_GROUPS, SOAK_CALLS, per-step limits in seconds T_TESTS, T_STRESS,
+# T_OVERHEAD, T_SOAK, T_GEMM, and SKIP (space-separated step names to leave out, e.g.
+# SKIP="overhead gemm").  Exit status: 0 if every step that ran passed, else 1.
 set -uo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 cd "$(dirname "$0")/.."
@@ -56,6 +57,9 @@ step() {
   local name=$1 limit=$2 log=$3
   shift 3
   local t0 rc
+  case " ${SKIP:-} " in
+    *" $name "*) printf '%-10s %-17s\n' "$name" "skipped (SKIP)" >> "$SUMMARY"; return 0 ;;
+  esac
   t0=$(date +%s)
   echo "== $name: $* (limit ${limit} s)" >> "$log"
   timeout -s INT -k 10 "$limit" "$@" >> "$log" 2>&1

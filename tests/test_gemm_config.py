@@ -374,53 +374,29 @@ def test_tail_split_rule():
     assert tail_split(5, 1, 64) == (5, 1)
 
 
-def test_stream_k_tail_rule():
-    """Which last waves stream-K takes (kernels.stream_k_tail): more than half full."""
-    from flashoverlap.kernels import stream_k_tail
-
-    # 2048 tiles on 132: 68 left -> the last full wave and them, 200 tiles, on 132 programs
-    assert stream_k_tail(2048, 132, 32) == (1848, 132)
-    # 1024 tiles: 100 left -> 232 tiles shared
-    assert stream_k_tail(1024, 132, 32) == (792, 132)
-    # a single wave more than half full: all tiles shared
-    assert stream_k_tail(100, 132, 8) == (0, 132)
-    # at most half full: the split's case; whole waves: nothing
-    assert stream_k_tail(4096, 132, 32) == (4096, 1)
-    assert stream_k_tail(264, 132, 32) == (264, 1)
-    # fewer than 2 K steps per program
-    assert stream_k_tail(70, 132, 3) == (70, 1)
+@pytest.mark.parametrize("bad", [23, 256, 0, True, 128.0, "128"])
+def test_max_registers_is_checked(bad):
+    with pytest.raises(ValueError, match="max_registers"):
+        GemmConfig(max_registers=bad)
 
 
-def test_stream_k_piece_numbering_matches_the_ranges():
-    """The stream-K kernel numbers the ranges that meet tile t from
-    ``first = ceil((t*k + 1) * Q / total) - 1`` to ``last = ceil((t+1)*k * Q / total) - 1``
-    and gives each tile ``ceil(k * Q / total) + 1`` slots; check those formulas (copied from
-    the kernel) against the ranges themselves, by brute force, over many schedules."""
-    import random
+def test_max_registers_reaches_the_compiler(monkeypatch):
+    """``GemmConfig.max_registers`` becomes Triton's ``maxnreg`` launch option (compiled
+    kernels only: the interpreter has no registers); unset, no cap is passed."""
+    from flashoverlap.kernels import signal_gemm as sg
 
-    from flashoverlap.kernels import stream_k_tail
-
-    rng = random.Random(5)
-    checked = 0
-    for _ in range(400):
-        P = rng.randint(2, 140)
-        k_tiles = rng.randint(1, 64)
-        T = rng.randint(1, 4 * P)
-        num_main, Q = stream_k_tail(T, P, k_tiles)
-        if Q == 1:
-            continue
-        R = T - num_main
-        total = R * k_tiles
-        ranges = [(p * total // Q, (p + 1) * total // Q) for p in range(Q)]
-        assert ranges[0][0] == 0 and ranges[-1][1] == total
-        assert all(hi > lo for lo, hi in ranges), "every program gets K steps"
-        max_parts = (k_tiles * Q + total - 1) // total + 1
-        for t in range(R):
-            lo, hi = t * k_tiles, (t + 1) * k_tiles
-            meet = [p for p, (a, b) in enumerate(ranges) if a < hi and b > lo]
-            first = ((t * k_tiles + 1) * Q + total - 1) // total - 1
-            last = ((t + 1) * k_tiles * Q + total - 1) // total - 1
-            assert meet == list(range(first, last + 1)), (T, P, k_tiles, t)
-            assert last - first + 1 <= max_parts
-        checked += 1
-    assert checked > 50
+    monkeypatch.setattr(sg, "_INTERPRET", False)
+    plan = make_plan(Problem(64, 64, 64, "float32", 1, "all_reduce"),
+                     PlanConfig(block_m=32, block_n=32, num_ctas=2, group_m=1))
+    table = torch.from_numpy(plan.step_table.copy())
+    a, b, out = torch.randn(64, 64), torch.randn(64, 64), torch.empty(64, 64)
+    base = GemmConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=2,
+                      use_tma=False)
+    for regs, expected in ((None, None), (168, 168), (255, 255)):
+        config = dataclasses.replace(base, max_registers=regs)
+        _, _, meta = sg._launch_args(a, b, out, table, 32, 32, 2, None, None, 0, None, config)
+        assert meta.get("maxnreg") == expected
+    monkeypatch.setattr(sg, "_INTERPRET", True)
+    config = dataclasses.replace(base, max_registers=168)
+    _, _, meta = sg._launch_args(a, b, out, table, 32, 32, 2, None, None, 0, None, config)
+    assert "maxnreg" not in meta

@@ -343,3 +343,28 @@ def test_tune_without_verification():
     assert all(c.measured_s is None for c in result.top)
     assert result.use_overlap is False  # tiny M: sequential is faster
     assert math.isfinite(result.sequential_s)
+
+
+def test_analytic_wave_times_follow_the_split_last_wave():
+    """A last wave the signal GEMM splits along K costs its longest part (+ the fix-up);
+    a last wave more than half full, or the split switched off, costs a whole tile."""
+    from flashoverlap.tuning.search import AnalyticModel
+
+    model = AnalyticModel()
+    cfg = PlanConfig(block_m=128, block_n=256, num_ctas=132)
+    tile_s = 2.0 * 128 * 256 * 8192 / (model.gemm_flops["bfloat16"] / model.ref_sms)
+    # 16384 x 8192: 4096 tiles = 31 waves + 4 tiles -> 4 parts of 32 of 128 K steps
+    waves = model.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
+    assert len(waves) == 32
+    assert waves[0] == pytest.approx(tile_s + model.launch_s)
+    assert waves[1:-1] == pytest.approx([tile_s] * 30)
+    assert waves[-1] == pytest.approx(tile_s * 32 / 128 + model.split_fixup_s)
+    # K = 200: 4 K steps of 64, one part per 4 -> no split (parts < 2)
+    short = model.wave_times(Problem(16384, 8192, 200, "bfloat16", 1, "all_reduce"), cfg)
+    assert short[-1] == pytest.approx(short[1])
+    # 4096 x 8192: 1024 tiles, last wave 100 of 132 -> whole
+    waves = model.wave_times(Problem(4096, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
+    assert waves[1:] == pytest.approx([tile_s] * 7)
+    off = AnalyticModel(split_tail=False)
+    waves = off.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
+    assert waves[-1] == pytest.approx(tile_s)

@@ -29,7 +29,6 @@ __all__ = [
     "GROUPED_GEMM_RULES",
     "signal_gemm",
     "signal_gemm_ref",
-    "stream_k_tail",
     "tail_split",
     "TAIL_SPLIT_MAX",
 ]
@@ -70,10 +69,10 @@ class GemmConfig:
             :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
             the last one to finish sums the parts in a fixed order (deterministic) and stores
             and signals it.
-        stream_k: where the last wave is more than half full (no split), share the K steps
-            of the last two waves' tiles evenly among all ``P`` programs
-            (:func:`stream_k_tail`), same deterministic sum of parts.  Off by default: tested
-            in the interpreter and compiled for sm_90, **not yet measured on a GPU**.
+        max_registers: cap on registers per thread (Triton's ``maxnreg``); ``None`` leaves
+            the choice to ptxas.  A lower cap leaves room in the register file for another
+            kernel's CTAs beside a GEMM CTA (``scripts/bench_sm_sharing.py``) at the price of
+            spills.
     """
 
     block_m: int = 128
@@ -87,7 +86,7 @@ class GemmConfig:
     acc_multibuffer: bool = True
     warp_specialize: bool = False
     split_tail: bool = True
-    stream_k: bool = False
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -98,6 +97,11 @@ class GemmConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two, got {value}")
+        regs = self.max_registers
+        if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool)
+                                 or not 24 <= regs <= 255):
+            raise ValueError(f"GemmConfig.max_registers must be None or an int in [24, 255], "
+                             f"got {regs!r}")
         if self.block_m < 16 or self.block_n < 16 or self.block_k < 16:
             raise ValueError("GemmConfig blocks must be at least 16 (tl.dot minimum)")
 
@@ -154,9 +158,10 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
 
     Why only the last wave, and at most 4 parts: the tile's last part to finish reads the
     other parts back (fp32, ``BLOCK_M x BLOCK_N`` each) and sums them in part order, so the
-    result does not depend on timing; that read is what one program pays for the split.  A
-    full stream-K schedule (every program the same number of K steps, tiles split anywhere)
-    would also cover last waves that are more than half full; it is not done.
+    result does not depend on timing; that read is what one program pays for the split.
+    Last waves more than half full stay whole: a stream-K tail for them (the last two waves'
+    K steps cut into ``P`` equal ranges) was built and measured slower on one H200 (module
+    docstring of :mod:`flashoverlap.kernels.signal_gemm`).
     """
     T, P = num_steps, num_ctas
     r = T % P if T >= P else T
@@ -166,25 +171,6 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
     if parts < 2:
         return T, 1
     return T - r, parts
-
-
-def stream_k_tail(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
-    """``(num_main, programs)``: the stream-K schedule of :attr:`GemmConfig.stream_k` for a
-    last wave of ``r > P / 2`` tiles (smaller ones are :func:`tail_split`'s): the persistent
-    GEMM runs steps ``[0, num_main)`` whole, and the K steps of the remaining ``R`` tiles
-    (the last full wave and the partial one, ``R = P + r``; or all ``T < P`` tiles) are cut
-    into ``P`` equal ranges, one per program.  The last waves then take ``R / P`` tile times
-    (1.5-2) instead of 2, or ``T / P`` instead of 1.  ``(num_steps, 1)``: not applicable
-    (whole waves, ``r <= P / 2``, or fewer than 2 K steps per program).
-    """
-    T, P = num_steps, num_ctas
-    r = T % P if T >= P else T
-    if r == 0 or 2 * r <= P:
-        return T, 1
-    R = r + P if T >= P else r
-    if R * k_tiles < 2 * P:
-        return T, 1
-    return T - R, P
 
 
 def default_block_shape(device: torch.device | str | None = None) -> tuple[int, int]:

@@ -62,28 +62,27 @@ and stores and signals the tile exactly like the main loop's epilogue (pointer s
 ``bar.sync 0``, release atomic).  No part waits for another, so nothing assumes the programs
 are co-resident (NCCL may hold SMs).  Rejected: fp32 atomics into one slot (the result
 would depend on timing), more than 4 parts (the last part reads every slot: 128 KB each),
-a full stream-K schedule (covers last waves more than half full too, but splits tiles
-anywhere; not done).  The slots (``parts x BLOCK_M x BLOCK_N`` fp32 per split tile) and
+a stream-K tail (below).  The slots (``parts x BLOCK_M x BLOCK_N`` fp32 per split tile) and
 tickets are allocated with the launch arguments and reused by every launch of a launcher.
 
-Stream-K tail (``GemmConfig.stream_k``, off by default)
--------------------------------------------------------
-Where the last wave is more than half full, the split above does not apply
-(:func:`flashoverlap.kernels.stream_k_tail`): the K steps of the last full wave and the
-partial one (or of every tile of a single partial wave) are cut into ``P`` equal ranges, one
-per program, in tile order, so a range may start or end inside a tile.  A tile one range
-covers is stored and signalled at once; the ranges that share a tile follow the split's
-protocol (own slot, barrier, ``acq_rel`` ticket, the last one sums the slots in range order,
-re-arms the ticket, stores and signals).  The last two waves then take ``(P + r) / P`` tile
-times instead of 2.  Status: tested under the interpreter (float64 results, counters, ticket
-re-arm, residual) and compiled for sm_90 with Triton 3.6 (same shared memory, release and
-``acq_rel`` atomics in the PTX); **not yet run or measured on a GPU**, hence off by default.
-The split last wave and the stream-K tail share their K loop, their part protocol and their
-epilogue through ``_k_range_tma`` / ``_k_range_ptr``, ``_add_part`` and ``_store_and_signal``
-(the split's own copies were replaced by them with its compiled PTX unchanged: every split
-variant compiled for sm_90 with Triton 3.6, identical apart from debug labels).  The main loop keeps its inline copies: passing its
-epilogue through the helper reorders a few table loads in the PTX, which would need a GPU
-run to judge.
+Rejected, measured: a stream-K tail for last waves more than half full (which the split
+leaves whole: 4096 and 8192 rows x 8192 leave 100 and 68 of 132 tiles).  The K steps of the
+last full wave and the partial one were cut into ``P`` equal ranges, one per program, the
+ranges sharing a tile following the split's protocol with a variable number of parts;
+expected ``(P + r) / P`` tile times for the last two waves instead of 2 (2-3 %).  On one
+H200 (Triton 3.6, bf16, paired with torch.matmul, two runs of each) it was *slower* on every
+shape it applied to: 4096 x 8192 x 2048 0.194-0.209 -> 0.218-0.224 ms, 4096 x 8192 x 8192
+0.79 -> 0.90-0.92 ms, 11008 x 3072 x 8192 0.82-0.83 -> 0.88-0.91 ms -- about one tile time
+more, not 0.24 less (``results/2026-12-02-h200/sk-run1/``).  Its inner K loop is pipelined
+like the main loop's (checked in the TTGIR), so the likely cost is memory: the data-parallel
+waves run their CTAs in step along K, so the A and B slices of one K step are read once from
+HBM and then hit in L2 for the other CTAs of the band, while equal ranges start every program
+at a different K offset and that sharing is lost.  The code is in the history (commit
+``9a238f4``); the split last wave kept the helpers it shared with it.
+The split last wave shares its K loop, part protocol and epilogue through ``_k_range_tma`` /
+``_k_range_ptr``, ``_add_part`` and ``_store_and_signal``.  The main loop keeps its inline
+copies: passing its epilogue through the helper reorders a few table loads in the PTX, which
+would need a GPU run to judge.
 
 Numbers (``scripts/bench_gemm.py``; ``results/2026-11-25-h100/gemm.json``): H100 SXM, Triton
 3.6, bf16, M in {4096, 8192, 16384} x (K, N) in {(2048|7168|8192, 8192)}, tile-slotted
@@ -115,7 +114,6 @@ from flashoverlap.kernels import (
     GemmConfig,
     default_config,
     direct_launch,
-    stream_k_tail,
     tail_split,
 )
 
@@ -158,7 +156,6 @@ def _signal_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
     SPLIT_TAIL: tl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
-    STREAM_K: tl.constexpr,  # steps [num_main, num_steps) shared by tail_parts programs
 ):
     pid = tl.program_id(0)
     dtype = c_ptr.dtype.element_ty
@@ -315,51 +312,6 @@ def _signal_gemm_kernel(
                       col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm, res_block,
                       rows_per_block, offs_i, offs_j, BLOCK_M, BLOCK_N, ALIGN, HAS_RESIDUAL,
                       HAS_COUNTERS, ASM_BARRIER)
-
-    if STREAM_K:
-        # ---- stream-K tail (GemmConfig.stream_k; kernels.stream_k_tail) ---------------
-        # The K steps of tail tiles [num_main, num_steps), in order, are cut into
-        # tail_parts equal ranges, one per program; a range may end inside a tile and the
-        # next start there.  A tile covered by one range is stored and signalled at once;
-        # otherwise each range's partial goes to the tile's slot of that range (ranges of a
-        # tile numbered from its first program), and the range that draws the tile's last
-        # ticket sums the slots in order, re-arms the ticket, stores and signals -- the
-        # split tail's protocol with a variable number of parts.
-        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]  # a slot, row-major
-        total_k = (num_steps - num_main) * k_tiles
-        max_parts = (k_tiles * tail_parts + total_k - 1) // total_k + 1
-        if pid < tail_parts:
-            it = pid * total_k // tail_parts
-            it_end = (pid + 1) * total_k // tail_parts
-            while it < it_end:
-                t = it // k_tiles
-                k_lo = it - t * k_tiles
-                k_hi = tl.minimum(k_tiles, k_lo + (it_end - it))
-                # program holding K step x: ceil((x + 1) * Q / total) - 1
-                first = ((t * k_tiles + 1) * tail_parts + total_k - 1) // total_k - 1
-                last = ((t + 1) * k_tiles * tail_parts + total_k - 1) // total_k - 1
-                row = step_ptr + (num_main + t) * 7
-                row_start = tl.load(row + 0)
-                col_start = tl.multiple_of(tl.load(row + 2), BLOCK_N)
-                if USE_TMA:
-                    acc = _k_range_tma(a_desc, b_desc, row_start, col_start, k_lo, k_hi,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32,
-                                       INPUT_PRECISION)
-                else:
-                    acc = _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K,
-                                       stride_am, stride_b, offs_i, offs_j, offs_k, BLOCK_M,
-                                       BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
-                if first == last:
-                    _store_and_signal(acc, row, col_start, c_ptr, res_ptr, counter_ptr,
-                                      stride_cm, stride_rm, res_block, rows_per_block, offs_i,
-                                      offs_j, ALIGN, HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
-                else:
-                    _add_part(acc, t * max_parts + pid - first, t, max_parts, last - first + 1,
-                              part_ptr, ticket_ptr, offs_tile, row, col_start, c_ptr, res_ptr,
-                              counter_ptr, stride_cm, stride_rm, res_block, rows_per_block,
-                              offs_i, offs_j, BLOCK_M, BLOCK_N, ALIGN, HAS_RESIDUAL,
-                              HAS_COUNTERS, ASM_BARRIER)
-                it += k_hi - k_lo
 
 
 @triton.jit
@@ -665,37 +617,22 @@ def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_
     tickets zero); the overlap engine allocates them once per workspace and counts them in its
     memory budget."""
     k_tiles = triton.cdiv(K, config.block_k)
-    num_main, parts, stream = _tail_schedule(num_steps, num_ctas, k_tiles, config)
+    num_main, parts = _tail_schedule(num_steps, num_ctas, k_tiles, config)
     if parts == 1:
         return None
     tail = num_steps - num_main
-    slots = tail * _slots_per_tile(tail, parts, k_tiles, stream)
+    slots = tail * parts
     return (torch.empty(slots * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(tail, dtype=torch.int32, device=device))
 
 
 def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
-                   config: GemmConfig) -> tuple[int, int, bool]:
-    """``(num_main, parts, stream_k)``: the split last wave where it applies, else stream-K
-    where enabled and it applies, else ``(num_steps, 1, False)``."""
+                   config: GemmConfig) -> tuple[int, int]:
+    """``(num_main, parts)``: the split last wave where enabled and it applies, else
+    ``(num_steps, 1)``."""
     if config.split_tail:
-        num_main, parts = tail_split(num_steps, num_ctas, k_tiles)
-        if parts > 1:
-            return num_main, parts, False
-    if config.stream_k:
-        num_main, programs = stream_k_tail(num_steps, num_ctas, k_tiles)
-        if programs > 1:
-            return num_main, programs, True
-    return num_steps, 1, False
-
-
-def _slots_per_tile(tail: int, parts: int, k_tiles: int, stream: bool) -> int:
-    """Part slots per tail tile: ``parts`` for the split; for stream-K the most ranges that
-    can meet one tile (the kernel's ``max_parts``)."""
-    if not stream:
-        return parts
-    total = tail * k_tiles
-    return (k_tiles * parts + total - 1) // total + 1
+        return tail_split(num_steps, num_ctas, k_tiles)
+    return num_steps, 1
 
 
 def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
@@ -718,16 +655,15 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
     k_tiles = triton.cdiv(K, config.block_k)
-    num_main, parts, stream = _tail_schedule(T, num_ctas, k_tiles, config)
-    programs = min(num_ctas, max(T, num_ctas if stream else (T - num_main) * parts))
+    num_main, parts = _tail_schedule(T, num_ctas, k_tiles, config)
+    programs = min(num_ctas, max(T, (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
     part_arg = ticket_arg = step_table  # never touched without a split
     if parts > 1:
         # fp32 parts of the split tiles and their tickets: zero, and left zero by every
         # launch (the last piece of a tile re-arms its ticket; slots are overwritten).
-        need = ((T - num_main) * _slots_per_tile(T - num_main, parts, k_tiles, stream)
-                * block_m * block_n)
+        need = (T - num_main) * parts * block_m * block_n
         if (tail_scratch is None or tail_scratch[0].numel() < need
                 or tail_scratch[1].numel() < T - num_main):
             tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, a.device)
@@ -749,10 +685,11 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         # Triton's interpreter (3.6-3.9) runs tl.dot on bf16 as raw uint16 numbers; bf16
         # products are exact in fp32, so upcasting gives the tensor-core result.
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
-        "SPLIT_TAIL": parts > 1 and not stream,
-        "STREAM_K": stream,
+        "SPLIT_TAIL": parts > 1,
         "num_warps": config.num_warps, "num_stages": config.num_stages,
     }
+    if config.max_registers is not None and not _INTERPRET:
+        meta["maxnreg"] = config.max_registers
     return (programs, 1, 1), args, meta
 
 
@@ -927,7 +864,7 @@ class SignalGemmLauncher:
                                         self.block_n, self.num_ctas, bumped, residual,
                                         self.residual_block, self.rows_per_block, self.config,
                                         self.tail_scratch)
-        if meta["SPLIT_TAIL"] or meta["STREAM_K"]:
+        if meta["SPLIT_TAIL"]:
             self.tail_scratch = (args[17], args[18])
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():

@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
+from flashoverlap.kernels import tail_split
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -252,7 +253,9 @@ class AnalyticModel:
 
     GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, a wave
     costs one tile time (partial waves too: wave quantization), the first wave adds
-    ``launch_s``.  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
+    ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
+    tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
+    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s``.  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
     the collective says crosses the interconnect for the send bytes
     (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
     ReduceScatter ``(W-1)/W`` of them) and ``busbw`` comes from the bus-bandwidth table,
@@ -277,6 +280,11 @@ class AnalyticModel:
     # scripts/host_overhead.py, results/2026-11-25-h100/host-overhead.txt) but runs ahead
     # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
+    # The signal GEMM's K step and split last wave (GemmConfig.block_k / split_tail), and
+    # what the split adds to its wave: the last part reads and sums the others' fp32 slots.
+    block_k: int = 64
+    split_tail: bool = True
+    split_fixup_s: float = 2e-6
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -291,7 +299,15 @@ class AnalyticModel:
         per_sm = self._flops(problem.dtype) / self.ref_sms
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
         n = num_waves_for(problem, config)
-        return [tile_s + self.launch_s] + [tile_s] * (n - 1)
+        times = [tile_s] * n
+        if self.split_tail:
+            k_tiles = math.ceil(problem.K / self.block_k)
+            tiles = band_layout(problem, config).num_tiles
+            parts = tail_split(tiles, config.num_ctas, k_tiles)[1]
+            if parts > 1:
+                times[-1] = tile_s * math.ceil(k_tiles / parts) / k_tiles + self.split_fixup_s
+        times[0] += self.launch_s
+        return times
 
     def gemm_time(self, problem: Problem, num_sms: int) -> float:
         """The sequential baseline's GEMM (cuBLAS on every SM), no wave quantization."""

@@ -26,12 +26,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from flashoverlap.kernels import (  # noqa: E402
-    default_block_shape,
-    default_config,
-    stream_k_tail,
-    tail_split,
-)
+from flashoverlap.kernels import default_block_shape, default_config, tail_split  # noqa: E402
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
@@ -216,24 +211,20 @@ def test_launcher_reuses_compiled_kernels():
         assert len(launcher._entries) == 1
 
 
-@pytest.mark.parametrize("mode", ["whole", "split_tail", "stream_k"])
-def test_compiled_epilogue_orders_stores_before_release(mode):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
+def test_compiled_epilogue_orders_stores_before_release(split):
     """PTX: every tile's global stores, then a CTA barrier, then one release atomic; with a
-    split last wave or a stream-K tail also each part's stores, a barrier, then the acq_rel
-    ticket (the ticket's re-arm is the one relaxed exchange)."""
-    # 32 tiles on 132 CTAs: a single wave, split in 2; 80 tiles: stream-K (more than half)
-    M, N, K = (1280, 2048, 512) if mode == "stream_k" else (1024, 1024, 512)
+    split last wave also each part's stores, a barrier, then the acq_rel ticket (the ticket's
+    re-arm is the one relaxed exchange)."""
+    M, N, K = 1024, 1024, 512  # 32 tiles on 132 CTAs: a single wave, split in 2
     plan = _plan(M, N, K)
     a, b = _operands(M, N, K, torch.bfloat16, False)
     out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    config = dataclasses.replace(default_config(DEV, torch.bfloat16),
-                                 split_tail=mode == "split_tail", stream_k=mode == "stream_k")
+    config = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
     grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, plan.config.num_ctas,
                                        counters, None, 0, None, config)
-    split = mode != "whole"
-    assert meta["SPLIT_TAIL"] is (mode == "split_tail")
-    assert meta["STREAM_K"] is (mode == "stream_k")
+    assert meta["SPLIT_TAIL"] is split
     kernel = sg._jit_launch(grid, args, meta)
     torch.cuda.synchronize()
     assert torch.equal(counters.cpu(), torch.tensor(plan.group_tile_counts, dtype=torch.int32))
@@ -298,19 +289,22 @@ def _three_launches_against_plain(plan, b_trans, config, plain_config):
     return outs[2], ref, exact
 
 
-@pytest.mark.parametrize("M,N,K", [(4096, 8192, 2048), (8192, 8192, 7168), (1280, 2048, 1024)],
-                         ids=["1024-tiles", "2048-tiles", "single-wave"])
-@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_stream_k_tail_matches_matmul_and_is_deterministic(M, N, K, b_trans):
-    """GemmConfig.stream_k (off by default) on shapes whose last wave is more than half full:
-    right against fp32 matmul, counters at the tile counts, bitwise the same over launches,
-    close to the kernel without it."""
+@pytest.mark.parametrize("regs", [168, 128])
+def test_max_registers_caps_the_kernel_and_keeps_it_right(regs):
+    """GemmConfig.max_registers (Triton's maxnreg): the compiled kernel uses at most that many
+    registers, and three launches are right, deterministic and counted like the default."""
+    M, N, K = 4096, 2048, 1024
     plan = _plan(M, N, K)
     base = default_config(DEV, torch.bfloat16)
-    assert stream_k_tail(plan.step_table.shape[0], SMS, -(-K // base.block_k))[1] == SMS
-    got, ref, _ = _three_launches_against_plain(
-        plan, b_trans, dataclasses.replace(base, stream_k=True), base)
-    assert _rel_fro(got, ref) <= 1e-2
+    config = dataclasses.replace(base, max_registers=regs)
+    a, b = _operands(M, N, K, torch.bfloat16, False)
+    out = _nan((M, N))
+    grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, SMS, None, None, 0,
+                                       None, config)
+    assert meta["maxnreg"] == regs
+    kernel = sg._jit_launch(grid, args, meta)
+    assert 0 < kernel.n_regs <= regs
+    _three_launches_against_plain(plan, False, config, base)
 
 
 def test_cuda_graph_capture():
@@ -414,9 +408,6 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
                 cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
                 sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
                                num_ctas=4, counters=cnt)
-                if K >= 512:  # and the stream-K variant of this layout
-                    torch.cuda.synchronize()
-                    _stream_warm_up(b_trans, N, K)
                 targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
                 bounds = torch.tensor([s.send_lo for s in plan.spans()] + [40], device=DEV,
                                       dtype=torch.int64)
@@ -430,20 +421,6 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
                                              num_warps=8)
                 main.wait_stream(consumer)
                 _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
-    torch.cuda.synchronize()
-
-
-def _stream_warm_up(b_trans: bool, N: int, K: int) -> None:
-    """Compile and load the stream-K variant for this operand layout: 3 tiles on 4 CTAs (a
-    single wave more than half full)."""
-    M = 3 * BM
-    plan = _plan(M, N, K, num_ctas=4, group_m=1)
-    a3, b3 = _operands(M, N, K, torch.bfloat16, b_trans)
-    out3 = _nan((M, N))
-    cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    config = dataclasses.replace(default_config(DEV, torch.bfloat16), stream_k=True)
-    sg.signal_gemm(a3, b3, out3, step_table=_table(plan), block_m=BM, block_n=BN, num_ctas=4,
-                   counters=cnt, config=config)
     torch.cuda.synchronize()
 
 
@@ -463,9 +440,8 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = split_calls = stream_calls = 0
+    groups_checked = calls = split_calls = 0
     block_k = default_config(DEV).block_k
-    stream_config = dataclasses.replace(default_config(DEV, torch.bfloat16), stream_k=True)
     start = time.perf_counter()
 
     def verify(upto: int) -> None:
@@ -488,9 +464,6 @@ def test_signal_ordering_stress():
         table = _table(plan)
         k_tiles = -(-K // block_k)
         split_calls += tail_split(table.shape[0], P, k_tiles)[1] > 1
-        # Every 4th call with GemmConfig.stream_k (off by default) where it applies.
-        config = stream_config if calls % 4 == 3 else None
-        stream_calls += config is not None and stream_k_tail(table.shape[0], P, k_tiles)[1] > 1
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
         spans = plan.spans()
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
@@ -512,7 +485,7 @@ def test_signal_ordering_stress():
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
         sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                       counters=counters, config=config)
+                       counters=counters)
         compute.wait_stream(consumer)
         torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
         timeouts[calls] = (spins < 0).sum()
@@ -533,8 +506,7 @@ def test_signal_ordering_stress():
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
-          f"wave, {stream_calls} with a stream-K tail ({elapsed:.1f} s)")
+          f"wave ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"
-    assert stream_calls >= calls // 40, "too few stream-K tails: test too weak"
