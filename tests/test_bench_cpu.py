@@ -66,7 +66,8 @@ def _is_png(path: Path) -> bool:
 HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py": ("--max-shapes", "--no-p2p"),
               "bench_residual.py": ("--config-json", "--no-p2p"), "bench_gemm.py": ("--repeats", "--kn"),
               "bench_overhead.py": ("--host-iters", "--groups"), "soak.py": ("--calls", "--watchdog"),
-              "host_overhead.py": ("--group-m", "--json")}
+              "host_overhead.py": ("--group-m", "--json"),
+              "bench_sm_sharing.py": ("--probes", "--max-registers")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):

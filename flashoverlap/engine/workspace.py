@@ -124,13 +124,21 @@ class Workspace:
         return launcher
 
 
+def highest_stream_priority() -> int:
+    """The greatest stream priority: ``torch.cuda.Stream.priority_range()`` is ``(least,
+    greatest)`` (``cudaDeviceGetStreamPriorityRange``), and lower numbers are higher
+    priorities, so this is the range's minimum (negative on GPUs with priorities)."""
+    return min(torch.cuda.Stream.priority_range())
+
+
 def watcher_stream(device: torch.device) -> torch.cuda.Stream:
-    """One high-priority watcher stream per device (its collectives are latency-critical)."""
+    """One watcher stream per device at the greatest priority (its collectives are
+    latency-critical: their kernels go before pending kernels of lower-priority streams)."""
     index = device.index
     stream = _WATCHERS.get(index)
     if stream is None:
-        high, _ = torch.cuda.Stream.priority_range()
-        stream = _WATCHERS[index] = torch.cuda.Stream(device=device, priority=high)
+        stream = _WATCHERS[index] = torch.cuda.Stream(device=device,
+                                                      priority=highest_stream_priority())
     return stream
 
 

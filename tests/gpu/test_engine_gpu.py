@@ -286,6 +286,16 @@ def test_residual_error_no_larger_than_torch(world1, op, replicated):
             assert _rel(inplace, exact) <= limit, (M, "graph replay")
 
 
+def test_watcher_stream_has_the_greatest_priority():
+    """The watcher's collectives must go before pending kernels of the caller's streams:
+    its priority is the device's greatest (the most negative number), not torch's default."""
+    from flashoverlap.engine.workspace import watcher_stream
+
+    least, greatest = torch.cuda.Stream.priority_range()
+    assert greatest < least, "this GPU has no stream priorities"
+    assert watcher_stream(torch.device("cuda", 0)).priority == greatest
+
+
 def test_calls_from_two_streams_share_the_workspace_safely(world1):
     """Back-to-back calls of one plan from two streams with no user sync between them: the
     second call's GEMM must not re-arm the counters or overwrite the send buffer that the

@@ -429,7 +429,7 @@ def test_signal_ordering_stress():
     rng = random.Random(1234)
     gen = torch.Generator(device=DEV).manual_seed(1234)
     compute = torch.cuda.current_stream()
-    high, _ = torch.cuda.Stream.priority_range()
+    high = min(torch.cuda.Stream.priority_range())  # (least, greatest); lower = higher
     consumer = torch.cuda.Stream(priority=high)
     _warm_up_kernels(consumer)
     max_calls = 200_000
