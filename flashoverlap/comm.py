@@ -17,6 +17,16 @@ Why a private NCCL communicator
   sharing").  ``ncclConfig_t.maxCTAs/minCTAs`` (and ``nvlsCTAs`` for NVLink SHARP) do that
   for one communicator; ``NCCL_MAX_CTAS`` would hit every communicator of the process and
   is read once.  CuPy's ``cupy.cuda.nccl.NcclCommunicator`` has no config argument at all.
+* **No thread-block clusters beside the GEMM.**  NCCL launches its kernels on sm_90+ in
+  clusters of 4 CTAs by default (``cgaClusterSize`` 4), and a cluster must find all its
+  CTAs' room within one GPC at once.  Measured on one H200 (``scripts/bench_sm_sharing.py``,
+  ``results/2026-12-02-h200/sm-run2/``): with the signal GEMM on 116 of 132 SMs, a probe
+  kernel of NCCL's CTA shape (640 threads, 96 registers, 82 KB shared memory) in clusters
+  of 4 did not start until the GEMM's CTAs retired (the 16 free SMs are spread over the
+  GPCs), while the same CTAs without a cluster started at once, 1 us after the launch.  So
+  :func:`overlap_communicator` -- the one the overlap engines and the tuner use -- sets
+  ``cgaClusterSize`` to 0 (no cluster attribute).  ``NCCL_CGA_CLUSTER_SIZE`` in the
+  environment overrides it (NCCL's rule).
 * **Issued on our stream, cheaply.**  The wait and the collective must be consecutive on the
   watcher stream.  A c10d ``ProcessGroupNCCL`` (even a dedicated one built with
   ``pg_options`` carrying a CTA config) runs collectives on its own internal stream, so
@@ -57,6 +67,7 @@ __all__ = [
     "CommConfig",
     "NcclCommunicator",
     "get_communicator",
+    "overlap_communicator",
     "destroy_communicators",
     "new_unique_id",
     "exchange_check",
@@ -366,22 +377,40 @@ _CACHE: dict[tuple[Any, int, CommConfig], NcclCommunicator] = {}
 
 
 def get_communicator(group: Any = None, max_ctas: int | None = None,
-                     min_ctas: int | None = None, *, device: Any = None) -> NcclCommunicator:
-    """The cached communicator for ``(group, device, ctas)``, created on first use.
+                     min_ctas: int | None = None, *, device: Any = None,
+                     cga_cluster_size: int | None = None) -> NcclCommunicator:
+    """The cached communicator for ``(group, device, config)``, created on first use.
 
     The first call for a key is collective over ``group``: every rank must make it with the
     same arguments, in the same order relative to its other collectives.
     """
-    config = CommConfig(max_ctas=max_ctas, min_ctas=min_ctas)
+    config = CommConfig(max_ctas=max_ctas, min_ctas=min_ctas,
+                        cga_cluster_size=cga_cluster_size)
     group = _resolve_group(group)
     device = _cuda_device(device)
     key = (group, device.index, config)
     with _CACHE_LOCK:
         comm = _CACHE.get(key)
         if comm is None or comm.handle is None:
-            comm = NcclCommunicator(group, device=device, max_ctas=max_ctas, min_ctas=min_ctas)
+            comm = NcclCommunicator(group, device=device, max_ctas=max_ctas, min_ctas=min_ctas,
+                                    cga_cluster_size=cga_cluster_size)
             _CACHE[key] = comm
     return comm
+
+
+# NCCL's kernels beside a persistent GEMM run without thread-block clusters (module doc).
+OVERLAP_CGA_CLUSTER_SIZE = 0
+
+
+def overlap_communicator(group: Any, reserved_sms: int | None, *,
+                         device: Any = None) -> NcclCommunicator:
+    """The communicator of collectives that run beside a persistent GEMM leaving
+    ``reserved_sms`` SMs free: ``maxCTAs`` = those SMs (``None``/0: NCCL's default -- with
+    no SM free the collective waits for the GEMM anyway) and no thread-block clusters
+    (:data:`OVERLAP_CGA_CLUSTER_SIZE`), so NCCL's CTAs fit on the free SMs wherever the GPU
+    placed them.  Same caching and collective contract as :func:`get_communicator`."""
+    return get_communicator(group, max_ctas=reserved_sms or None, device=device,
+                            cga_cluster_size=OVERLAP_CGA_CLUSTER_SIZE)
 
 
 # Communicators whose group the library let go of (release_process_groups: at exit, or after a

@@ -163,6 +163,23 @@ def test_comm_config_sets_ctas_and_validates():
         comm.CommConfig(max_ctas=0)
 
 
+def test_overlap_communicator_reserves_ctas_without_clusters(monkeypatch):
+    """The engines' communicator: maxCTAs = the SMs the GEMM leaves (None when it leaves
+    none) and cgaClusterSize 0 -- NCCL's default clusters of 4 did not fit on the free SMs
+    beside the persistent GEMM (comm module docstring)."""
+    calls = []
+    monkeypatch.setattr(comm, "get_communicator", lambda group, **kw: calls.append((group, kw)))
+    comm.overlap_communicator("g", 16, device="cuda:1")
+    comm.overlap_communicator("g", None, device="cuda:1")
+    comm.overlap_communicator("g", 0, device="cuda:1")
+    assert calls == [("g", dict(max_ctas=16, device="cuda:1", cga_cluster_size=0)),
+                     ("g", dict(max_ctas=None, device="cuda:1", cga_cluster_size=0)),
+                     ("g", dict(max_ctas=None, device="cuda:1", cga_cluster_size=0))]
+    cfg = comm.CommConfig(max_ctas=16, cga_cluster_size=comm.OVERLAP_CGA_CLUSTER_SIZE).to_nccl()
+    assert (cfg.maxCTAs, cfg.cgaClusterSize) == (16, 0)
+    assert comm.CommConfig().to_nccl().cgaClusterSize == nccl_lib.NCCL_CONFIG_UNDEF_INT
+
+
 def test_version_code_macro():
     assert nccl_lib.nccl_version_code(2, 28, 9) == 22809
     assert nccl_lib.nccl_version_code(2, 8, 4) == 2804  # the pre-2.9 encoding

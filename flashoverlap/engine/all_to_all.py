@@ -169,13 +169,12 @@ def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup
         comm = nccl = None
         counters = None
         if plan.communicates:
-            from ..comm import get_communicator
+            from ..comm import overlap_communicator
             from ..nccl_lib import nccl_dtype, nccl_red_op
 
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             reserved = sms - cfg.num_ctas
-            comm = get_communicator(group, max_ctas=reserved if reserved > 0 else None,
-                                    device=device)
+            comm = overlap_communicator(group, max(reserved, 0), device=device)
             counters = torch.zeros(max(plan.num_groups, 1), dtype=torch.int32, device=device)
         watcher = watcher_stream(device)
         nccl = (NcclStream(*enqueue_binding(comm), watcher.cuda_stream, nccl_dtype(dtype),

@@ -162,7 +162,7 @@ def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessG
             "flashoverlap: the first all_gather_gemm call of a shape must run outside CUDA "
             "graph capture (it creates the communicator and compiles the kernel); warm up first")
     from ..collectives import NcclStream
-    from ..comm import get_communicator
+    from ..comm import overlap_communicator
     from ..kernels.gather_gemm import GatherGemmLauncher
     from ..nccl_lib import nccl_dtype, nccl_red_op
     from ..stream_wait import _driver
@@ -171,8 +171,7 @@ def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessG
     with _LOCK:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         reserved = sms - plan.config.num_ctas
-        comm = get_communicator(group, max_ctas=reserved if reserved > 0 else None,
-                                device=device)
+        comm = overlap_communicator(group, max(reserved, 0), device=device)
         problem = plan.problem
         dtype = getattr(torch, problem.dtype)
         watcher = watcher_stream(device)

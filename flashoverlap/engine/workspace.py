@@ -236,13 +236,13 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         raise RuntimeError(
             "flashoverlap: the first call of a shape (plan) must run outside CUDA graph capture "
             "(it creates the communicator and compiles the kernel); warm up first")
-    from ..comm import get_communicator
+    from ..comm import overlap_communicator
     from ..nccl_lib import nccl_dtype, nccl_red_op
     from ..stream_ops import stream_ops_for
     from ..stream_wait import prepare_wait
 
     with _LOCK:
-        comm = get_communicator(group, max_ctas=reserved_sms(plan, device), device=device)
+        comm = overlap_communicator(group, reserved_sms(plan, device), device=device)
         method = prepare_wait(device, settings().wait_method)
         problem = plan.problem
         dtype = getattr(torch, problem.dtype)

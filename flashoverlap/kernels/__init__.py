@@ -72,7 +72,11 @@ class GemmConfig:
         max_registers: cap on registers per thread (Triton's ``maxnreg``); ``None`` leaves
             the choice to ptxas.  A lower cap leaves room in the register file for another
             kernel's CTAs beside a GEMM CTA (``scripts/bench_sm_sharing.py``) at the price of
-            spills.
+            spills.  Measured on one H200 (128 x 256 tiles, Triton 3.6): 168 fits tiny
+            kernels beside each GEMM CTA but no NCCL-shaped one (640 or 256 threads x 96
+            registers), and the split-last-wave variant then spills 116 registers (~3-4 %
+            slower); ptxas refuses caps below about 154 for this tile (a compile error at the
+            first launch).  Off by default.
     """
 
     block_m: int = 128

@@ -403,12 +403,12 @@ class EngineBackend:
     def comm_fn(self, reserved_sms: int) -> Callable[[int], Any]:
         from flashoverlap import nccl_lib
         from flashoverlap.collectives import NcclStream
-        from flashoverlap.comm import get_communicator
+        from flashoverlap.comm import overlap_communicator
         from flashoverlap.nccl_enqueue import enqueue_binding
 
         torch = self._torch
         free = min(max(reserved_sms, 0), self.num_sms)  # the SMs the GEMM (P = SMs - r) leaves
-        comm = get_communicator(self.group, max_ctas=free or None, device=self.device)
+        comm = overlap_communicator(self.group, free, device=self.device)
         W = self.problem.world_size
         blocks = self.collective.row_blocks(W)
         elem = self._a.element_size()

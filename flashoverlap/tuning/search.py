@@ -30,8 +30,12 @@ Three sources feed the same search:
 * **fakes** in the tests.
 
 SM reservation and starvation: a persistent GEMM that holds every SM (``r = 0``) starves NCCL
-until its last CTA exits (DESIGN.md, "SM sharing"), so for ``r = 0`` every collective is
-modelled as starting after the whole GEMM: no overlap, whatever the grouping.
+until its last CTA exits, so for ``r = 0`` every collective is modelled as starting after the
+whole GEMM: no overlap, whatever the grouping.  Measured on one H200
+(``scripts/bench_sm_sharing.py``): beside the GEMM on all 132 SMs no kernel of NCCL's CTA
+shape, nor any smaller one down to 32 threads, started before the GEMM's CTAs retired;
+beside ``P = 116`` they started at once on the free SMs (without thread-block clusters,
+which :func:`flashoverlap.comm.overlap_communicator` turns off).
 
 Never slower: :func:`predict_gain` compares the best overlap prediction with the sequential
 baseline (all-SM GEMM, then one collective) and says overlap only if it wins by more than 2%.

@@ -143,6 +143,9 @@ def test_process_group_bootstrap_and_exchange_check(backend):
         comm = fo_comm.get_communicator(None, max_ctas=4)
         assert fo_comm.get_communicator(None, max_ctas=4) is comm
         assert fo_comm.get_communicator(None, max_ctas=8) is not comm
+        overlap = fo_comm.overlap_communicator(None, 4)
+        assert overlap is not comm and overlap.config.cga_cluster_size == 0
+        assert fo_comm.overlap_communicator(None, 4) is overlap
         x = torch.randn(1000, device="cuda")
         y = x.clone()
         comm.all_reduce(y)
