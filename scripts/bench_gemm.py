@@ -64,9 +64,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-tma", action="store_true")
     p.add_argument("--split-tail", type=int, choices=[0, 1],
                    help="split a partial last wave along K (GemmConfig.split_tail)")
-    p.add_argument("--tma-store", type=int, choices=[0, 1],
-                   help="whole tiles through TMA stores, signalled one tile later "
-                        "(GemmConfig.tma_store)")
     p.add_argument("--max-registers", type=int,
                    help="cap on registers per thread (GemmConfig.max_registers)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
@@ -163,8 +160,6 @@ def _config_from_args(args, base):
         overrides["use_tma"] = False
     if args.split_tail is not None:
         overrides["split_tail"] = bool(args.split_tail)
-    if args.tma_store is not None:
-        overrides["tma_store"] = bool(args.tma_store)
     if args.max_registers is not None:
         overrides["max_registers"] = args.max_registers
     return dataclasses.replace(base, **overrides)

@@ -69,11 +69,6 @@ class GemmConfig:
             :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
             the last one to finish sums the parts in a fixed order (deterministic) and stores
             and signals it.
-        tma_store: whole tiles leave through TMA stores (two ``BLOCK_M x BLOCK_N/2`` boxes)
-            and are signalled at the program's next epilogue, after a
-            ``cp.async.bulk.wait_group 0`` and an async-proxy fence (module docstring of
-            :mod:`flashoverlap.kernels.signal_gemm`); needs ``use_tma``.  Short tiles and
-            operands TMA cannot address keep the pointer stores.
         max_registers: cap on registers per thread (Triton's ``maxnreg``); ``None`` leaves
             the choice to ptxas.  A lower cap leaves room in the register file for another
             kernel's CTAs beside a GEMM CTA (``scripts/bench_sm_sharing.py``) at the price of
@@ -96,7 +91,6 @@ class GemmConfig:
     warp_specialize: bool = False
     split_tail: bool = True
     max_registers: int | None = None
-    tma_store: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):

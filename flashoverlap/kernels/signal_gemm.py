@@ -19,8 +19,8 @@ nothing (the load is masked off).
 Ordering protocol (why a reader that sees the count also sees the data)
 -----------------------------------------------------------------------
 1. Every thread of the program stores its part of the tile with ordinary ``st.global``
-   (pointer stores; for TMA stores see below: Triton waits for a bulk store only until it
-   has *read* shared memory, so a release right after it would not cover its writes).
+   (pointer stores, never a TMA store: a bulk store is only waited for until it has *read*
+   shared memory, so a later release would not cover its writes).
 2. A CTA barrier (``bar.sync 0``) orders all threads' prior memory accesses before
    anything any participating thread does after it.  Compiled, it is emitted as
    side-effecting inline PTX: ``tl.debug_barrier()`` is the same instruction but keeps
@@ -35,28 +35,6 @@ Ordering protocol (why a reader that sees the count also sees the data)
 Without step 2 the release would cover only thread 0's own stores; without step 1's pointer
 stores it would cover none.  The GPU stress test (tests/gpu/test_signal_gemm.py) snapshots
 each group the moment its counter completes and compares with the final buffer.
-
-TMA stores, signalled one tile later (``GemmConfig.tma_store``, on by default on sm_90)
---------------------------------------------------------------------------------------------
-The epilogue of a whole tile writes it to shared memory and hands it to the TMA unit as two
-``BLOCK_M x BLOCK_N/2`` bulk stores (``cp.async.bulk.tensor``; one 32 KB staging buffer fits
-beside the 3-stage pipeline: 213 KB of shared memory), then goes on to the next tile without
-waiting for the writes.  The tile is signalled at the program's *next* epilogue (or after
-its loop): the issuing thread executes ``cp.async.bulk.wait_group 0`` -- completion of the
-bulk stores' writes, not just their reads -- then ``fence.proxy.async.global`` (orders the
-async proxy's writes before the generic proxy's later accesses), then ``bar.sync 0`` and the
-``release`` atomic as in steps 2-3, all in one side-effecting inline-PTX block whose result
-the atomic's address depends on (``_signal_bulk``).  By then the stores were issued a whole
-tile's main loop earlier, so the wait costs nothing and the epilogue no longer holds the
-warps while the tile drains to memory.  A tile is thus signalled up to one tile time later
-than with pointer stores.  Tiles with fewer than ``BLOCK_M`` rows (the edge of ``M``, and the
-end of every row block of a packed ReduceScatter, where a TMA box would write into the next
-block's rows) take the pointer stores and are signalled at once; so do calls with a residual
-(with one, Triton 3.6 stages the residual's layout conversion beside the store buffer: 304 KB)
-and results TMA cannot address (base or row stride not 16-byte aligned).  The GPU PTX test
-checks the order (each bulk-stored tile's release right after the wait, the proxy fence and
-the barrier, with no memory access in between) and the stress test covers both kinds of
-stores.
 
 Main loop
 ---------
@@ -167,7 +145,6 @@ def _signal_gemm_kernel(
     num_steps, num_progs,
     part_ptr, ticket_ptr,  # split tail: fp32 [pieces, BM * BN] parts, int32 [tail] tickets
     num_main, tail_parts,  # steps run whole; K parts of each later step (SPLIT_TAIL)
-    c_rows_total,  # rows of the destination tensor (TMA_STORE's descriptor)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     B_TRANS: tl.constexpr,  # B is the transposed view of a row-major [N, K] tensor
     HAS_COUNTERS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -179,7 +156,6 @@ def _signal_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns
     SPLIT_TAIL: tl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
-    TMA_STORE: tl.constexpr,  # whole tiles leave through TMA stores, signalled one tile later
 ):
     pid = tl.program_id(0)
     dtype = c_ptr.dtype.element_ty
@@ -209,11 +185,6 @@ def _signal_gemm_kernel(
     offs_i = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    if TMA_STORE:
-        HALF: tl.constexpr = BLOCK_N // 2
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[c_rows_total, N],
-                                           strides=[stride_cm, 1], block_shape=[BLOCK_M, HALF])
-    pending = pid * 0 - 1  # TMA_STORE: the group of this program's unsignalled tile, or -1
 
     # The epilogue tracks its own step (step_c) and re-reads the table: with a flattened
     # loop this keeps the main loop's prologue independent of the previous epilogue.
@@ -284,60 +255,33 @@ def _signal_gemm_kernel(
             r_rows = tl.where(c_block == res_block, c_rows, 0)  # other blocks: no rows
             r_mask = (offs_i < r_rows)[:, None] & (offs_j < c_cols)[None, :]
             acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-        if TMA_STORE:
-            # Whole tiles: two TMA stores of BLOCK_M x BLOCK_N/2 (the staging buffer fits
-            # beside the pipeline), and the tile is signalled at this program's next epilogue
-            # or after its loop (_signal_bulk), when its bulk stores have long completed; the
-            # warps go on to the next tile meanwhile.  Short tiles (fewer than BLOCK_M rows:
-            # a TMA box would write past them, into rows of other tiles) take the pointer
-            # stores and are signalled at once.
-            if HAS_COUNTERS:
-                _signal_bulk(pending, counter_ptr, ASM_BARRIER)
-            group = tl.load(row + 5)
-            if c_rows == BLOCK_M:
-                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1))
-                acc0, acc1 = tl.split(halves)
-                c_desc.store([dest_row, c_col_start], acc0.to(dtype))
-                c_desc.store([dest_row, c_col_start + HALF], acc1.to(dtype))
-            else:
-                c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_j[None, :])
-                mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
-                tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
-                if HAS_COUNTERS:
-                    group = _cta_barrier(group, ASM_BARRIER)
-                    tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
-            pending = tl.where(c_rows == BLOCK_M, group, -1)
+        if EPILOGUE_SUBTILE:
+            HALF_N: tl.constexpr = BLOCK_N // 2
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            offs_h = tl.arange(0, HALF_N)
+            mask_i = (offs_i < c_rows)[:, None]
+            c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_h[None, :])
+            tl.store(c_ptrs, acc0.to(dtype), mask=mask_i & (offs_h < c_cols)[None, :])
+            tl.store(c_ptrs + HALF_N, acc1.to(dtype),
+                     mask=mask_i & ((offs_h + HALF_N) < c_cols)[None, :])
         else:
-            if EPILOGUE_SUBTILE:
-                HALF_N: tl.constexpr = BLOCK_N // 2
-                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF_N)), (0, 2, 1))
-                acc0, acc1 = tl.split(halves)
-                offs_h = tl.arange(0, HALF_N)
-                mask_i = (offs_i < c_rows)[:, None]
-                c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_h[None, :])
-                tl.store(c_ptrs, acc0.to(dtype), mask=mask_i & (offs_h < c_cols)[None, :])
-                tl.store(c_ptrs + HALF_N, acc1.to(dtype),
-                         mask=mask_i & ((offs_h + HALF_N) < c_cols)[None, :])
+            c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_j[None, :])
+            mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
+            tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
+        if HAS_COUNTERS:
+            # All threads' stores -> CTA barrier -> one release at GPU scope (module doc).
+            group = tl.load(row + 5)
+            if ASM_BARRIER:
+                # bar.sync as side-effecting inline asm: same barrier as tl.debug_barrier,
+                # which however stops Triton from pipelining the flattened loop.  The
+                # atomic's address depends on its result, so it cannot move above it.
+                group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
+                                                  [group], dtype=tl.int32, is_pure=False,
+                                                  pack=1)
             else:
-                c_ptrs = c_base + (offs_i[:, None] * stride_ci + offs_j[None, :])
-                mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
-                tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
-            if HAS_COUNTERS:
-                # All threads' stores -> CTA barrier -> one release at GPU scope (module doc).
-                group = tl.load(row + 5)
-                if ASM_BARRIER:
-                    # bar.sync as side-effecting inline asm: same barrier as tl.debug_barrier,
-                    # which however stops Triton from pipelining the flattened loop.  The
-                    # atomic's address depends on its result, so it cannot move above it.
-                    group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
-                                                      [group], dtype=tl.int32, is_pure=False,
-                                                      pack=1)
-                else:
-                    tl.debug_barrier()
-                tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
-
-    if TMA_STORE and HAS_COUNTERS:
-        _signal_bulk(pending, counter_ptr, ASM_BARRIER)  # the loop's last whole tile
+                tl.debug_barrier()
+            tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
 
     if SPLIT_TAIL:
         # ---- the last wave's tiles, each split into tail_parts K ranges ---------------
@@ -396,22 +340,6 @@ def _add_part(acc, own_slot, t, slots_per_tile, parts, part_ptr, ticket_ptr, off
         _store_and_signal(total, row, col_start, c_ptr, res_ptr, counter_ptr, stride_cm,
                           stride_rm, res_block, rows_per_block, offs_i, offs_j, ALIGN,
                           HAS_RESIDUAL, HAS_COUNTERS, ASM_BARRIER)
-
-
-@triton.jit
-def _signal_bulk(group, counter_ptr, ASM_BARRIER: tl.constexpr):
-    """Release ``group`` (``-1``: nothing) for a tile this program stored with TMA: the
-    issuing thread waits for its bulk stores' writes (``cp.async.bulk.wait_group 0``, not
-    ``.read``), orders them before the generic proxy (``fence.proxy.async.global``), the
-    CTA barrier hands that to the thread of the ``release`` atomic.  In the interpreter
-    stores are synchronous: a barrier suffices."""
-    if ASM_BARRIER:
-        group = tl.inline_asm_elementwise(
-            "cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tbar.sync 0;\n\t"
-            "mov.u32 $0, $1;", "=r,r", [group], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.debug_barrier()
-    tl.atomic_add(counter_ptr + group, 1, mask=group >= 0, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -613,15 +541,6 @@ def uses_tma(a: torch.Tensor, b: torch.Tensor, config: GemmConfig) -> bool:
     return config.use_tma and _tma_ok(a, stride_am) and _tma_ok(b, stride_b)
 
 
-def uses_tma_store(out: torch.Tensor, config: GemmConfig, residual: bool = False) -> bool:
-    """Whether whole tiles leave through TMA stores (``GemmConfig.tma_store``; the result's
-    base and row stride 16-byte aligned, tiles at least 32 columns wide, no residual: with
-    one, Triton 3.6 stages the residual's layout conversion beside the store's buffer, 304 KB
-    of shared memory for 128 x 256 tiles, more than an SM has)."""
-    return (config.tma_store and config.use_tma and config.block_n >= 32 and not residual
-            and _tma_ok(out, _row_stride(out)))
-
-
 def _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
               rows_per_block):
     for name, t in (("a", a), ("b", b), ("out", out), ("step_table", step_table)):
@@ -751,7 +670,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         part_arg, ticket_arg = tail_scratch
     args = (a, b, out, step_table, counter_arg, res_arg, M, N, K, stride_am, stride_b,
             stride_cm, stride_rm, residual_block, rows_per_block or M, T, num_ctas,
-            part_arg, ticket_arg, num_main, parts, out.shape[0])
+            part_arg, ticket_arg, num_main, parts)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "B_TRANS": b_trans, "HAS_COUNTERS": counters is not None,
@@ -767,7 +686,6 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         # products are exact in fp32, so upcasting gives the tensor-core result.
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
         "SPLIT_TAIL": parts > 1,
-        "TMA_STORE": uses_tma_store(out, config, residual is not None),
         "num_warps": config.num_warps, "num_stages": config.num_stages,
     }
     if config.max_registers is not None and not _INTERPRET:
@@ -777,7 +695,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
 
 def _jit_launch(grid, args, meta):
     """Launch through the JIT on the current stream; returns the compiled kernel."""
-    if (meta["USE_TMA"] or meta["TMA_STORE"]) and not _INTERPRET:
+    if meta["USE_TMA"] and not _INTERPRET:
         _ensure_tma_allocator()
     if meta["WARP_SPECIALIZE"] and not _INTERPRET:
         _check_warp_specialized(_signal_gemm_kernel.warmup(*args, grid=grid[:1], **meta), meta)
@@ -954,8 +872,7 @@ class SignalGemmLauncher:
         every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
         every[_A] = every[_B] = every[_OUT] = every[_RES] = None  # filled per call
         every[_CNT] = self.counters if self.counters is not None else self.step_table
-        self._entries.remember(key, compiled, (compiled, grid, every,
-                                               bool(meta["USE_TMA"] or meta["TMA_STORE"])))
+        self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))
 
 
 def signal_gemm_ref(
