@@ -79,6 +79,14 @@ waves run their CTAs in step along K, so the A and B slices of one K step are re
 HBM and then hit in L2 for the other CTAs of the band, while equal ranges start every program
 at a different K offset and that sharing is lost.  The code is in the history (commit
 ``9a238f4``); the split last wave kept the helpers it shared with it.
+Rejected, measured: TMA stores signalled one tile later (commit ``79d75d7``, reverted).  Whole
+tiles left as two ``BLOCK_M x BLOCK_N/2`` bulk stores and were released at the program's next
+epilogue after ``cp.async.bulk.wait_group 0``, ``fence.proxy.async.global`` and ``bar.sync``,
+so the warps did not wait for a tile to drain.  On one H200 (P = 132, 13 shapes x 2 B
+layouts, two pairs each, ``results/2026-12-02-h200/tma-store-run4/``) the time ratio to the
+pointer stores was median 0.994 / 0.991, geometric mean 0.997 / 1.000 -- noise -- while
+Triton 3.6 failed to compile the variant without counters (its nested-loop fusion) and the
+stress run did not finish within its limit (not diagnosed).
 The split last wave shares its K loop, part protocol and epilogue through ``_k_range_tma`` /
 ``_k_range_ptr``, ``_add_part`` and ``_store_and_signal``.  The main loop keeps its inline
 copies: passing its epilogue through the helper reorders a few table loads in the PTX, which
