@@ -227,8 +227,9 @@ def setup(args: argparse.Namespace) -> Bench:
     bench = Bench(args=args, rank=rank, world=world, device=device, dtype=dtype, clock=Clock(device),
                   control=control, p2p=p2p, prov=provenance(device))
     if use_cuda:
-        high = min(torch.cuda.Stream.priority_range())  # (least, greatest); lower = higher
-        bench.side_stream = torch.cuda.Stream(device=device, priority=high)
+        from flashoverlap.engine.workspace import highest_stream_priority
+
+        bench.side_stream = torch.cuda.Stream(device=device, priority=highest_stream_priority())
         if args.iters < 20 or args.rotate < 3:
             bench.log(f"warning: --iters {args.iters} / --rotate {args.rotate}: DESIGN.md asks for "
                       ">= 20 timed calls and >= 3 rotated input sets")

@@ -364,3 +364,15 @@ def test_exchange_check_missing_rank_times_out():
     assert status == "error", results
     assert "within 2 s" in message
     assert seconds < 10
+
+
+def test_watcher_priority_is_the_greatest(monkeypatch):
+    """``torch.cuda.Stream.priority_range()`` is ``(least, greatest)`` and lower numbers are
+    higher priorities: the watcher (and the benchmarks' side stream) must take the minimum,
+    not the first element (which is torch's default priority, 0)."""
+    from flashoverlap.engine.workspace import highest_stream_priority
+
+    monkeypatch.setattr(torch.cuda.Stream, "priority_range", staticmethod(lambda: (0, -5)), raising=False)
+    assert highest_stream_priority() == -5
+    monkeypatch.setattr(torch.cuda.Stream, "priority_range", staticmethod(lambda: (0, 0)), raising=False)
+    assert highest_stream_priority() == 0  # a GPU without priorities
