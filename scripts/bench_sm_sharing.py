@@ -912,8 +912,9 @@ class Bench:
     def priorities(torch: Any) -> tuple[int, int]:
         """``(normal, high)`` stream priorities.  torch's ``priority_range()`` is
         ``(least, greatest)`` = ``(0, negative)``: lower numbers are higher priorities."""
-        pr = torch.cuda.Stream.priority_range()
-        return max(pr), min(pr)
+        from flashoverlap.engine.workspace import highest_stream_priority
+
+        return max(torch.cuda.Stream.priority_range()), highest_stream_priority()
 
     def launch_marker(self, index: int, wait_ns: int) -> None:
         with self.cp_gemm:

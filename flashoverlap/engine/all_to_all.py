@@ -161,7 +161,7 @@ def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup
     from ..settings import settings
     from ..stream_ops import stream_ops_for
     from ..stream_wait import prepare_wait
-    from .workspace import _wait_enqueuer, watcher_stream
+    from .workspace import _wait_enqueuer, reserved_sms, watcher_stream
 
     problem, cfg = plan.problem, plan.config
     dtype = getattr(torch, problem.dtype)
@@ -172,9 +172,7 @@ def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup
             from ..comm import overlap_communicator
             from ..nccl_lib import nccl_dtype, nccl_red_op
 
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            reserved = sms - cfg.num_ctas
-            comm = overlap_communicator(group, max(reserved, 0), device=device)
+            comm = overlap_communicator(group, reserved_sms(cfg.num_ctas, device), device=device)
             counters = torch.zeros(max(plan.num_groups, 1), dtype=torch.int32, device=device)
         watcher = watcher_stream(device)
         nccl = (NcclStream(*enqueue_binding(comm), watcher.cuda_stream, nccl_dtype(dtype),

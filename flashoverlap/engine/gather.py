@@ -166,12 +166,11 @@ def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessG
     from ..kernels.gather_gemm import GatherGemmLauncher
     from ..nccl_lib import nccl_dtype, nccl_red_op
     from ..stream_wait import _driver
-    from .workspace import watcher_stream
+    from .workspace import reserved_sms, watcher_stream
 
     with _LOCK:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        reserved = sms - plan.config.num_ctas
-        comm = overlap_communicator(group, max(reserved, 0), device=device)
+        comm = overlap_communicator(group, reserved_sms(plan.config.num_ctas, device),
+                                    device=device)
         problem = plan.problem
         dtype = getattr(torch, problem.dtype)
         watcher = watcher_stream(device)

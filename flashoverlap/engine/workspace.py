@@ -201,10 +201,11 @@ def _wait_enqueuer(method: str, counters: torch.Tensor, watcher: torch.cuda.Stre
     return wait
 
 
-def reserved_sms(plan: OverlapPlan, device: torch.device) -> int | None:
-    """CTAs NCCL may use: the SMs the GEMM leaves free (None: NCCL's own default)."""
+def reserved_sms(num_ctas: int, device: torch.device) -> int | None:
+    """CTAs NCCL may use: the SMs a persistent GEMM of ``num_ctas`` CTAs leaves free (None:
+    none, NCCL's own default)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    reserved = sms - plan.config.num_ctas
+    reserved = sms - num_ctas
     return reserved if reserved > 0 else None
 
 
@@ -242,7 +243,7 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
     from ..stream_wait import prepare_wait
 
     with _LOCK:
-        comm = overlap_communicator(group, reserved_sms(plan, device), device=device)
+        comm = overlap_communicator(group, reserved_sms(plan.config.num_ctas, device), device=device)
         method = prepare_wait(device, settings().wait_method)
         problem = plan.problem
         dtype = getattr(torch, problem.dtype)

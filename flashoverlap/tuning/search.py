@@ -302,11 +302,10 @@ class AnalyticModel:
     def wave_times(self, problem: Problem, config: PlanConfig) -> list[float]:
         per_sm = self._flops(problem.dtype) / self.ref_sms
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
-        n = num_waves_for(problem, config)
-        times = [tile_s] * n
+        tiles = band_layout(problem, config).num_tiles
+        times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count
         if self.split_tail:
             k_tiles = math.ceil(problem.K / self.block_k)
-            tiles = band_layout(problem, config).num_tiles
             parts = tail_split(tiles, config.num_ctas, k_tiles)[1]
             if parts > 1:
                 times[-1] = tile_s * math.ceil(k_tiles / parts) / k_tiles + self.split_fixup_s
