@@ -223,6 +223,15 @@ class OverlapPlan:
         return np.diff(self.group_bounds)
 
     @property
+    def full_tiles(self) -> bool:
+        """Every step is a whole ``block_m x block_n`` tile (no row block or ``N`` ends
+        inside one): what lets sm_90 run the warp-specialized signal GEMM, whose TMA store
+        writes whole tiles (:mod:`flashoverlap.kernels.ws_signal_gemm`)."""
+        t = self.step_table
+        return bool(((t[:, 1] - t[:, 0]) == self.config.block_m).all()
+                    and ((t[:, 3] - t[:, 2]) == self.config.block_n).all())
+
+    @property
     def out_rows(self) -> int:
         """Rows of this rank's result (``M / B``)."""
         return self.problem.rows_per_block

@@ -53,9 +53,17 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kn", default=",".join(f"{k}x{n}" for k, n in SHAPES_KN),
                    help="comma-separated KxN pairs")
     p.add_argument("--cta-offsets", default=",".join(map(str, CTA_OFFSETS)),
-                   help="P = SMs - offset, comma-separated")
-    p.add_argument("--group-m", type=int, default=8, help="plan swizzle width")
+                   help="P = SMs - offset, comma-separated (a negative offset runs more "
+                        "programs than SMs: -132 on 132 SMs is two per SM)")
+    p.add_argument("--group-m", type=int, default=None,
+                   help="plan swizzle width (default: the product's choice per shape, "
+                        "flashoverlap.kernels.gemm_config_for)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="never the warp-specialized kernel (GemmConfig."
+                        "warp_specialized_kernel=False): the pipelined Triton kernel")
     # Kernel overrides (default: flashoverlap.kernels.default_config for the device).
+    p.add_argument("--block-m", type=int)
+    p.add_argument("--block-n", type=int)
     p.add_argument("--block-k", type=int)
     p.add_argument("--num-warps", type=int)
     p.add_argument("--num-stages", type=int)
@@ -68,7 +76,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="cap on registers per thread (GemmConfig.max_registers)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="first time kernel variants (';'-separated 'key=value,...' over "
-                        "GemmConfig fields and group_m; default: a small grid) and print them")
+                        "GemmConfig fields, group_m and num_ctas (programs; default all SMs); "
+                        "default: a small grid) and print them")
     p.add_argument("--sweep-shapes", default="8192x8192x2048,8192x8192x7168,16384x8192x8192",
                    help="MxNxK shapes of the sweep, comma-separated")
     p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
@@ -135,7 +144,8 @@ class _Bench:
         P = plan.config.num_ctas
         launcher = self.sg.SignalGemmLauncher(table, counters, block_m=BM, block_n=BN,
                                               num_ctas=P, config=config,
-                                              rows_per_block=plan.problem.rows_per_block)
+                                              rows_per_block=plan.problem.rows_per_block,
+                                              full_tiles=plan.full_tiles)
         stream = torch.cuda.current_stream()
 
         def run(i):
@@ -148,7 +158,8 @@ class _Bench:
 
 def _config_from_args(args, base):
     overrides = {}
-    for field, value in (("block_k", args.block_k), ("num_warps", args.num_warps),
+    for field, value in (("block_m", args.block_m), ("block_n", args.block_n),
+                         ("block_k", args.block_k), ("num_warps", args.num_warps),
                          ("num_stages", args.num_stages)):
         if value is not None:
             overrides[field] = value
@@ -162,6 +173,8 @@ def _config_from_args(args, base):
         overrides["split_tail"] = bool(args.split_tail)
     if args.max_registers is not None:
         overrides["max_registers"] = args.max_registers
+    if args.pipelined:
+        overrides["warp_specialized_kernel"] = False
     return dataclasses.replace(base, **overrides)
 
 
@@ -184,14 +197,15 @@ def _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, base, args, dtype,
         print(f"  M={M} N={N} K={K}: torch {t_torch:.3f} ms")
         for variant in variants:
             fields = {k: (bool(v) if k in bool_fields else v) for k, v in variant.items()
-                      if k != "group_m"}
+                      if k not in ("group_m", "num_ctas")}
             label = ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
             try:
                 cfg = dataclasses.replace(base, **fields)
                 plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
                                  PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
-                                            num_ctas=sms,
-                                            group_m=variant.get("group_m", args.group_m)))
+                                            num_ctas=variant.get("num_ctas", sms),
+                                            group_m=variant.get("group_m",
+                                                                args.group_m or 8)))
                 t = bench.signal_ms(plan, cfg, args.warmup, args.rep)
                 t2 = bench.torch_ms(args.warmup, args.rep)  # torch again: clock drift
                 kernel = _compiled(torch, sg, bench, plan, cfg)
@@ -211,6 +225,10 @@ def _compiled(torch, sg, bench, plan, cfg):
     a, b = bench.sets[0]
     table = torch.from_numpy(plan.step_table.copy()).to("cuda")
     counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
+    if sg.ws_signal_gemm.eligible(a, b, bench.c[0], cfg, None, plan.full_tiles):
+        launch = sg.ws_signal_gemm.launch_args(a, b, bench.c[0], table, cfg.block_m,
+                                               cfg.block_n, plan.config.num_ctas, counters, cfg)
+        return sg._ws_jit_launch(*launch)
     grid, args, meta = sg._launch_args(a, b, bench.c[0], table, cfg.block_m, cfg.block_n,
                                        plan.config.num_ctas, counters, None, 0, None, cfg)
     return sg._jit_launch(grid, args, meta)
@@ -227,7 +245,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import _git_commit
-    from flashoverlap.kernels import default_config
+    from flashoverlap.kernels import default_config, gemm_config_for
     from flashoverlap.kernels import signal_gemm as sg
     from flashoverlap.plan import PlanConfig, Problem, make_plan
 
@@ -265,14 +283,24 @@ def main(argv=None) -> int:
                 for off in offsets:
                     P = sms - off
                     # AllReduce at W = 1: dest_row = row, the plain layout
+                    # The product's choice for this shape (gemm_config_for), then the
+                    # command line's overrides.
+                    choice = gemm_config_for(M, N, K, args.dtype, P,
+                                             torch.cuda.get_device_capability(dev))
+                    cfg = _config_from_args(args, choice.config)
+                    group_m = args.group_m or choice.group_m
                     plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
-                                     PlanConfig(block_m=config.block_m, block_n=config.block_n,
-                                                num_ctas=P, group_m=args.group_m))
-                    t = bench.signal_ms(plan, config, args.warmup, args.rep)
+                                     PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
+                                                num_ctas=P, group_m=group_m))
+                    t = bench.signal_ms(plan, cfg, args.warmup, args.rep)
                     t_after = bench.torch_ms(args.warmup, args.rep)
                     row["torch"].append(t_after)
                     row.setdefault(P, []).append(t)
                     row.setdefault(("eff", P), []).append(0.5 * (t_before + t_after) / t)
+                    a0, b0 = bench.sets[0]
+                    row[("kernel", P)] = ("warp_specialized" if sg.ws_signal_gemm.eligible(
+                        a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
+                    row[("config", P)] = (cfg, group_m)
                     t_before = t_after
                 del bench
                 torch.cuda.empty_cache()
@@ -297,11 +325,14 @@ def main(argv=None) -> int:
                 continue
             eff = statistics.median(row[("eff", P)])
             t = statistics.median(times)
+            kernel = row[("kernel", P)]
+            cfg, group_m = row[("config", P)]
             print(f"{M:>6} {N:>6} {K:>6} {'flashoverlap':>12} {P:>4} {t:8.3f} "
-                  f"{flops / t / 1e9:8.1f} {eff:6.3f}")
+                  f"{flops / t / 1e9:8.1f} {eff:6.3f}  {kernel} gm{group_m}")
             rows.append(dict(common, M=M, N=N, K=K, engine="flashoverlap", num_ctas=P,
                              median_ms=t, tflops=flops / t / 1e9, efficiency_vs_torch=eff,
-                             sms=sms, group_m=args.group_m, config=dataclasses.asdict(config)))
+                             sms=sms, group_m=group_m, kernel=kernel,
+                             config=dataclasses.asdict(cfg)))
 
     for off in offsets:
         effs = [r["efficiency_vs_torch"] for r in rows

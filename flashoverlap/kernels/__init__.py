@@ -77,6 +77,13 @@ class GemmConfig:
             registers), and the split-last-wave variant then spills 116 registers (~3-4 %
             slower); ptxas refuses caps below about 154 for this tile (a compile error at the
             first launch).  Off by default.
+        warp_specialized_kernel: on sm_90, run the Gluon warp-specialized kernel
+            (:mod:`flashoverlap.kernels.ws_signal_gemm`: a TMA loader warp, two MMA
+            warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
+            tiles, no residual, bf16/fp16, TMA-aligned operands); the pipelined kernel runs
+            the rest.  It uses ``block_m`` (must be 128), ``block_n``, ``block_k`` and
+            ``num_stages`` (capped by shared memory), not ``num_warps``, ``flatten``,
+            ``epilogue_subtile``, ``acc_multibuffer``, ``split_tail`` or ``max_registers``.
     """
 
     block_m: int = 128
@@ -91,6 +98,7 @@ class GemmConfig:
     warp_specialize: bool = False
     split_tail: bool = True
     max_registers: int | None = None
+    warp_specialized_kernel: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -245,9 +253,8 @@ class GemmRule:
                 and self.num_ctas[0] <= num_ctas < self.num_ctas[1])
 
 
-# First match wins; no match: config_for_capability() and DEFAULT_GROUP_M.  Empty for now,
-# which reproduces the pre-table default exactly (sm_90: 128x256x64, 8 warps, 3 stages, TMA,
-# flattened loop, accumulator multi-buffering, group_m 8).
+# First match wins; no match: config_for_capability() and DEFAULT_GROUP_M (sm_90: 128x256x64,
+# 8 warps, 3 stages, TMA, flattened loop, accumulator multi-buffering, group_m 8).
 #
 # How the rows are measured: ``scripts/gemm_sweep.py`` on one H200 (132 SMs), bf16 (fp16 on a
 # subset), B row-major and ``w.t()``, P = 132 and 116, signals on (counters re-zeroed before
@@ -258,7 +265,17 @@ class GemmRule:
 # counters equal to the plan's group tile counts).  A rule is added only where the best
 # candidate beats the default by more than the run-to-run noise (~1%) for both B layouts and
 # both P; the script prints such suggestions as GemmRule(...) lines.
-GEMM_RULES: tuple[GemmRule, ...] = ()
+#
+# group_m 16 for M and N >= 8192 (sm_90, where these shapes run the warp-specialized kernel):
+# one H200, 2026-12-02 (results/2026-12-02-h200/ws-run4 and ws-run5), the nine issue-14 shapes
+# and four more, P = 132 and 116; against group_m 8 it gained 2-3 % at P = 132 on the six
+# shapes with M >= 8192 (e.g. 16384 x 8192 x 8192: 1.022 -> 1.051 of torch.matmul) and lost
+# on the M = 4096/6144 ones (4096 x 8192 x 8192: 0.994 -> 0.968), so it is limited to the
+# former; ws-run5 repeats the A/B on both B layouts with three repeats.
+GEMM_RULES: tuple[GemmRule, ...] = (
+    GemmRule(group_m=16, m=(8192, _BIG), n=(8192, _BIG),
+             note="H200 2026-12-02 ws-run4/5: group_m 16 on M, N >= 8192 (WS kernel)"),
+)
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

@@ -123,6 +123,7 @@ from flashoverlap.kernels import (
     default_config,
     direct_launch,
     tail_split,
+    ws_signal_gemm,
 )
 
 # Same column order as flashoverlap.plan.STEP_TABLE_COLUMNS (kept literal so the kernel
@@ -648,13 +649,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     """``(grid, args, meta)`` of one launch of the kernel (no checks: :func:`_validate`);
     ``tail_scratch``: :func:`tail_scratch_for`'s buffers to use (allocated here if None or
     too small)."""
-    if config is None:
-        config = default_config(a.device, a.dtype)
-        if (config.block_m, config.block_n) != (block_m, block_n):
-            config = dataclasses.replace(config, block_m=block_m, block_n=block_n)
-    elif (config.block_m, config.block_n) != (block_m, block_n):
-        raise ValueError(f"config tile {config.block_m}x{config.block_n} differs from the "
-                         f"plan's {block_m}x{block_n}")
+    config = _resolve_config(a, block_m, block_n, config)
     M, K = a.shape
     N = b.shape[1]
     b_trans, stride_am, stride_b = _operand_strides(a, b)
@@ -699,6 +694,26 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     if config.max_registers is not None and not _INTERPRET:
         meta["maxnreg"] = config.max_registers
     return (programs, 1, 1), args, meta
+
+
+def _resolve_config(a, block_m, block_n, config):
+    """``config``, or the device's default with the plan's tile; a config whose tile is not
+    the plan's is refused."""
+    if config is None:
+        config = default_config(a.device, a.dtype)
+        if (config.block_m, config.block_n) != (block_m, block_n):
+            config = dataclasses.replace(config, block_m=block_m, block_n=block_n)
+    elif (config.block_m, config.block_n) != (block_m, block_n):
+        raise ValueError(f"config tile {config.block_m}x{config.block_n} differs from the "
+                         f"plan's {block_m}x{block_n}")
+    return config
+
+
+def _ws_jit_launch(grid, args, meta):
+    """The warp-specialized kernel through the JIT (device-side TMA descriptors: the
+    allocator must be installed, as for the pipelined kernel's)."""
+    _ensure_tma_allocator()
+    return ws_signal_gemm.jit_launch(grid, args, meta)
 
 
 def _jit_launch(grid, args, meta):
@@ -753,6 +768,7 @@ def signal_gemm(
     residual_block: int = 0,
     rows_per_block: int | None = None,
     config: GemmConfig | None = None,
+    full_tiles: bool = False,
 ) -> torch.Tensor:
     """``out[dest rows] <- a @ b`` tile by tile in plan order, bumping ``counters[group]``.
 
@@ -767,18 +783,27 @@ def signal_gemm(
         residual: optional row-major ``[rows_per_block, N]`` added (fp32) to the tiles of row
             block ``residual_block`` before they are stored.
         config: kernel options; defaults to :func:`default_config` for the device.
+        full_tiles: every step of ``step_table`` is a whole ``block_m x block_n`` tile
+            (``Plan.full_tiles``); lets sm_90 run the warp-specialized kernel
+            (:mod:`flashoverlap.kernels.ws_signal_gemm`), whose TMA store writes whole tiles.
 
     Returns ``out``.  The launch goes to the current stream of ``a``'s device.
     """
     _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
               rows_per_block)
-    launch = _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
-                          residual, residual_block, rows_per_block, config)
+    config = _resolve_config(a, block_m, block_n, config)
+    if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
+        launch, jit = ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n,
+                                                 num_ctas, counters, config), _ws_jit_launch
+    else:
+        launch = _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
+                              residual, residual_block, rows_per_block, config)
+        jit = _jit_launch
     if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):
-            _jit_launch(*launch)
+            jit(*launch)
     else:
-        _jit_launch(*launch)
+        jit(*launch)
     return out
 
 
@@ -803,15 +828,17 @@ class SignalGemmLauncher:
     def __init__(self, step_table: torch.Tensor, counters: torch.Tensor | None, *,
                  block_m: int, block_n: int, num_ctas: int, residual_block: int = 0,
                  rows_per_block: int | None = None, config: GemmConfig | None = None,
-                 tail_scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 tail_scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 full_tiles: bool = False) -> None:
         self.step_table, self.counters = step_table, counters
+        self.full_tiles = full_tiles  # signal_gemm's full_tiles: sm_90 may run the WS kernel
         # The split last wave's slots and tickets (tail_scratch_for), shared by the launches
         # of every key; allocated at the first launch that needs them when not given.
         self.tail_scratch = tail_scratch
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
         self.residual_block, self.rows_per_block = residual_block, rows_per_block
         self.config = config
-        # key -> (compiled kernel, grid, all arguments, uses TMA)
+        # key -> (compiled kernel, grid, all arguments, uses TMA, residual's position or None)
         self._entries = direct_launch.KernelCache()
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
@@ -839,7 +866,7 @@ class SignalGemmLauncher:
         if entry is None:
             self._first(key, a, b, out, residual, stream, counters)
             return
-        kernel, grid, args, use_tma = entry
+        kernel, grid, args, use_tma, res_slot = entry
         if use_tma:
             _ensure_tma_allocator()  # per thread: Triton keeps the allocator in a ContextVar
         if isinstance(stream, int):
@@ -848,7 +875,8 @@ class SignalGemmLauncher:
             handle = (stream if stream is not None
                       else torch.cuda.current_stream(a.device)).cuda_stream
         args[_A], args[_B], args[_OUT] = a, b, out
-        args[_RES] = residual if residual is not None else out
+        if res_slot is not None:
+            args[res_slot] = residual if residual is not None else out
         if counters is not None:
             args[_CNT] = counters
         if capturing is None:
@@ -860,7 +888,9 @@ class SignalGemmLauncher:
             _REUSE.on = False
             # The cache must not keep the caller's tensors alive (soak on an H200: 10-18 GB
             # held by cached entries before this).
-            args[_A] = args[_B] = args[_OUT] = args[_RES] = None
+            args[_A] = args[_B] = args[_OUT] = None
+            if res_slot is not None:
+                args[res_slot] = None
             if counters is not None:
                 args[_CNT] = self.counters
 
@@ -868,19 +898,31 @@ class SignalGemmLauncher:
         bumped = self.counters if counters is None else counters
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
                   bumped, residual, self.rows_per_block)
-        grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
-                                        self.block_n, self.num_ctas, bumped, residual,
-                                        self.residual_block, self.rows_per_block, self.config,
-                                        self.tail_scratch)
-        if meta["SPLIT_TAIL"]:
-            self.tail_scratch = (args[17], args[18])
+        config = _resolve_config(a, self.block_m, self.block_n, self.config)
+        if ws_signal_gemm.eligible(a, b, out, config, residual, self.full_tiles):
+            fn, jit, use_tma, res_slot = (ws_signal_gemm.kernel(), _ws_jit_launch, True, None)
+            grid, args, meta = ws_signal_gemm.launch_args(a, b, out, self.step_table,
+                                                          self.block_m, self.block_n,
+                                                          self.num_ctas, bumped, config)
+        else:
+            grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
+                                            self.block_n, self.num_ctas, bumped, residual,
+                                            self.residual_block, self.rows_per_block, config,
+                                            self.tail_scratch)
+            if meta["SPLIT_TAIL"]:
+                self.tail_scratch = (args[17], args[18])
+            fn, jit, use_tma, res_slot = (_signal_gemm_kernel, _jit_launch,
+                                          bool(meta["USE_TMA"]), _RES)
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
-            compiled = _jit_launch(grid, args, meta)
-        every = list(direct_launch.ordered_args(_signal_gemm_kernel, args, meta))
-        every[_A] = every[_B] = every[_OUT] = every[_RES] = None  # filled per call
+            compiled = jit(grid, args, meta)
+        # Both kernels take a, b, out, the step table and the counters first (_A.._CNT).
+        every = list(direct_launch.ordered_args(fn, args, meta))
+        every[_A] = every[_B] = every[_OUT] = None  # filled per call
+        if res_slot is not None:
+            every[res_slot] = None
         every[_CNT] = self.counters if self.counters is not None else self.step_table
-        self._entries.remember(key, compiled, (compiled, grid, every, bool(meta["USE_TMA"])))
+        self._entries.remember(key, compiled, (compiled, grid, every, use_tma, res_slot))
 
 
 def signal_gemm_ref(

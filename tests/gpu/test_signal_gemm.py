@@ -67,7 +67,8 @@ def _rel_fro(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
 
-def _run_pair(plan, a, b, *, counters=True, config=None, residual=None, residual_block=0):
+def _run_pair(plan, a, b, *, counters=True, config=None, residual=None, residual_block=0,
+              full_tiles=False):
     """Kernel and reference on NaN-poisoned ``[M, N]`` destinations; (out, ref, counts)."""
     M, N = a.shape[0], b.shape[1]
     cfg = plan.config
@@ -77,7 +78,8 @@ def _run_pair(plan, a, b, *, counters=True, config=None, residual=None, residual
     rows = plan.problem.rows_per_block
     sg.signal_gemm(a, b, out, step_table=table, block_m=cfg.block_m, block_n=cfg.block_n,
                    num_ctas=cfg.num_ctas, counters=cnt, residual=residual,
-                   residual_block=residual_block, rows_per_block=rows, config=config)
+                   residual_block=residual_block, rows_per_block=rows, config=config,
+                   full_tiles=full_tiles)
     sg.signal_gemm_ref(a, b, ref, table, residual=residual, residual_block=residual_block,
                        rows_per_block=rows)
     return out, ref, cnt
@@ -343,6 +345,155 @@ def test_cuda_graph_capture():
 
 
 # --------------------------------------------------------------------------------------
+# The warp-specialized kernel (sm_90, whole tiles): flashoverlap/kernels/ws_signal_gemm.py
+# --------------------------------------------------------------------------------------
+
+ws = sg.ws_signal_gemm
+needs_ws = pytest.mark.skipif(
+    not ws.HAVE_GLUON or torch.cuda.get_device_capability(DEV) != (9, 0),
+    reason="the warp-specialized kernel is sm_90 + Gluon only")
+
+
+def _ws_runs(plan, a, b, out, config=None, residual=None):
+    cfg = config or default_config(DEV, a.dtype)
+    return ws.eligible(a, b, out, cfg, residual, plan.full_tiles)
+
+
+@needs_ws
+@pytest.mark.parametrize("half_c", [False, True], ids=["whole_c", "half_c_4stages"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_ws_kernel_matches_matmul(dtype, b_trans, half_c):
+    """Whole-tile AllReduce plans run the WS kernel: product (fp64 reference), every element
+    written, counters at their targets; K not a multiple of BLOCK_K (TMA zero fill).
+    ``half_c``: the half-width C buffer (two stores a tile) and a fourth stage."""
+    config = dataclasses.replace(default_config(DEV, dtype), epilogue_subtile=half_c,
+                                 num_stages=4 if half_c else 3)
+    assert ws.stages_for(config, 2) == config.num_stages
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    for M, N, K, P, group_m in ((128, 256, 64, SMS, 1), (1024, 768, 1000, 7, 2),
+                                (2048, 2304, 520, SMS - 16, 8), (4096, 1024, 2056, SMS, 4)):
+        plan = _plan(M, N, K, num_ctas=P, group_m=group_m, dtype=str(dtype)[6:])
+        assert plan.full_tiles
+        a, b = _operands(M, N, K, dtype, b_trans, gen)
+        out, ref, cnt = _run_pair(plan, a, b, full_tiles=True, config=config)
+        assert _ws_runs(plan, a, b, out, config), (M, N, K)
+        _check(out, ref, (M, N, K))
+        assert cnt.tolist() == plan.group_tile_counts.tolist()
+        assert _rel_fro(out, a.double() @ b.double()) <= 1e-2, (M, N, K)
+
+
+@needs_ws
+@pytest.mark.parametrize("world", [2, 4])
+def test_ws_kernel_packed_reduce_scatter_layout(world):
+    """ReduceScatter plans whose blocks are whole tiles: the packed send buffer unpacks to the
+    pipelined kernel's product (same tiles, different kernels: within bf16 rounding)."""
+    rows = 3 * BM
+    M, N, K = rows * world, 2 * BN, 776
+    plan = _plan(M, N, K, world=world, op="reduce_scatter", num_ctas=37, group_m=1)
+    assert plan.full_tiles
+    a, b = _operands(M, N, K, torch.bfloat16, True)
+    send, ref, cnt = _run_pair(plan, a, b, full_tiles=True)
+    assert _ws_runs(plan, a, b, send)
+    _check(send, ref, "packed")
+    assert cnt.tolist() == plan.group_tile_counts.tolist()
+    for r in range(world):
+        parts = [send[s.send_lo + r * s.recv_rows: s.send_lo + (r + 1) * s.recv_rows]
+                 for s in plan.spans()]
+        want = a[r * rows:(r + 1) * rows].double() @ b.double()
+        assert _rel_fro(torch.cat(parts), want) <= 1e-2, f"rank {r}"
+
+
+@needs_ws
+def test_ws_kernel_not_taken_where_it_cannot_run():
+    """Partial tiles, a residual, full_tiles not claimed, or the option off: the pipelined
+    kernel runs (and is right)."""
+    cfg = default_config(DEV, torch.bfloat16)
+    partial = _plan(1000, 768, 512)
+    whole = _plan(1024, 768, 512)
+    assert not partial.full_tiles and whole.full_tiles
+    a, b = _operands(1024, 768, 512, torch.bfloat16, False)
+    out = _nan((1024, 768))
+    res = torch.randn(1024, 768, device=DEV, dtype=torch.bfloat16)
+    assert ws.eligible(a, b, out, cfg, None, True)
+    assert not ws.eligible(a, b, out, cfg, None, False)
+    assert not ws.eligible(a, b, out, cfg, res, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, warp_specialized_kernel=False),
+                           None, True)
+    assert not ws.eligible(a[:, 1:], b[1:], out, cfg, None, True)  # 2-byte offset base
+    assert not ws.eligible(a.float(), b.float(), out.float(), cfg, None, True)
+    a2, b2 = _operands(1000, 768, 512, torch.bfloat16, False)
+    out2, ref2, cnt2 = _run_pair(partial, a2, b2, full_tiles=False)
+    _check(out2, ref2, "partial tiles")
+    assert cnt2.tolist() == partial.group_tile_counts.tolist()
+
+
+@needs_ws
+def test_ws_launcher_direct_launch_and_graph():
+    """SignalGemmLauncher with full_tiles: the WS kernel through the JIT, then directly, then
+    captured in a CUDA graph and replayed; same bits, counters 3 + 2 launches."""
+    from flashoverlap.kernels import direct_launch
+
+    M, N, K = 2048, 1536, 1024
+    plan = _plan(M, N, K, num_ctas=SMS - 16, group_m=2)
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    launcher = sg.SignalGemmLauncher(_table(plan), counters, block_m=BM, block_n=BN,
+                                     num_ctas=plan.config.num_ctas,
+                                     rows_per_block=plan.problem.rows_per_block,
+                                     full_tiles=plan.full_tiles)
+    a, b = _operands(M, N, K, torch.bfloat16, True)
+    outs = []
+    for _ in range(3):
+        out = _nan((M, N))
+        launcher(a, b, out, stream=torch.cuda.current_stream())
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert counters.tolist() == (3 * plan.group_tile_counts).tolist()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert _rel_fro(outs[2], a.double() @ b.double()) <= 1e-2
+    if direct_launch.ENABLED:
+        assert len(launcher._entries) == 1
+        entry = next(iter(launcher._entries._kernels.values()))
+        assert entry[0].metadata.num_warps == 12  # 8 MMA warps + a warpgroup for 2 workers
+    graph_out = _nan((M, N))
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            launcher(a, b, graph_out)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        graph_out.fill_(float("nan"))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_out, outs[0])
+    assert counters.tolist() == (5 * plan.group_tile_counts).tolist()
+
+
+@needs_ws
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_ws_compiled_signal_follows_the_bulk_store(b_trans):
+    """PTX of the launched kernel: the storer's bulk tensor stores, then (in one block)
+    cp.async.bulk.wait_group 0, fence.proxy.async.global, bar.warp.sync and the release."""
+    M, N, K = 1024, 1024, 512
+    plan = _plan(M, N, K)
+    a, b = _operands(M, N, K, torch.bfloat16, b_trans)
+    out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    cfg = default_config(DEV, torch.bfloat16)
+    launch = ws.launch_args(a, b, out, _table(plan), BM, BN, SMS, counters, cfg)
+    ptx = sg._ws_jit_launch(*launch).asm["ptx"]
+    torch.cuda.synchronize()
+    assert counters.tolist() == plan.group_tile_counts.tolist()
+    order = [ptx.find(x) for x in ("cp.async.bulk.tensor.2d.global.shared",
+                                   "cp.async.bulk.wait_group 0;", "fence.proxy.async.global",
+                                   "bar.warp.sync -1", "red.release.gpu.global.add")]
+    assert all(i >= 0 for i in order) and order == sorted(order), order
+    assert len(re.findall(r"red\.release\.gpu", ptx)) == 1
+
+
+# --------------------------------------------------------------------------------------
 # Signal-ordering stress test
 # --------------------------------------------------------------------------------------
 
@@ -370,15 +521,22 @@ def _wait_and_snapshot(counter_ptr, target_ptr, bound_ptr, src_ptr, dst_ptr, spi
             tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=mask), mask=mask)
 
 
-def _random_case(rng: random.Random):
+def _random_case(rng: random.Random, whole_tiles: bool):
     """Many small bands: group_m 1-2, mostly one group per band; small N (cheap copies),
-    K up to 1024 (a band takes a while), P from all-but-two SMs down to a few CTAs."""
+    K up to 1024 (a band takes a while), P from all-but-two SMs down to a few CTAs.
+    ``whole_tiles``: every row block and N whole tiles, K TMA-aligned (on sm_90 the
+    warp-specialized kernel runs these)."""
     world = rng.choice([1, 1, 2, 4])
     op = "all_reduce" if world == 1 else "reduce_scatter"
-    M = rng.randint(1, 16384 // world) * world
-    N = rng.choice([rng.randint(1, 1024), rng.randrange(8, 1025, 8)])
-    # Half the calls TMA-aligned K (multiple of 8), half odd K (pointer path).
-    K = rng.randrange(8, 1025, 8) if rng.random() < 0.5 else rng.randrange(1, 1025, 2)
+    if whole_tiles:
+        M = rng.randint(1, 16384 // (world * BM)) * BM * world
+        N = rng.randint(1, 1024 // BN) * BN
+        K = rng.randrange(8, 1025, 8)
+    else:
+        M = rng.randint(1, 16384 // world) * world
+        N = rng.choice([rng.randint(1, 1024), rng.randrange(8, 1025, 8)])
+        # Half the calls TMA-aligned K (multiple of 8), half odd K (pointer path).
+        K = rng.randrange(8, 1025, 8) if rng.random() < 0.5 else rng.randrange(1, 1025, 2)
     P = rng.choice([SMS - 2, (SMS - 2) // 2, 24, 8])
     group_m = rng.choice([1, 1, 2])
     return M, N, K, world, op, P, group_m
@@ -399,28 +557,28 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
     which waits for the GEMM (stream_wait's module docstring).  K = 512/511 compile the
     variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps)."""
     torch.cuda._sleep(100)
+    cases = [(40, N, K) for K in (64, 63, 512, 511) for N in (64, 63)] + [(BM, BN, 64)]
     for b_trans in (False, True):
-        for K in (64, 63, 512, 511):
-            for N in (64, 63):
-                plan = _plan(40, N, K, num_ctas=4, group_m=1)
-                a, b = _operands(40, N, K, torch.bfloat16, b_trans)
-                out = _nan((40, N))
-                cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-                sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
-                               num_ctas=4, counters=cnt)
-                targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
-                bounds = torch.tensor([s.send_lo for s in plan.spans()] + [40], device=DEV,
-                                      dtype=torch.int64)
-                snap = torch.ones_like(out)
-                spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-                main = torch.cuda.current_stream()
-                consumer.wait_stream(main)
-                with torch.cuda.stream(consumer):
-                    _wait_and_snapshot[(1,)](cnt, targets, bounds, out, snap, spins,
-                                             plan.num_groups, N, 1 << 22, BLOCK=4096,
-                                             num_warps=8)
-                main.wait_stream(consumer)
-                _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
+        for M, N, K in cases:  # the last: whole tiles (the warp-specialized kernel on sm_90)
+            plan = _plan(M, N, K, num_ctas=4, group_m=1)
+            a, b = _operands(M, N, K, torch.bfloat16, b_trans)
+            out = _nan((M, N))
+            cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+            sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
+                           num_ctas=4, counters=cnt, full_tiles=plan.full_tiles)
+            targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
+            bounds = torch.tensor([s.send_lo for s in plan.spans()] + [M], device=DEV,
+                                  dtype=torch.int64)
+            snap = torch.ones_like(out)
+            spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+            main = torch.cuda.current_stream()
+            consumer.wait_stream(main)
+            with torch.cuda.stream(consumer):
+                _wait_and_snapshot[(1,)](cnt, targets, bounds, out, snap, spins,
+                                         plan.num_groups, N, 1 << 22, BLOCK=4096,
+                                         num_warps=8)
+            main.wait_stream(consumer)
+            _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
     torch.cuda.synchronize()
 
 
@@ -440,7 +598,8 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = split_calls = 0
+    groups_checked = calls = split_calls = ws_calls = 0
+    ws_config = default_config(DEV, torch.bfloat16)
     block_k = default_config(DEV).block_k
     start = time.perf_counter()
 
@@ -453,7 +612,7 @@ def test_signal_ordering_stress():
                         f"counters off target")
 
     while groups_checked < target_groups and calls < max_calls:
-        M, N, K, world, op, P, group_m = _random_case(rng)
+        M, N, K, world, op, P, group_m = _random_case(rng, whole_tiles=calls % 3 == 2)
         problem = Problem(M, N, K, "bfloat16", world, op)
         base = PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=group_m)
         bands = _group_bands(rng, num_bands_for(problem, base))
@@ -463,7 +622,9 @@ def test_signal_ordering_stress():
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         table = _table(plan)
         k_tiles = -(-K // block_k)
-        split_calls += tail_split(table.shape[0], P, k_tiles)[1] > 1
+        on_ws = sg.ws_signal_gemm.eligible(a, b, _nan((M, N)), ws_config, None, plan.full_tiles)
+        ws_calls += on_ws
+        split_calls += not on_ws and tail_split(table.shape[0], P, k_tiles)[1] > 1
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
         spans = plan.spans()
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
@@ -485,7 +646,7 @@ def test_signal_ordering_stress():
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
         sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                       counters=counters)
+                       counters=counters, full_tiles=plan.full_tiles)
         compute.wait_stream(consumer)
         torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
         timeouts[calls] = (spins < 0).sum()
@@ -496,6 +657,8 @@ def test_signal_ordering_stress():
         if calls % 200 == 0:  # and the buffer itself is right
             ref = _nan((M, N))
             sg.signal_gemm_ref(a, b, ref, table)
+            if plan.full_tiles:  # (the reference writes exactly the plan's tiles)
+                assert not ref.isnan().any()
             _check(dest, ref, f"call {calls}")
             verify(calls + 1)
         groups_checked += plan.num_groups
@@ -506,7 +669,7 @@ def test_signal_ordering_stress():
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
-          f"wave ({elapsed:.1f} s)")
+          f"wave, {ws_calls} on the warp-specialized kernel ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"

@@ -1,0 +1,322 @@
+"""The warp-specialized signal GEMM: sm_90, written in Gluon, for plans of whole tiles.
+
+Same contract as :func:`flashoverlap.kernels.signal_gemm.signal_gemm` (its pure-torch
+definition is :func:`~flashoverlap.kernels.signal_gemm.signal_gemm_ref`): program ``p`` of
+``P`` runs steps ``p, p+P, ...`` of the plan's step table, stores each ``BLOCK_M x BLOCK_N``
+tile at row ``dest_row`` of a row-major destination and then adds one to its group's
+counter.  It runs instead of the pipelined kernel when :func:`eligible` says so: an sm_90 GPU,
+bf16/fp16, operands and destination that TMA can address, no residual, and a plan whose
+every step is a whole tile (``Plan.full_tiles``: a TMA store writes the whole box, so a tile
+cut short by a row block would spill into the next block's rows).
+
+Why a second kernel
+-------------------
+The pipelined Triton kernel runs every warp through the same loop, so each tile ends with
+all warps draining the last MMA, converting, shuffling the tile through shared memory,
+storing it and -- for the signal -- waiting behind ``bar.sync`` while one thread's release
+fence waits for the stores; the tensor cores idle meanwhile, and the main loop itself carries
+four CTA barriers per K step.  Triton 3.6's own warp specialization (``tl.range(...,
+warp_specialize=True)``) drops the release atomic (``GemmConfig.warp_specialize``).  Gluon
+(Triton's explicit-layout dialect) lets the kernel name its partitions:
+
+* **loader** (1 warp): for each K step waits for a free stage (``empty[s]``), then issues the
+  A and B TMA loads that complete ``ready[s]``.
+* **MMA** (the default partition, 8 warps = two warpgroups of ``64 x BLOCK_N``): waits for
+  ``ready[s]``, issues the wgmma asynchronously, keeps one group in flight, and gives stage
+  ``s - 1`` back once its wgmma has retired.  At the end of a tile it converts the
+  accumulator into the shared-memory C buffer (after ``c_empty``), fences the generic proxy
+  against the async one (``fence.proxy.async.shared::cta``) and arrives on ``c_ready``, then
+  starts the next tile: its loads were issued by the loader meanwhile.
+* **storer** (1 warp): waits for ``c_ready``, TMA-stores the tile at ``(dest_row,
+  col_start)``, waits until the bulk store has *read* shared memory (``c_empty`` for the MMA
+  partition), then signals.
+
+Ordering protocol of the signal (storer; one inline-PTX block, every lane):
+``cp.async.bulk.wait_group 0`` -- the tile's bulk stores are complete, their writes performed
+(``.read`` would only cover the shared-memory reads); ``fence.proxy.async.global`` -- the
+async-proxy writes are ordered before the generic-proxy operations that follow;
+``bar.warp.sync`` -- lane 0 continues only after every lane's wait; lane 0 then does
+``red.release.gpu.global.add``.  The lane that issued the bulk stores is the elected lane
+(``elect.sync``: the lowest active lane, lane 0), so the thread that waited is also the one
+that releases.  The consumer side is unchanged (acquire at GPU or system scope).  The GPU
+stress test (``tests/gpu/test_signal_gemm.py``) runs this kernel on a third of its calls.
+
+Measured (one H200, Triton 3.6, bf16, 13 shapes x 2 B layouts, paired with torch.matmul,
+``results/2026-12-02-h200/ws-run2/``): efficiency against torch.matmul with all 132 SMs median
+1.017 (min 0.958), against 0.992 (0.950) for the pipelined kernel in the same run; with 116
+CTAs 0.962 (0.924) against 0.945 (0.878); short K gains most (4096 x 8192 x 2048: 0.95 ->
+1.01).  Shared memory: 3 stages x 48 KB + a 64 KB C buffer = 208 KB, so one CTA per SM.
+There is no split last wave (``GemmConfig.split_tail`` applies to the pipelined kernel).
+
+Rejected, measured in the same session: two pipelined CTAs per SM with 128 x 128 tiles (the
+hardware's interleaving standing in for ping-pong warpgroups): 0.93-0.97 of the 128 x 256
+kernel (``results/2026-12-02-h200/ws-run1/``); smaller tiles cost more L2 traffic per FLOP
+than the overlap gains.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything without it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAVE_GLUON = True
+    _MMA_WARPS = gl.constexpr(8)
+    # Triton 3.6 names the TMA copies async_copy_*; later versions renamed them async_load /
+    # async_store (same arguments) and made the old names raise.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+except ImportError:  # pragma: no cover - old Triton
+    HAVE_GLUON = False
+
+from flashoverlap.kernels import GemmConfig
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Shared memory of one CTA (sm_90: 227 KB per block) bounds the stages: the C buffer takes
+# BLOCK_M x BLOCK_N elements beside STAGES x (A + B) boxes.
+SMEM_LIMIT = 227 * 1024
+NUM_MMA_WARPS = 8  # two warpgroups of 64 rows: BLOCK_M = 128 (_MMA_WARPS in the kernel)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
+                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr):
+        pid = gl.program_id(0)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        it = 0
+        for step in range(pid, num_steps, num_progs):
+            row_start = gl.load(step_ptr + step * 7 + 0)
+            col_start = gl.load(step_ptr + step * 7 + 2)
+            for ki in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: passes
+                mbarrier.expect(ready.index(s), nbytes)
+                _tma_load(a_desc, [row_start, ki * BLOCK_K],
+                                                ready.index(s), a_bufs.index(s))
+                if B_TRANS:
+                    _tma_load(b_desc, [col_start, ki * BLOCK_K],
+                                                    ready.index(s), b_bufs.index(s))
+                else:
+                    _tma_load(b_desc, [ki * BLOCK_K, col_start],
+                                                    ready.index(s), b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _storer(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
+                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr):
+        pid = gl.program_id(0)
+        part_n = c_desc.block_type.shape[1]  # BLOCK_N or BLOCK_N / 2
+        u = 0
+        for step in range(pid, num_steps, num_progs):
+            col_start = gl.load(step_ptr + step * 7 + 2)
+            dest_row = gl.load(step_ptr + step * 7 + 4)
+            for h in range(BLOCK_N // part_n):
+                mbarrier.wait(c_ready, u & 1)
+                _tma_store(c_desc, [dest_row, col_start + h * part_n], c_buf)
+                tma.store_wait(0)  # shared memory read: the MMA partition may refill c_buf
+                mbarrier.arrive(c_empty)
+                u += 1
+            if HAS_COUNTERS:
+                group = gl.load(step_ptr + step * 7 + 5)
+                gl.inline_asm_elementwise(
+                    "{\n\t.reg .pred p;\n\t.reg .b32 l;\n\tcp.async.bulk.wait_group 0;\n\t"
+                    "fence.proxy.async.global;\n\tbar.warp.sync -1;\n\tmov.u32 l, %laneid;\n\t"
+                    "setp.eq.u32 p, l, 0;\n\t@p red.release.gpu.global.add.s32 [$1], 1;\n\t"
+                    "mov.u32 $0, 0;\n\t}", "=r,l", [counter_ptr + group],
+                                          dtype=gl.int32, is_pure=False, pack=1)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _mma(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, num_steps, num_progs,
+             k_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             B_TRANS: gl.constexpr, C_PARTS: gl.constexpr):
+        pid = gl.program_id(0)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[_MMA_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+        it = 0
+        u = 0  # C buffer uses (C_PARTS per tile)
+        for step in range(pid, num_steps, num_progs):
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
+            for ki in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                if B_TRANS:
+                    b = b_bufs.index(s).permute((1, 0))
+                else:
+                    b = b_bufs.index(s)
+                acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=[acc])
+                # the previous step's wgmma has retired: its stage goes back to the loader
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
+                it += 1
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+            if C_PARTS == 1:
+                mbarrier.wait(c_empty, (u & 1) ^ 1)  # the storer has read the last tile
+                c_buf.store(acc.to(c_buf.dtype))
+                fence_async_shared()
+                mbarrier.arrive(c_ready)
+                u += 1
+            else:  # two column halves through one half-width buffer
+                HALF: gl.constexpr = BLOCK_N // 2
+                acc0, acc1 = gl.split(gl.permute(gl.reshape(acc, (BLOCK_M, 2, HALF)),
+                                                 (0, 2, 1)))
+                mbarrier.wait(c_empty, (u & 1) ^ 1)
+                c_buf.store(acc0.to(c_buf.dtype))
+                fence_async_shared()
+                mbarrier.arrive(c_ready)
+                mbarrier.wait(c_empty, u & 1)  # (u + 1) & 1 ^ 1
+                c_buf.store(acc1.to(c_buf.dtype))
+                fence_async_shared()
+                mbarrier.arrive(c_ready)
+                u += 2
+
+    @gluon.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
+                                  "num_steps", "num_progs"])
+    def _ws_signal_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
+        M, N, K, stride_am, stride_b, stride_cm, num_steps, num_progs,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+        STAGES: gl.constexpr, B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
+        PART_N: gl.constexpr,  # C buffer width: BLOCK_N, or BLOCK_N / 2 (two stores a tile)
+    ):
+        dtype: gl.constexpr = c_ptr.dtype.element_ty
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
+        c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, PART_N], dtype)
+        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                            block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
+        if B_TRANS:  # B = W.T: boxes of the row-major [N, K] tensor, transposed in smem
+            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                          dtype)
+            b_desc = tma.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                                block_shape=[BLOCK_N, BLOCK_K], layout=b_layout)
+        else:
+            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N],
+                                                                          dtype)
+            b_desc = tma.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                                block_shape=[BLOCK_K, BLOCK_N], layout=b_layout)
+        c_desc = tma.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                            block_shape=[BLOCK_M, PART_N], layout=c_layout)
+        k_tiles = gl.cdiv(K, BLOCK_K)
+
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
+        if B_TRANS:
+            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
+        else:
+            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], b_layout)
+        c_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, PART_N], c_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        mbarrier.init(c_ready, count=1)
+        mbarrier.init(c_empty, count=1)
+
+        worker_args = (a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready,
+                       empty, c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, BLOCK_N,
+                       BLOCK_K, STAGES, B_TRANS, HAS_COUNTERS)
+        gl.warp_specialize([
+            (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, num_steps,
+                    num_progs, k_tiles, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
+                    BLOCK_N // PART_N)),
+            (_loader, worker_args),
+            (_storer, worker_args),
+        ], [1, 1], [24, 48])
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def c_parts(config: GemmConfig) -> int:
+    """Column parts the tile leaves shared memory in: 2 (a half-width C buffer, which frees
+    room for a stage) with ``epilogue_subtile``, else 1."""
+    return 2 if config.epilogue_subtile else 1
+
+
+def stages_for(config: GemmConfig, element_size: int) -> int:
+    """Pipeline stages that fit beside the C buffer (0: none)."""
+    stage = (config.block_m + config.block_n) * config.block_k * element_size
+    c = config.block_m * config.block_n // c_parts(config) * element_size
+    fit = (SMEM_LIMIT - c - 1024) // stage  # 1 KB: barriers and descriptors' slack
+    return max(0, min(config.num_stages, fit))
+
+
+def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmConfig,
+             residual: torch.Tensor | None, full_tiles: bool) -> bool:
+    """Whether this launch can run the warp-specialized kernel (no device work, no sync).
+
+    Assumes the operands already passed the pipelined kernel's checks (shapes, devices,
+    row-major ``a`` and ``out``, ``b`` row-major or the transposed view of a row-major
+    tensor): it adds what this kernel needs on top.
+    """
+    if (not HAVE_GLUON or _INTERPRET or not config.warp_specialized_kernel or not full_tiles
+            or residual is not None):
+        return False
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if _capability(a.device) != (9, 0):
+        return False
+    if (config.block_m != 16 * NUM_MMA_WARPS or config.block_n not in (64, 128, 256)
+            or config.block_k * a.element_size() < 32):
+        return False
+    if stages_for(config, a.element_size()) < 2:
+        return False
+    # TMA: 16-byte aligned bases and row strides, unit inner stride.
+    b_rows = b.T if (b.stride(0) == 1 and b.stride(1) != 1) else b
+    for t in (a, b_rows, out):
+        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
+
+
+def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config):
+    """``(grid, args, meta)`` of one launch (after :func:`eligible`)."""
+    M, K = a.shape
+    N = b.shape[1]
+    b_trans = b.stride(0) == 1 and b.stride(1) != 1
+    stride_b = b.stride(1) if b_trans else b.stride(0)
+    T = step_table.shape[0]
+    programs = min(num_ctas, T)
+    counter_arg = counters if counters is not None else step_table  # never touched
+    args = (a, b, out, step_table, counter_arg, M, N, K, a.stride(0), stride_b, out.stride(0),
+            T, programs)
+    meta = {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
+        "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
+        "HAS_COUNTERS": counters is not None, "PART_N": block_n // c_parts(config),
+        "num_warps": NUM_MMA_WARPS,
+    }
+    return (programs, 1, 1), args, meta
+
+
+def kernel():
+    """The Gluon kernel (its parameters in order: ``direct_launch.ordered_args``)."""
+    return _ws_signal_gemm_kernel
+
+
+def jit_launch(grid, args, meta):
+    """Launch through the JIT on the current stream; returns the compiled kernel."""
+    return _ws_signal_gemm_kernel[grid[:1]](*args, **meta)

@@ -1,0 +1,112 @@
+"""The warp-specialized signal GEMM without a GPU: when it is chosen, and its compiled signal.
+
+``flashoverlap/kernels/ws_signal_gemm.py`` runs only on sm_90; here the choice
+(``eligible``, ``Plan.full_tiles``, the shared-memory stage budget) is checked on CPU tensors,
+and the kernel is compiled for sm_90 (Triton's bundled ptxas, no GPU needed) to check the
+ordering of its signal in the PTX: the bulk tensor stores, ``cp.async.bulk.wait_group 0``
+(writes performed, not just shared memory read), ``fence.proxy.async.global``,
+``bar.warp.sync``, then exactly one ``red.release.gpu`` -- and none without counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from flashoverlap.kernels import GemmConfig, default_config
+from flashoverlap.kernels import ws_signal_gemm as ws
+from flashoverlap.plan import PlanConfig, Problem, make_plan
+
+
+def _plan(M, N, K, world=1, op="all_reduce", block=(128, 256), num_ctas=132):
+    return make_plan(Problem(M, N, K, "bfloat16", world, op),
+                     PlanConfig(block_m=block[0], block_n=block[1], num_ctas=num_ctas))
+
+
+@pytest.mark.parametrize("M,N,world,op,whole", [
+    (4096, 8192, 1, "all_reduce", True),
+    (4000, 8192, 1, "all_reduce", False),      # last tile row cut short
+    (4096, 8000, 1, "all_reduce", False),      # last tile column cut short
+    (2 * 384, 512, 2, "reduce_scatter", True),  # blocks of 3 tile rows
+    (2 * 400, 512, 2, "reduce_scatter", False),  # each block ends inside a tile
+    (128, 256, 1, "all_reduce", True),
+])
+def test_full_tiles_means_every_step_is_a_whole_tile(M, N, world, op, whole):
+    plan = _plan(M, N, 512, world, op)
+    assert plan.full_tiles is whole
+    t = plan.step_table
+    sizes = set(zip((t[:, 1] - t[:, 0]).tolist(), (t[:, 3] - t[:, 2]).tolist()))
+    assert (sizes == {(128, 256)}) is whole
+
+
+def test_stage_budget_leaves_room_for_the_c_buffer():
+    cfg = default_config(None, torch.bfloat16)  # sm_90: 128 x 256 x 64, 3 stages
+    assert ws.stages_for(cfg, 2) == 3  # 3 x 48 KB + 64 KB C <= 227 KB
+    assert ws.stages_for(dataclasses.replace(cfg, num_stages=6), 2) == 3  # capped
+    assert ws.stages_for(dataclasses.replace(cfg, block_k=128, num_stages=4), 2) == 1
+    assert ws.stages_for(dataclasses.replace(cfg, block_n=128, num_stages=8), 2) == 6
+    half = dataclasses.replace(cfg, epilogue_subtile=True, num_stages=4)  # 4 x 48 + 32 KB
+    assert ws.c_parts(half) == 2 and ws.stages_for(half, 2) == 4
+
+
+def test_not_eligible_without_an_sm90_gpu():
+    """CPU tensors (or the interpreter, or the option off) never take the Gluon kernel."""
+    a = torch.randn(256, 64).to(torch.bfloat16)
+    b = torch.randn(64, 256).to(torch.bfloat16)
+    out = torch.empty(256, 256, dtype=torch.bfloat16)
+    cfg = default_config(None, torch.bfloat16)
+    assert cfg.warp_specialized_kernel is True
+    assert not ws.eligible(a, b, out, cfg, None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, warp_specialized_kernel=False),
+                           None, True)
+    assert GemmConfig().warp_specialized_kernel
+
+
+def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1) -> str:
+    triton = pytest.importorskip("triton")
+    if not ws.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    k = ws.kernel()
+    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3 if parts == 1 else 4,
+                 B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts)
+    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "counter_ptr": "*i32"}
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
+    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
+    src = GluonASTSource(fn=k, signature=sig, attrs=attrs,
+                         constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=ws.NUM_MMA_WARPS))
+    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
+        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("parts", [1, 2], ids=["whole_c", "half_c"])
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_compiled_signal_follows_the_completed_bulk_store(b_trans, parts):
+    ptx = _compile_sm90(b_trans, counters=True, parts=parts)
+    order = [ptx.find(x) for x in ("cp.async.bulk.tensor.2d.global.shared",
+                                   "cp.async.bulk.wait_group 0;", "fence.proxy.async.global",
+                                   "bar.warp.sync -1", "red.release.gpu.global.add")]
+    assert all(i >= 0 for i in order) and order == sorted(order), order
+    assert len(re.findall(r"red\.release\.gpu", ptx)) == 1
+    assert len(re.findall(r"\batom\.", ptx)) == 0  # no other atomics
+    # No CTA-wide barrier inside the partitions: a bar.sync 0 without a thread count would
+    # wait for warps of other partitions that never reach it.
+    assert not re.search(r"\bbar\.sync\s+0;", ptx)
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+
+
+def test_compiled_plain_gemm_has_no_signal():
+    ptx = _compile_sm90(False, counters=False)
+    assert "red.release" not in ptx and "cp.async.bulk.tensor.2d.global.shared" in ptx
