@@ -52,16 +52,13 @@ if not _INTERPRET_SESSION:
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "bfloat16", "float16"])
     @pytest.mark.parametrize("shape", SHAPES)
     def test_default_table_reproduces_default_config(cap, dtype, shape):
-        """The table's one rule changes only group_m (16 for M, N >= 8192 on sm_90)."""
         M, N, K = shape
         tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        wide = cap in ((9, 0), None) and M >= 8192 and N >= 8192
         for P in (132, 116, 1):
             choice = gemm_config_for(M, N, K, dtype, P, cap)
             assert isinstance(choice, GemmChoice)
             assert choice.config == config_for_capability(cap, tdtype)
-            assert choice.group_m == (16 if wide else DEFAULT_GROUP_M)
-            assert DEFAULT_GROUP_M == PlanConfig().group_m
+            assert choice.group_m == DEFAULT_GROUP_M == PlanConfig().group_m
 
     def test_sm90_default_is_todays_config():
         choice = gemm_config_for(4096, 8192, 2048, torch.bfloat16, 132, (9, 0))

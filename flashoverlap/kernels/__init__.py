@@ -266,16 +266,12 @@ class GemmRule:
 # candidate beats the default by more than the run-to-run noise (~1%) for both B layouts and
 # both P; the script prints such suggestions as GemmRule(...) lines.
 #
-# group_m 16 for M and N >= 8192 (sm_90, where these shapes run the warp-specialized kernel):
-# one H200, 2026-12-02 (results/2026-12-02-h200/ws-run4 and ws-run5), the nine issue-14 shapes
-# and four more, P = 132 and 116; against group_m 8 it gained 2-3 % at P = 132 on the six
-# shapes with M >= 8192 (e.g. 16384 x 8192 x 8192: 1.022 -> 1.051 of torch.matmul) and lost
-# on the M = 4096/6144 ones (4096 x 8192 x 8192: 0.994 -> 0.968), so it is limited to the
-# former; ws-run5 repeats the A/B on both B layouts with three repeats.
-GEMM_RULES: tuple[GemmRule, ...] = (
-    GemmRule(group_m=16, m=(8192, _BIG), n=(8192, _BIG),
-             note="H200 2026-12-02 ws-run4/5: group_m 16 on M, N >= 8192 (WS kernel)"),
-)
+# Measured and not added (2026-12-02, one H200, the warp-specialized kernel): group_m 16
+# instead of 8 on the six shapes with M in {8192, 16384}, N = 8192 (results/2026-12-02-h200/
+# ws-run4, one repeat, and ws-run5, three repeats, both B layouts, P = 132 and 116).  The time
+# ratio was +0.8 % in the median of 24 pairs in ws-run5, but 1.000 for B row-major at P = 132
+# and single pairs ran from -3 % to +7 %: not above the noise for both layouts and both P.
+GEMM_RULES: tuple[GemmRule, ...] = ()
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
