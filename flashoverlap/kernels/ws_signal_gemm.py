@@ -41,17 +41,21 @@ async-proxy writes are ordered before the generic-proxy operations that follow;
 that releases.  The consumer side is unchanged (acquire at GPU or system scope).  The GPU
 stress test (``tests/gpu/test_signal_gemm.py``) runs this kernel on a third of its calls.
 
-Measured (one H200, Triton 3.6, bf16, 13 shapes x 2 B layouts, paired with torch.matmul,
-``results/2026-12-02-h200/ws-run2/``): efficiency against torch.matmul with all 132 SMs median
-1.017 (min 0.958), against 0.992 (0.950) for the pipelined kernel in the same run; with 116
-CTAs 0.962 (0.924) against 0.945 (0.878); short K gains most (4096 x 8192 x 2048: 0.95 ->
-1.01).  Shared memory: 3 stages x 48 KB + a 64 KB C buffer = 208 KB, so one CTA per SM.
-There is no split last wave (``GemmConfig.split_tail`` applies to the pipelined kernel).
+Measured (one H200, Triton 3.6, bf16, issue 14's 13 shapes x 2 B layouts, 3 repeats, paired
+with torch.matmul, ``scripts/bench_gemm.py``; ``results/2026-12-02-h200/ws-run3, -5, -6``):
+efficiency against torch.matmul with all 132 SMs median 0.997-1.006 (min 0.942-0.960), with
+116 CTAs 0.941-0.953 (min 0.885-0.903); in the same run as the pipelined kernel (ws-run5) its
+efficiency was 1.006-1.027x the pipelined one's in the medians and up to 1.12x on short K at
+P = 116.  Shared memory: 3 stages x 48 KB + a 64 KB C buffer = 208 KB, so one CTA per SM.
+There is no split last wave (``GemmConfig.split_tail`` applies to the pipelined kernel), which
+is what the lowest rows miss (6144 x 3072 x 8192: 4.4 waves on 132 CTAs).
 
-Rejected, measured in the same session: two pipelined CTAs per SM with 128 x 128 tiles (the
-hardware's interleaving standing in for ping-pong warpgroups): 0.93-0.97 of the 128 x 256
-kernel (``results/2026-12-02-h200/ws-run1/``); smaller tiles cost more L2 traffic per FLOP
-than the overlap gains.
+``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes
+room for a fourth stage: measured slower on 20 of 26 rows (ws-run4), so off by default.
+Rejected, measured: two pipelined CTAs per SM with 128 x 128 tiles (the schedulers interleaving
+one CTA's epilogue with the other's MMAs): 17 % faster than one such CTA per SM, but 0.92-0.94
+of torch.matmul in the medians against 0.99-1.00 for one 128 x 256 CTA (ws-run1): smaller
+tiles read more from L2 per FLOP than the overlap gains.
 """
 
 from __future__ import annotations
