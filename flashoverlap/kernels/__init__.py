@@ -80,10 +80,11 @@ class GemmConfig:
         warp_specialized_kernel: on sm_90, run the Gluon warp-specialized kernel
             (:mod:`flashoverlap.kernels.ws_signal_gemm`: a TMA loader warp, two MMA
             warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
-            tiles, no residual, bf16/fp16, TMA-aligned operands); the pipelined kernel runs
-            the rest.  It uses ``block_m`` (must be 128), ``block_n``, ``block_k`` and
-            ``num_stages`` (capped by shared memory), not ``num_warps``, ``flatten``,
-            ``epilogue_subtile``, ``acc_multibuffer``, ``split_tail`` or ``max_registers``.
+            tiles, no residual, bf16/fp16, TMA-aligned operands, the 128 x 256 x 64 tile);
+            the pipelined kernel runs the rest.  It uses ``num_stages`` (capped by shared
+            memory) and ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage,
+            measured slower), not ``num_warps``, ``flatten``, ``acc_multibuffer``,
+            ``split_tail`` or ``max_registers``.
     """
 
     block_m: int = 128

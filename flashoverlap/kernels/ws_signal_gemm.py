@@ -283,8 +283,9 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
         return False
     if _capability(a.device) != (9, 0):
         return False
-    if (config.block_m != 16 * NUM_MMA_WARPS or config.block_n not in (64, 128, 256)
-            or config.block_k * a.element_size() < 32):
+    # The tile it was built and measured for (two warpgroups of 64 x 256, 128-byte swizzled
+    # K boxes); other tiles take the pipelined kernel.
+    if (config.block_m, config.block_n, config.block_k) != (16 * NUM_MMA_WARPS, 256, 64):
         return False
     if stages_for(config, a.element_size()) < 2:
         return False

@@ -422,6 +422,7 @@ def test_ws_kernel_not_taken_where_it_cannot_run():
                            None, True)
     assert not ws.eligible(a[:, 1:], b[1:], out, cfg, None, True)  # 2-byte offset base
     assert not ws.eligible(a.float(), b.float(), out.float(), cfg, None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, block_n=128), None, True)
     a2, b2 = _operands(1000, 768, 512, torch.bfloat16, False)
     out2, ref2, cnt2 = _run_pair(partial, a2, b2, full_tiles=False)
     _check(out2, ref2, "partial tiles")
