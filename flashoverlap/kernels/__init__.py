@@ -162,6 +162,21 @@ TAIL_SPLIT_MAX = 4
 TAIL_MIN_K_TILES = 4
 
 
+# The one tile (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernel
+# (flashoverlap.kernels.ws_signal_gemm) runs: two warpgroups of 64 x 256, 128-byte K boxes.
+WARP_SPECIALIZED_TILE = (128, 256, 64)
+
+
+def runs_warp_specialized(problem_rows_per_block: int, N: int, block_m: int, block_n: int,
+                          block_k: int) -> bool:
+    """Whether a plan of this geometry is made of whole tiles of the warp-specialized
+    kernel's shape, which on sm_90 (bf16/fp16, TMA-aligned operands, no residual) runs it
+    instead of the pipelined kernel -- and so has no split last wave.  Pure arithmetic
+    (tuners): equal to ``Plan.full_tiles`` for plans of this tile."""
+    return ((block_m, block_n, block_k) == WARP_SPECIALIZED_TILE
+            and problem_rows_per_block % block_m == 0 and N % block_n == 0)
+
+
 def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
     """``(num_main, parts)``: the persistent GEMM runs steps ``[0, num_main)`` whole and splits
     each of the remaining ``r`` steps -- a last wave of ``r < P`` tiles -- into ``parts``

@@ -83,7 +83,7 @@ try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything w
 except ImportError:  # pragma: no cover - old Triton
     HAVE_GLUON = False
 
-from flashoverlap.kernels import GemmConfig
+from flashoverlap.kernels import WARP_SPECIALIZED_TILE, GemmConfig
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -283,9 +283,8 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
         return False
     if _capability(a.device) != (9, 0):
         return False
-    # The tile it was built and measured for (two warpgroups of 64 x 256, 128-byte swizzled
-    # K boxes); other tiles take the pipelined kernel.
-    if (config.block_m, config.block_n, config.block_k) != (16 * NUM_MMA_WARPS, 256, 64):
+    # The tile it was built and measured for; other tiles take the pipelined kernel.
+    if (config.block_m, config.block_n, config.block_k) != WARP_SPECIALIZED_TILE:
         return False
     if stages_for(config, a.element_size()) < 2:
         return False
