@@ -393,5 +393,12 @@ def test_analytic_wave_times_do_not_split_whole_tile_plans():
         for block in ((128, 256), (128, 128)):
             config = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=132)
             plan = make_plan(problem, config)
-            assert runs_warp_specialized(problem.rows_per_block, N, *block, 64) == (
-                plan.full_tiles and block == (128, 256)), (M, N, W, block)
+            assert runs_warp_specialized(problem.rows_per_block, N, 512, "bfloat16", *block,
+                                         64) == (plan.full_tiles and block == (128, 256))
+    # fp32, or K whose rows are not 16-byte aligned, take the pipelined (splitting) kernel
+    assert runs_warp_specialized(4096, 8192, 512, "bfloat16", 128, 256, 64)
+    assert runs_warp_specialized(4096, 8192, 512, "torch.float16", 128, 256, 64)
+    assert not runs_warp_specialized(4096, 8192, 512, "float32", 128, 256, 64)
+    assert not runs_warp_specialized(4096, 8192, 511, "bfloat16", 128, 256, 64)
+    odd = model.wave_times(Problem(16384, 8192, 8191, "bfloat16", 1, "all_reduce"), cfg)
+    assert odd[-1] < 0.5 * odd[1]  # whole tiles, but K = 8191: the pipelined kernel splits

@@ -81,10 +81,10 @@ class GemmConfig:
             (:mod:`flashoverlap.kernels.ws_signal_gemm`: a TMA loader warp, two MMA
             warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
             tiles, no residual, bf16/fp16, TMA-aligned operands, the 128 x 256 x 64 tile);
-            the pipelined kernel runs the rest.  It uses ``num_stages`` (capped by shared
-            memory) and ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage,
-            measured slower), not ``num_warps``, ``flatten``, ``acc_multibuffer``,
-            ``split_tail`` or ``max_registers``.
+            the pipelined kernel runs the rest, and everything when ``use_tma`` is off or
+            ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
+            ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage, measured
+            slower), not ``num_warps``, ``flatten``, ``acc_multibuffer`` or ``split_tail``.
     """
 
     block_m: int = 128
@@ -167,14 +167,16 @@ TAIL_MIN_K_TILES = 4
 WARP_SPECIALIZED_TILE = (128, 256, 64)
 
 
-def runs_warp_specialized(problem_rows_per_block: int, N: int, block_m: int, block_n: int,
-                          block_k: int) -> bool:
-    """Whether a plan of this geometry is made of whole tiles of the warp-specialized
-    kernel's shape, which on sm_90 (bf16/fp16, TMA-aligned operands, no residual) runs it
-    instead of the pipelined kernel -- and so has no split last wave.  Pure arithmetic
-    (tuners): equal to ``Plan.full_tiles`` for plans of this tile."""
+def runs_warp_specialized(problem_rows_per_block: int, N: int, K: int, dtype: str,
+                          block_m: int, block_n: int, block_k: int) -> bool:
+    """Whether a plan of this geometry runs the warp-specialized kernel on sm_90 (and so has
+    no split last wave): whole tiles of its shape (``Plan.full_tiles`` for this tile),
+    bf16/fp16, and K a multiple of 8 (TMA's 16-byte row strides for contiguous operands).
+    Pure arithmetic, for tuners; the launch itself also needs aligned tensors, no residual
+    and an sm_90 device (``ws_signal_gemm.eligible``)."""
     return ((block_m, block_n, block_k) == WARP_SPECIALIZED_TILE
-            and problem_rows_per_block % block_m == 0 and N % block_n == 0)
+            and str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
+            and K % 8 == 0 and problem_rows_per_block % block_m == 0 and N % block_n == 0)
 
 
 def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:

@@ -17,8 +17,11 @@ operands runs the warp-specialized Gluon kernel of :mod:`flashoverlap.kernels.ws
 efficiency in the medians on one H200, up to 1.12x on short K with 116 CTAs).  Everything else
 runs the pipelined kernel below, which handles partial tiles, the residual epilogue, the split
 last wave, unaligned operands (pointer loads) and sm_80/sm_89.  :func:`signal_gemm` and
-:class:`SignalGemmLauncher` choose once per argument signature; the choice depends only on the
-plan, the tensors' layout and the device, so every rank makes the same one.
+:class:`SignalGemmLauncher` choose once per argument signature; the choice depends on the
+plan, the tensors' layout, the device and whether this launch adds a residual.  Ranks of one
+collective therefore choose alike, except for an AllReduce with a replicated residual, where
+rank 0 alone adds it and runs the pipelined kernel (correct either way; that rank's GEMM is
+the slower one).
 
 Residual epilogue: with ``HAS_RESIDUAL`` the tiles of row block ``res_block`` get
 ``residual[row - res_block * rows_per_block, col]`` added to the fp32 accumulator before the
@@ -26,11 +29,13 @@ store (one rounding), which is how a ReduceScatter's owning rank (or rank 0 of a
 whose residual is replicated) adds the residual without a pass of its own.  Other blocks load
 nothing (the load is masked off).
 
-Ordering protocol (why a reader that sees the count also sees the data)
------------------------------------------------------------------------
+Ordering protocol of the pipelined kernel (why a reader that sees the count sees the data)
+-----------------------------------------------------------------------------------------
+(The warp-specialized kernel's protocol, with TMA stores, is in its own module.)
+
 1. Every thread of the program stores its part of the tile with ordinary ``st.global``
-   (pointer stores, never a TMA store: a bulk store is only waited for until it has *read*
-   shared memory, so a later release would not cover its writes).
+   (pointer stores, not TMA stores: ``cp.async.bulk.wait_group.read`` only waits until a
+   bulk store has *read* shared memory, so a release after it would not cover its writes).
 2. A CTA barrier (``bar.sync 0``) orders all threads' prior memory accesses before
    anything any participating thread does after it.  Compiled, it is emitted as
    side-effecting inline PTX: ``tl.debug_barrier()`` is the same instruction but keeps
@@ -871,7 +876,8 @@ class SignalGemmLauncher:
                out.shape, out.stride(), out.dtype, out.get_device(),
                True if aligned else (pa % 16 == 0, pb % 16 == 0, po % 16 == 0),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                              residual.data_ptr() % 16 == 0))
+                                              residual.data_ptr() % 16 == 0),
+               counters is not None or self.counters is not None)  # HAS_COUNTERS
         entry = self._entries.get(key)
         if entry is None:
             self._first(key, a, b, out, residual, stream, counters)

@@ -5,9 +5,11 @@ definition is :func:`~flashoverlap.kernels.signal_gemm.signal_gemm_ref`): progra
 ``P`` runs steps ``p, p+P, ...`` of the plan's step table, stores each ``BLOCK_M x BLOCK_N``
 tile at row ``dest_row`` of a row-major destination and then adds one to its group's
 counter.  It runs instead of the pipelined kernel when :func:`eligible` says so: an sm_90 GPU,
-bf16/fp16, operands and destination that TMA can address, no residual, and a plan whose
-every step is a whole tile (``Plan.full_tiles``: a TMA store writes the whole box, so a tile
-cut short by a row block would spill into the next block's rows).
+bf16/fp16, operands and destination that TMA can address, no residual, the 128 x 256 x 64
+tile (:data:`~flashoverlap.kernels.WARP_SPECIALIZED_TILE`), ``GemmConfig.warp_specialized_kernel``
+and ``use_tma`` on and no ``max_registers`` cap, and a plan whose every step is a whole tile
+(``Plan.full_tiles``: a TMA store writes the whole box, so a tile cut short by a row block
+would spill into the next block's rows).
 
 Why a second kernel
 -------------------
@@ -245,7 +247,7 @@ if HAVE_GLUON:
                     BLOCK_N // PART_N)),
             (_loader, worker_args),
             (_storer, worker_args),
-        ], [1, 1], [24, 48])
+        ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -277,7 +279,8 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
     tensor): it adds what this kernel needs on top.
     """
     if (not HAVE_GLUON or _INTERPRET or not config.warp_specialized_kernel or not full_tiles
-            or residual is not None):
+            or residual is not None or not config.use_tma
+            or config.max_registers is not None):  # a cap asks for room beside the GEMM
         return False
     if a.dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -310,7 +310,8 @@ class AnalyticModel:
         tiles = band_layout(problem, config).num_tiles
         times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count
         whole = self.warp_specialized and runs_warp_specialized(
-            problem.rows_per_block, problem.N, config.block_m, config.block_n, self.block_k)
+            problem.rows_per_block, problem.N, problem.K, problem.dtype, config.block_m,
+            config.block_n, self.block_k)
         if self.split_tail and not whole:
             k_tiles = math.ceil(problem.K / self.block_k)
             parts = tail_split(tiles, config.num_ctas, k_tiles)[1]

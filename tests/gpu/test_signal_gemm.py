@@ -220,6 +220,28 @@ def test_launcher_reuses_compiled_kernels():
     _launcher_three_calls(2000, 3000, 1024)
 
 
+@pytest.mark.parametrize("full_tiles", [False, True], ids=["pipelined", "warp_specialized"])
+def test_launcher_without_counters_keeps_calls_with_and_without_apart(full_tiles):
+    """A launcher without counters of its own, called with counters= and then without: the
+    second call must not reuse the first's counting kernel (whose counter argument would be
+    the step table)."""
+    M, N, K = 1024, 1024, 512
+    plan = _plan(M, N, K, num_ctas=SMS - 16, group_m=2)
+    table = _table(plan)
+    before = table.clone()
+    launcher = sg.SignalGemmLauncher(table, None, block_m=BM, block_n=BN,
+                                     num_ctas=plan.config.num_ctas, full_tiles=full_tiles)
+    a, b = _operands(M, N, K, torch.bfloat16, False)
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    for bump in (True, False, False, True):
+        out = _nan((M, N))
+        launcher(a, b, out, counters=counters if bump else None)
+        torch.cuda.synchronize()
+        assert _rel_fro(out, a.double() @ b.double()) <= 1e-2
+    assert torch.equal(table, before)
+    assert counters.tolist() == (2 * plan.group_tile_counts).tolist()
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
 def test_compiled_epilogue_orders_stores_before_release(split):
     """PTX: every tile's global stores, then a CTA barrier, then one release atomic; with a
@@ -430,6 +452,8 @@ def test_ws_kernel_not_taken_where_it_cannot_run():
     assert not ws.eligible(a[:, 1:], b[1:], out, cfg, None, True)  # 2-byte offset base
     assert not ws.eligible(a.float(), b.float(), out.float(), cfg, None, True)
     assert not ws.eligible(a, b, out, dataclasses.replace(cfg, block_n=128), None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, use_tma=False), None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, max_registers=200), None, True)
     a2, b2 = _operands(1000, 768, 512, torch.bfloat16, False)
     out2, ref2, cnt2 = _run_pair(partial, a2, b2, full_tiles=False)
     _check(out2, ref2, "partial tiles")
