@@ -187,6 +187,8 @@ def _parse_variant(text: str) -> dict:
 
 
 def _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, base, args, dtype, sms):
+    from flashoverlap.kernels import DEFAULT_GROUP_M
+
     variants = [_parse_variant(v) for v in args.sweep.split(";") if v.strip()]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_shapes.split(",") if s]
     bool_fields = {f.name for f in dataclasses.fields(base) if f.type in (bool, "bool")}
@@ -204,8 +206,8 @@ def _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, base, args, dtype,
                 plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
                                  PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
                                             num_ctas=variant.get("num_ctas", sms),
-                                            group_m=variant.get("group_m",
-                                                                args.group_m or 8)))
+                                            group_m=variant.get(
+                                                "group_m", args.group_m or DEFAULT_GROUP_M)))
                 t = bench.signal_ms(plan, cfg, args.warmup, args.rep)
                 t2 = bench.torch_ms(args.warmup, args.rep)  # torch again: clock drift
                 kernel = _compiled(torch, sg, bench, plan, cfg)
@@ -261,7 +263,9 @@ def main(argv=None) -> int:
                   "nccl": _nccl_version(torch), "date": today, "commit": _git_commit(),
                   "p2p": None}
     print(f"{props.name}, {sms} SMs, torch {torch.__version__}, triton {triton.__version__}, "
-          f"nccl {provenance['nccl']}; {config}; B layout {args.b_layout}")
+          f"nccl {provenance['nccl']}; base {config} (each row: gemm_config_for's choice "
+          f"for its shape, then the overrides; kernel and group_m printed per row); "
+          f"B layout {args.b_layout}")
 
     if args.sweep:
         _sweep(torch, triton, sg, make_plan, Problem, PlanConfig, config, args, dtype, sms)

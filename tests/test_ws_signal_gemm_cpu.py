@@ -107,6 +107,22 @@ def test_compiled_signal_follows_the_completed_bulk_store(b_trans, parts):
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
 
 
+@pytest.mark.parametrize("parts", [1, 2], ids=["whole_c", "half_c"])
+def test_every_mbarrier_arrive_follows_its_partitions_barrier(parts):
+    """One thread arrives for a whole partition, so the partition's warps must have met
+    first: after the two MMA warpgroups' wgmma waits or shared-memory stores a ``bar.sync 0,
+    256`` (a named barrier of the 8 MMA warps), in a one-warp worker a ``bar.warp.sync``.
+    Without it a stage could go back to the loader while the other warpgroup still reads it."""
+    ptx = _compile_sm90(True, counters=True, parts=parts)
+    lines = [ln.strip() for ln in ptx.splitlines() if ln.strip()]
+    arrives = [i for i, ln in enumerate(lines)
+               if re.search(r"mbarrier\.arrive\.(shared::cta\.|shared\.)?b64 _,", ln)]
+    assert len(arrives) >= 3  # stage release (twice: in-loop, end of tile) and c_ready, ...
+    for i in arrives:
+        window = " ".join(lines[max(0, i - 4):i])
+        assert re.search(r"bar\.sync\s+\d+,\s*256;|bar\.warp\.sync", window), lines[i - 4:i + 1]
+
+
 def test_compiled_plain_gemm_has_no_signal():
     ptx = _compile_sm90(False, counters=False)
     assert "red.release" not in ptx and "cp.async.bulk.tensor.2d.global.shared" in ptx
