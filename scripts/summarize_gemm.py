@@ -1,0 +1,106 @@
+"""Summarize ``bench_gemm.py`` rows as issue 14's acceptance table: median / min efficiency.
+
+Reads the ``bench=gemm`` JSON files given (or every ``*.json`` in the folders given) and prints,
+for every ``num_ctas`` found, the median and minimum ``efficiency_vs_torch`` of the signal
+GEMM rows: per dtype and B layout, for the nine square-ish shapes (N = 8192) and the others,
+and over all bf16 rows; then the lowest rows.  ``--replace`` files supply rows that take the
+place of same-shape rows (same M, N, K, dtype, layout, P) -- how an A/B run's rows stand in
+for the main run's (e.g. ``ws-run5``'s ``ab-gm8-*``).  ``--check P=MEDIAN/MIN`` exits 1 when
+the all-bf16 row of that P is below the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    out = []
+    for p in paths:
+        out.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    return out
+
+
+def load_rows(paths: list[Path], replace: list[Path] = ()) -> list[dict]:
+    """The signal GEMM rows (``engine == "flashoverlap"``) of the ``bench=gemm`` files."""
+    def rows_of(files):
+        rows = []
+        for f in files:
+            data = json.loads(f.read_text())
+            if not isinstance(data, list):
+                continue
+            rows += [r for r in data if isinstance(r, dict) and r.get("bench") == "gemm"
+                     and r.get("engine") == "flashoverlap"]
+        return rows
+
+    def key(r):
+        return r["M"], r["N"], r["K"], r["dtype"], r.get("b_layout"), r["num_ctas"]
+
+    subs = {key(r): r for r in rows_of(_files(list(replace)))}
+    return [subs.get(key(r), r) for r in rows_of(_files(paths))]
+
+
+def stats(rows: list[dict]) -> tuple[float, float] | None:
+    effs = [r["efficiency_vs_torch"] for r in rows]
+    return (statistics.median(effs), min(effs)) if effs else None
+
+
+def table(rows: list[dict]) -> list[str]:
+    ps = sorted({r["num_ctas"] for r in rows}, reverse=True)
+    groups = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for layout in sorted({r.get("b_layout") for r in rows}, key=str):
+            for name, pred in (("N = 8192", lambda r: r["N"] == 8192),
+                               ("other N", lambda r: r["N"] != 8192)):
+                groups.append((f"{dtype} {layout} {name}",
+                               lambda r, d=dtype, lay=layout, p=pred:
+                               r["dtype"] == d and r.get("b_layout") == lay and p(r)))
+    groups.append(("all bfloat16 rows", lambda r: r["dtype"] == "bfloat16"))
+    lines = [f"{'rows':<28}" + "".join(f" | P = {p:<4} median / min (n)" for p in ps)]
+    for name, pred in groups:
+        cells = []
+        for p in ps:
+            sel = [r for r in rows if r["num_ctas"] == p and pred(r)]
+            s = stats(sel)
+            cells.append(f" | {s[0]:.3f} / {s[1]:.3f} ({len(sel):>2})       " if s else
+                         f" | {'-':<24}")
+        if any("/" in c for c in cells):
+            lines.append(f"{name:<28}" + "".join(cells))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", type=Path, help="JSON files or folders of them")
+    p.add_argument("--replace", nargs="*", type=Path, default=[],
+                   help="files whose rows replace same-shape rows of the main files")
+    p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
+    p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
+                   help="target for the all-bf16 rows of P (exit 1 if not met)")
+    args = p.parse_args(argv)
+    rows = load_rows(args.paths, args.replace)
+    if not rows:
+        print("no bench=gemm signal GEMM rows found", file=sys.stderr)
+        return 2
+    print("\n".join(table(rows)))
+    low = sorted(rows, key=lambda r: r["efficiency_vs_torch"])[:args.lowest]
+    print("lowest: " + "; ".join(f"{r['M']}x{r['N']}x{r['K']} {r['dtype']} {r.get('b_layout')} "
+                                 f"P={r['num_ctas']} {r['efficiency_vs_torch']:.3f}" for r in low))
+    failed = False
+    for target in args.check:
+        P, _, bounds = target.partition("=")
+        want_median, want_min = (float(x) for x in bounds.split("/"))
+        s = stats([r for r in rows if r["num_ctas"] == int(P) and r["dtype"] == "bfloat16"])
+        ok = s is not None and s[0] >= want_median and s[1] >= want_min
+        failed |= not ok
+        print(f"target P={P}: median >= {want_median}, min >= {want_min}: "
+              f"{'met' if ok else 'NOT met'}" + (f" ({s[0]:.3f} / {s[1]:.3f})" if s else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
