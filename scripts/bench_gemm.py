@@ -227,13 +227,10 @@ def _compiled(torch, sg, bench, plan, cfg):
     a, b = bench.sets[0]
     table = torch.from_numpy(plan.step_table.copy()).to("cuda")
     counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
-    if sg.ws_signal_gemm.eligible(a, b, bench.c[0], cfg, None, plan.full_tiles):
-        launch = sg.ws_signal_gemm.launch_args(a, b, bench.c[0], table, cfg.block_m,
-                                               cfg.block_n, plan.config.num_ctas, counters, cfg)
-        return sg._ws_jit_launch(*launch)
-    grid, args, meta = sg._launch_args(a, b, bench.c[0], table, cfg.block_m, cfg.block_n,
-                                       plan.config.num_ctas, counters, None, 0, None, cfg)
-    return sg._jit_launch(grid, args, meta)
+    _, jit, *launch = sg._choose_launch(a, b, bench.c[0], table, cfg.block_m, cfg.block_n,
+                                        plan.config.num_ctas, counters, None, 0, None, cfg,
+                                        plan.full_tiles)
+    return jit(*launch)
 
 
 def main(argv=None) -> int:

@@ -332,14 +332,14 @@ def _signal_gemm_kernel(
                 acc = _k_range_ptr(a_ptr, b_ptr, row_start, col_start, k_lo, k_hi, M, N, K,
                                    stride_am, stride_b, offs_i, offs_j, offs_k, BLOCK_M,
                                    BLOCK_N, BLOCK_K, B_TRANS, DOT_FP32, INPUT_PRECISION)
-            _add_part(acc, v, t, tail_parts, tail_parts, part_ptr, ticket_ptr, offs_tile, row,
+            _add_part(acc, v, t, tail_parts, part_ptr, ticket_ptr, offs_tile, row,
                       col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm, res_block,
                       rows_per_block, offs_i, offs_j, BLOCK_M, BLOCK_N, ALIGN, HAS_RESIDUAL,
                       HAS_COUNTERS, ASM_BARRIER)
 
 
 @triton.jit
-def _add_part(acc, own_slot, t, slots_per_tile, parts, part_ptr, ticket_ptr, offs_tile, row,
+def _add_part(acc, own_slot, t, parts, part_ptr, ticket_ptr, offs_tile, row,
               col_start, c_ptr, res_ptr, counter_ptr, stride_cm, stride_rm, res_block,
               rows_per_block, offs_i, offs_j, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               ALIGN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_COUNTERS: tl.constexpr,
@@ -348,7 +348,7 @@ def _add_part(acc, own_slot, t, slots_per_tile, parts, part_ptr, ticket_ptr, off
     CTA barrier; an ``acq_rel`` ticket (release of every thread's slot stores, acquire of the
     other parts' for the last one).  The part that draws the last ticket barriers again (the
     acquiring thread's view -> the CTA's), sums the tile's slots in order from
-    ``t * slots_per_tile`` (``.cg``: past L1) -- the same sum whichever part finishes last --,
+    ``t * parts`` (``.cg``: past L1) -- the same sum whichever part finishes last --,
     re-arms the ticket for the next launch and stores and signals the tile."""
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
     tl.store(part_ptr + tl.cast(own_slot, tl.int64) * TILE + offs_tile, acc)
@@ -356,7 +356,7 @@ def _add_part(acc, own_slot, t, slots_per_tile, parts, part_ptr, ticket_ptr, off
     ticket = tl.atomic_add(ticket_ptr + t, 1, sem="acq_rel", scope="gpu")
     if ticket == parts - 1:
         t = _cta_barrier(t, ASM_BARRIER)
-        slots = part_ptr + tl.cast(t * slots_per_tile, tl.int64) * TILE + offs_tile
+        slots = part_ptr + tl.cast(t * parts, tl.int64) * TILE + offs_tile
         total = tl.load(slots, cache_modifier=".cg")
         for q in range(1, parts):
             total += tl.load(slots + q * TILE, cache_modifier=".cg")
@@ -724,6 +724,21 @@ def _resolve_config(a, block_m, block_n, config):
     return config
 
 
+def _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
+                   residual_block, rows_per_block, config, full_tiles, tail_scratch=None):
+    """The kernel this launch runs and how: ``(kernel, jit_launch, grid, args, meta)`` -- the
+    warp-specialized kernel where :func:`ws_signal_gemm.eligible` allows it, else the
+    pipelined one (:func:`_launch_args`).  Checks are :func:`_validate`'s, done before."""
+    config = _resolve_config(a, block_m, block_n, config)
+    if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
+        return (ws_signal_gemm.kernel(), _ws_jit_launch,
+                *ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
+                                            counters, config))
+    return (_signal_gemm_kernel, _jit_launch,
+            *_launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
+                          residual, residual_block, rows_per_block, config, tail_scratch))
+
+
 def _ws_jit_launch(grid, args, meta):
     """The warp-specialized kernel through the JIT (device-side TMA descriptors: the
     allocator must be installed, as for the pipelined kernel's)."""
@@ -806,14 +821,9 @@ def signal_gemm(
     """
     _validate(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
               rows_per_block)
-    config = _resolve_config(a, block_m, block_n, config)
-    if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
-        launch, jit = ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n,
-                                                 num_ctas, counters, config), _ws_jit_launch
-    else:
-        launch = _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
-                              residual, residual_block, rows_per_block, config)
-        jit = _jit_launch
+    _, jit, *launch = _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas,
+                                     counters, residual, residual_block, rows_per_block, config,
+                                     full_tiles)
     if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):
             jit(*launch)
@@ -914,21 +924,16 @@ class SignalGemmLauncher:
         bumped = self.counters if counters is None else counters
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
                   bumped, residual, self.rows_per_block)
-        config = _resolve_config(a, self.block_m, self.block_n, self.config)
-        if ws_signal_gemm.eligible(a, b, out, config, residual, self.full_tiles):
-            fn, jit, use_tma, res_slot = (ws_signal_gemm.kernel(), _ws_jit_launch, True, None)
-            grid, args, meta = ws_signal_gemm.launch_args(a, b, out, self.step_table,
-                                                          self.block_m, self.block_n,
-                                                          self.num_ctas, bumped, config)
-        else:
-            grid, args, meta = _launch_args(a, b, out, self.step_table, self.block_m,
-                                            self.block_n, self.num_ctas, bumped, residual,
-                                            self.residual_block, self.rows_per_block, config,
-                                            self.tail_scratch)
+        fn, jit, grid, args, meta = _choose_launch(
+            a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas, bumped,
+            residual, self.residual_block, self.rows_per_block, self.config, self.full_tiles,
+            self.tail_scratch)
+        if fn is _signal_gemm_kernel:
             if meta["SPLIT_TAIL"]:
                 self.tail_scratch = (args[17], args[18])
-            fn, jit, use_tma, res_slot = (_signal_gemm_kernel, _jit_launch,
-                                          bool(meta["USE_TMA"]), _RES)
+            use_tma, res_slot = bool(meta["USE_TMA"]), _RES
+        else:  # the warp-specialized kernel: TMA descriptors, no residual
+            use_tma, res_slot = True, None
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():
             compiled = jit(grid, args, meta)

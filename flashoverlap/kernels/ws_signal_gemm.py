@@ -85,7 +85,7 @@ try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything w
 except ImportError:  # pragma: no cover - old Triton
     HAVE_GLUON = False
 
-from flashoverlap.kernels import WARP_SPECIALIZED_TILE, GemmConfig
+from flashoverlap.kernels import WARP_SPECIALIZED_TILE, GemmConfig, _capability
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -248,12 +248,6 @@ if HAVE_GLUON:
             (_loader, worker_args),
             (_storer, worker_args),
         ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
-
-
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_capability(device)
 
 
 def c_parts(config: GemmConfig) -> int:

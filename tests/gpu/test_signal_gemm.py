@@ -639,14 +639,14 @@ def test_signal_ordering_stress():
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
         table = _table(plan)
         k_tiles = -(-K // block_k)
-        on_ws = sg.ws_signal_gemm.eligible(a, b, _nan((M, N)), ws_config, None, plan.full_tiles)
-        ws_calls += on_ws
-        split_calls += not on_ws and tail_split(table.shape[0], P, k_tiles)[1] > 1
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32).to(DEV)
         spans = plan.spans()
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
                               dtype=torch.int64).to(DEV)
         dest = _nan((M, N))
+        on_ws = sg.ws_signal_gemm.eligible(a, b, dest, ws_config, None, plan.full_tiles)
+        ws_calls += on_ws
+        split_calls += not on_ws and tail_split(table.shape[0], P, k_tiles)[1] > 1
         snap = torch.ones_like(dest)
         counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
