@@ -122,6 +122,8 @@ if HAVE_GLUON:
                                                     ready.index(s), b_bufs.index(s))
                 it += 1
 
+    # (_storer repeats _loader's parameters: Gluon hands every worker partition the same
+    # argument tuple, so the two signatures must match.)
     @gluon.jit
     def _storer(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
                 c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
