@@ -490,7 +490,10 @@ def _launch_tail_twice(plan, a, b, P, config, num_main):
     ref_counts = torch.zeros_like(counters)
     sg.signal_gemm_ref(a, b, _poison((M, N), torch.float32), table, ref_counts)
     assert torch.equal(counters, ref_counts)
-    assert tickets.numel() == table.shape[0] - num_main and not tickets.any()
+    from flashoverlap.kernels import TICKETS_PER_TILE
+
+    assert tickets.numel() == (table.shape[0] - num_main) * TICKETS_PER_TILE
+    assert not tickets.any()
     first = out.clone()
     out.fill_(float("nan"))
     sg._jit_launch(grid, args, meta)

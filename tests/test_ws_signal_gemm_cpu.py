@@ -5,7 +5,9 @@
 and the kernel is compiled for sm_90 (Triton's bundled ptxas, no GPU needed) to check the
 ordering of its signal in the PTX: the bulk tensor stores, ``cp.async.bulk.wait_group 0``
 (writes performed, not just shared memory read), ``fence.proxy.async.global``,
-``bar.warp.sync``, then exactly one ``red.release.gpu`` -- and none without counters.
+``bar.warp.sync``, then exactly one ``red.release.gpu`` -- and none without counters; with a
+split last wave, each warp's part stores before its ticket, the sum after it, and the tile's
+release after the warp's stores and the count of finished warps.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def test_not_eligible_without_an_sm90_gpu():
     assert GemmConfig().warp_specialized_kernel
 
 
-def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1) -> str:
+def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1, split: bool = False) -> str:
     triton = pytest.importorskip("triton")
     if not ws.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
@@ -74,9 +76,10 @@ def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1) -> str:
 
     k = ws.kernel()
     const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3 if parts == 1 else 4,
-                 B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts)
+                 B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts,
+                 SPLIT_TAIL=split)
     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-            "counter_ptr": "*i32"}
+            "counter_ptr": "*i32", "part_ptr": "*fp32", "ticket_ptr": "*i32"}
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
     src = GluonASTSource(fn=k, signature=sig, attrs=attrs,
@@ -100,7 +103,7 @@ def test_compiled_signal_follows_the_completed_bulk_store(b_trans, parts):
                                    "bar.warp.sync -1", "red.release.gpu.global.add")]
     assert all(i >= 0 for i in order) and order == sorted(order), order
     assert len(re.findall(r"red\.release\.gpu", ptx)) == 1
-    assert len(re.findall(r"\batom\.", ptx)) == 0  # no other atomics
+    assert len(re.findall(r"\batom\.", ptx)) == 0  # no other atomics (no split tail)
     # No CTA-wide barrier inside the partitions: a bar.sync 0 without a thread count would
     # wait for warps of other partitions that never reach it.
     assert not re.search(r"\bbar\.sync\s+0;", ptx)
@@ -126,3 +129,46 @@ def test_every_mbarrier_arrive_follows_its_partitions_barrier(parts):
 def test_compiled_plain_gemm_has_no_signal():
     ptx = _compile_sm90(False, counters=False)
     assert "red.release" not in ptx and "cp.async.bulk.tensor.2d.global.shared" in ptx
+
+
+def _lines(ptx: str) -> list[str]:
+    return [ln.strip() for ln in ptx.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_compiled_split_tail_orders_each_warps_part_and_signal(b_trans):
+    """The split last wave (MMA partition, no CTA barrier): a warp's fp32 part stores, then
+    ``bar.warp.sync`` and lane 0's ``atom.acq_rel`` ticket, broadcast, ``bar.warp.sync``;
+    only then the ``.cg`` loads of the parts, the tile's stores, ``bar.warp.sync``, the ticket
+    re-armed, the finished-warp count (``atom.acq_rel``) and one ``red.release``.  The whole
+    tiles keep their own signal (one more release)."""
+    ptx = _compile_sm90(b_trans, counters=True, split=True)
+    lines = _lines(ptx)
+
+    def where(pattern):
+        return [i for i, ln in enumerate(lines) if re.search(pattern, ln)]
+
+    part_stores = where(r"^st\.global\.v2\.b32")
+    tickets = where(r"atom\.acq_rel\.gpu\.global\.add")
+    loads = where(r"ld\.global\.cg")
+    tile_stores = where(r"^st\.global\.b32")
+    releases = where(r"red\.release\.gpu")
+    assert len(part_stores) == 64 and len(tile_stores) == 64  # 128 x 256 over 256 threads
+    assert len(tickets) == 2 and len(releases) == 2 and loads
+    ticket, count = tickets
+    assert max(part_stores) < ticket < min(loads) and max(loads) < min(tile_stores)
+    assert max(tile_stores) < count < releases[-1]
+    # bar.warp.sync before each ticket, and after the first (lane 0's acquire -> the warp)
+    assert any("bar.warp.sync" in ln for ln in lines[max(part_stores):ticket])
+    assert any("bar.warp.sync" in ln for ln in lines[ticket:min(loads)])
+    assert any("bar.warp.sync" in ln for ln in lines[max(tile_stores):count])
+    assert any(re.search(r"st\.relaxed\.gpu\.global\.u32", ln)
+               for ln in lines[max(tile_stores):count])  # the warp's ticket re-armed
+    assert not re.search(r"\bbar\.sync\s+0;", ptx)
+
+
+def test_compiled_split_tail_without_counters_rearms_and_never_releases():
+    ptx = _compile_sm90(False, counters=False, split=True)
+    assert "red.release" not in ptx
+    assert len(re.findall(r"atom\.acq_rel", ptx)) == 1  # the part ticket only
+    assert re.search(r"st\.relaxed\.gpu\.global\.u32", ptx)

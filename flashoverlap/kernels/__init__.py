@@ -160,6 +160,9 @@ def config_for_capability(capability: tuple[int, int] | None,
 # each of at least TAIL_MIN_K_TILES K steps (a shorter part is mostly pipeline fill).
 TAIL_SPLIT_MAX = 4
 TAIL_MIN_K_TILES = 4
+# int32 tickets per split tile: the pipelined kernel uses the first, the warp-specialized one
+# a ticket per MMA warp (8) and a count of finished warps (9th); both leave them zero.
+TICKETS_PER_TILE = 16
 
 
 # The one tile (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernel

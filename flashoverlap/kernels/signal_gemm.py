@@ -134,6 +134,7 @@ import triton
 import triton.language as tl
 
 from flashoverlap.kernels import (
+    TICKETS_PER_TILE,
     GemmConfig,
     default_config,
     direct_launch,
@@ -639,7 +640,7 @@ def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_
     """The fp32 part slots and int32 tickets a launch of this shape needs to split its last
     wave (None: no split).  Launches of one launcher reuse them (every launch leaves the
     tickets zero); the overlap engine allocates them once per workspace and counts them in its
-    memory budget."""
+    memory budget.  Both kernels split alike and can share them."""
     k_tiles = triton.cdiv(K, config.block_k)
     num_main, parts = _tail_schedule(num_steps, num_ctas, k_tiles, config)
     if parts == 1:
@@ -647,7 +648,7 @@ def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_
     tail = num_steps - num_main
     slots = tail * parts
     return (torch.empty(slots * block_m * block_n, dtype=torch.float32, device=device),
-            torch.zeros(tail, dtype=torch.int32, device=device))
+            torch.zeros(tail * TICKETS_PER_TILE, dtype=torch.int32, device=device))
 
 
 def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
@@ -657,6 +658,23 @@ def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
     if config.split_tail:
         return tail_split(num_steps, num_ctas, k_tiles)
     return num_steps, 1
+
+
+def _tail_args(step_table, num_ctas, K, block_m, block_n, config, device, tail_scratch):
+    """``(num_main, parts, part slots, tickets)`` of a launch: the split last wave's schedule
+    and scratch (``tail_scratch`` where given and large enough, else allocated; the step
+    table stands in for both, never touched, without a split)."""
+    T = step_table.shape[0]
+    num_main, parts = _tail_schedule(T, num_ctas, triton.cdiv(K, config.block_k), config)
+    if parts == 1:
+        return num_main, parts, step_table, step_table
+    # fp32 parts of the split tiles and their tickets: zero, and left zero by every launch
+    # (the last piece of a tile re-arms its tickets; slots are overwritten).
+    tail = T - num_main
+    if (tail_scratch is None or tail_scratch[0].numel() < tail * parts * block_m * block_n
+            or tail_scratch[1].numel() < tail * TICKETS_PER_TILE):
+        tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, device)
+    return num_main, parts, tail_scratch[0], tail_scratch[1]
 
 
 def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
@@ -672,20 +690,11 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     stride_rm = _row_stride(residual) if residual is not None else N
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
-    k_tiles = triton.cdiv(K, config.block_k)
-    num_main, parts = _tail_schedule(T, num_ctas, k_tiles, config)
+    num_main, parts, part_arg, ticket_arg = _tail_args(step_table, num_ctas, K, block_m,
+                                                       block_n, config, a.device, tail_scratch)
     programs = min(num_ctas, max(T, (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
-    part_arg = ticket_arg = step_table  # never touched without a split
-    if parts > 1:
-        # fp32 parts of the split tiles and their tickets: zero, and left zero by every
-        # launch (the last piece of a tile re-arms its ticket; slots are overwritten).
-        need = (T - num_main) * parts * block_m * block_n
-        if (tail_scratch is None or tail_scratch[0].numel() < need
-                or tail_scratch[1].numel() < T - num_main):
-            tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, a.device)
-        part_arg, ticket_arg = tail_scratch
     args = (a, b, out, step_table, counter_arg, res_arg, M, N, K, stride_am, stride_b,
             stride_cm, stride_rm, residual_block, rows_per_block or M, T, num_ctas,
             part_arg, ticket_arg, num_main, parts)
@@ -731,9 +740,11 @@ def _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, 
     pipelined one (:func:`_launch_args`).  Checks are :func:`_validate`'s, done before."""
     config = _resolve_config(a, block_m, block_n, config)
     if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
+        tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, config,
+                          a.device, tail_scratch)
         return (ws_signal_gemm.kernel(), _ws_jit_launch,
                 *ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
-                                            counters, config))
+                                            counters, config, tail))
     return (_signal_gemm_kernel, _jit_launch,
             *_launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
                           residual, residual_block, rows_per_block, config, tail_scratch))
@@ -933,6 +944,9 @@ class SignalGemmLauncher:
                 self.tail_scratch = (args[17], args[18])
             use_tma, res_slot = bool(meta["USE_TMA"]), _RES
         else:  # the warp-specialized kernel: TMA descriptors, no residual
+            if meta["SPLIT_TAIL"]:
+                self.tail_scratch = (args[ws_signal_gemm.PARTS_ARG],
+                                     args[ws_signal_gemm.PARTS_ARG + 1])
             use_tma, res_slot = True, None
         switch = stream is not None and not isinstance(stream, int)  # int: the current one
         with torch.cuda.stream(stream) if switch else contextlib.nullcontext():

@@ -66,6 +66,13 @@ import os
 
 import torch
 
+from flashoverlap.kernels import (
+    TICKETS_PER_TILE,
+    WARP_SPECIALIZED_TILE,
+    GemmConfig,
+    _capability,
+)
+
 try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything without it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -78,14 +85,13 @@ try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything w
     )
     HAVE_GLUON = True
     _MMA_WARPS = gl.constexpr(8)
+    _TICKETS = gl.constexpr(TICKETS_PER_TILE)  # per split tile: 8 warps' tickets, 1 count
     # Triton 3.6 names the TMA copies async_copy_*; later versions renamed them async_load /
     # async_store (same arguments) and made the old names raise.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:  # pragma: no cover - old Triton
     HAVE_GLUON = False
-
-from flashoverlap.kernels import WARP_SPECIALIZED_TILE, GemmConfig, _capability
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -98,41 +104,57 @@ NUM_MMA_WARPS = 8  # two warpgroups of 64 rows: BLOCK_M = 128 (_MMA_WARPS in the
 if HAVE_GLUON:
 
     @gluon.jit
-    def _loader(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
-                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr):
-        pid = gl.program_id(0)
+    def _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start, col_start, k_lo,
+                    k_hi, it, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                    B_TRANS: gl.constexpr):
+        """The loader's K steps ``[k_lo, k_hi)`` of one tile; returns the stage count."""
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for ki in range(k_lo, k_hi):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: passes
+            mbarrier.expect(ready.index(s), nbytes)
+            _tma_load(a_desc, [row_start, ki * BLOCK_K], ready.index(s), a_bufs.index(s))
+            if B_TRANS:
+                _tma_load(b_desc, [col_start, ki * BLOCK_K], ready.index(s), b_bufs.index(s))
+            else:
+                _tma_load(b_desc, [ki * BLOCK_K, col_start], ready.index(s), b_bufs.index(s))
+            it += 1
+        return it
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
+                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main, tail_parts,
+                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+        pid = gl.program_id(0)
         it = 0
-        for step in range(pid, num_steps, num_progs):
+        for step in range(pid, num_main, num_progs):
             row_start = gl.load(step_ptr + step * 7 + 0)
             col_start = gl.load(step_ptr + step * 7 + 2)
-            for ki in range(k_tiles):
-                s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # fresh: passes
-                mbarrier.expect(ready.index(s), nbytes)
-                _tma_load(a_desc, [row_start, ki * BLOCK_K],
-                                                ready.index(s), a_bufs.index(s))
-                if B_TRANS:
-                    _tma_load(b_desc, [col_start, ki * BLOCK_K],
-                                                    ready.index(s), b_bufs.index(s))
-                else:
-                    _tma_load(b_desc, [ki * BLOCK_K, col_start],
-                                                    ready.index(s), b_bufs.index(s))
-                it += 1
+            it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
+                             col_start, 0, k_tiles, it, BLOCK_K, STAGES, B_TRANS)
+        if SPLIT_TAIL:  # piece v = pid: part q of tail tile t (at most one per program)
+            v = pid
+            if v < (num_steps - num_main) * tail_parts:
+                t = v // tail_parts
+                q = v - t * tail_parts
+                row_start = gl.load(step_ptr + (num_main + t) * 7 + 0)
+                col_start = gl.load(step_ptr + (num_main + t) * 7 + 2)
+                it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
+                                 col_start, q * k_tiles // tail_parts,
+                                 (q + 1) * k_tiles // tail_parts, it, BLOCK_K, STAGES, B_TRANS)
 
     # (_storer repeats _loader's parameters: Gluon hands every worker partition the same
     # argument tuple, so the two signatures must match.)
     @gluon.jit
     def _storer(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
-                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
+                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main, tail_parts,
                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr):
+                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
         pid = gl.program_id(0)
         part_n = c_desc.block_type.shape[1]  # BLOCK_N or BLOCK_N / 2
         u = 0
-        for step in range(pid, num_steps, num_progs):
+        for step in range(pid, num_main, num_progs):  # (split tail tiles: the MMA partition)
             col_start = gl.load(step_ptr + step * 7 + 2)
             dest_row = gl.load(step_ptr + step * 7 + 4)
             for h in range(BLOCK_N // part_n):
@@ -152,30 +174,85 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _mma(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, num_steps, num_progs,
-             k_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-             B_TRANS: gl.constexpr, C_PARTS: gl.constexpr):
+    def _mma_range(a_bufs, b_bufs, ready, empty, k_lo, k_hi, it, acc_layout: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                   B_TRANS: gl.constexpr):
+        """fp32 sum over K steps ``[k_lo, k_hi)`` of one tile (at least one step), every
+        stage given back; returns ``(acc, stage count)``."""
+        acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
+        for ki in range(k_lo, k_hi):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            if B_TRANS:
+                b = b_bufs.index(s).permute((1, 0))
+            else:
+                b = b_bufs.index(s)
+            acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            # the previous step's wgmma has retired: its stage goes back to the loader
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > k_lo)
+            it += 1
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        return acc, it
+
+    @gluon.jit
+    def _warp_ticket(tickets):
+        """Split tail, after a warp stored its share of a part's fp32 partial: the warp's
+        lanes synchronize (``bar.warp.sync``: their stores are ordered before what follows),
+        lane 0 takes a ticket from ``tickets[warp]`` with ``atom.acq_rel.gpu`` (releases
+        the warp's stores; acquires the other parts' same-warp stores for the last one),
+        broadcasts it, and the lanes synchronize again (lane 0's acquire -> every lane)."""
+        return gl.inline_asm_elementwise(
+            "{\n\t.reg .pred p;\n\t.reg .b32 l, w, k;\n\t.reg .b64 o, a;\n\t"
+            "bar.warp.sync -1;\n\tmov.u32 l, %laneid;\n\tsetp.eq.u32 p, l, 0;\n\t"
+            "mov.u32 w, %tid.x;\n\tshr.u32 w, w, 5;\n\tand.b32 w, w, 7;\n\t"
+            "mul.wide.u32 o, w, 4;\n\tadd.s64 a, $1, o;\n\tmov.u32 k, 0;\n\t"
+            "@p atom.acq_rel.gpu.global.add.u32 k, [a], 1;\n\t"
+            "shfl.sync.idx.b32 k, k, 0, 31, -1;\n\tbar.warp.sync -1;\n\t"
+            "mov.u32 $0, k;\n\t}", "=r,l", [tickets], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _warp_finish(tickets, counter, HAS_COUNTERS: gl.constexpr):
+        """Split tail, the last part's warp after storing its rows of the summed tile:
+        ``bar.warp.sync`` (the lanes' stores first), lane 0 re-arms the warp's ticket and,
+        with counters, counts the warp on the tile's ``tickets[8]`` (``atom.acq_rel.gpu``);
+        the tile's eighth warp re-arms that count and releases the group counter
+        (``red.release.gpu``: cumulative over the seven warps it acquired)."""
+        if HAS_COUNTERS:
+            return gl.inline_asm_elementwise(
+                "{\n\t.reg .pred p, q;\n\t.reg .b32 l, w, d;\n\t.reg .b64 o, a;\n\t"
+                "bar.warp.sync -1;\n\tmov.u32 l, %laneid;\n\tsetp.eq.u32 p, l, 0;\n\t"
+                "mov.u32 w, %tid.x;\n\tshr.u32 w, w, 5;\n\tand.b32 w, w, 7;\n\t"
+                "mul.wide.u32 o, w, 4;\n\tadd.s64 a, $1, o;\n\t"
+                "@p st.relaxed.gpu.global.u32 [a], 0;\n\tmov.u32 d, 0;\n\t"
+                "@p atom.acq_rel.gpu.global.add.u32 d, [$1+32], 1;\n\t"
+                "setp.eq.and.u32 q, d, 7, p;\n\t@q st.relaxed.gpu.global.u32 [$1+32], 0;\n\t"
+                "@q red.release.gpu.global.add.s32 [$2], 1;\n\tmov.u32 $0, 0;\n\t}",
+                "=r,l,l", [tickets, counter], dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            return gl.inline_asm_elementwise(
+                "{\n\t.reg .pred p;\n\t.reg .b32 l, w;\n\t.reg .b64 o, a;\n\t"
+                "mov.u32 l, %laneid;\n\tsetp.eq.u32 p, l, 0;\n\t"
+                "mov.u32 w, %tid.x;\n\tshr.u32 w, w, 5;\n\tand.b32 w, w, 7;\n\t"
+                "mul.wide.u32 o, w, 4;\n\tadd.s64 a, $1, o;\n\t"
+                "@p st.relaxed.gpu.global.u32 [a], 0;\n\tmov.u32 $0, 0;\n\t}",
+                "=r,l", [tickets], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _mma(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr, counter_ptr,
+             c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs, k_tiles, num_main,
+             tail_parts, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             B_TRANS: gl.constexpr, C_PARTS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
+             SPLIT_TAIL: gl.constexpr):
         pid = gl.program_id(0)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[_MMA_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
         it = 0
         u = 0  # C buffer uses (C_PARTS per tile)
-        for step in range(pid, num_steps, num_progs):
-            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, acc_layout)
-            for ki in range(k_tiles):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                if B_TRANS:
-                    b = b_bufs.index(s).permute((1, 0))
-                else:
-                    b = b_bufs.index(s)
-                acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=[acc])
-                # the previous step's wgmma has retired: its stage goes back to the loader
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-                it += 1
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        for step in range(pid, num_main, num_progs):
+            acc, it = _mma_range(a_bufs, b_bufs, ready, empty, 0, k_tiles, it, acc_layout,
+                                 BLOCK_M, BLOCK_N, STAGES, B_TRANS)
             if C_PARTS == 1:
                 mbarrier.wait(c_empty, (u & 1) ^ 1)  # the storer has read the last tile
                 c_buf.store(acc.to(c_buf.dtype))
@@ -195,15 +272,55 @@ if HAVE_GLUON:
                 fence_async_shared()
                 mbarrier.arrive(c_ready)
                 u += 2
+        if SPLIT_TAIL:
+            # Piece v = t * tail_parts + q: part q of tail tile t, run by program v (at most
+            # one piece per program: tail_split keeps pieces <= programs; straight-line code
+            # also keeps the compiler from hoisting 128 addresses out of a loop, which
+            # spilled).  Each warp owns the same 16 rows of every part of a tile (one layout,
+            # one kernel), so it takes its own ticket and the warp drawing the last one sums
+            # those rows: no partition-wide barrier, no wait on another program.
+            TILE: gl.constexpr = BLOCK_M * BLOCK_N
+            v = pid
+            if v < (num_steps - num_main) * tail_parts:
+                t = v // tail_parts
+                q = v - t * tail_parts
+                acc, it = _mma_range(a_bufs, b_bufs, ready, empty, q * k_tiles // tail_parts,
+                                     (q + 1) * k_tiles // tail_parts, it, acc_layout,
+                                     BLOCK_M, BLOCK_N, STAGES, B_TRANS)
+                offs_i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                offs_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]
+                gl.store(part_ptr + v.to(gl.int64) * TILE + offs_tile, acc)
+                tickets = ticket_ptr + t * _TICKETS
+                if _warp_ticket(tickets) == tail_parts - 1:
+                    slots = part_ptr + (t * tail_parts).to(gl.int64) * TILE + offs_tile
+                    total = gl.load(slots, cache_modifier=".cg")  # in part order
+                    for p in range(1, tail_parts):
+                        total += gl.load(slots + p * TILE, cache_modifier=".cg")
+                    row = step_ptr + (num_main + t) * 7
+                    col_start = gl.multiple_of(gl.load(row + 2), BLOCK_N)
+                    dest_row = gl.load(row + 4)
+                    # TMA-aligned rows (eligible): stride_cm is a multiple of 8 elements
+                    stride_c = stride_cm // 8 * 8
+                    gl.store(c_ptr + dest_row.to(gl.int64) * stride_c + col_start
+                             + (offs_i[:, None] * stride_c + offs_j[None, :]),
+                             total.to(c_ptr.dtype.element_ty))
+                    if HAS_COUNTERS:
+                        _warp_finish(tickets, counter_ptr + gl.load(row + 5), HAS_COUNTERS)
+                    else:
+                        _warp_finish(tickets, counter_ptr, HAS_COUNTERS)
 
     @gluon.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
-                                  "num_steps", "num_progs"])
+                                  "num_steps", "num_progs", "num_main", "tail_parts"])
     def _ws_signal_gemm_kernel(
         a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
+        part_ptr, ticket_ptr,  # split tail: fp32 [pieces, BM * BN] parts, int32 tickets
         M, N, K, stride_am, stride_b, stride_cm, num_steps, num_progs,
+        num_main, tail_parts,  # steps run whole; K parts of each later step (SPLIT_TAIL)
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
         PART_N: gl.constexpr,  # C buffer width: BLOCK_N, or BLOCK_N / 2 (two stores a tile)
+        SPLIT_TAIL: gl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
     ):
         dtype: gl.constexpr = c_ptr.dtype.element_ty
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
@@ -241,12 +358,13 @@ if HAVE_GLUON:
         mbarrier.init(c_empty, count=1)
 
         worker_args = (a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready,
-                       empty, c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, BLOCK_N,
-                       BLOCK_K, STAGES, B_TRANS, HAS_COUNTERS)
+                       empty, c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main,
+                       tail_parts, BLOCK_N, BLOCK_K, STAGES, B_TRANS, HAS_COUNTERS, SPLIT_TAIL)
         gl.warp_specialize([
-            (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, num_steps,
-                    num_progs, k_tiles, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
-                    BLOCK_N // PART_N)),
+            (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr,
+                    counter_ptr, c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs,
+                    k_tiles, num_main, tail_parts, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
+                    BLOCK_N // PART_N, HAS_COUNTERS, SPLIT_TAIL)),
             (_loader, worker_args),
             (_storer, worker_args),
         ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
@@ -295,22 +413,28 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
     return True
 
 
-def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config):
-    """``(grid, args, meta)`` of one launch (after :func:`eligible`)."""
+# Position of the split tail's part slots in the kernel's parameters (the tickets follow).
+PARTS_ARG = 5
+
+
+def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config, tail):
+    """``(grid, args, meta)`` of one launch (after :func:`eligible`); ``tail``: ``(num_main,
+    parts, part slots, tickets)`` of the split last wave (``signal_gemm._tail_args``)."""
     M, K = a.shape
     N = b.shape[1]
     b_trans = b.stride(0) == 1 and b.stride(1) != 1
     stride_b = b.stride(1) if b_trans else b.stride(0)
     T = step_table.shape[0]
-    programs = min(num_ctas, T)
+    num_main, parts, part_arg, ticket_arg = tail
+    programs = min(num_ctas, max(T, (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
-    args = (a, b, out, step_table, counter_arg, M, N, K, a.stride(0), stride_b, out.stride(0),
-            T, programs)
+    args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, M, N, K, a.stride(0),
+            stride_b, out.stride(0), T, programs, num_main, parts)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
         "HAS_COUNTERS": counters is not None, "PART_N": block_n // c_parts(config),
-        "num_warps": NUM_MMA_WARPS,
+        "SPLIT_TAIL": parts > 1, "num_warps": NUM_MMA_WARPS,
     }
     return (programs, 1, 1), args, meta
 

@@ -279,28 +279,40 @@ def test_compiled_epilogue_orders_stores_before_release(split):
         assert any("cp.async.bulk.tensor" in line for line in ptx), "TMA loads expected"
 
 
-@pytest.mark.parametrize("M,N,K", [(16384, 8192, 2048), (6144, 3072, 8192), (1000, 1024, 4096)],
-                         ids=["4-parts", "2-parts", "single-wave"])
+@pytest.mark.parametrize("M,N,K", [(16384, 8192, 2048), (6144, 3072, 8192), (1024, 1024, 4104),
+                                   (1000, 1024, 4096)],
+                         ids=["4-parts", "2-parts", "single-wave", "partial-tiles"])
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans):
+@pytest.mark.parametrize("kernel", ["pipelined", "warp_specialized"])
+def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans, kernel):
     """Shapes whose last wave is split along K (kernels.tail_split) on all SMs: right against
     fp32 matmul, counters at the tile counts, bitwise the same over launches (the parts are
-    summed in order), and close to the same kernel without the split."""
+    summed in order), and close to the same kernel without the split -- in the pipelined
+    kernel and, for whole tiles on sm_90, the warp-specialized one (K = 4104: the last K step
+    is partial, TMA fills it with zeros)."""
     plan = _plan(M, N, K)
     config = default_config(DEV, torch.bfloat16)
     assert tail_split(plan.step_table.shape[0], SMS, -(-K // config.block_k))[1] > 1
+    full_tiles = kernel == "warp_specialized"
+    if full_tiles:
+        if not plan.full_tiles:
+            pytest.skip("partial tiles run the pipelined kernel")
+        if not ws.HAVE_GLUON or torch.cuda.get_device_capability(DEV) != (9, 0):
+            pytest.skip("the warp-specialized kernel is sm_90 + Gluon only")
     got, ref, exact = _three_launches_against_plain(
-        plan, b_trans, config, dataclasses.replace(config, split_tail=False))
+        plan, b_trans, config, dataclasses.replace(config, split_tail=False), full_tiles)
     assert _rel_fro(got, ref) <= 1e-2 and _rel_fro(ref, exact) <= 1e-2
 
 
-def _three_launches_against_plain(plan, b_trans, config, plain_config):
+def _three_launches_against_plain(plan, b_trans, config, plain_config, full_tiles=False):
     """Three launches of a ``config`` launcher on all SMs (NaN-poisoned destinations) and one
     of a ``plain_config`` launcher: counters at 3x the tile counts, the three results bitwise
-    equal, fully written and within 1e-2 of fp32 matmul.  Returns (result, plain, exact)."""
+    equal, fully written and within 1e-2 of fp32 matmul, the split tickets left zero.
+    Returns (result, plain, exact)."""
     M, N, K = plan.problem.M, plan.problem.N, plan.problem.K
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    kwargs = dict(block_m=BM, block_n=BN, num_ctas=SMS, rows_per_block=plan.problem.rows_per_block)
+    kwargs = dict(block_m=BM, block_n=BN, num_ctas=SMS, rows_per_block=plan.problem.rows_per_block,
+                  full_tiles=full_tiles)
     launcher = sg.SignalGemmLauncher(_table(plan), counters, config=config, **kwargs)
     plain = sg.SignalGemmLauncher(_table(plan), None, config=plain_config, **kwargs)
     a, b = _operands(M, N, K, torch.bfloat16, b_trans)
@@ -312,9 +324,13 @@ def _three_launches_against_plain(plan, b_trans, config, plain_config):
     ref = _nan((M, N))
     plain(a, b, ref, stream=torch.cuda.current_stream())
     torch.cuda.synchronize()
+    assert (ws.eligible(a, b, outs[0], config, None, full_tiles)
+            == (full_tiles and plan.full_tiles))
     assert counters.tolist() == (3 * plan.group_tile_counts).tolist()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
     assert not outs[2].isnan().any()
+    if launcher.tail_scratch is not None:
+        assert not launcher.tail_scratch[1].any(), "split tickets not re-armed"
     exact = a.float() @ b.float()
     assert _rel_fro(outs[2], exact) <= 1e-2
     return outs[2], ref, exact
@@ -572,11 +588,13 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
     CUDA lazy loading may synchronize the context at a kernel's first launch; a first
     launch of the GEMM while the consumer spins on its counters would wait for the consumer,
     which waits for the GEMM (stream_wait's module docstring).  K = 512/511 compile the
-    variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps)."""
+    variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps); the last two
+    cases are whole tiles (the warp-specialized kernel on sm_90), without and with a split."""
     torch.cuda._sleep(100)
-    cases = [(40, N, K) for K in (64, 63, 512, 511) for N in (64, 63)] + [(BM, BN, 64)]
+    cases = [(40, N, K) for K in (64, 63, 512, 511) for N in (64, 63)]
+    cases += [(BM, BN, 64), (BM, BN, 512)]
     for b_trans in (False, True):
-        for M, N, K in cases:  # the last: whole tiles (the warp-specialized kernel on sm_90)
+        for M, N, K in cases:
             plan = _plan(M, N, K, num_ctas=4, group_m=1)
             a, b = _operands(M, N, K, torch.bfloat16, b_trans)
             out = _nan((M, N))
@@ -615,7 +633,7 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = split_calls = ws_calls = 0
+    groups_checked = calls = split_calls = ws_calls = ws_split_calls = 0
     ws_config = default_config(DEV, torch.bfloat16)
     block_k = default_config(DEV).block_k
     start = time.perf_counter()
@@ -645,8 +663,10 @@ def test_signal_ordering_stress():
                               dtype=torch.int64).to(DEV)
         dest = _nan((M, N))
         on_ws = sg.ws_signal_gemm.eligible(a, b, dest, ws_config, None, plan.full_tiles)
+        split = tail_split(table.shape[0], P, k_tiles)[1] > 1  # both kernels split alike
         ws_calls += on_ws
-        split_calls += not on_ws and tail_split(table.shape[0], P, k_tiles)[1] > 1
+        split_calls += split
+        ws_split_calls += on_ws and split
         snap = torch.ones_like(dest)
         counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
@@ -686,7 +706,9 @@ def test_signal_ordering_stress():
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
-          f"wave, {ws_calls} on the warp-specialized kernel ({elapsed:.1f} s)")
+          f"wave, {ws_calls} on the warp-specialized kernel ({ws_split_calls} of them split) "
+          f"({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"
+    assert ws_split_calls >= ws_calls // 10, "too few split warp-specialized calls"
