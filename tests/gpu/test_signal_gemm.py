@@ -506,24 +506,31 @@ def test_ws_launcher_direct_launch_and_graph():
 
 @needs_ws
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_ws_compiled_signal_follows_the_bulk_store(b_trans):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
+def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split):
     """PTX of the launched kernel: the storer's bulk tensor stores, then (in one block)
-    cp.async.bulk.wait_group 0, fence.proxy.async.global, bar.warp.sync and the release."""
+    cp.async.bulk.wait_group 0, fence.proxy.async.global, bar.warp.sync and the release;
+    with a split last wave (32 tiles on 132 CTAs: 2 parts each) a second release, the split
+    tiles' (after their warp's stores and the acq_rel count of finished warps)."""
     M, N, K = 1024, 1024, 512
     plan = _plan(M, N, K)
     a, b = _operands(M, N, K, torch.bfloat16, b_trans)
-    out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
+    out = _nan((M, N))
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    cfg = default_config(DEV, torch.bfloat16)
-    launch = ws.launch_args(a, b, out, _table(plan), BM, BN, SMS, counters, cfg)
-    ptx = sg._ws_jit_launch(*launch).asm["ptx"]
+    cfg = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
+    fn, jit, *launch = sg._choose_launch(a, b, out, _table(plan), BM, BN, SMS, counters, None,
+                                         0, None, cfg, plan.full_tiles)
+    assert fn is ws.kernel() and launch[2]["SPLIT_TAIL"] is split
+    ptx = jit(*launch).asm["ptx"]
     torch.cuda.synchronize()
     assert counters.tolist() == plan.group_tile_counts.tolist()
+    assert _rel_fro(out, a.double() @ b.double()) <= 1e-2
     order = [ptx.find(x) for x in ("cp.async.bulk.tensor.2d.global.shared",
                                    "cp.async.bulk.wait_group 0;", "fence.proxy.async.global",
                                    "bar.warp.sync -1", "red.release.gpu.global.add")]
     assert all(i >= 0 for i in order) and order == sorted(order), order
-    assert len(re.findall(r"red\.release\.gpu", ptx)) == 1
+    assert len(re.findall(r"red\.release\.gpu", ptx)) == (2 if split else 1)
+    assert len(re.findall(r"atom\.acq_rel\.gpu", ptx)) == (2 if split else 0)
 
 
 # --------------------------------------------------------------------------------------
