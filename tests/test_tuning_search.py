@@ -348,11 +348,11 @@ def test_tune_without_verification():
 def test_analytic_wave_times_follow_the_split_last_wave():
     """A last wave the pipelined signal GEMM splits along K costs its longest part (+ the
     fix-up); a last wave more than half full, or the split switched off, costs a whole tile.
-    (``warp_specialized=False``: 16384 x 8192 is whole 128 x 256 tiles, which on sm_90 run
-    the warp-specialized kernel; see the next test.)"""
+    Both kernels split alike, so whole-tile plans (the warp-specialized kernel on sm_90) and
+    plans with a short tile follow the same rule."""
     from flashoverlap.tuning.search import AnalyticModel
 
-    model = AnalyticModel(warp_specialized=False)
+    model = AnalyticModel()
     cfg = PlanConfig(block_m=128, block_n=256, num_ctas=132)
     tile_s = 2.0 * 128 * 256 * 8192 / (model.gemm_flops["bfloat16"] / model.ref_sms)
     # 16384 x 8192: 4096 tiles = 31 waves + 4 tiles -> 4 parts of 32 of 128 K steps
@@ -367,38 +367,21 @@ def test_analytic_wave_times_follow_the_split_last_wave():
     # 4096 x 8192: 1024 tiles, last wave 100 of 132 -> whole
     waves = model.wave_times(Problem(4096, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
     assert waves[1:] == pytest.approx([tile_s] * 7)
-    off = AnalyticModel(split_tail=False, warp_specialized=False)
+    off = AnalyticModel(split_tail=False)
     waves = off.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
     assert waves[-1] == pytest.approx(tile_s)
 
 
-def test_analytic_wave_times_do_not_split_whole_tile_plans():
-    """Whole 128 x 256 tiles run the warp-specialized kernel, which has no split last wave;
-    a plan with a short tile still splits.  The model's whole-tile test is Plan.full_tiles."""
-    from flashoverlap.kernels import runs_warp_specialized
-    from flashoverlap.plan import make_plan
+def test_analytic_wave_times_split_whole_and_partial_tile_plans_alike():
+    """Whole 128 x 256 tiles (the warp-specialized kernel) and a short last tile row (the
+    pipelined kernel) both split their last wave."""
     from flashoverlap.tuning.search import AnalyticModel
 
     model = AnalyticModel()
     cfg = PlanConfig(block_m=128, block_n=256, num_ctas=132)
     tile_s = 2.0 * 128 * 256 * 8192 / (model.gemm_flops["bfloat16"] / model.ref_sms)
-    waves = model.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
-    assert waves[-1] == pytest.approx(tile_s)  # 4 tiles in the last wave, not split
+    whole = model.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
+    assert whole[-1] == pytest.approx(tile_s / 4 + model.split_fixup_s)  # 4 tiles, 4 parts
     ragged = model.wave_times(Problem(15990, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
     assert ragged[-1] < 0.5 * tile_s  # a short last tile row: 4000 tiles, 40 left, 3 parts
-    for M, N, W, op in ((4096, 8192, 1, "all_reduce"), (4000, 8192, 1, "all_reduce"),
-                        (4096, 8000, 1, "all_reduce"), (768, 512, 2, "reduce_scatter"),
-                        (800, 512, 2, "reduce_scatter"), (3 * 1024, 1024, 3, "reduce_scatter")):
-        problem = Problem(M, N, 512, "bfloat16", W, op)
-        for block in ((128, 256), (128, 128)):
-            config = PlanConfig(block_m=block[0], block_n=block[1], num_ctas=132)
-            plan = make_plan(problem, config)
-            assert runs_warp_specialized(problem.rows_per_block, N, 512, "bfloat16", *block,
-                                         64) == (plan.full_tiles and block == (128, 256))
-    # fp32, or K whose rows are not 16-byte aligned, take the pipelined (splitting) kernel
-    assert runs_warp_specialized(4096, 8192, 512, "bfloat16", 128, 256, 64)
-    assert runs_warp_specialized(4096, 8192, 512, "torch.float16", 128, 256, 64)
-    assert not runs_warp_specialized(4096, 8192, 512, "float32", 128, 256, 64)
-    assert not runs_warp_specialized(4096, 8192, 511, "bfloat16", 128, 256, 64)
-    odd = model.wave_times(Problem(16384, 8192, 8191, "bfloat16", 1, "all_reduce"), cfg)
-    assert odd[-1] < 0.5 * odd[1]  # whole tiles, but K = 8191: the pipelined kernel splits
+

@@ -65,7 +65,7 @@ class GemmConfig:
             first launch: a kernel whose signal protocol did not survive (Triton 3.6 on sm_90
             drops the release atomic; a partitioned loop cannot use the CTA barrier) raises
             ``NotImplementedError`` instead of launching.  Kept for newer Triton versions.
-        split_tail: split the tiles of a last, partial wave along K (see
+        split_tail: split the tiles of a last, partial wave along K, in both kernels (see
             :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
             the last one to finish sums the parts in a fixed order (deterministic) and stores
             and signals it.
@@ -168,18 +168,6 @@ TICKETS_PER_TILE = 16
 # The one tile (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernel
 # (flashoverlap.kernels.ws_signal_gemm) runs: two warpgroups of 64 x 256, 128-byte K boxes.
 WARP_SPECIALIZED_TILE = (128, 256, 64)
-
-
-def runs_warp_specialized(problem_rows_per_block: int, N: int, K: int, dtype: str,
-                          block_m: int, block_n: int, block_k: int) -> bool:
-    """Whether a plan of this geometry runs the warp-specialized kernel on sm_90 (and so has
-    no split last wave): whole tiles of its shape (``Plan.full_tiles`` for this tile),
-    bf16/fp16, and K a multiple of 8 (TMA's 16-byte row strides for contiguous operands).
-    Pure arithmetic, for tuners; the launch itself also needs aligned tensors, no residual
-    and an sm_90 device (``ws_signal_gemm.eligible``)."""
-    return ((block_m, block_n, block_k) == WARP_SPECIALIZED_TILE
-            and str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
-            and K % 8 == 0 and problem_rows_per_block % block_m == 0 and N % block_n == 0)
 
 
 def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:

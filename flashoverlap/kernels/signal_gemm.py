@@ -15,8 +15,8 @@ Two kernels implement this contract.  On sm_90, a launch whose plan is made of w
 operands runs the warp-specialized Gluon kernel of :mod:`flashoverlap.kernels.ws_signal_gemm`
 (a loader warp, two MMA warpgroups, a TMA-store + signal warp: 1.006-1.027x this kernel's
 efficiency in the medians on one H200, up to 1.12x on short K with 116 CTAs).  Everything else
-runs the pipelined kernel below, which handles partial tiles, the residual epilogue, the split
-last wave, unaligned operands (pointer loads) and sm_80/sm_89.  :func:`signal_gemm` and
+runs the pipelined kernel below, which handles partial tiles, the residual epilogue,
+unaligned operands (pointer loads) and sm_80/sm_89.  Both split the last wave alike.  :func:`signal_gemm` and
 :class:`SignalGemmLauncher` choose once per argument signature; the choice depends on the
 plan, the tensors' layout, the device and whether this launch adds a residual.  Ranks of one
 collective therefore choose alike, except for an AllReduce with a replicated residual, where

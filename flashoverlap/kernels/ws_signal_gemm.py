@@ -9,7 +9,8 @@ bf16/fp16, operands and destination that TMA can address, no residual, the 128 x
 tile (:data:`~flashoverlap.kernels.WARP_SPECIALIZED_TILE`), ``GemmConfig.warp_specialized_kernel``
 and ``use_tma`` on and no ``max_registers`` cap, and a plan whose every step is a whole tile
 (``Plan.full_tiles``: a TMA store writes the whole box, so a tile cut short by a row block
-would spill into the next block's rows).
+would spill into the next block's rows).  Its last wave splits along K like the pipelined
+kernel's (below).
 
 Why a second kernel
 -------------------
@@ -43,14 +44,46 @@ async-proxy writes are ordered before the generic-proxy operations that follow;
 that releases.  The consumer side is unchanged (acquire at GPU or system scope).  The GPU
 stress test (``tests/gpu/test_signal_gemm.py``) runs this kernel on a third of its calls.
 
+Split last wave
+---------------
+Same schedule as the pipelined kernel (:func:`flashoverlap.kernels.tail_split`,
+``GemmConfig.split_tail``): the tiles of a last wave at most half full are split along K into
+``parts`` pieces, piece ``v = t * parts + q`` (part ``q`` of tail tile ``t``) on program ``v``,
+at most one per program.  The loader loads the piece's K range, the MMA partition computes it
+and -- not the storer: an fp32 partial does not fit the C buffer -- stores the fp32 partial
+from registers into its own slot (``st.global``).  A CTA barrier is not available inside a
+partition (the other partitions never reach it), so the protocol runs per warp: each MMA warp
+holds the same 16 rows of the tile in every part (one layout, one kernel), and after storing
+them it does ``bar.warp.sync`` and lane 0 takes a ticket from that warp's counter
+(``atom.acq_rel.gpu``: release of the warp's stores, acquire of the other parts' same rows),
+broadcast with ``shfl.sync`` and followed by another ``bar.warp.sync``.  The warp that draws the
+last ticket reads its rows of every part (``ld.global.cg``) and sums them in part order -- the
+same bits whichever part finished last --, stores them (bf16/fp16, ``st.global``), then
+``bar.warp.sync``; lane 0 re-arms the warp's ticket and counts the warp on the tile's ninth
+counter (``atom.acq_rel.gpu``); the eighth warp to arrive re-arms that count and releases the
+group counter (``red.release.gpu``): the acq_rel chain over the tile's eight count updates makes
+every warp's stores visible to a reader that acquires the group counter.  Nobody waits for
+another program, so no co-residency is assumed.  Tickets: :data:`TICKETS_PER_TILE` per split
+tile (the pipelined kernel uses the first); both kernels leave them zero.  The tail runs once
+per program, as straight-line code: in a loop, the compiler hoisted the 128 per-thread
+addresses of the tile out of it and spilled (608 B per thread, ptxas for sm_90).
+
+Measured (one H200 at its 700 W power cap -- clocks 1455-1725 MHz while a GEMM runs, so
+single rows move by 2-5 % between runs --, Triton 3.6, bf16, ``results/2026-12-02-h200/``,
+``bench_gemm.py --sweep`` with ``split_tail=0,1,0,1`` and torch.matmul timed between): on
+6144 x 3072 x 8192 at P = 132 (4.4 waves, 2 parts) the split takes 4.5 % off the time in both
+B layouts; elsewhere it is within about +-1.5 % (16384 x 8192 x 2048 at P = 116, 3 parts of
+10-11 K steps, 1.3 % slower in all four pairs).  A piece gains less than ``1 - 1/parts`` of a
+tile: alone at the end it no longer shares its A and B K steps with the other CTAs of its
+band through L2 (the same cost that made a stream-K tail slower in the pipelined kernel).
+
 Measured (one H200, Triton 3.6, bf16, issue 14's 13 shapes x 2 B layouts, 3 repeats, paired
-with torch.matmul, ``scripts/bench_gemm.py``; ``results/2026-12-02-h200/ws-run3, -5, -6``):
-efficiency against torch.matmul with all 132 SMs median 0.997-1.006 (min 0.942-0.960), with
-116 CTAs 0.941-0.953 (min 0.885-0.903); in the same run as the pipelined kernel (ws-run5) its
-efficiency was 1.006-1.027x the pipelined one's in the medians and up to 1.12x on short K at
-P = 116.  Shared memory: 3 stages x 48 KB + a 64 KB C buffer = 208 KB, so one CTA per SM.
-There is no split last wave (``GemmConfig.split_tail`` applies to the pipelined kernel), which
-is what the lowest rows miss (6144 x 3072 x 8192: 4.4 waves on 132 CTAs).
+with torch.matmul, ``scripts/bench_gemm.py``; ``results/2026-12-02-h200/ws-run3, -5, -6``,
+before the split last wave): efficiency against torch.matmul with all 132 SMs median
+0.997-1.006 (min 0.942-0.960), with 116 CTAs 0.941-0.953 (min 0.885-0.903); in the same run as
+the pipelined kernel (ws-run5) its efficiency was 1.006-1.027x the pipelined one's in the
+medians and up to 1.12x on short K at P = 116.  Shared memory: 3 stages x 48 KB + a 64 KB C
+buffer = 208 KB, so one CTA per SM.
 
 ``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes
 room for a fourth stage: measured slower on 20 of 26 rows (ws-run4), so off by default.

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
-from flashoverlap.kernels import runs_warp_specialized, tail_split
+from flashoverlap.kernels import tail_split
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -259,10 +259,8 @@ class AnalyticModel:
     costs one tile time (partial waves too: wave quantization), the first wave adds
     ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
     tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
-    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s`` -- except where
-    the plan is made of whole tiles of the warp-specialized kernel's shape
-    (:func:`~flashoverlap.kernels.runs_warp_specialized`, ``warp_specialized=True``), which
-    does not split.  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
+    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s`` (both kernels,
+    pipelined and warp-specialized, split alike).  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
     the collective says crosses the interconnect for the send bytes
     (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
     ReduceScatter ``(W-1)/W`` of them) and ``busbw`` comes from the bus-bandwidth table,
@@ -292,8 +290,6 @@ class AnalyticModel:
     block_k: int = 64
     split_tail: bool = True
     split_fixup_s: float = 2e-6
-    # Whole-tile plans run the warp-specialized kernel (sm_90): no split last wave there.
-    warp_specialized: bool = True
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -309,10 +305,7 @@ class AnalyticModel:
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
         tiles = band_layout(problem, config).num_tiles
         times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count
-        whole = self.warp_specialized and runs_warp_specialized(
-            problem.rows_per_block, problem.N, problem.K, problem.dtype, config.block_m,
-            config.block_n, self.block_k)
-        if self.split_tail and not whole:
+        if self.split_tail:
             k_tiles = math.ceil(problem.K / self.block_k)
             parts = tail_split(tiles, config.num_ctas, k_tiles)[1]
             if parts > 1:
