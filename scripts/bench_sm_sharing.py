@@ -50,7 +50,9 @@ Method
   alone (``median_ms``) and with the probe (``gemm_cost`` = with / alone, medians).
 * **Matrix**: ``P`` in {SMs, SMs-8, SMs-16}; the default :class:`GemmConfig` and the same with
   ``max_registers`` 168 and 128 (skipped, with a note, where ``GemmConfig`` has no such
-  field); probe shapes below.  The GEMM's own registers and shared memory (Triton's compiled
+  field); probe shapes below.  The GEMM is the product's launch for the plan: on sm_90 whole tiles run
+  the warp-specialized kernel (12 warps, 208 KB of shared memory: nothing fits beside it),
+  while a ``max_registers`` cap takes the pipelined kernel; each row records ``kernel``.  The GEMM's own registers and shared memory (Triton's compiled
   kernel) are printed per configuration and stored in every row.
 
 NCCL's CTA shape (assumptions, from NCCL's source; not measured here)
@@ -825,6 +827,7 @@ class GemmUnderTest:
     cta: CtaShape | None
     spills: int | None
     note: str | None = None
+    kernel: str = "pipelined"  # or "warp_specialized" (sm_90, whole tiles)
 
 
 def gemm_config_label(config: Any) -> str:
@@ -863,13 +866,18 @@ def build_gemm(torch: Any, sg: Any, plan_api: tuple, operands: tuple, M: int, N:
     counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
     launcher = sg.SignalGemmLauncher(table, counters, block_m=cfg.block_m,
                                      block_n=cfg.block_n, num_ctas=P, config=cfg,
-                                     rows_per_block=plan.problem.rows_per_block)
+                                     rows_per_block=plan.problem.rows_per_block,
+                                     full_tiles=plan.full_tiles)
     gemm = GemmUnderTest(label, cfg, P, launcher, None, None)
     with torch.cuda.stream(stream):
         try:  # as scripts/bench_gemm.py's _compiled: one launch through the JIT
-            grid, args, meta = sg._launch_args(a, b, c, table, cfg.block_m, cfg.block_n, P,
-                                               counters, None, 0, None, cfg)
-            kernel = sg._jit_launch(grid, args, meta)
+            fn, jit, grid, args, meta = sg._choose_launch(
+                a, b, c, table, cfg.block_m, cfg.block_n, P, counters, None, 0, None, cfg,
+                plan.full_tiles)
+            if fn is sg.ws_signal_gemm.kernel():
+                gemm.kernel = "warp_specialized"
+            kernel = jit(grid, args, meta)
+            # (the warp-specialized kernel: num_warps counts its worker warps too)
             warps = getattr(getattr(kernel, "metadata", None), "num_warps", cfg.num_warps)
             gemm.cta = CtaShape(int(warps) * 32, int(kernel.n_regs),
                                 int(kernel.metadata.shared))
@@ -986,7 +994,7 @@ def scenario_row(common: dict[str, Any], gemm: GemmUnderTest, probe: ProbeShape,
     cta = gemm.cta
     probe_cta = compiled.cta if compiled else probe.cta()
     row = dict(common, engine="flashoverlap", variant=f"{gemm.label}/{probe.name}",
-               num_ctas=gemm.num_ctas, sms=sms, gemm_config=gemm.label,
+               num_ctas=gemm.num_ctas, sms=sms, gemm_config=gemm.label, kernel=gemm.kernel,
                config=dataclasses.asdict(gemm.config),
                max_registers=getattr(gemm.config, "max_registers", None),
                gemm_threads=cta.threads if cta else None,
@@ -1162,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{label} P={P}: GEMM failed: {type(exc).__name__}: {exc}"[:300])
                 continue
             if gemm.cta is not None:
-                print(f"# GEMM {label} P={P}: {gemm.cta.threads} threads, "
+                print(f"# GEMM {label} P={P} ({gemm.kernel}): {gemm.cta.threads} threads, "
                       f"{gemm.cta.regs_per_thread} registers ({gemm.spills} spills), "
                       f"{gemm.cta.smem_bytes} B shared memory"
                       + (f" [{gemm.note}]" if gemm.note else ""))
