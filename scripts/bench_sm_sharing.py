@@ -132,11 +132,16 @@ class CtaShape:
         threads: threads per CTA.
         regs_per_thread: registers per thread (``num_regs`` of the compiled kernel).
         smem_bytes: shared memory per CTA, static plus dynamic, in bytes.
+        reallocates_registers: the kernel moves registers between its warpgroups at run time
+            (``setmaxnreg``, the warp-specialized GEMM).  Modelled as holding the SM's whole
+            register file: on one H200 not even a 32-thread, 31-register CTA started beside
+            such a GEMM CTA (168 x 384 registers leave 1,024 free), ``wssplit-run3``.
     """
 
     threads: int
     regs_per_thread: int
     smem_bytes: int = 0
+    reallocates_registers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +189,10 @@ def _check_cta(cta: CtaShape, sm: SmLimits) -> None:
 
 
 def regs_per_cta(cta: CtaShape, sm: SmLimits = H100_SM) -> int:
-    """Registers one CTA takes: its warps, each ``regs * 32`` rounded up to the unit."""
+    """Registers one CTA takes: its warps, each ``regs * 32`` rounded up to the unit (the
+    whole register file for a kernel that reallocates registers with ``setmaxnreg``)."""
+    if cta.reallocates_registers:
+        return sm.regs
     warps = -(-cta.threads // sm.warp_size)
     return warps * _round_up(cta.regs_per_thread * sm.warp_size, sm.reg_alloc_unit)
 
@@ -880,7 +888,8 @@ def build_gemm(torch: Any, sg: Any, plan_api: tuple, operands: tuple, M: int, N:
             # (the warp-specialized kernel: num_warps counts its worker warps too)
             warps = getattr(getattr(kernel, "metadata", None), "num_warps", cfg.num_warps)
             gemm.cta = CtaShape(int(warps) * 32, int(kernel.n_regs),
-                                int(kernel.metadata.shared))
+                                int(kernel.metadata.shared),
+                                reallocates_registers=gemm.kernel == "warp_specialized")
             gemm.spills = int(getattr(kernel, "n_spills", 0))
         except Exception as exc:  # noqa: BLE001 - the rows still measure, without prediction
             gemm.note = f"compiled kernel not inspected: {type(exc).__name__}: {exc}"[:200]

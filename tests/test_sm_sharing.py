@@ -46,6 +46,11 @@ def test_registers_are_allocated_per_warp_in_256_register_units():
     assert bss.regs_per_cta(CtaShape(640, 96)) == 20 * 3072
     assert bss.regs_per_cta(CtaShape(640, 95)) == 20 * 3072  # 3040 -> 3072
     assert bss.regs_per_cta(CtaShape(33, 32)) == 2 * 1024  # a partial warp is a warp
+    # setmaxnreg (the warp-specialized GEMM): the whole file, so nothing fits beside it
+    ws = CtaShape(384, 168, 213276, reallocates_registers=True)
+    assert bss.regs_per_cta(ws) == 65536
+    assert bss.fits_beside(ws, CtaShape(32, 31)) == 0
+    assert bss.fits_beside(CtaShape(384, 168, 213276), CtaShape(32, 31)) == 1
 
 
 def test_shared_memory_is_rounded_and_reserved_per_cta():
