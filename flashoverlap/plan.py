@@ -225,25 +225,11 @@ class OverlapPlan:
     @property
     def full_tiles(self) -> bool:
         """Every step is a whole ``block_m x block_n`` tile (no row block or ``N`` ends
-        inside one)."""
+        inside one): what lets sm_90 run the warp-specialized signal GEMM, whose TMA store
+        writes whole tiles (:mod:`flashoverlap.kernels.ws_signal_gemm`)."""
         t = self.step_table
         return bool(((t[:, 1] - t[:, 0]) == self.config.block_m).all()
                     and ((t[:, 3] - t[:, 2]) == self.config.block_n).all())
-
-    @property
-    def tma_tiles(self) -> bool:
-        """Every step's tile is whole or cut only where a TMA store clips its box: at the
-        destination's last row (``dest_row + rows == M``) or at column ``N``.  What lets sm_90
-        run the warp-specialized signal GEMM (:mod:`flashoverlap.kernels.ws_signal_gemm`),
-        whose bulk store writes a whole ``block_m x block_n`` box clipped only at the
-        destination's bounds.  Not so where a row block ends inside a tile short of ``M``
-        (a ReduceScatter whose blocks are not whole tile rows): the box would write the next
-        block's rows."""
-        t = self.step_table
-        rows, cols = t[:, 1] - t[:, 0], t[:, 3] - t[:, 2]
-        rows_ok = (rows == self.config.block_m) | (t[:, 4] + rows == self.problem.M)
-        cols_ok = (cols == self.config.block_n) | (t[:, 3] == self.problem.N)
-        return bool((rows_ok & cols_ok).all())
 
     @property
     def out_rows(self) -> int:

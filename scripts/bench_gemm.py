@@ -145,7 +145,7 @@ class _Bench:
         launcher = self.sg.SignalGemmLauncher(table, counters, block_m=BM, block_n=BN,
                                               num_ctas=P, config=config,
                                               rows_per_block=plan.problem.rows_per_block,
-                                              tma_tiles=plan.tma_tiles)
+                                              full_tiles=plan.full_tiles)
         stream = torch.cuda.current_stream()
 
         def run(i):
@@ -229,7 +229,7 @@ def _compiled(torch, sg, bench, plan, cfg):
     counters = torch.zeros(plan.num_groups, device="cuda", dtype=torch.int32)
     _, jit, *launch = sg._choose_launch(a, b, bench.c[0], table, cfg.block_m, cfg.block_n,
                                         plan.config.num_ctas, counters, None, 0, None, cfg,
-                                        plan.tma_tiles)
+                                        plan.full_tiles)
     return jit(*launch)
 
 
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                     row.setdefault(("eff", P), []).append(0.5 * (t_before + t_after) / t)
                     a0, b0 = bench.sets[0]
                     row[("kernel", P)] = ("warp_specialized" if sg.ws_signal_gemm.eligible(
-                        a0, b0, bench.c[0], cfg, None, plan.tma_tiles) else "pipelined")
+                        a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
                     row[("config", P)] = (cfg, group_m)
                     t_before = t_after
                 del bench

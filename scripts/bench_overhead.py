@@ -345,7 +345,7 @@ def measure_problem(torch, dist, args, op: str, M: int, K: int, sms: int, block,
                                   block_n=config.block_n, num_ctas=config.num_ctas,
                                   rows_per_block=plan.problem.rows_per_block,
                                   config=ws.gemm(None).config,  # the engine's kernel options
-                                  tma_tiles=plan.tma_tiles)
+                                  full_tiles=plan.full_tiles)
 
     def sgemm_call(i):
         launcher(A[i], B[i], dest, stream=torch.cuda.current_stream())

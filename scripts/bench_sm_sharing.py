@@ -875,13 +875,13 @@ def build_gemm(torch: Any, sg: Any, plan_api: tuple, operands: tuple, M: int, N:
     launcher = sg.SignalGemmLauncher(table, counters, block_m=cfg.block_m,
                                      block_n=cfg.block_n, num_ctas=P, config=cfg,
                                      rows_per_block=plan.problem.rows_per_block,
-                                     tma_tiles=plan.tma_tiles)
+                                     full_tiles=plan.full_tiles)
     gemm = GemmUnderTest(label, cfg, P, launcher, None, None)
     with torch.cuda.stream(stream):
         try:  # as scripts/bench_gemm.py's _compiled: one launch through the JIT
             fn, jit, grid, args, meta = sg._choose_launch(
                 a, b, c, table, cfg.block_m, cfg.block_n, P, counters, None, 0, None, cfg,
-                plan.tma_tiles)
+                plan.full_tiles)
             if fn is sg.ws_signal_gemm.kernel():
                 gemm.kernel = "warp_specialized"
             kernel = jit(grid, args, meta)

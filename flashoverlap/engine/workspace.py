@@ -121,7 +121,7 @@ class Workspace:
                 self.step_table, self.counters, block_m=cfg.block_m, block_n=cfg.block_n,
                 num_ctas=cfg.num_ctas, residual_block=residual_block or 0,
                 rows_per_block=self.plan.problem.rows_per_block, tail_scratch=self.tail_scratch,
-                tma_tiles=self.plan.tma_tiles)
+                full_tiles=self.plan.full_tiles)
         return launcher
 
 

@@ -10,14 +10,12 @@ tile), columns by ``col_stop``.  After a tile is stored, the program bumps the c
 tile's group by one, so group ``g`` is complete once ``counters[g]`` reaches its tile count; a
 watcher stream waits for that and hands the group's rows to NCCL.
 
-Two kernels implement this contract.  On sm_90, a launch whose plan is made of tiles a TMA
-store can write -- whole, or cut only by the last row or column (``tma_tiles``,
-``Plan.tma_tiles``) --, without a residual, in bf16/fp16 with TMA-addressable
+Two kernels implement this contract.  On sm_90, a launch whose plan is made of whole tiles
+(``full_tiles``, ``Plan.full_tiles``), without a residual, in bf16/fp16 with TMA-addressable
 operands runs the warp-specialized Gluon kernel of :mod:`flashoverlap.kernels.ws_signal_gemm`
 (a loader warp, two MMA warpgroups, a TMA-store + signal warp: 1.006-1.027x this kernel's
 efficiency in the medians on one H200, up to 1.12x on short K with 116 CTAs).  Everything else
-runs the pipelined kernel below, which handles tiles cut by a row block inside the matrix,
-the residual epilogue,
+runs the pipelined kernel below, which handles partial tiles, the residual epilogue,
 unaligned operands (pointer loads) and sm_80/sm_89.  Both split the last wave alike.  :func:`signal_gemm` and
 :class:`SignalGemmLauncher` choose once per argument signature; the choice depends on the
 plan, the tensors' layout, the device and whether this launch adds a residual.  Ranks of one
@@ -736,12 +734,12 @@ def _resolve_config(a, block_m, block_n, config):
 
 
 def _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
-                   residual_block, rows_per_block, config, tma_tiles, tail_scratch=None):
+                   residual_block, rows_per_block, config, full_tiles, tail_scratch=None):
     """The kernel this launch runs and how: ``(kernel, jit_launch, grid, args, meta)`` -- the
     warp-specialized kernel where :func:`ws_signal_gemm.eligible` allows it, else the
     pipelined one (:func:`_launch_args`).  Checks are :func:`_validate`'s, done before."""
     config = _resolve_config(a, block_m, block_n, config)
-    if ws_signal_gemm.eligible(a, b, out, config, residual, tma_tiles):
+    if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
         tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, config,
                           a.device, tail_scratch)
         return (ws_signal_gemm.kernel(), _ws_jit_launch,
@@ -811,7 +809,7 @@ def signal_gemm(
     residual_block: int = 0,
     rows_per_block: int | None = None,
     config: GemmConfig | None = None,
-    tma_tiles: bool = False,
+    full_tiles: bool = False,
 ) -> torch.Tensor:
     """``out[dest rows] <- a @ b`` tile by tile in plan order, bumping ``counters[group]``.
 
@@ -826,10 +824,9 @@ def signal_gemm(
         residual: optional row-major ``[rows_per_block, N]`` added (fp32) to the tiles of row
             block ``residual_block`` before they are stored.
         config: kernel options; defaults to :func:`default_config` for the device.
-        tma_tiles: every step of ``step_table`` is a whole ``block_m x block_n`` tile or one
-            cut only by the destination's last row or column ``N`` (``Plan.tma_tiles``); lets
-            sm_90 run the warp-specialized kernel (:mod:`flashoverlap.kernels.ws_signal_gemm`),
-            whose TMA store writes a whole box clipped only at the destination's bounds.
+        full_tiles: every step of ``step_table`` is a whole ``block_m x block_n`` tile
+            (``Plan.full_tiles``); lets sm_90 run the warp-specialized kernel
+            (:mod:`flashoverlap.kernels.ws_signal_gemm`), whose TMA store writes whole tiles.
 
     Returns ``out``.  The launch goes to the current stream of ``a``'s device.
     """
@@ -837,7 +834,7 @@ def signal_gemm(
               rows_per_block)
     _, jit, *launch = _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas,
                                      counters, residual, residual_block, rows_per_block, config,
-                                     tma_tiles)
+                                     full_tiles)
     if a.device.type == "cuda" and a.device.index != torch.cuda.current_device():
         with torch.cuda.device(a.device):
             jit(*launch)
@@ -868,9 +865,9 @@ class SignalGemmLauncher:
                  block_m: int, block_n: int, num_ctas: int, residual_block: int = 0,
                  rows_per_block: int | None = None, config: GemmConfig | None = None,
                  tail_scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 tma_tiles: bool = False) -> None:
+                 full_tiles: bool = False) -> None:
         self.step_table, self.counters = step_table, counters
-        self.tma_tiles = tma_tiles  # signal_gemm's tma_tiles: sm_90 may run the WS kernel
+        self.full_tiles = full_tiles  # signal_gemm's full_tiles: sm_90 may run the WS kernel
         # The split last wave's slots and tickets (tail_scratch_for), shared by the launches
         # of every key; allocated at the first launch that needs them when not given.
         self.tail_scratch = tail_scratch
@@ -940,7 +937,7 @@ class SignalGemmLauncher:
                   bumped, residual, self.rows_per_block)
         fn, jit, grid, args, meta = _choose_launch(
             a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas, bumped,
-            residual, self.residual_block, self.rows_per_block, self.config, self.tma_tiles,
+            residual, self.residual_block, self.rows_per_block, self.config, self.full_tiles,
             self.tail_scratch)
         if fn is _signal_gemm_kernel:
             if meta["SPLIT_TAIL"]:

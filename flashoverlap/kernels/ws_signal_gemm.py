@@ -1,4 +1,4 @@
-"""The warp-specialized signal GEMM: sm_90, written in Gluon, for plans TMA can store.
+"""The warp-specialized signal GEMM: sm_90, written in Gluon, for plans of whole tiles.
 
 Same contract as :func:`flashoverlap.kernels.signal_gemm.signal_gemm` (its pure-torch
 definition is :func:`~flashoverlap.kernels.signal_gemm.signal_gemm_ref`): program ``p`` of
@@ -8,10 +8,8 @@ counter.  It runs instead of the pipelined kernel when :func:`eligible` says so:
 bf16/fp16, operands and destination that TMA can address, no residual, the 128 x 256 x 64
 tile (:data:`~flashoverlap.kernels.WARP_SPECIALIZED_TILE`), ``GemmConfig.warp_specialized_kernel``
 and ``use_tma`` on and no ``max_registers`` cap, and a plan whose every step is a whole tile
-or a tile cut only by the destination's last row or column ``N`` (``Plan.tma_tiles``: a TMA
-store writes its whole box, clipped only at the tensor's bounds, so a tile cut short by a row
-block inside the matrix would spill into the next block's rows).  The loads need nothing
-more: TMA fills rows past ``M`` and columns past ``N`` or ``K`` with zeros.  Its last wave splits along K like the pipelined
+(``Plan.full_tiles``: a TMA store writes the whole box, so a tile cut short by a row block
+would spill into the next block's rows).  Its last wave splits along K like the pipelined
 kernel's (below).
 
 Why a second kernel
@@ -335,15 +333,11 @@ if HAVE_GLUON:
                     row = step_ptr + (num_main + t) * 7
                     col_start = gl.multiple_of(gl.load(row + 2), BLOCK_N)
                     dest_row = gl.load(row + 4)
-                    # a tile cut by the last row or column N (tma_tiles): masked there
-                    rows = gl.load(row + 1) - gl.load(row + 0)
-                    cols = gl.load(row + 3) - col_start
                     # TMA-aligned rows (eligible): stride_cm is a multiple of 8 elements
                     stride_c = stride_cm // 8 * 8
                     gl.store(c_ptr + dest_row.to(gl.int64) * stride_c + col_start
                              + (offs_i[:, None] * stride_c + offs_j[None, :]),
-                             total.to(c_ptr.dtype.element_ty),
-                             mask=(offs_i < rows)[:, None] & (offs_j < cols)[None, :])
+                             total.to(c_ptr.dtype.element_ty))
                     if HAS_COUNTERS:
                         _warp_finish(tickets, counter_ptr + gl.load(row + 5), HAS_COUNTERS)
                     else:
@@ -424,14 +418,14 @@ def stages_for(config: GemmConfig, element_size: int) -> int:
 
 
 def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmConfig,
-             residual: torch.Tensor | None, tma_tiles: bool) -> bool:
+             residual: torch.Tensor | None, full_tiles: bool) -> bool:
     """Whether this launch can run the warp-specialized kernel (no device work, no sync).
 
     Assumes the operands already passed the pipelined kernel's checks (shapes, devices,
     row-major ``a`` and ``out``, ``b`` row-major or the transposed view of a row-major
     tensor): it adds what this kernel needs on top.
     """
-    if (not HAVE_GLUON or _INTERPRET or not config.warp_specialized_kernel or not tma_tiles
+    if (not HAVE_GLUON or _INTERPRET or not config.warp_specialized_kernel or not full_tiles
             or residual is not None or not config.use_tma
             or config.max_registers is not None):  # a cap asks for room beside the GEMM
         return False

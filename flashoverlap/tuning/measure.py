@@ -450,12 +450,12 @@ class EngineBackend:
         # Signals on, as in the real op; nobody waits, so the counts may simply grow.
         counters = torch.zeros(plan.num_groups, dtype=torch.int32, device=self.device)
         P, T = config.num_ctas, plan.num_tiles
-        tma_tiles = plan.tma_tiles  # the kernel the engine runs for this plan
+        full_tiles = plan.full_tiles  # the kernel the engine runs for this plan
 
         def run(k: int) -> None:
             signal_gemm(self._a, self._b, out, step_table=table[:min(k * P, T)],
                         block_m=config.block_m, block_n=config.block_n, num_ctas=P,
-                        counters=counters, tma_tiles=tma_tiles)
+                        counters=counters, full_tiles=full_tiles)
 
         return run
 
