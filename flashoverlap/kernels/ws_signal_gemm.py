@@ -87,6 +87,13 @@ buffer = 208 KB, so one CTA per SM.
 
 ``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes
 room for a fourth stage: measured slower on 20 of 26 rows (ws-run4), so off by default.
+Rejected, measured: running this kernel on tiles cut by the destination's last row or column
+too (commit ``a7b5ee3``, reverted): the bulk store clips at the tensor's bounds and TMA loads
+zero-fill, so any AllReduce M and N would qualify, and it passed its GPU tests (a NaN guard
+band around the destination stayed NaN).  Against the pipelined kernel on four such shapes
+(M in {5000, 7000} x (K, N) in {(5120, 5120), (14336, 4096)}, B = ``w.t()``, P = 132 / 116,
+two pairs each, ``results/2026-12-02-h200/wssplit-run5/ragged-*``) its time ratio was
+geometric mean 1.012, median 1.007: no gain, so those plans keep the pipelined kernel.
 Rejected, measured: two pipelined CTAs per SM with 128 x 128 tiles (the schedulers interleaving
 one CTA's epilogue with the other's MMAs): 17 % faster than one such CTA per SM, but 0.92-0.94
 of torch.matmul in the medians against 0.99-1.00 for one 128 x 256 CTA (ws-run1): smaller
