@@ -139,6 +139,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # BLOCK_M x BLOCK_N elements beside STAGES x (A + B) boxes.
 SMEM_LIMIT = 227 * 1024
 NUM_MMA_WARPS = 8  # two warpgroups of 64 rows: BLOCK_M = 128 (_MMA_WARPS in the kernel)
+# The split tail's PTX hard-codes these: warp index = (tid.x >> 5) & 7, the finished-warp
+# count at ticket 8 (byte offset 32), the tile done when that count reaches 7 before the add.
+assert NUM_MMA_WARPS == 8 and TICKETS_PER_TILE >= NUM_MMA_WARPS + 1
 
 
 if HAVE_GLUON:
