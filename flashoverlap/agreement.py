@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .dist_utils import resolve_group
+from .dist_utils import resolve_group, retire_cpu_tensors
 
 __all__ = ["agree_on_call", "exchange_check", "join_after_local_error", "canonical_repr", "signature_words",
            "RankMismatchError", "AgreementTimeoutError", "DEFAULT_TIMEOUT_S", "WORDS"]
@@ -123,6 +123,8 @@ def _exchange(group: Any, kind: int, payload: list[int], what: str,
     try:
         work = dist.all_gather(gathered, mine, group=group, async_op=True)
         work.wait(timeout=timedelta(seconds=timeout_s))
+        del work
+        retire_cpu_tensors([mine, *gathered])  # (a gloo worker must not free them)
     except RuntimeError as exc:
         raise AgreementTimeoutError(
             f"{what}: not every rank of the group joined the agreement exchange within "

@@ -38,6 +38,7 @@ from torch.distributed import ProcessGroup
 
 from .all_to_all_plan import AllToAllPlan, AllToAllProblem, make_all_to_all_plan
 from .checks import check_group, group_info
+from .dist_utils import retire_cpu_tensors
 from .collectives.all_to_all import reverse_all_to_all
 from .kernels import GemmConfig
 from .ops import config_from_json, config_to_json
@@ -165,6 +166,8 @@ def _agree(group: ProcessGroup, backend: str, rank: int, W: int, common: int,
     except RuntimeError as exc:
         raise ValueError(f"all_to_all plan check: not every rank joined within {timeout_s:g} s "
                          f"({exc})") from exc
+    del work
+    retire_cpu_tensors([mine, *gathered])  # (a gloo worker must not free them)
     table = [t.cpu().tolist() for t in gathered]
     hashes = {row[0] for row in table}
     if len(hashes) != 1:

@@ -41,7 +41,8 @@ import atexit
 import gc
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -146,6 +147,41 @@ def reduce_scatter_rows(
 
 _CACHES_LOCK = threading.Lock()
 _GROUP_CACHES: list[Callable[[], None]] = []
+
+
+# Tensors of finished CPU-group works whose worker thread had not let go of them in time
+# (retire_cpu_tensors): kept for the life of the process -- dropping them would make that
+# thread, not this one, free their Python objects.
+_UNRETIRED: list = []
+
+
+def retire_cpu_tensors(tensors: Sequence[torch.Tensor], timeout_s: float = 5.0) -> bool:
+    """After ``work.wait()`` on a gloo (CPU) group and ``del work``: return once gloo's worker
+    thread has let go of the work's ``tensors`` too (each one's C++ use count back to 1: ours).
+
+    Why: the worker drops its reference to a finished work a moment *after* ``wait()``
+    returns.  If Python dropped the tensors first, torch hands their Python objects to the C++
+    tensors, and the worker then frees them -- which needs the GIL.  During interpreter
+    finalization taking the GIL ends the thread (``pthread_exit``), and the forced unwind
+    through ``~AsyncWork`` is ``std::terminate``: the "terminate called without an active
+    exception" abort at exit, seen on a loaded 2-core machine in ~1-2 % of a two-rank test's
+    runs (core dump: ``runLoop`` -> ``~AsyncAllgatherWork`` -> ``decref_pyobject`` ->
+    ``take_gil`` -> ``PyThread_exit_thread`` while the main thread is in ``Py_FinalizeEx``,
+    the agreement's all-gather, issued shortly before the process ended).  Waiting here for
+    the worker (microseconds; a thread descheduled under load takes longer) makes the last
+    reference ours.  Returns False, keeping the tensors alive for good, if the worker has not
+    let go within ``timeout_s``.  CUDA tensors (NCCL) are left alone: their works are retired
+    by the watchdog after the GPU finishes, and waiting would stall the host.
+    """
+    if any(t.is_cuda for t in tensors):
+        return True
+    deadline = time.monotonic() + timeout_s
+    while any(t._use_count() > 1 for t in tensors):
+        if time.monotonic() > deadline:
+            _UNRETIRED.append(list(tensors))
+            return False
+        time.sleep(50e-6)
+    return True
 
 
 def register_group_cache(clear: Callable[[], None]) -> None:

@@ -78,3 +78,44 @@ def test_destroyed_group_is_released_by_exit_and_by_a_new_world(tmp_path):
     assert "terminate called" not in proc.stderr
     assert "first world alive after re-init: False" in proc.stdout, proc.stdout
     assert "groups alive at exit: 0 of 2" in proc.stdout, proc.stdout
+
+
+_RETIRE_SCRIPT = textwrap.dedent('''
+    import tempfile, time
+    import torch
+    import torch.distributed as dist
+    from flashoverlap import dist_utils
+
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/s", rank=0,
+                            world_size=1)
+    for _ in range(200):  # the worker lets go a moment after wait(): retire waits for it
+        mine = torch.arange(6)
+        gathered = [torch.empty_like(mine)]
+        work = dist.all_gather(gathered, mine, async_op=True)
+        work.wait()
+        del work
+        assert dist_utils.retire_cpu_tensors([mine, *gathered])
+        assert mine._use_count() == 1 and gathered[0]._use_count() == 1
+    # a tensor something else in C++ still holds: not retired in time, kept for good
+    held = torch.arange(3.0).requires_grad_()
+    product = held * held  # its autograd node saves `held`: a C++ reference
+    assert held._use_count() > 1
+    t0 = time.monotonic()
+    assert not dist_utils.retire_cpu_tensors([held], timeout_s=0.05)
+    assert time.monotonic() - t0 < 5 and dist_utils._UNRETIRED[-1][0] is held
+    print("retire ok", flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def test_retire_waits_for_the_gloo_worker_to_let_go_of_a_works_tensors(tmp_path):
+    """``dist_utils.retire_cpu_tensors``: after ``wait()`` and ``del work`` the worker may
+    still hold the work for a moment; retire returns once it has let go (C++ use count 1), so
+    Python, not the worker, frees the tensors -- the cause of the exit aborts a core dump
+    showed (``~AsyncAllgatherWork`` on the worker taking the GIL during finalisation)."""
+    script = tmp_path / "retire.py"
+    script.write_text(_RETIRE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=cpu_launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "retire ok" in proc.stdout and "terminate called" not in proc.stderr
