@@ -55,15 +55,22 @@ def _uneven_counts(np, E: int, M: int, seed: int) -> list[int]:
     return counts.tolist()
 
 
+_PIPE = {"warp_specialized_kernel": False}  # the pipelined Triton kernel even on sm_90
+
 CANDIDATES = {  # name -> (block_m, block_n, GemmConfig overrides); "default" is the engine's
     "default": (None, None, {}),
-    "128x256_s4": (128, 256, {"num_stages": 4}),
-    "128x128_w8_s4": (128, 128, {"num_warps": 8, "num_stages": 4}),
-    "128x128_w4_s4": (128, 128, {"num_warps": 4, "num_stages": 4}),
-    "128x128_w8_s5": (128, 128, {"num_warps": 8, "num_stages": 5}),
-    "256x128_w8_s3": (256, 128, {"num_warps": 8, "num_stages": 3}),
-    "64x256_w4_s4": (64, 256, {"num_warps": 4, "num_stages": 4}),
-    "128x256_noflat": (128, 256, {"flatten": False}),
+    "128x256_s4": (128, 256, {"num_stages": 4, **_PIPE}),
+    "128x128_w8_s4": (128, 128, {"num_warps": 8, "num_stages": 4, **_PIPE}),
+    "128x128_w4_s4": (128, 128, {"num_warps": 4, "num_stages": 4, **_PIPE}),
+    "128x128_w8_s5": (128, 128, {"num_warps": 8, "num_stages": 5, **_PIPE}),
+    "256x128_w8_s3": (256, 128, {"num_warps": 8, "num_stages": 3, **_PIPE}),
+    "64x256_w4_s4": (64, 256, {"num_warps": 4, "num_stages": 4, **_PIPE}),
+    "128x256_noflat": (128, 256, {"flatten": False, **_PIPE}),
+    # the warp-specialized Gluon kernel (sm_90; elsewhere these run the pipelined one)
+    "ws_128x128_s4": (128, 128, {"num_stages": 4, "warp_specialized_kernel": True}),
+    "ws_128x128_s5": (128, 128, {"num_stages": 5, "warp_specialized_kernel": True}),
+    "ws_128x128_s6": (128, 128, {"num_stages": 6, "warp_specialized_kernel": True}),
+    "ws_128x256_s3": (128, 256, {"num_stages": 3, "warp_specialized_kernel": True}),
 }
 
 
@@ -98,7 +105,10 @@ def main() -> int:
     from flashoverlap.all_to_all_ops import _default_config
     from flashoverlap.all_to_all_plan import AllToAllProblem, make_all_to_all_plan
     from flashoverlap.kernels import default_config, grouped_gemm_config_for
-    from flashoverlap.kernels.grouped_signal_gemm import GroupedSignalGemmLauncher
+    from flashoverlap.kernels.grouped_signal_gemm import (
+        GroupedSignalGemmLauncher,
+        uses_warp_specialized,
+    )
 
     if not torch.cuda.is_available():
         print("bench_all_to_all: needs CUDA")
@@ -152,7 +162,8 @@ def main() -> int:
             K = N = size
             M = args.tokens
             counts = _uneven_counts(np, E, M, seed=E * 7 + size)
-            common = dict(M=M, N=N, K=K, dtype="bfloat16", world_size=1, E=E, **prov)
+            common = dict(M=M, N=N, K=K, dtype="bfloat16", world_size=1, E=E,
+                          b_layout=args.layout, **prov)
             try:
                 gen = torch.Generator(device=dev).manual_seed(E * 1000 + size)
                 A = [torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -213,7 +224,12 @@ def main() -> int:
                         table, None, block_m=cfg.block_m, block_n=cfg.block_n,
                         num_ctas=cfg.num_ctas, config=gcfg)
 
+                def kernel_of(c, gc):
+                    return ("warp_specialized" if uses_warp_specialized(
+                        A[0], w, out, out, c.block_m, c.block_n, gc) else "pipelined")
+
                 cfg, gcfg, launch = launcher_for("engine")
+                kernel = kernel_of(cfg, gcfg)
 
                 def ours(i):
                     launch(A[i], w, out, out)
@@ -230,12 +246,12 @@ def main() -> int:
                 t_torch, t_ours, t_op = paired_ms([torch_ref, ours, op])
                 h_torch, h_ours, h_op = host_us([torch_ref, ours, op])
                 cname = (f"{gcfg.block_m}x{gcfg.block_n}x{gcfg.block_k} w{gcfg.num_warps} "
-                         f"s{gcfg.num_stages}")
+                         f"s{gcfg.num_stages} {kernel}")
                 rows.append(dict(bench="gemm", op="grouped", engine="grouped_signal_gemm",
                                  num_ctas=cfg.num_ctas, median_ms=round(t_ours, 4),
                                  torch_ms=round(t_torch, 4), baseline=baseline,
                                  efficiency_vs_torch=round(t_torch / t_ours, 4),
-                                 config=cname, rel_err=err, **common))
+                                 config=cname, kernel=kernel, rel_err=err, **common))
                 rows.append(dict(bench="overhead", op="all_to_all", engine="flashoverlap",
                                  num_ctas=cfg.num_ctas, median_ms=round(t_op, 4),
                                  gemm_ms=round(t_ours, 4),
@@ -249,7 +265,7 @@ def main() -> int:
                       flush=True)
                 for name in sweep:
                     try:
-                        _, gc, launch_c = launcher_for(name)
+                        c_cfg, gc, launch_c = launcher_for(name)
                         out.fill_(float("nan"))
                         launch_c(A[0], w, out, out)
                         e_c = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -258,9 +274,10 @@ def main() -> int:
                         rows.append(dict(bench="gemm_sweep", op="grouped", candidate=name,
                                          median_ms=round(t_c, 4), torch_ms=round(t_ref, 4),
                                          efficiency_vs_torch=round(t_ref / t_c, 4),
-                                         rel_err=e_c, num_ctas=cfg.num_ctas, **common))
+                                         kernel=kernel_of(c_cfg, gc), rel_err=e_c,
+                                         num_ctas=cfg.num_ctas, **common))
                         print(f"    {name:<16} {t_c:.3f} ms -> eff {t_ref / t_c:.3f} "
-                              f"(err {e_c:.1e})", flush=True)
+                              f"(err {e_c:.1e}, {kernel_of(c_cfg, gc)})", flush=True)
                     except Exception as exc:  # noqa: BLE001 - report and go on
                         print(f"    {name:<16} FAILED {type(exc).__name__}: {exc}"[:300],
                               flush=True)

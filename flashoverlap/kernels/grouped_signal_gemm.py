@@ -17,6 +17,10 @@ only when ``K % BLOCK_K == 0``, so a K tile never reads the next expert's rows) 
 (transposed: columns past ``N`` read the next expert's rows and are masked on the store).
 Without TMA (sm_80, the interpreter, unaligned operands) pointer loads with masks.
 
+On sm_90, bf16/fp16 launches that TMA can address run the warp-specialized Gluon kernel of
+:mod:`flashoverlap.kernels.ws_grouped_signal_gemm` instead (same step table, same signal,
+same results); ``GemmConfig.warp_specialized_kernel=False`` keeps this one.
+
 :func:`grouped_signal_gemm_ref` is the torch definition (float64 on CPU).
 """
 
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import GemmConfig, default_config
+from flashoverlap.kernels import GemmConfig, default_config, ws_grouped_signal_gemm
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _COLS = 9
@@ -186,10 +190,40 @@ def _validate(a, w, send, out, step_table, counters) -> None:
         raise ValueError("counters must be contiguous int32")
 
 
-def _launch_args(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config):
+def _resolve_config(a, block_m, block_n, config):
     if config is None:
         config = dataclasses.replace(default_config(a.device, a.dtype), block_m=block_m,
                                      block_n=block_n)
+    return config
+
+
+def _launch(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config) -> None:
+    """Run the warp-specialized grouped kernel where :func:`ws_grouped_signal_gemm.eligible`
+    allows it, else the pipelined one.  Checks are :func:`_validate`'s, done before."""
+    config = _resolve_config(a, block_m, block_n, config)
+    w_layout = _weight_layout(w)
+    if ws_grouped_signal_gemm.eligible(a, w, w_layout, send, out, block_m, block_n, config):
+        grid, args, meta = ws_grouped_signal_gemm.launch_args(
+            a, w, w_layout, send, out, step_table, block_m, block_n, num_ctas, counters,
+            config)
+        _ensure_tma_allocator()  # (device-side descriptors)
+        ws_grouped_signal_gemm.launch(grid, args, meta)
+        return
+    grid, args, meta = _launch_args(a, w, send, out, step_table, block_m, block_n, num_ctas,
+                                    counters, config)
+    if meta["USE_TMA"]:
+        _ensure_tma_allocator()
+    _grouped_signal_gemm_kernel[grid](*args, **meta)
+
+
+def uses_warp_specialized(a, w, send, out, block_m, block_n, config=None) -> bool:
+    """Whether a launch with these operands runs the warp-specialized grouped kernel (for
+    benchmark rows and tests; no device work)."""
+    return ws_grouped_signal_gemm.eligible(a, w, _weight_layout(w), send, out, block_m,
+                                           block_n, _resolve_config(a, block_m, block_n, config))
+
+
+def _launch_args(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config):
     M, K = a.shape
     E, _, N = w.shape
     w_trans, stride_we, stride_w = _weight_layout(w)
@@ -223,11 +257,7 @@ def grouped_signal_gemm(a: torch.Tensor, w: torch.Tensor, send: torch.Tensor,
     """Run the plan's steps: tile ``s`` of ``a @ w[expert]`` to ``send`` (or ``out`` when
     ``to_out``) at ``dest_row``; ``counters[group]`` bumped per tile (None: no signals)."""
     _validate(a, w, send, out, step_table, counters)
-    grid, args, meta = _launch_args(a, w, send, out, step_table, block_m, block_n, num_ctas,
-                                    counters, config)
-    if meta["USE_TMA"]:
-        _ensure_tma_allocator()
-    _grouped_signal_gemm_kernel[grid](*args, **meta)
+    _launch(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config)
 
 
 class GroupedSignalGemmLauncher:
@@ -245,11 +275,8 @@ class GroupedSignalGemmLauncher:
         if key not in self._seen:
             _validate(a, w, send, out, self.step_table, self.counters)
             self._seen.add(key)
-        grid, args, meta = _launch_args(a, w, send, out, self.step_table, self.block_m,
-                                        self.block_n, self.num_ctas, self.counters, self.config)
-        if meta["USE_TMA"]:
-            _ensure_tma_allocator()
-        _grouped_signal_gemm_kernel[grid](*args, **meta)
+        _launch(a, w, send, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
+                self.counters, self.config)
 
 
 def grouped_signal_gemm_ref(a: torch.Tensor, w: torch.Tensor, send: torch.Tensor,

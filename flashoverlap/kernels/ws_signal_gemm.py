@@ -147,10 +147,12 @@ assert NUM_MMA_WARPS == 8 and TICKETS_PER_TILE >= NUM_MMA_WARPS + 1
 if HAVE_GLUON:
 
     @gluon.jit
-    def _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start, col_start, k_lo,
-                    k_hi, it, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    def _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start, col_start, b_off,
+                    k_lo, k_hi, it, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                     B_TRANS: gl.constexpr):
-        """The loader's K steps ``[k_lo, k_hi)`` of one tile; returns the stage count."""
+        """The loader's K steps ``[k_lo, k_hi)`` of one tile; returns the stage count.
+        ``b_off``: rows of B's 2-D descriptor before this tile's matrix (0, or an expert's
+        first row in the grouped kernel's ``[E * N, K]`` / ``[E * K, N]`` view)."""
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         for ki in range(k_lo, k_hi):
             s = it % STAGES
@@ -158,9 +160,11 @@ if HAVE_GLUON:
             mbarrier.expect(ready.index(s), nbytes)
             _tma_load(a_desc, [row_start, ki * BLOCK_K], ready.index(s), a_bufs.index(s))
             if B_TRANS:
-                _tma_load(b_desc, [col_start, ki * BLOCK_K], ready.index(s), b_bufs.index(s))
+                _tma_load(b_desc, [b_off + col_start, ki * BLOCK_K], ready.index(s),
+                          b_bufs.index(s))
             else:
-                _tma_load(b_desc, [ki * BLOCK_K, col_start], ready.index(s), b_bufs.index(s))
+                _tma_load(b_desc, [b_off + ki * BLOCK_K, col_start], ready.index(s),
+                          b_bufs.index(s))
             it += 1
         return it
 
@@ -175,7 +179,7 @@ if HAVE_GLUON:
             row_start = gl.load(step_ptr + step * 7 + 0)
             col_start = gl.load(step_ptr + step * 7 + 2)
             it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
-                             col_start, 0, k_tiles, it, BLOCK_K, STAGES, B_TRANS)
+                             col_start, 0, 0, k_tiles, it, BLOCK_K, STAGES, B_TRANS)
         if SPLIT_TAIL:  # piece v = pid: part q of tail tile t (at most one per program)
             v = pid
             if v < (num_steps - num_main) * tail_parts:
@@ -184,8 +188,21 @@ if HAVE_GLUON:
                 row_start = gl.load(step_ptr + (num_main + t) * 7 + 0)
                 col_start = gl.load(step_ptr + (num_main + t) * 7 + 2)
                 it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
-                                 col_start, q * k_tiles // tail_parts,
+                                 col_start, 0, q * k_tiles // tail_parts,
                                  (q + 1) * k_tiles // tail_parts, it, BLOCK_K, STAGES, B_TRANS)
+
+    @gluon.jit
+    def _release_group(counter):
+        """The storer warp's signal after a tile's stores (every lane): ``cp.async.bulk.wait_group
+        0`` (its bulk stores complete, their writes performed), ``fence.proxy.async.global``
+        (those async-proxy writes before the generic operations that follow),
+        ``bar.warp.sync`` (every lane's wait -- and any generic stores the lanes made -- before
+        lane 0 goes on), then lane 0's ``red.release.gpu`` on the group counter."""
+        gl.inline_asm_elementwise(
+            "{\n\t.reg .pred p;\n\t.reg .b32 l;\n\tcp.async.bulk.wait_group 0;\n\t"
+            "fence.proxy.async.global;\n\tbar.warp.sync -1;\n\tmov.u32 l, %laneid;\n\t"
+            "setp.eq.u32 p, l, 0;\n\t@p red.release.gpu.global.add.s32 [$1], 1;\n\t"
+            "mov.u32 $0, 0;\n\t}", "=r,l", [counter], dtype=gl.int32, is_pure=False, pack=1)
 
     # (_storer repeats _loader's parameters: Gluon hands every worker partition the same
     # argument tuple, so the two signatures must match.)
@@ -207,13 +224,7 @@ if HAVE_GLUON:
                 mbarrier.arrive(c_empty)
                 u += 1
             if HAS_COUNTERS:
-                group = gl.load(step_ptr + step * 7 + 5)
-                gl.inline_asm_elementwise(
-                    "{\n\t.reg .pred p;\n\t.reg .b32 l;\n\tcp.async.bulk.wait_group 0;\n\t"
-                    "fence.proxy.async.global;\n\tbar.warp.sync -1;\n\tmov.u32 l, %laneid;\n\t"
-                    "setp.eq.u32 p, l, 0;\n\t@p red.release.gpu.global.add.s32 [$1], 1;\n\t"
-                    "mov.u32 $0, 0;\n\t}", "=r,l", [counter_ptr + group],
-                                          dtype=gl.int32, is_pure=False, pack=1)
+                _release_group(counter_ptr + gl.load(step_ptr + step * 7 + 5))
         tma.store_wait(0)
 
     @gluon.jit

@@ -24,11 +24,12 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 
 from flashoverlap.kernels import default_block_shape, default_config, tail_split  # noqa: E402
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
+
+from stress_consumer import wait_and_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -538,29 +539,6 @@ def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split):
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["num_groups", "row_elems", "max_spins"])
-def _wait_and_snapshot(counter_ptr, target_ptr, bound_ptr, src_ptr, dst_ptr, spins_ptr,
-                       num_groups, row_elems, max_spins, BLOCK: tl.constexpr):
-    """One CTA: for each group, spin (acquire) until its count is complete, then copy its
-    rows ``[bound[g], bound[g+1])`` of the destination."""
-    offs = tl.arange(0, BLOCK)
-    for g in range(num_groups):
-        target = tl.load(target_ptr + g)
-        seen = tl.atomic_add(counter_ptr + g, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (seen < target) & (spins < max_spins):
-            seen = tl.atomic_add(counter_ptr + g, 0, sem="acquire", scope="gpu")
-            spins += 1
-        tl.store(spins_ptr + g, tl.where(seen < target, -1, spins))  # -1: timed out
-        tl.debug_barrier()  # the acquiring thread's view -> every thread of the CTA
-        start = tl.load(bound_ptr + g) * row_elems
-        stop = tl.load(bound_ptr + g + 1) * row_elems
-        for off in range(start, stop, BLOCK):
-            idx = off + offs
-            mask = idx < stop
-            tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=mask), mask=mask)
-
-
 def _random_case(rng: random.Random, whole_tiles: bool):
     """Many small bands: group_m 1-2, mostly one group per band; small N (cheap copies),
     K up to 1024 (a band takes a while), P from all-but-two SMs down to a few CTAs.
@@ -616,9 +594,9 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
             main = torch.cuda.current_stream()
             consumer.wait_stream(main)
             with torch.cuda.stream(consumer):
-                _wait_and_snapshot[(1,)](cnt, targets, bounds, out, snap, spins,
-                                         plan.num_groups, N, 1 << 22, BLOCK=4096,
-                                         num_warps=8)
+                wait_and_snapshot[(1,)](cnt, targets, bounds[:-1], bounds[1:], out, snap,
+                                        spins, plan.num_groups, N, 1 << 22, BLOCK=4096,
+                                        num_warps=8)
             main.wait_stream(consumer)
             _ = (snap.view(torch.int16) != out.view(torch.int16)).sum()
     torch.cuda.synchronize()
@@ -710,8 +688,9 @@ def test_signal_ordering_stress():
             consumer.wait_event(ready)
             if delay == 1:
                 torch.cuda._sleep(rng.randint(1_000, 100_000))
-            _wait_and_snapshot[(1,)](counters, targets, bounds, dest, snap, spins,
-                                     plan.num_groups, N, 1 << 22, BLOCK=4096, num_warps=8)
+            wait_and_snapshot[(1,)](counters, targets, bounds[:-1], bounds[1:], dest, snap,
+                                    spins, plan.num_groups, N, 1 << 22, BLOCK=4096,
+                                    num_warps=8)
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
         sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
