@@ -234,9 +234,13 @@ def test_ws_grouped_signal_ordering_stress():
         K = rng.randrange(64, 1025, 8 if transposed else 64)
         N = rng.randrange(8, 1025, 8)
         P = rng.choice([sms, sms - 16, 24, 4])
-        plan, a, w, _, _, table = _grouped_case(W, E, rng.randrange(W), K, N, block_n,
-                                                rng.randrange(1 << 30), transposed=transposed,
-                                                scale=rng.choice([60, 300]))
+        while True:  # (all counts zero: no tiles, nothing to launch -- draw again)
+            plan, a, w, _, _, table = _grouped_case(W, E, rng.randrange(W), K, N, block_n,
+                                                    rng.randrange(1 << 30),
+                                                    transposed=transposed,
+                                                    scale=rng.choice([60, 300]))
+            if plan.num_tiles:
+                break
         send_rows = a.shape[0]
         dest = torch.full((send_rows + int(plan.problem.recv_rows), N), float("nan"),
                           device=dev, dtype=torch.bfloat16)
