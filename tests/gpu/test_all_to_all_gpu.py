@@ -225,7 +225,7 @@ def test_ws_grouped_signal_ordering_stress():
     bad_counts = torch.zeros(calls_wanted, device=dev, dtype=torch.int64)
     spun = torch.zeros(calls_wanted, device=dev, dtype=torch.int64)
     loaded, cases = set(), []
-    groups = short_tiles = 0
+    groups = short_tiles = growths = 0  # growths: launches that made the allocator cudaMalloc
     for call in range(calls_wanted):
         W = rng.choice([1, 2, 4])
         E = rng.randint(1, 8)
@@ -272,19 +272,26 @@ def test_ws_grouped_signal_ordering_stress():
                                    counters=torch.zeros_like(counters), config=config)
             torch.cuda.synchronize()
             dest.fill_(float("nan"))
+        # The GEMM is enqueued first, behind a sleep, then the consumer: the engine's order.
+        # Enqueued the other way round, a host-side step of the GEMM's launch that
+        # synchronizes the device (a cudaMalloc when the caching allocator grows for the
+        # device-side TMA descriptors' scratch; a module's first load) waits for the
+        # spinning consumer, which waits for the GEMM: grouped-run2 timed out so once in
+        # 383 calls.
         ready = torch.cuda.Event()
-        ready.record(compute)
-        delay = call % 3
+        ready.record(compute)  # buffers and counters set; the consumer waits for this only
+        delay = call % 3  # 0: GEMM a little behind, 1: consumer delayed, 2: GEMM delayed
+        torch.cuda._sleep({0: 30_000, 1: 1_000, 2: rng.randint(30_000, 150_000)}[delay])
+        segments = torch.cuda.memory_stats(dev).get("segment.all.allocated", 0)
+        gk.grouped_signal_gemm(a, w, send, out, step_table=table, block_m=128, block_n=block_n,
+                               num_ctas=P, counters=counters, config=config)
+        growths += torch.cuda.memory_stats(dev).get("segment.all.allocated", 0) > segments
         with torch.cuda.stream(consumer):
             consumer.wait_event(ready)
             if delay == 1:
                 torch.cuda._sleep(rng.randint(1_000, 100_000))
             wait_and_snapshot[(1,)](counters, targets, lo, hi, dest, snap, spins,
                                     plan.num_groups, N, 1 << 22, BLOCK=4096, num_warps=8)
-        if delay == 2:
-            torch.cuda._sleep(rng.randint(1_000, 100_000))
-        gk.grouped_signal_gemm(a, w, send, out, step_table=table, block_m=128, block_n=block_n,
-                               num_ctas=P, counters=counters, config=config)
         compute.wait_stream(consumer)
         covered = torch.zeros(dest.shape[0], dtype=torch.bool, device=dev)
         for x, y in lo_hi:
@@ -311,6 +318,6 @@ def test_ws_grouped_signal_ordering_stress():
     waited = int(spun.sum())
     print(f"\ngrouped stress: {calls_wanted} calls, {groups} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {short_tiles} short tiles, "
-          f"{len(loaded)} kernel variants")
+          f"{len(loaded)} kernel variants, {growths} launches that grew the allocator")
     assert waited >= calls_wanted // 10, "the consumer almost never waited: test too weak"
     assert short_tiles >= calls_wanted, "too few short tiles: test too weak"
