@@ -29,11 +29,14 @@ split last wave) and a 1-warp **storer**.  Differences:
 * **Short tiles.**  A tile whose segment ends inside it (``row_stop - row_start < BLOCK_M``)
   must not touch the rows after it: they are the next segment's, written by another program.
   A bulk tensor store writes its whole box (clipped only at the tensor's bounds), so the
-  storer copies such a tile with masked generic stores instead: 16 x 64 chunks of the C
-  buffer (``ld.shared`` into registers, ``st.global`` of the rows before ``row_stop`` and the
-  columns before ``N``), then gives the buffer back.  One warp copies a 64 KB tile in a few
-  microseconds while the MMA partition computes the next tile (about 20 us at K = 4096), so
-  the copy is hidden unless two short tiles come back to back on one program.  Rejected:
+  storer copies such a tile with masked generic stores instead: 8 x 64 chunks of the C
+  buffer (``ld.shared`` into registers, 16-byte ``st.global`` of the rows before ``row_stop``
+  and the columns before ``N``), then gives the buffer back.  One warp copies a 64 KB tile in
+  a few microseconds while the MMA partition computes the next tile (about 20 us at K =
+  4096), so the copy is hidden unless two short tiles come back to back on one program.  The
+  copy is unrolled (a shared-memory slice needs a constant start) and spilled in the
+  workers' usual 48 registers (176 B, ptxas for sm_90); the workers get 96, which leaves the
+  MMA partition 200 -- enough, no spills.  Rejected:
   storing short tiles from the MMA partition's registers (the tensor cores would idle for the
   store and the signal would need the split tail's per-warp tickets), and building a
   descriptor per segment on the device (``tensormap.replace`` plus a proxy fence per tile).
@@ -47,6 +50,15 @@ is unchanged.
 
 The tile: ``128 x 256 x 64`` (3 stages beside a 64 KB C buffer) or ``128 x 128 x 64`` (up to 6
 stages beside 32 KB); the plan's ``block_m`` / ``block_n`` decide.
+
+Measured (one H200, Triton 3.6, bf16, ``scripts/bench_all_to_all.py --sweep``: E in {8, 16,
+64} x K = N in {2048, 4096, 7168}, 16384 tokens split unevenly, both weight layouts, each
+variant paired with ``torch._grouped_mm``; ``results/2026-12-02-h200/grouped-run2/``):
+efficiency against ``torch._grouped_mm``, median over the 9 problems, ``[E, K, N]`` /
+``w.transpose(1, 2)``: pipelined 128 x 128 (5 stages, the grouped rule before) 0.974 / 1.045;
+this kernel 128 x 128 with 5 stages 1.089 / 1.109, 6 stages 1.125 / 1.116, 128 x 256 1.102 /
+1.096 -- ahead of the pipelined kernel on 17 of 18 rows (the 18th: 1.213 against 1.218).  The grouped
+rule's 128 x 128 x 5 stages stays (the three variants are within the run's noise).
 """
 
 from __future__ import annotations
@@ -99,7 +111,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _copy_short_tile(c_buf, c_ptr, dest_row, col_start, rows, N, stride_cm):
         """The storer warp's masked copy of the C buffer's first ``rows`` rows and its columns
-        before ``N`` to ``c_ptr[dest_row:, col_start:]``, in 16 x 64 chunks (chunks past
+        before ``N`` to ``c_ptr[dest_row:, col_start:]``, in 8 x 64 chunks (chunks past
         ``rows`` skipped).  (The tile's shape comes from the buffer: a worker partition receives the
         kernel's constexpr arguments as values.)"""
         BLOCK_M: gl.constexpr = c_buf.shape[0]
