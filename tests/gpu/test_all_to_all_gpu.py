@@ -281,7 +281,9 @@ def test_ws_grouped_signal_ordering_stress():
         ready = torch.cuda.Event()
         ready.record(compute)  # buffers and counters set; the consumer waits for this only
         delay = call % 3  # 0: GEMM a little behind, 1: consumer delayed, 2: GEMM delayed
-        torch.cuda._sleep({0: 30_000, 1: 1_000, 2: rng.randint(30_000, 150_000)}[delay])
+        # (the sleep outlasts the host's launch of the consumer, ~50 us, so the consumer spins
+        # before the GEMM starts; grouped-run3 with 30,000 cycles: 5 waits in 3,000 calls)
+        torch.cuda._sleep({0: 300_000, 1: 1_000, 2: rng.randint(300_000, 1_500_000)}[delay])
         segments = torch.cuda.memory_stats(dev).get("segment.all.allocated", 0)
         gk.grouped_signal_gemm(a, w, send, out, step_table=table, block_m=128, block_n=block_n,
                                num_ctas=P, counters=counters, config=config)
