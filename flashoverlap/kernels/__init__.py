@@ -84,11 +84,7 @@ class GemmConfig:
             the pipelined kernel runs the rest, and everything when ``use_tma`` is off or
             ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
             ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage, measured
-            slower) and ``split_tail``, not ``num_warps``, ``flatten`` or ``acc_multibuffer``.
-        staggered_epilogue: in the warp-specialized kernel, run the two MMA warpgroups as
-            two partitions, each on its 64-row half of every tile, the second writing its
-            half of the C buffer after the first, so that each one's epilogue runs beside
-            the other's MMAs (launches without a split last wave; an experiment, off).
+            slower), not ``num_warps``, ``flatten``, ``acc_multibuffer`` or ``split_tail``.
     """
 
     block_m: int = 128
@@ -104,7 +100,6 @@ class GemmConfig:
     split_tail: bool = True
     max_registers: int | None = None
     warp_specialized_kernel: bool = True
-    staggered_epilogue: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):

@@ -742,9 +742,9 @@ def _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, 
     if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
         tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, config,
                           a.device, tail_scratch)
-        grid, args, meta = ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n,
-                                                      num_ctas, counters, config, tail)
-        return ws_signal_gemm.kernel(meta), _ws_jit_launch, grid, args, meta
+        return (ws_signal_gemm.kernel(), _ws_jit_launch,
+                *ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
+                                            counters, config, tail))
     return (_signal_gemm_kernel, _jit_launch,
             *_launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters,
                           residual, residual_block, rows_per_block, config, tail_scratch))
@@ -944,7 +944,7 @@ class SignalGemmLauncher:
                 self.tail_scratch = (args[17], args[18])
             use_tma, res_slot = bool(meta["USE_TMA"]), _RES
         else:  # the warp-specialized kernel: TMA descriptors, no residual
-            if meta.get("SPLIT_TAIL"):  # (the staggered variant has no split)
+            if meta["SPLIT_TAIL"]:
                 self.tail_scratch = (args[ws_signal_gemm.PARTS_ARG],
                                      args[ws_signal_gemm.PARTS_ARG + 1])
             use_tma, res_slot = True, None

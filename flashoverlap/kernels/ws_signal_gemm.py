@@ -364,127 +364,6 @@ if HAVE_GLUON:
                     else:
                         _warp_finish(tickets, counter_ptr, HAS_COUNTERS)
 
-    @gluon.jit
-    def _mma_half(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                  num_progs, k_tiles, HALF: gl.constexpr, B_TRANS: gl.constexpr):
-        """Staggered variant: one MMA warpgroup computing rows ``[64 * HALF, 64 * HALF + 64)``
-        of every tile (its own partition, 4 warps).  Its epilogue waits for the other half's
-        (``epi``, HALF = 1 after HALF = 0), so the two write the C buffer one after the other
-        and each one's epilogue runs beside the other's MMAs.  Constexprs come from the
-        buffers' shapes or literals: a worker partition receives the kernel's constexpr
-        arguments as values."""
-        STAGES: gl.constexpr = a_bufs.shape[0]
-        BLOCK_N: gl.constexpr = c_buf.shape[1]
-        HALF_M: gl.constexpr = c_buf.shape[0] // 2
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        pid = gl.program_id(0)
-        it = 0
-        u = 0
-        for step in range(pid, num_steps, num_progs):
-            acc = gl.zeros((HALF_M, BLOCK_N), gl.float32, acc_layout)
-            for ki in range(0, k_tiles):
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                if B_TRANS:
-                    b = b_bufs.index(s).permute((1, 0))
-                else:
-                    b = b_bufs.index(s)
-                a = a_bufs.index(s).slice(HALF * HALF_M, HALF_M, 0)
-                acc = warpgroup_mma(a, b, acc, is_async=True)
-                acc = warpgroup_mma_wait(1, deps=[acc])
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)
-                it += 1
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-            mbarrier.wait(c_empty, (u & 1) ^ 1)  # the storer has read the last tile
-            if HALF == 1:
-                mbarrier.wait(epi, u & 1)  # half 0 has written its rows of this tile
-            c_buf.slice(HALF * HALF_M, HALF_M, 0).store(acc.to(c_buf.dtype))
-            fence_async_shared()
-            mbarrier.arrive(c_ready)
-            if HALF == 0:
-                mbarrier.arrive(epi)
-            u += 1
-
-    @gluon.jit
-    def _mma_half1_kn(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                      num_progs, k_tiles):
-        _mma_half(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                  num_progs, k_tiles, 1, False)
-
-    @gluon.jit
-    def _mma_half1_nk(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                      num_progs, k_tiles):
-        _mma_half(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                  num_progs, k_tiles, 1, True)
-
-    @gluon.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
-                                  "num_steps", "num_progs"])
-    def _ws_staggered_kernel(
-        a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
-        M, N, K, stride_am, stride_b, stride_cm, num_steps, num_progs,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-        STAGES: gl.constexpr, B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
-    ):
-        """The staggered-epilogue variant (``GemmConfig.staggered_epilogue``; whole tiles,
-        no split last wave): the two MMA warpgroups are two partitions (``_mma_half``)."""
-        dtype: gl.constexpr = c_ptr.dtype.element_ty
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
-        c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
-        a_desc = tma.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                            block_shape=[BLOCK_M, BLOCK_K], layout=a_layout)
-        if B_TRANS:
-            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                          dtype)
-            b_desc = tma.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
-                                                block_shape=[BLOCK_N, BLOCK_K], layout=b_layout)
-        else:
-            b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N],
-                                                                          dtype)
-            b_desc = tma.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
-                                                block_shape=[BLOCK_K, BLOCK_N], layout=b_layout)
-        c_desc = tma.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
-                                            block_shape=[BLOCK_M, BLOCK_N], layout=c_layout)
-        k_tiles = gl.cdiv(K, BLOCK_K)
-        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-        if B_TRANS:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
-        else:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], b_layout)
-        c_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], c_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        epi = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # both halves give a stage back
-        mbarrier.init(c_ready, count=2)  # both halves wrote their rows
-        mbarrier.init(c_empty, count=1)
-        mbarrier.init(epi, count=1)
-
-        worker_args = (a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready,
-                       empty, c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles,
-                       num_steps, 1, BLOCK_N, BLOCK_K, STAGES, B_TRANS, HAS_COUNTERS, False)
-        half_args = (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, epi, num_steps,
-                     num_progs, k_tiles)
-        if B_TRANS:
-            gl.warp_specialize([
-                (_mma_half, half_args + (0, B_TRANS)),
-                (_mma_half1_nk, half_args),
-                (_loader, worker_args),
-                (_storer, worker_args),
-            ], [4, 1, 1], [232, 48, 48])
-        else:
-            gl.warp_specialize([
-                (_mma_half, half_args + (0, B_TRANS)),
-                (_mma_half1_kn, half_args),
-                (_loader, worker_args),
-                (_storer, worker_args),
-            ], [4, 1, 1], [232, 48, 48])
-
     @gluon.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
                                   "num_steps", "num_progs", "num_main", "tail_parts"])
     def _ws_signal_gemm_kernel(
@@ -603,13 +482,6 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
     num_main, parts, part_arg, ticket_arg = tail
     programs = min(num_ctas, max(T, (T - num_main) * parts))
     counter_arg = counters if counters is not None else step_table  # never touched
-    if staggered(config, parts):
-        args = (a, b, out, step_table, counter_arg, M, N, K, a.stride(0), stride_b,
-                out.stride(0), T, programs)
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
-                "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
-                "HAS_COUNTERS": counters is not None, "num_warps": 4}
-        return (programs, 1, 1), args, meta
     args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, M, N, K, a.stride(0),
             stride_b, out.stride(0), T, programs, num_main, parts)
     meta = {
@@ -621,20 +493,11 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
     return (programs, 1, 1), args, meta
 
 
-def staggered(config: GemmConfig, parts: int) -> bool:
-    """Whether a launch runs the staggered-epilogue variant: ``GemmConfig.staggered_epilogue``
-    and no split last wave (the variant has none)."""
-    return config.staggered_epilogue and parts == 1 and not config.epilogue_subtile
-
-
-def kernel(meta: dict | None = None):
-    """The Gluon kernel a launch with ``meta`` (:func:`launch_args`') runs -- the main one
-    without ``meta`` (its parameters in order: ``direct_launch.ordered_args``)."""
-    if meta is not None and "PART_N" not in meta:
-        return _ws_staggered_kernel
+def kernel():
+    """The Gluon kernel (its parameters in order: ``direct_launch.ordered_args``)."""
     return _ws_signal_gemm_kernel
 
 
 def jit_launch(grid, args, meta):
     """Launch through the JIT on the current stream; returns the compiled kernel."""
-    return kernel(meta)[grid[:1]](*args, **meta)
+    return _ws_signal_gemm_kernel[grid[:1]](*args, **meta)
