@@ -94,6 +94,17 @@ band around the destination stayed NaN).  Against the pipelined kernel on four s
 (M in {5000, 7000} x (K, N) in {(5120, 5120), (14336, 4096)}, B = ``w.t()``, P = 132 / 116,
 two pairs each, ``results/2026-12-02-h200/wssplit-run5/ragged-*``) its time ratio was
 geometric mean 1.012, median 1.007: no gain, so those plans keep the pipelined kernel.
+Rejected, measured: staggered epilogues (commit ``cdbf373``, reverted): the two MMA
+warpgroups as two 4-warp partitions, each on its 64-row half of every tile, the second
+writing its half of the C buffer after the first (an mbarrier between them), so that each
+one's epilogue would run beside the other's MMAs.  Correct on the GPU, but 0.1-0.8 % slower
+in the geometric mean over the 13 shapes x P = 132 / 116 x 2 pairs per B layout, 1.1-1.8 %
+slower at K = 2048 (``results/2026-12-02-h200/staggered-run1/``).  What an overlapped
+epilogue could gain at most: fitted over K in {2048, 7168, 8192}, a round of tiles takes
+about 1 us plus 11.4-12.3 us per 1,024 of K (wssplit-run3/4, grouped-run3), so at most ~4 %
+at K = 2048 and ~1 % at K >= 7168 -- and only with a schedule where one warpgroup's MMAs
+really fill the tensor cores while the other stores (CUTLASS's ping-pong: whole tiles per
+warpgroup, which reads 1.33x more operand bytes per FLOP at 128 x 128 per warpgroup).
 Rejected, measured: two pipelined CTAs per SM with 128 x 128 tiles (the schedulers interleaving
 one CTA's epilogue with the other's MMAs): 17 % faster than one such CTA per SM, but 0.92-0.94
 of torch.matmul in the medians against 0.99-1.00 for one 128 x 256 CTA (ws-run1): smaller
