@@ -82,6 +82,7 @@ if HAVE_GLUON:
     from flashoverlap.kernels.ws_signal_gemm import (
         _load_range,
         _mma,
+        _pipeline_buffers,
         _release_group,
         _tma_store,
     )
@@ -90,12 +91,9 @@ if HAVE_GLUON:
     _CHUNK_N = gl.constexpr(64)
 
     @gluon.jit
-    def _grouped_loader(a_desc, b_desc, send_desc, out_desc, send_ptr, step_ptr, counter_ptr,
-                        a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, N, K,
-                        stride_cm, out_delta, num_steps, num_progs, k_tiles,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, B_TRANS: gl.constexpr,
-                        HAS_COUNTERS: gl.constexpr):
+    def _grouped_loader(a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, N, K,
+                        num_steps, num_progs, k_tiles, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr, B_TRANS: gl.constexpr):
         pid = gl.program_id(0)
         it = 0
         for step in range(pid, num_steps, num_progs):
@@ -134,14 +132,11 @@ if HAVE_GLUON:
                     mask = mask_i[:, None] & ((c + offs_j) < cols)[None, :]
                     gl.store(ptr_i + (c + offs_j)[None, :], vals, mask=mask)
 
-    # (same parameters as _grouped_loader: Gluon hands every worker the same argument tuple)
     @gluon.jit
-    def _grouped_storer(a_desc, b_desc, send_desc, out_desc, send_ptr, step_ptr, counter_ptr,
-                        a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, N, K,
-                        stride_cm, out_delta, num_steps, num_progs, k_tiles,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        STAGES: gl.constexpr, B_TRANS: gl.constexpr,
+    def _grouped_storer(send_desc, out_desc, send_ptr, step_ptr, counter_ptr, c_buf, c_ready,
+                        c_empty, N, stride_cm, out_delta, num_steps, num_progs,
                         HAS_COUNTERS: gl.constexpr):
+        BLOCK_M: gl.constexpr = c_buf.shape[0]
         pid = gl.program_id(0)
         u = 0
         for step in range(pid, num_steps, num_progs):
@@ -204,27 +199,9 @@ if HAVE_GLUON:
                                               strides=[stride_cm, 1],
                                               block_shape=[BLOCK_M, BLOCK_N], layout=c_layout)
         k_tiles = gl.cdiv(K, BLOCK_K)
-
-        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-        if B_TRANS:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
-        else:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], b_layout)
-        c_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], c_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(c_ready, count=1)
-        mbarrier.init(c_empty, count=1)
-
-        worker_args = (a_desc, b_desc, send_desc, out_desc, send_ptr, step_ptr, counter_ptr,
-                       a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, N, K, stride_cm,
-                       out_delta, num_steps, num_progs, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K,
-                       STAGES, B_TRANS, HAS_COUNTERS)
+        a_bufs, b_bufs, c_buf, ready, empty, c_ready, c_empty = _pipeline_buffers(
+            dtype, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_N, a_layout, b_layout, c_layout,
+            B_TRANS)
         # The MMA partition is the dense kernel's, every step whole (num_main = num_steps, no
         # split tail: its step-table, C-pointer and scratch arguments are never read).
         gl.warp_specialize([
@@ -232,8 +209,11 @@ if HAVE_GLUON:
                     counter_ptr, send_ptr, stride_cm, send_ptr, step_ptr, num_steps, num_progs,
                     k_tiles, num_steps, 1, BLOCK_M, BLOCK_N, STAGES, B_TRANS, 1, HAS_COUNTERS,
                     False)),
-            (_grouped_loader, worker_args),
-            (_grouped_storer, worker_args),
+            (_grouped_loader, (a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, N, K,
+                               num_steps, num_progs, k_tiles, BLOCK_K, STAGES, B_TRANS)),
+            (_grouped_storer, (send_desc, out_desc, send_ptr, step_ptr, counter_ptr, c_buf,
+                               c_ready, c_empty, N, stride_cm, out_delta, num_steps, num_progs,
+                               HAS_COUNTERS)),
         ], [1, 1], [96, 96])  # the storer's short-tile copy spills below 96
 
 

@@ -158,6 +158,31 @@ assert NUM_MMA_WARPS == 8 and TICKETS_PER_TILE >= NUM_MMA_WARPS + 1
 if HAVE_GLUON:
 
     @gluon.jit
+    def _pipeline_buffers(dtype: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, C_N: gl.constexpr,
+                          a_layout: gl.constexpr, b_layout: gl.constexpr,
+                          c_layout: gl.constexpr, B_TRANS: gl.constexpr):
+        """Shared memory of both warp-specialized kernels: ``STAGES`` A and B boxes, the
+        ``BLOCK_M x C_N`` C buffer and the pipeline's mbarriers, initialized (one arrival
+        each: the loader's expect, one MMA partition, the storer)."""
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
+        if B_TRANS:
+            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
+        else:
+            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], b_layout)
+        c_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, C_N], c_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        mbarrier.init(c_ready, count=1)
+        mbarrier.init(c_empty, count=1)
+        return a_bufs, b_bufs, c_buf, ready, empty, c_ready, c_empty
+
+    @gluon.jit
     def _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start, col_start, b_off,
                     k_lo, k_hi, it, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                     B_TRANS: gl.constexpr):
@@ -180,10 +205,9 @@ if HAVE_GLUON:
         return it
 
     @gluon.jit
-    def _loader(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
-                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main, tail_parts,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+    def _loader(a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, num_steps, num_progs,
+                k_tiles, num_main, tail_parts, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                B_TRANS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
         pid = gl.program_id(0)
         it = 0
         for step in range(pid, num_main, num_progs):
@@ -215,20 +239,18 @@ if HAVE_GLUON:
             "setp.eq.u32 p, l, 0;\n\t@p red.release.gpu.global.add.s32 [$1], 1;\n\t"
             "mov.u32 $0, 0;\n\t}", "=r,l", [counter], dtype=gl.int32, is_pure=False, pack=1)
 
-    # (_storer repeats _loader's parameters: Gluon hands every worker partition the same
-    # argument tuple, so the two signatures must match.)
+    # (A worker partition receives its arguments as values: constexprs among them are no
+    # longer constexpr inside -- shapes that must be come from descriptor and buffer types.)
     @gluon.jit
-    def _storer(a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready, empty,
-                c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main, tail_parts,
-                BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+    def _storer(c_desc, step_ptr, counter_ptr, c_buf, c_ready, c_empty, num_progs, num_main,
+                c_parts, HAS_COUNTERS: gl.constexpr):
         pid = gl.program_id(0)
-        part_n = c_desc.block_type.shape[1]  # BLOCK_N or BLOCK_N / 2
+        part_n: gl.constexpr = c_desc.block_type.shape[1]  # BLOCK_N / c_parts
         u = 0
         for step in range(pid, num_main, num_progs):  # (split tail tiles: the MMA partition)
             col_start = gl.load(step_ptr + step * 7 + 2)
             dest_row = gl.load(step_ptr + step * 7 + 4)
-            for h in range(BLOCK_N // part_n):
+            for h in range(c_parts):
                 mbarrier.wait(c_ready, u & 1)
                 _tma_store(c_desc, [dest_row, col_start + h * part_n], c_buf)
                 tma.store_wait(0)  # shared memory read: the MMA partition may refill c_buf
@@ -406,32 +428,19 @@ if HAVE_GLUON:
                                             block_shape=[BLOCK_M, PART_N], layout=c_layout)
         k_tiles = gl.cdiv(K, BLOCK_K)
 
-        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-        if B_TRANS:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_K], b_layout)
-        else:
-            b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_K, BLOCK_N], b_layout)
-        c_buf = gl.allocate_shared_memory(dtype, [BLOCK_M, PART_N], c_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        c_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        c_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(c_ready, count=1)
-        mbarrier.init(c_empty, count=1)
-
-        worker_args = (a_desc, b_desc, c_desc, step_ptr, counter_ptr, a_bufs, b_bufs, ready,
-                       empty, c_buf, c_ready, c_empty, num_steps, num_progs, k_tiles, num_main,
-                       tail_parts, BLOCK_N, BLOCK_K, STAGES, B_TRANS, HAS_COUNTERS, SPLIT_TAIL)
+        a_bufs, b_bufs, c_buf, ready, empty, c_ready, c_empty = _pipeline_buffers(
+            dtype, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, PART_N, a_layout, b_layout, c_layout,
+            B_TRANS)
         gl.warp_specialize([
             (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr,
                     counter_ptr, c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs,
                     k_tiles, num_main, tail_parts, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
                     BLOCK_N // PART_N, HAS_COUNTERS, SPLIT_TAIL)),
-            (_loader, worker_args),
-            (_storer, worker_args),
+            (_loader, (a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, num_steps,
+                       num_progs, k_tiles, num_main, tail_parts, BLOCK_K, STAGES, B_TRANS,
+                       SPLIT_TAIL)),
+            (_storer, (c_desc, step_ptr, counter_ptr, c_buf, c_ready, c_empty, num_progs,
+                       num_main, BLOCK_N // PART_N, HAS_COUNTERS)),
         ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
 
 
