@@ -61,6 +61,7 @@ from . import nccl_lib
 # exchange_check lives in agreement (issue 12); re-exported here for existing callers.
 from .agreement import _uses_cuda_tensors as _group_uses_cuda_tensors
 from .agreement import exchange_check
+from .settings import settings
 from .dist_utils import register_group_cache
 
 __all__ = [
@@ -84,12 +85,16 @@ class CommConfig:
         nvls_ctas: CTAs of the NVLink SHARP algorithms, which have their own count; defaults
             to ``max_ctas`` so that a reservation also holds on NVSwitch systems.
         cga_cluster_size: thread-block cluster size of NCCL kernels (Hopper+).
+        cta_policy: ``ncclConfig_t.CTAPolicy`` -- 0 default, 1 efficiency (the fewest CTAs
+            that still give decent bandwidth: NCCL's setting for overlap with compute), 2
+            zero (copy engines wherever NCCL can); NCCL >= 2.27.
     """
 
     max_ctas: int | None = None
     min_ctas: int | None = None
     nvls_ctas: int | None = None
     cga_cluster_size: int | None = None
+    cta_policy: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_ctas", "min_ctas", "nvls_ctas"):
@@ -101,6 +106,11 @@ class CommConfig:
         cga = self.cga_cluster_size
         if cga is not None and (not isinstance(cga, int) or isinstance(cga, bool) or cga < 0):
             raise ValueError(f"CommConfig.cga_cluster_size must be an int >= 0, got {cga!r}")
+        policy = self.cta_policy
+        if policy is not None and (not isinstance(policy, int) or isinstance(policy, bool)
+                                   or policy not in (0, 1, 2)):
+            raise ValueError(f"CommConfig.cta_policy must be 0, 1 or 2 (default, efficiency, "
+                             f"zero) or None, got {policy!r}")
         if self.min_ctas is not None and self.max_ctas is not None and self.min_ctas > self.max_ctas:
             raise ValueError(
                 f"CommConfig.min_ctas ({self.min_ctas}) exceeds max_ctas ({self.max_ctas})"
@@ -114,8 +124,18 @@ class CommConfig:
             min_ctas=self.min_ctas,
             nvls_ctas=nvls,
             cga_cluster_size=self.cga_cluster_size,
+            cta_policy=self.cta_policy,
             comm_name=comm_name,
         )
+
+
+def _check_supported(lib: Any, config: CommConfig) -> None:
+    """Refuse, before any rank blocks, a config field the loaded NCCL does not have: an older
+    NCCL would silently ignore it (the versioned struct), which would make a measurement of
+    it meaningless."""
+    if config.cta_policy is not None and lib.version_code < nccl_lib.nccl_version_code(2, 27, 0):
+        raise ValueError(f"CommConfig.cta_policy needs NCCL >= 2.27; this is NCCL "
+                         f"{lib.version_string}")
 
 
 def _resolve_group(group: Any) -> Any:
@@ -162,11 +182,13 @@ class NcclCommunicator:
         min_ctas: int | None = None,
         nvls_ctas: int | None = None,
         cga_cluster_size: int | None = None,
+        cta_policy: int | None = None,
     ):
-        config = CommConfig(max_ctas, min_ctas, nvls_ctas, cga_cluster_size)
+        config = CommConfig(max_ctas, min_ctas, nvls_ctas, cga_cluster_size, cta_policy)
         group = _resolve_group(group)
         device = _cuda_device(device)
         lib = nccl_lib.get_nccl()  # fail before any rank blocks in the broadcast
+        _check_supported(lib, config)
         rank, world_size = dist.get_rank(group), dist.get_world_size(group)
         with torch.cuda.device(device):
             payload = [lib.get_unique_id().to_bytes() if rank == 0 else None]
@@ -191,14 +213,17 @@ class NcclCommunicator:
         min_ctas: int | None = None,
         nvls_ctas: int | None = None,
         cga_cluster_size: int | None = None,
+        cta_policy: int | None = None,
     ) -> NcclCommunicator:
         """A communicator bootstrapped without a process group (``unique_id`` from
         :func:`new_unique_id` on one rank, shipped to the others by any means)."""
-        config = CommConfig(max_ctas, min_ctas, nvls_ctas, cga_cluster_size)
+        config = CommConfig(max_ctas, min_ctas, nvls_ctas, cga_cluster_size, cta_policy)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         self = cls.__new__(cls)
-        self._setup(nccl_lib.get_nccl(), unique_id, rank, world_size, _cuda_device(device), config)
+        lib = nccl_lib.get_nccl()
+        _check_supported(lib, config)
+        self._setup(lib, unique_id, rank, world_size, _cuda_device(device), config)
         self.group = None
         return self
 
@@ -378,14 +403,15 @@ _CACHE: dict[tuple[Any, int, CommConfig], NcclCommunicator] = {}
 
 def get_communicator(group: Any = None, max_ctas: int | None = None,
                      min_ctas: int | None = None, *, device: Any = None,
-                     cga_cluster_size: int | None = None) -> NcclCommunicator:
+                     cga_cluster_size: int | None = None,
+                     cta_policy: int | None = None) -> NcclCommunicator:
     """The cached communicator for ``(group, device, config)``, created on first use.
 
     The first call for a key is collective over ``group``: every rank must make it with the
     same arguments, in the same order relative to its other collectives.
     """
     config = CommConfig(max_ctas=max_ctas, min_ctas=min_ctas,
-                        cga_cluster_size=cga_cluster_size)
+                        cga_cluster_size=cga_cluster_size, cta_policy=cta_policy)
     group = _resolve_group(group)
     device = _cuda_device(device)
     key = (group, device.index, config)
@@ -393,7 +419,7 @@ def get_communicator(group: Any = None, max_ctas: int | None = None,
         comm = _CACHE.get(key)
         if comm is None or comm.handle is None:
             comm = NcclCommunicator(group, device=device, max_ctas=max_ctas, min_ctas=min_ctas,
-                                    cga_cluster_size=cga_cluster_size)
+                                    cga_cluster_size=cga_cluster_size, cta_policy=cta_policy)
             _CACHE[key] = comm
     return comm
 
@@ -408,9 +434,14 @@ def overlap_communicator(group: Any, reserved_sms: int | None, *,
     ``reserved_sms`` SMs free: ``maxCTAs`` = those SMs (``None``/0: NCCL's default -- with
     no SM free the collective waits for the GEMM anyway) and no thread-block clusters
     (:data:`OVERLAP_CGA_CLUSTER_SIZE`), so NCCL's CTAs fit on the free SMs wherever the GPU
-    placed them.  Same caching and collective contract as :func:`get_communicator`."""
+    placed them; ``CTAPolicy`` from ``FLASHOVERLAP_NCCL_CTA_POLICY`` where set (not measured
+    yet: it needs two GPUs -- the multi-GPU session runs the overlap benchmark with and
+    without ``efficiency``).  Same caching and collective contract as
+    :func:`get_communicator`."""
+    policy = settings().nccl_cta_policy
+    extra = {} if policy is None else {"cta_policy": policy}
     return get_communicator(group, max_ctas=reserved_sms or None, device=device,
-                            cga_cluster_size=OVERLAP_CGA_CLUSTER_SIZE)
+                            cga_cluster_size=OVERLAP_CGA_CLUSTER_SIZE, **extra)
 
 
 # Communicators whose group the library let go of (release_process_groups: at exit, or after a

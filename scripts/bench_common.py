@@ -120,6 +120,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-p2p", action="store_true",
                    help="set NCCL_P2P_DISABLE=1 before NCCL starts (PCIe-class regime); labels "
                         "every row p2p=false and names files *-nop2p")
+    p.add_argument("--nccl-cta-policy", choices=["default", "efficiency", "zero"], default=None,
+                   help="ncclConfig_t.CTAPolicy of flashoverlap's communicators (sets "
+                        "FLASHOVERLAP_NCCL_CTA_POLICY; NCCL >= 2.27); labels every row and names "
+                        "files *-cta<policy>")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: results/<YYYY-MM-DD>-<machine>)")
     p.add_argument("--machine", default=None, help="machine tag of the default folder (default: GPU name)")
@@ -213,6 +217,10 @@ def setup(args: argparse.Namespace) -> Bench:
         # here, before either, is enough -- no re-exec needed.
         os.environ["NCCL_P2P_DISABLE"] = "1"
     p2p = os.environ.get("NCCL_P2P_DISABLE", "0").strip() in ("", "0")
+    if getattr(args, "nccl_cta_policy", None):
+        from flashoverlap.settings import NCCL_CTA_POLICY_ENV
+
+        os.environ[NCCL_CTA_POLICY_ENV] = args.nccl_cta_policy  # read at communicator creation
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU")
@@ -283,9 +291,14 @@ def provenance(device: torch.device) -> dict[str, Any]:
         nccl = nccl_fo = "n/a (gloo)"
     import flashoverlap
 
+    from flashoverlap.settings import settings
+
+    policy = settings().nccl_cta_policy
     return {
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "nccl_cta_policy": ("unset" if policy is None else
+                            {0: "default", 1: "efficiency", 2: "zero"}[policy]),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "nccl": nccl,
@@ -316,7 +329,9 @@ def output_dir(bench: Bench) -> Path:
 
 
 def result_stem(name: str, bench: Bench) -> str:
-    return name if bench.p2p else f"{name}-nop2p"
+    stem = name if bench.p2p else f"{name}-nop2p"
+    policy = getattr(bench.args, "nccl_cta_policy", None)
+    return f"{stem}-cta{policy}" if policy else stem
 
 
 def header(bench: Bench, title: str) -> str:

@@ -4,6 +4,8 @@
 # OUT_DIR, and the session goes on after a failing step:
 #   1. the multi-GPU test suite           pytest -m multigpu tests/gpu
 #   2. overlap benchmark, NVLink          bench_overlap.py --preset design --op both (all engines)
+#   2b. NCCL's CTA policy                 the same with --nccl-cta-policy efficiency (flashoverlap's
+#                                         communicators: NCCL_CTA_POLICY_EFFICIENCY; issue 14)
 #   3. the same, PCIe-class               NCCL_P2P_DISABLE=1, --preset pcie (K_local up to 32768)
 #   4. the same, socket transport         NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (multi-node stand-in)
 #   5. tuner                              flashoverlap tune on the benchmark shapes
@@ -13,7 +15,7 @@
 # At one GPU it runs too (a dry run of the pipeline: the collectives then move nothing).
 set -uo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 cd "$(dirname "$0")/.."
@@ -41,6 +43,8 @@ RUN="torchrun --nproc-per-node $W"
 step tests    python -m pytest -q -ra -p no:cacheprovider -m multigpu tests/gpu
 step nvlink   $RUN scripts/bench_overlap.py --preset design --op both --out "$OUT" \
               --timeline "$OUT/timeline.png" --no-progress
+step ctapolicy $RUN scripts/bench_overlap.py --preset design --op both --out "$OUT" \
+              --nccl-cta-policy efficiency --engines comm_only,sequential,flashoverlap --no-progress
 step pcie     env NCCL_P2P_DISABLE=1 $RUN scripts/bench_overlap.py --no-p2p --preset pcie \
               --op both --out "$OUT" --no-progress
 step socket   env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 $RUN scripts/bench_overlap.py --no-p2p \

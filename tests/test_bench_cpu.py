@@ -181,6 +181,33 @@ def test_overlap_args_presets_and_config():
     assert bo.timeline_path(Path("/x/t.png"), "all_reduce", (1, 2, 3), False) == Path("/x/t-all_reduce-1x2x3.png")
 
 
+def test_nccl_cta_policy_option_names_its_files(monkeypatch):
+    """``--nccl-cta-policy``: the environment switch the engines' communicators read, the
+    ``nccl_cta_policy`` key of every row's provenance and its own result files (rows of the
+    A/B must not replace each other in a merged JSON file)."""
+    import bench_common as bc
+    import bench_overlap as bo
+
+    from flashoverlap.settings import NCCL_CTA_POLICY_ENV, settings
+
+    args = bo.parse_args(["--preset", "tiny", "--nccl-cta-policy", "efficiency"])
+    assert args.nccl_cta_policy == "efficiency"
+    with pytest.raises(SystemExit):
+        bo.parse_args(["--nccl-cta-policy", "fast"])
+    fake = argparse.Namespace(args=args, p2p=True)
+    assert bc.result_stem("overlap", fake) == "overlap-ctaefficiency"
+    fake = argparse.Namespace(args=bo.parse_args(["--preset", "tiny"]), p2p=False)
+    assert bc.result_stem("overlap", fake) == "overlap-nop2p"
+    monkeypatch.setenv(NCCL_CTA_POLICY_ENV, "efficiency")
+    assert settings().nccl_cta_policy == 1
+    import torch
+
+    bc.load_torch()
+    assert bc.provenance(torch.device("cpu"))["nccl_cta_policy"] == "efficiency"
+    monkeypatch.delenv(NCCL_CTA_POLICY_ENV)
+    assert bc.provenance(torch.device("cpu"))["nccl_cta_policy"] == "unset"
+
+
 def test_write_json_merges_and_tables(tmp_path):
     import bench_common as bc
 

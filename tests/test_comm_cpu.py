@@ -376,3 +376,37 @@ def test_watcher_priority_is_the_greatest(monkeypatch):
     assert highest_stream_priority() == -5
     monkeypatch.setattr(torch.cuda.Stream, "priority_range", staticmethod(lambda: (0, 0)), raising=False)
     assert highest_stream_priority() == 0  # a GPU without priorities
+
+
+def test_cta_policy_reaches_the_config_and_is_checked(monkeypatch):
+    """``FLASHOVERLAP_NCCL_CTA_POLICY`` -> ``ncclConfig_t.CTAPolicy`` of the engines'
+    communicator (unset: the field stays undefined and the cache key unchanged); bad values
+    and an NCCL older than 2.27 (which would ignore the field) raise before anything."""
+    from flashoverlap import settings as st
+
+    assert comm.CommConfig().to_nccl().CTAPolicy == nccl_lib.NCCL_CONFIG_UNDEF_INT
+    assert comm.CommConfig(cta_policy=1).to_nccl().CTAPolicy == 1
+    for bad in (3, -1, True, "efficiency"):
+        with pytest.raises(ValueError, match="cta_policy"):
+            comm.CommConfig(cta_policy=bad)
+    calls = []
+    monkeypatch.setattr(comm, "get_communicator", lambda group, **kw: calls.append(kw))
+    monkeypatch.delenv(st.NCCL_CTA_POLICY_ENV, raising=False)
+    comm.overlap_communicator("g", 16)
+    monkeypatch.setenv(st.NCCL_CTA_POLICY_ENV, "Efficiency")
+    comm.overlap_communicator("g", 16)
+    monkeypatch.setenv(st.NCCL_CTA_POLICY_ENV, "zero")
+    comm.overlap_communicator("g", 16)
+    assert [c.get("cta_policy") for c in calls] == [None, 1, 2]
+    assert "cta_policy" not in calls[0]
+    monkeypatch.setenv(st.NCCL_CTA_POLICY_ENV, "fast")
+    with pytest.raises(ValueError, match="default, efficiency, zero"):
+        comm.overlap_communicator("g", 16)
+
+    class OldNccl:
+        version_code = nccl_lib.nccl_version_code(2, 26, 2)
+        version_string = "2.26.2"
+
+    comm._check_supported(OldNccl(), comm.CommConfig(max_ctas=8))
+    with pytest.raises(ValueError, match="2.27"):
+        comm._check_supported(OldNccl(), comm.CommConfig(cta_policy=1))
