@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in one command (one H200 is enough; ~9 minutes at most):
-#   1. the GPU test suite          python -m pytest -q tests/gpu -ra (stress test apart)
+#   1. the GPU test suite          python -m pytest -q tests/gpu -ra (the dense stress test apart;
+#                                  the grouped one, FLASHOVERLAP_GROUPED_STRESS_CALLS, inside)
 #   2. the signal-ordering stress  FLASHOVERLAP_STRESS_GROUPS group checks (default 100000)
 #   3. bench_overhead.py           mechanism overhead at world size 1 (eager + CUDA graphs)
 #   4. soak.py                     SOAK_CALLS mixed eager calls (default 5000)
@@ -17,7 +18,7 @@
 # SKIP="overhead gemm").  Exit status: 0 if every step that ran passed, else 1.
 set -uo pipefail
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 cd "$(dirname "$0")/.."
