@@ -281,9 +281,12 @@ def test_ws_grouped_signal_ordering_stress():
         ready = torch.cuda.Event()
         ready.record(compute)  # buffers and counters set; the consumer waits for this only
         delay = call % 3  # 0: GEMM a little behind, 1: consumer delayed, 2: GEMM delayed
-        # (the sleep outlasts the host's launch of the consumer, ~50 us, so the consumer spins
-        # before the GEMM starts; grouped-run3 with 30,000 cycles: 5 waits in 3,000 calls)
-        torch.cuda._sleep({0: 300_000, 1: 1_000, 2: rng.randint(300_000, 1_500_000)}[delay])
+        # (the sleep must outlast the host's work between the two launches -- the GEMM's
+        # launch path, the allocator query, the consumer's launch -- so the consumer spins
+        # before the GEMM starts: 30,000 cycles gave 5 waits in 3,000 calls (grouped-run3),
+        # 300,000-1,500,000 gave 403 in 4,000 and 205 in 3,000 (grouped-run4/5))
+        torch.cuda._sleep({0: 2_000_000, 1: 1_000,
+                           2: rng.randint(2_000_000, 4_000_000)}[delay])
         segments = torch.cuda.memory_stats(dev).get("segment.all.allocated", 0)
         gk.grouped_signal_gemm(a, w, send, out, step_table=table, block_m=128, block_n=block_n,
                                num_ctas=P, counters=counters, config=config)
