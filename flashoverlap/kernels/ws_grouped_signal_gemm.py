@@ -36,7 +36,8 @@ split last wave) and a 1-warp **storer**.  Differences:
   4096), so the copy is hidden unless two short tiles come back to back on one program.  The
   copy is unrolled (a shared-memory slice needs a constant start) and spilled in the
   workers' usual 48 registers (176 B, ptxas for sm_90); the workers get 96, which leaves the
-  MMA partition 200 -- enough, no spills.  Rejected:
+  MMA partition 200 -- no spills at 128 x 256, 12 B of spill stores left at 128 x 128 (not
+  traced to a partition).  Rejected:
   storing short tiles from the MMA partition's registers (the tensor cores would idle for the
   store and the signal would need the split tail's per-warp tickets), and building a
   descriptor per segment on the device (``tensormap.replace`` plus a proxy fence per tile).
