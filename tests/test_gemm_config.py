@@ -374,6 +374,19 @@ def test_tail_split_rule():
     assert tail_split(5, 1, 64) == (5, 1)
 
 
+def test_tail_programs_cover_every_step_and_piece():
+    """Programs of a launch: all CTAs when there are enough steps, one per piece of a
+    single split wave, never more than the CTAs."""
+    from flashoverlap.kernels import tail_programs, tail_split
+
+    for T, P, k in ((4096, 132, 32), (576, 132, 128), (30, 132, 64), (50, 132, 64), (5, 1, 64),
+                    (100, 132, 1)):
+        main, parts = tail_split(T, P, k)
+        n = tail_programs(T, P, main, parts)
+        assert n <= P and n >= min(P, T) and n >= (T - main) * parts * (parts > 1)
+    assert tail_programs(30, 132, 0, 4) == 120 and tail_programs(100, 132, 100, 1) == 100
+
+
 @pytest.mark.parametrize("bad", [23, 256, 0, True, 128.0, "128"])
 def test_max_registers_is_checked(bad):
     with pytest.raises(ValueError, match="max_registers"):

@@ -30,6 +30,7 @@ __all__ = [
     "signal_gemm",
     "signal_gemm_ref",
     "tail_split",
+    "tail_programs",
     "TAIL_SPLIT_MAX",
 ]
 
@@ -192,6 +193,12 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
     if parts < 2:
         return T, 1
     return T - r, parts
+
+
+def tail_programs(num_steps: int, num_ctas: int, num_main: int, parts: int) -> int:
+    """Programs of a launch with :func:`tail_split`'s ``(num_main, parts)``: at most
+    ``num_ctas``, enough for every step and for one piece of a split tail per program."""
+    return min(num_ctas, max(num_steps, (num_steps - num_main) * parts))
 
 
 def default_block_shape(device: torch.device | str | None = None) -> tuple[int, int]:

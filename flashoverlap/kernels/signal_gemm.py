@@ -138,6 +138,7 @@ from flashoverlap.kernels import (
     GemmConfig,
     default_config,
     direct_launch,
+    tail_programs,
     tail_split,
     ws_signal_gemm,
 )
@@ -692,7 +693,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     T = step_table.shape[0]
     num_main, parts, part_arg, ticket_arg = _tail_args(step_table, num_ctas, K, block_m,
                                                        block_n, config, a.device, tail_scratch)
-    programs = min(num_ctas, max(T, (T - num_main) * parts))
+    programs = tail_programs(T, num_ctas, num_main, parts)
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
     args = (a, b, out, step_table, counter_arg, res_arg, M, N, K, stride_am, stride_b,

@@ -122,6 +122,7 @@ from flashoverlap.kernels import (
     WARP_SPECIALIZED_TILE,
     GemmConfig,
     _capability,
+    tail_programs,
 )
 
 try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything without it
@@ -500,7 +501,7 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
     stride_b = b.stride(1) if b_trans else b.stride(0)
     T = step_table.shape[0]
     num_main, parts, part_arg, ticket_arg = tail
-    programs = min(num_ctas, max(T, (T - num_main) * parts))
+    programs = tail_programs(T, num_ctas, num_main, parts)
     counter_arg = counters if counters is not None else step_table  # never touched
     args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, M, N, K, a.stride(0),
             stride_b, out.stride(0), T, programs, num_main, parts)
