@@ -291,14 +291,14 @@ def provenance(device: torch.device) -> dict[str, Any]:
         nccl = nccl_fo = "n/a (gloo)"
     import flashoverlap
 
-    from flashoverlap.settings import settings
+    from flashoverlap.settings import CTA_POLICIES, settings
 
     policy = settings().nccl_cta_policy
+    policy_names = {value: name for name, value in CTA_POLICIES.items()}
     return {
         "gpu": gpu,
         "gpu_count": torch.cuda.device_count() if device.type == "cuda" else 0,
-        "nccl_cta_policy": ("unset" if policy is None else
-                            {0: "default", 1: "efficiency", 2: "zero"}[policy]),
+        "nccl_cta_policy": "unset" if policy is None else policy_names[policy],
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
         "nccl": nccl,

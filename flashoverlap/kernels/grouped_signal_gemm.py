@@ -197,12 +197,17 @@ def _resolve_config(a, block_m, block_n, config):
     return config
 
 
-def _launch(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config) -> None:
+def _launch(a, w, send, out, step_table, block_m, block_n, num_ctas, counters, config,
+            ws: bool | None = None) -> None:
     """Run the warp-specialized grouped kernel where :func:`ws_grouped_signal_gemm.eligible`
-    allows it, else the pipelined one.  Checks are :func:`_validate`'s, done before."""
+    allows it (``ws``: that answer, known already), else the pipelined one.  Checks are
+    :func:`_validate`'s, done before."""
     config = _resolve_config(a, block_m, block_n, config)
     w_layout = _weight_layout(w)
-    if ws_grouped_signal_gemm.eligible(a, w, w_layout, send, out, block_m, block_n, config):
+    if ws is None:
+        ws = ws_grouped_signal_gemm.eligible(a, w, w_layout, send, out, block_m, block_n,
+                                             config)
+    if ws:
         grid, args, meta = ws_grouped_signal_gemm.launch_args(
             a, w, w_layout, send, out, step_table, block_m, block_n, num_ctas, counters,
             config)
@@ -262,21 +267,25 @@ def grouped_signal_gemm(a: torch.Tensor, w: torch.Tensor, send: torch.Tensor,
 
 class GroupedSignalGemmLauncher:
     """:func:`grouped_signal_gemm` bound to one step table and counter array (a workspace's);
-    checks once per argument signature, then launches through the JIT."""
+    checks and chooses the kernel once per argument signature, then launches through the
+    JIT."""
 
     def __init__(self, step_table, counters, *, block_m, block_n, num_ctas, config=None):
         self.step_table, self.counters = step_table, counters
         self.block_m, self.block_n, self.num_ctas, self.config = block_m, block_n, num_ctas, config
-        self._seen: set = set()
+        self._seen: dict = {}  # argument signature -> runs the warp-specialized kernel
 
     def __call__(self, a, w, send, out, stream_handle=None) -> None:
         key = (a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16, w.shape, w.stride(),
-               w.data_ptr() % 16, send.shape, out.shape)
-        if key not in self._seen:
+               w.data_ptr() % 16, send.shape, out.shape, send.data_ptr() % 16,
+               out.data_ptr() % 16)
+        ws = self._seen.get(key)
+        if ws is None:
             _validate(a, w, send, out, self.step_table, self.counters)
-            self._seen.add(key)
+            ws = self._seen[key] = uses_warp_specialized(a, w, send, out, self.block_m,
+                                                         self.block_n, self.config)
         _launch(a, w, send, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
-                self.counters, self.config)
+                self.counters, self.config, ws)
 
 
 def grouped_signal_gemm_ref(a: torch.Tensor, w: torch.Tensor, send: torch.Tensor,
