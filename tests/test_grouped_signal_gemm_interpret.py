@@ -85,3 +85,31 @@ else:
         # the self block landed in out: exactly this rank's rows from itself
         lo = sum(p.recv_splits[:rank])
         assert not out[lo:lo + p.recv_splits[rank]].isnan().any()
+
+    def test_launcher_matches_reference_and_chooses_once():
+        """The workspace launcher: the same results as the function, two calls with fresh
+        buffers, one kernel choice per argument signature (the pipelined kernel off sm_90)."""
+        W, E, rank, K, N, dtype = 2, 3, 0, 24, 40, torch.float32
+        p = _problem(7, W, E, rank, K, N, dtype)
+        plan = make_all_to_all_plan(p, PlanConfig(block_m=16, block_n=16, num_ctas=3,
+                                                  group_m=2))
+        table = torch.from_numpy(plan.step_table.copy())
+        counters = torch.zeros(plan.num_groups, dtype=torch.int32)
+        cfg = gk.GemmConfig(block_m=16, block_n=16, block_k=16, use_tma=False, flatten=False)
+        launch = gk.GroupedSignalGemmLauncher(table, counters, block_m=16, block_n=16,
+                                              num_ctas=3, config=cfg)
+        for seed in (0, 1):
+            g = torch.Generator().manual_seed(seed)
+            a = torch.randn(p.M, K, generator=g)
+            w = torch.randn(E, K, N, generator=g)
+            send = torch.full((p.M, N), float("nan"))
+            out = torch.full((p.recv_rows, N), float("nan"))
+            counters.zero_()
+            launch(a, w, send, out)
+            send_ref, out_ref = torch.full_like(send, float("nan")), torch.full_like(
+                out, float("nan"))
+            gk.grouped_signal_gemm_ref(a, w, send_ref, out_ref, table)
+            torch.testing.assert_close(send, send_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, out_ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+            assert counters.tolist() == plan.group_tile_counts.tolist()
+        assert list(launch._seen.values()) == [False]
