@@ -9,16 +9,30 @@ before and after each signal-GEMM timing; a row's efficiency is the median, over
 ``--repeats`` repetitions of the whole measurement, of ``mean(T_torch before, after) /
 T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).
 
+``--torch-sm-target`` adds the reference a reduced ``P`` should be held to: torch.matmul
+through cuBLASLt told to use ``P`` SMs (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``, which torch
+sets from ``torch._C._set_sm_carveout_experimental(SMs - P)`` -- the way torch's own
+async tensor parallelism leaves SMs to NCCL), timed after each signal-GEMM timing of that
+``P``.  Its rows are ``engine="torch-sm-target"`` (``efficiency_vs_torch``: its own time
+against torch.matmul on all SMs; ``num_ctas=None`` is cuBLASLt on all SMs, the control), and
+the signal GEMM rows of that ``P`` gain ``efficiency_vs_torch_sm_target`` (its time ratio to
+that reference, same repeat).  Why: on one H200 these GEMMs run at the 700 W power cap
+(nvidia-smi's clock-event reason "SW power cap", 1.45-1.86 GHz), so idle SMs give the others
+only a little more clock; what cuBLAS itself does on ``P`` SMs is the measure of how much of
+the loss at reduced ``P`` is the kernel's.
+
 Prints a table and writes ``results/<YYYY-MM-DD>-<machine>/gemm.json`` (DESIGN.md "Result
 files").  ``--sweep`` first times a few kernel variants on three shapes (tuning aid).
 
     python scripts/bench_gemm.py --repeats 3
     python scripts/bench_gemm.py --repeats 1 --m 8192 --kn 2048x8192,7168x8192 --rep 50  # quick
+    python scripts/bench_gemm.py --repeats 3 --cta-offsets 0,16 --torch-sm-target
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -74,6 +88,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="split a partial last wave along K (GemmConfig.split_tail)")
     p.add_argument("--max-registers", type=int,
                    help="cap on registers per thread (GemmConfig.max_registers)")
+    p.add_argument("--torch-sm-target", action="store_true",
+                   help="also time torch.matmul via cuBLASLt with an SM count target of P "
+                        "(the same-SM reference for reduced P)")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="first time kernel variants (';'-separated 'key=value,...' over "
                         "GemmConfig fields, group_m and num_ctas (programs; default all SMs); "
@@ -121,22 +138,60 @@ class _Bench:
         self.c = [torch.empty(M, N, device=dev, dtype=dtype) for _ in range(sets)]
         self.comm = None
 
-    def time(self, fn, warmup, rep) -> float:
-        turn = itertools.cycle(range(len(self.sets)))
-        return self.triton.testing.do_bench(lambda: fn(next(turn)), warmup=warmup, rep=rep,
+    def time(self, run, warmup, rep) -> float:
+        return self.triton.testing.do_bench(self._rotating(run), warmup=warmup, rep=rep,
                                             return_mode="median")
 
     def torch_ms(self, warmup, rep) -> float:
-        mm = self.torch.matmul
+        return self.time(self._torch_run, warmup, rep)
 
-        def run(i):
-            a, b = self.sets[i]
-            mm(a, b, out=self.c[i])
+    def _torch_run(self, i):
+        a, b = self.sets[i]
+        self.torch.matmul(a, b, out=self.c[i])
 
-        return self.time(run, warmup, rep)
+    def _rotating(self, run):
+        """``run(i)`` as a no-argument call that takes the input sets in turn."""
+        turn = itertools.cycle(range(len(self.sets)))
+        return lambda: run(next(turn))
+
+    @contextlib.contextmanager
+    def _sm_target(self, carveout: int):
+        """torch.matmul through cuBLASLt with ``SMs - carveout`` as its SM count target
+        (``carveout == 0``: cuBLASLt on all SMs); torch's settings are restored after."""
+        torch = self.torch
+        library = torch.backends.cuda.preferred_blas_library()
+        previous = torch._C._get_sm_carveout_experimental()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(carveout or None)
+        try:
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(previous)
+            torch.backends.cuda.preferred_blas_library(library)
+
+    def torch_sm_target_ms(self, carveout: int, warmup, rep) -> float:
+        with self._sm_target(carveout):
+            return self.torch_ms(warmup, rep)
+
+    def torch_sm_target_fn(self, carveout: int):
+        """One rotating torch.matmul call under :meth:`_sm_target` per call of the result."""
+        run = self._rotating(self._torch_run)
+
+        def call():
+            with self._sm_target(carveout):
+                run()
+
+        return call
 
     def signal_ms(self, plan, config, warmup, rep) -> float:
         """The signal GEMM into the same destinations as torch.matmul (``self.c``)."""
+        return self.time(self._signal_run(plan, config), warmup, rep)
+
+    def signal_fn(self, plan, config):
+        """One rotating signal-GEMM call per call of the result."""
+        return self._rotating(self._signal_run(plan, config))
+
+    def _signal_run(self, plan, config):
         torch = self.torch
         BM, BN = plan.config.block_m, plan.config.block_n
         table = torch.from_numpy(plan.step_table.copy()).to("cuda")
@@ -153,7 +208,7 @@ class _Bench:
             # Counters only grow here (no watcher); int32 wraps after ~1e5 calls of 8k tiles.
             launcher(a, b, self.c[i], stream=stream)
 
-        return self.time(run, warmup, rep)
+        return run
 
 
 def _config_from_args(args, base):
@@ -281,6 +336,9 @@ def main(argv=None) -> int:
                 row = measurements.setdefault((M, N, K), {"torch": []})
                 t_before = bench.torch_ms(args.warmup, args.rep)
                 row["torch"].append(t_before)
+                if args.torch_sm_target:
+                    row.setdefault(("target", sms), []).append(
+                        bench.torch_sm_target_ms(0, args.warmup, args.rep))
                 for off in offsets:
                     P = sms - off
                     # AllReduce at W = 1: dest_row = row, the plain layout
@@ -298,6 +356,10 @@ def main(argv=None) -> int:
                     row["torch"].append(t_after)
                     row.setdefault(P, []).append(t)
                     row.setdefault(("eff", P), []).append(0.5 * (t_before + t_after) / t)
+                    if args.torch_sm_target and off:
+                        t_target = bench.torch_sm_target_ms(off, args.warmup, args.rep)
+                        row.setdefault(("target", P), []).append(t_target)
+                        row.setdefault(("eff_target", P), []).append(t_target / t)
                     a0, b0 = bench.sets[0]
                     row[("kernel", P)] = ("warp_specialized" if sg.ws_signal_gemm.eligible(
                         a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
@@ -321,6 +383,15 @@ def main(argv=None) -> int:
         rows.append(dict(common, M=M, N=N, K=K, engine="torch", num_ctas=None,
                          median_ms=t_torch, tflops=flops / t_torch / 1e9,
                          efficiency_vs_torch=1.0))
+        for key, times in row.items():
+            if isinstance(key, tuple) and key[0] == "target":
+                P, t = key[1], statistics.median(times)
+                label = "cublaslt" if P == sms else "cublaslt@P"
+                print(f"{M:>6} {N:>6} {K:>6} {label:>12} {P:>4} {t:8.3f} "
+                      f"{flops / t / 1e9:8.1f} {t_torch / t:6.3f}")
+                rows.append(dict(common, M=M, N=N, K=K, engine="torch-sm-target",
+                                 num_ctas=None if P == sms else P, sms=sms, median_ms=t,
+                                 tflops=flops / t / 1e9, efficiency_vs_torch=t_torch / t))
         for P, times in row.items():
             if not isinstance(P, int):
                 continue
@@ -328,12 +399,17 @@ def main(argv=None) -> int:
             t = statistics.median(times)
             kernel = row[("kernel", P)]
             cfg, group_m = row[("config", P)]
+            same = row.get(("eff_target", P))
+            extra = {} if same is None else {
+                "efficiency_vs_torch_sm_target": statistics.median(same)}
             print(f"{M:>6} {N:>6} {K:>6} {'flashoverlap':>12} {P:>4} {t:8.3f} "
-                  f"{flops / t / 1e9:8.1f} {eff:6.3f}  {kernel} gm{group_m}")
+                  f"{flops / t / 1e9:8.1f} {eff:6.3f}  {kernel} gm{group_m}"
+                  + (f"  vs cublaslt@P {extra['efficiency_vs_torch_sm_target']:.3f}"
+                     if extra else ""))
             rows.append(dict(common, M=M, N=N, K=K, engine="flashoverlap", num_ctas=P,
                              median_ms=t, tflops=flops / t / 1e9, efficiency_vs_torch=eff,
                              sms=sms, group_m=group_m, kernel=kernel,
-                             config=dataclasses.asdict(cfg)))
+                             config=dataclasses.asdict(cfg), **extra))
 
     for off in offsets:
         effs = [r["efficiency_vs_torch"] for r in rows
@@ -341,6 +417,15 @@ def main(argv=None) -> int:
         if effs:
             print(f"P = SMs-{off}: efficiency median {statistics.median(effs):.3f}, "
                   f"min {min(effs):.3f}, max {max(effs):.3f}")
+        same = [r["efficiency_vs_torch_sm_target"] for r in rows
+                if r["engine"] == "flashoverlap" and r["num_ctas"] == sms - off
+                and "efficiency_vs_torch_sm_target" in r]
+        ref = [r["efficiency_vs_torch"] for r in rows
+               if r["engine"] == "torch-sm-target" and r["num_ctas"] == sms - off]
+        if same:
+            print(f"P = SMs-{off}: cuBLASLt on P SMs against torch.matmul: median "
+                  f"{statistics.median(ref):.3f}, min {min(ref):.3f}; the signal GEMM against "
+                  f"it: median {statistics.median(same):.3f}, min {min(same):.3f}")
 
     out_dir = args.out or Path("results") / f"{today}-{args.machine or _machine_tag(props.name)}"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ GEMM rows: per dtype and B layout, for the nine square-ish shapes (N = 8192) and
 and over all bf16 rows; then the lowest rows.  ``--replace`` files supply rows that take the
 place of same-shape rows (same M, N, K, dtype, layout, P) -- how an A/B run's rows stand in
 for the main run's (e.g. ``ws-run5``'s ``ab-gm8-*``).  ``--check P=MEDIAN/MIN`` exits 1 when
-the all-bf16 row of that P is below the target.
+the all-bf16 row of that P is below the target.  ``--key efficiency_vs_torch_sm_target``
+summarizes the ratio to cuBLASLt on the same SMs instead (``bench_gemm.py --torch-sm-target``;
+rows without it are left out).
 """
 
 from __future__ import annotations
@@ -44,12 +46,15 @@ def load_rows(paths: list[Path], replace: list[Path] = ()) -> list[dict]:
     return [subs.get(key(r), r) for r in rows_of(_files(paths))]
 
 
-def stats(rows: list[dict]) -> tuple[float, float] | None:
-    effs = [r["efficiency_vs_torch"] for r in rows]
+KEY = "efficiency_vs_torch"
+
+
+def stats(rows: list[dict], key: str = KEY) -> tuple[float, float] | None:
+    effs = [r[key] for r in rows]
     return (statistics.median(effs), min(effs)) if effs else None
 
 
-def table(rows: list[dict]) -> list[str]:
+def table(rows: list[dict], key: str = KEY) -> list[str]:
     ps = sorted({r["num_ctas"] for r in rows}, reverse=True)
     groups = []
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -65,7 +70,7 @@ def table(rows: list[dict]) -> list[str]:
         cells = []
         for p in ps:
             sel = [r for r in rows if r["num_ctas"] == p and pred(r)]
-            s = stats(sel)
+            s = stats(sel, key)
             cells.append(f" | {s[0]:.3f} / {s[1]:.3f} ({len(sel):>2})       " if s else
                          f" | {'-':<24}")
         if any("/" in c for c in cells):
@@ -78,23 +83,29 @@ def main(argv=None) -> int:
     p.add_argument("paths", nargs="+", type=Path, help="JSON files or folders of them")
     p.add_argument("--replace", nargs="*", type=Path, default=[],
                    help="files whose rows replace same-shape rows of the main files")
+    p.add_argument("--key", default=KEY,
+                   choices=[KEY, "efficiency_vs_torch_sm_target"],
+                   help="which efficiency to summarize")
     p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
     p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
                    help="target for the all-bf16 rows of P (exit 1 if not met)")
     args = p.parse_args(argv)
-    rows = load_rows(args.paths, args.replace)
+    key = args.key
+    rows = [r for r in load_rows(args.paths, args.replace) if key in r]
     if not rows:
-        print("no bench=gemm signal GEMM rows found", file=sys.stderr)
+        print(f"no bench=gemm signal GEMM rows with {key} found", file=sys.stderr)
         return 2
-    print("\n".join(table(rows)))
-    low = sorted(rows, key=lambda r: r["efficiency_vs_torch"])[:args.lowest]
+    print(f"{key}:")
+    print("\n".join(table(rows, key)))
+    low = sorted(rows, key=lambda r: r[key])[:args.lowest]
     print("lowest: " + "; ".join(f"{r['M']}x{r['N']}x{r['K']} {r['dtype']} {r.get('b_layout')} "
-                                 f"P={r['num_ctas']} {r['efficiency_vs_torch']:.3f}" for r in low))
+                                 f"P={r['num_ctas']} {r[key]:.3f}" for r in low))
     failed = False
     for target in args.check:
         P, _, bounds = target.partition("=")
         want_median, want_min = (float(x) for x in bounds.split("/"))
-        s = stats([r for r in rows if r["num_ctas"] == int(P) and r["dtype"] == "bfloat16"])
+        s = stats([r for r in rows if r["num_ctas"] == int(P) and r["dtype"] == "bfloat16"],
+                  key)
         ok = s is not None and s[0] >= want_median and s[1] >= want_min
         failed |= not ok
         print(f"target P={P}: median >= {want_median}, min >= {want_min}: "

@@ -64,11 +64,12 @@ def _is_png(path: Path) -> bool:
 # --help and launcher runs
 # --------------------------------------------------------------------------------------------
 HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py": ("--max-shapes", "--no-p2p"),
-              "bench_residual.py": ("--config-json", "--no-p2p"), "bench_gemm.py": ("--repeats", "--kn"),
+              "bench_residual.py": ("--config-json", "--no-p2p"), "bench_gemm.py": ("--repeats", "--torch-sm-target"),
               "bench_overhead.py": ("--host-iters", "--groups"), "soak.py": ("--calls", "--watchdog"),
               "host_overhead.py": ("--group-m", "--json"),
               "bench_sm_sharing.py": ("--probes", "--max-registers"),
-              "summarize_gemm.py": ("--replace", "--check")}
+              "summarize_gemm.py": ("--replace", "--check", "--key"),
+              "gemm_clock_probe.py": ("--seconds", "--ctas")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):

@@ -1,0 +1,160 @@
+"""SM clock and board power while a GEMM runs: where a reduced-P GEMM's time goes (issue 14).
+
+Role
+----
+``bench_gemm.py --torch-sm-target`` showed that on one H200 cuBLASLt told to use 116 of 132
+SMs loses only 3-7 % of its time against all SMs, while the signal GEMM at ``P = 116`` loses
+5-10 %; the SM ratio alone would cost 12 %.  The difference is clock: the board runs these
+GEMMs at its 700 W cap, and 16 idle SMs leave power for a higher clock on the others.  This
+probe measures that directly: for each shape it runs, back to back for ``--seconds`` each,
+the signal GEMM at each ``P`` and torch.matmul through cuBLASLt with an SM count target of
+each ``P``, while ``nvidia-smi`` samples the SM clock and board power every 100 ms; each
+phase reports ms per call, mean clock, mean power and the clock-event reasons seen.  It
+also names the cuBLASLt kernels (torch.profiler) at each SM target: a different kernel at a
+reduced target (tile, cluster, stream-K) is part of the answer.
+
+Why a wall-clock phase and not CUDA events: the clock settles over hundreds of milliseconds
+(power management), so only a sustained run shows the clock a GEMM gets; ms per call comes
+from the same phase (calls / elapsed after a synchronize).  The first 0.3 s of each phase's
+samples are dropped (the previous phase's clock).
+
+    python scripts/gemm_clock_probe.py --out DIR [--shapes 8192x8192x2048,...] [--seconds 2]
+
+Writes ``DIR/gemm-clock.json`` (``bench="gemm_clock"`` rows) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPES = "4096x8192x2048,8192x8192x2048,8192x8192x8192,6144x5120x4096,16384x8192x8192"
+
+
+class _Sampler:
+    """``nvidia-smi`` in the background: (host time, SM MHz, W, reasons) every 100 ms."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float, str]] = []
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
+             "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                self.samples.append((time.time(), float(parts[0]), float(parts[1]), parts[2]))
+            except (ValueError, IndexError):
+                continue
+
+    def window(self, t0: float, t1: float):
+        return [s for s in self.samples if t0 <= s[0] <= t1]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+
+
+def _kernel_names(torch, fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return sorted({e.key for e in prof.key_averages()
+                   if getattr(e.device_type, "name", "") == "CUDA"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shapes", default=SHAPES, help="MxNxK,... (B row-major)")
+    p.add_argument("--ctas", default="132,116", help="P values (SM targets for cuBLASLt)")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each phase")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = p.parse_args(argv)
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("gemm_clock_probe.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import _git_commit
+    from bench_gemm import _Bench
+    from flashoverlap.kernels import gemm_config_for
+    from flashoverlap.kernels import signal_gemm as sg
+    from flashoverlap.plan import PlanConfig, Problem, make_plan
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    dtype = getattr(torch, args.dtype)
+    ctas = [int(x) for x in args.ctas.split(",")]
+    sampler = _Sampler()
+    rows, lines = [], []
+    common = {"bench": "gemm_clock", "dtype": args.dtype, "b_layout": "kn",
+              "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+              "triton": triton.__version__, "commit": _git_commit(),
+              "date": time.strftime("%Y-%m-%d")}
+    for shape in args.shapes.split(","):
+        M, N, K = (int(x) for x in shape.split("x"))
+        bench = _Bench(torch, triton, sg, M, N, K, dtype, "kn", 4)
+        for P in ctas:
+            for engine in ("flashoverlap", "cublaslt"):
+                if engine == "flashoverlap":
+                    choice = gemm_config_for(M, N, K, args.dtype, P,
+                                             torch.cuda.get_device_capability(dev))
+                    plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
+                                     PlanConfig(block_m=choice.config.block_m,
+                                                block_n=choice.config.block_n,
+                                                num_ctas=P, group_m=choice.group_m))
+                    fn = bench.signal_fn(plan, choice.config)
+                    names = []
+                else:
+                    fn = bench.torch_sm_target_fn(sms - P)
+                    names = _kernel_names(torch, fn)
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                calls, t0 = 0, time.time()
+                while time.time() - t0 < args.seconds:
+                    for _ in range(10):
+                        fn()
+                    calls += 10
+                    torch.cuda.synchronize()
+                t1 = time.time()
+                window = sampler.window(t0 + 0.3, t1)
+                clock = statistics.mean(s[1] for s in window) if window else None
+                power = statistics.mean(s[2] for s in window) if window else None
+                reasons = sorted({s[3] for s in window})
+                ms = (t1 - t0) * 1e3 / calls
+                rows.append(dict(common, M=M, N=N, K=K, engine=engine, num_ctas=P, sms=sms,
+                                 median_ms=ms, tflops=2.0 * M * N * K / ms / 1e9,
+                                 sm_clock_mhz=clock, power_w=power, clock_reasons=reasons,
+                                 samples=len(window), kernels=names))
+                lines.append(f"{M:>6} {N:>6} {K:>6} {engine:>12} {P:>4} {ms:8.3f} "
+                             f"{2.0 * M * N * K / ms / 1e9:8.1f} "
+                             f"{clock if clock is None else round(clock):>6} "
+                             f"{power if power is None else round(power):>5} "
+                             f"{','.join(reasons)}" + (f"  {names}" if names else ""))
+                print(lines[-1], flush=True)
+        del bench
+        torch.cuda.empty_cache()
+    sampler.stop()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gemm-clock.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out / 'gemm-clock.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
