@@ -441,10 +441,10 @@ def test_summarize_gemm_reproduces_the_readme_table():
 
 
 def test_summarize_gemm_reproduces_the_final_runs_in_the_readme():
-    """The final kernel's four acceptance runs (wssplit-run3/4, grouped-run3/5, the split last
-    wave in the warp-specialized kernel): the README's all-bf16 medians and minima, run 3
-    meeting all four targets, run 4 missing the P = 116 minimum (0.899), grouped-run3 and 5
-    the P = 116 median (0.941, 0.940)."""
+    """The final kernel's six acceptance runs (wssplit-run3/4, grouped-run3/5, verify-run1,
+    smtarget-run2; the split last wave in the warp-specialized kernel): the README's all-bf16
+    medians and minima, run 3 meeting all four targets, run 4 missing the P = 116 minimum
+    (0.899), the later four the P = 116 median (0.941, 0.940, 0.944, 0.940)."""
     import summarize_gemm as sgm
 
     run = ROOT / "results" / "2026-12-02-h200"
@@ -452,14 +452,49 @@ def test_summarize_gemm_reproduces_the_final_runs_in_the_readme():
     want = {"wssplit-run3": ([1.006, 0.970], [0.957, 0.904], 0),
             "wssplit-run4": ([1.011, 0.967], [0.954, 0.899], 1),
             "grouped-run3": ([1.011, 0.967], [0.941, 0.908], 1),
-            "grouped-run5": ([1.010, 0.973], [0.940, 0.910], 1)}
+            "grouped-run5": ([1.010, 0.973], [0.940, 0.910], 1),
+            "verify-run1": ([1.005, 0.954], [0.944, 0.901], 1),
+            "smtarget-run2": ([1.005, 0.955], [0.940, 0.909], 1)}
     for name, (p132, p116, rc) in want.items():
-        rows = [r for r in sgm.load_rows([run / name]) if r["dtype"] == "bfloat16"]
+        files = sorted((run / name).glob("gemm-*.json"))  # not smtarget-run2's honored.json
+        rows = [r for r in sgm.load_rows(files) if r["dtype"] == "bfloat16"]
         assert len(rows) == 52 and {r["kernel"] for r in rows} == {"warp_specialized"}
         got = {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
                for P in (132, 116)}
         assert got == {132: p132, 116: p116}, name
-        assert sgm.main([str(run / name), *checks]) == rc, name
+        assert sgm.main([*map(str, files), *checks]) == rc, name
+
+
+def test_same_sm_reference_reproduces_the_readme_table():
+    """smtarget-run2's rows give the README's P = 116 same-SM table: cuBLASLt with an SM count
+    target of 116 against torch.matmul on all SMs, and the signal GEMM against it
+    (``summarize_gemm.py --key efficiency_vs_torch_sm_target``); clock-run3 the clock gap."""
+    import json
+    import statistics
+
+    import summarize_gemm as sgm
+
+    run = ROOT / "results" / "2026-12-02-h200"
+    files = sorted((run / "smtarget-run2").glob("gemm-bf16-*.json"))
+    assert len(files) == 4
+    raw = [r for f in files for r in json.loads(f.read_text())]
+    ref = {P: [r["efficiency_vs_torch"] for r in raw
+               if r["engine"] == "torch-sm-target" and r["num_ctas"] == P] for P in (None, 116)}
+    assert {P: len(v) for P, v in ref.items()} == {None: 26, 116: 26}
+    assert [round(statistics.median(ref[116]), 3), round(min(ref[116]), 3)] == [0.956, 0.917]
+    assert [round(statistics.median(ref[None]), 3), round(min(ref[None]), 3)] == [1.006, 0.977]
+    key = "efficiency_vs_torch_sm_target"
+    rows = [r for r in sgm.load_rows(files) if key in r]
+    assert len(rows) == 26 and {r["num_ctas"] for r in rows} == {116}
+    assert [round(x, 3) for x in sgm.stats(rows, key)] == [0.991, 0.954]
+    assert sgm.main([str(f) for f in files]) == 0
+    assert sgm.main([*map(str, files), "--key", key, "--check", "116=0.99/0.95"]) == 0
+    assert sgm.main([*map(str, files), "--check", "116=0.95/0.90"]) == 1
+    clock = json.loads((run / "clock-run3" / "gemm-clock.json").read_text())
+    by = {(r["M"], r["N"], r["K"], r["engine"], r["num_ctas"]): r for r in clock}
+    gaps = sorted(by[(M, N, K, "cublaslt", 116)]["sm_clock_mhz"] / r["sm_clock_mhz"] - 1
+                  for (M, N, K, e, P), r in by.items() if e == "flashoverlap" and P == 116)
+    assert len(gaps) == 5 and 0.0 < gaps[0] < 0.005 and 0.017 <= gaps[1] and gaps[-1] <= 0.033
 
 
 def test_grouped_rows_reproduce_the_readme_table():
