@@ -19,6 +19,11 @@ from the same phase (calls / elapsed after a synchronize).  The first 0.3 s of e
 samples are dropped (the previous phase's clock).
 
     python scripts/gemm_clock_probe.py --out DIR [--shapes 8192x8192x2048,...] [--seconds 2]
+    python scripts/gemm_clock_probe.py --out DIR --ctas 116 --group-m 16,32 --rounds 2
+
+``--group-m`` adds signal-GEMM phases with other band heights (the L2 swizzle): under a power
+cap, DRAM bytes are power too, so a band height that reads the operands fewer times from
+HBM could buy clock even where it changes no instruction.
 
 Writes ``DIR/gemm-clock.json`` (``bench="gemm_clock"`` rows) and prints a table.
 """
@@ -74,6 +79,26 @@ def _kernel_names(torch, fn) -> list[str]:
                    if getattr(e.device_type, "name", "") == "CUDA"})
 
 
+def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
+    """``fn`` back to back for ``seconds`` (after 20 warm-up calls): ms per call and the
+    mean clock / power / the clock-event reasons nvidia-smi saw after the first 0.3 s."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    calls, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(10):
+            fn()
+        calls += 10
+        torch.cuda.synchronize()
+    t1 = time.time()
+    window = sampler.window(t0 + 0.3, t1)
+    return {"median_ms": (t1 - t0) * 1e3 / calls,
+            "sm_clock_mhz": statistics.mean(s[1] for s in window) if window else None,
+            "power_w": statistics.mean(s[2] for s in window) if window else None,
+            "clock_reasons": sorted({s[3] for s in window}), "samples": len(window)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -81,6 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--ctas", default="132,116", help="P values (SM targets for cuBLASLt)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of each phase")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--group-m", default="",
+                   help="extra signal-GEMM phases with these band heights (e.g. 16,32; the "
+                        "tuner's own choice always runs)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every shape's phases this many times, interleaved")
     args = p.parse_args(argv)
     import torch
     import triton
@@ -100,53 +130,44 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     ctas = [int(x) for x in args.ctas.split(",")]
     sampler = _Sampler()
-    rows, lines = [], []
+    rows = []
     common = {"bench": "gemm_clock", "dtype": args.dtype, "b_layout": "kn",
               "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
               "triton": triton.__version__, "commit": _git_commit(),
               "date": time.strftime("%Y-%m-%d")}
+    group_ms = [None] + [int(x) for x in args.group_m.split(",") if x]
     for shape in args.shapes.split(","):
         M, N, K = (int(x) for x in shape.split("x"))
         bench = _Bench(torch, triton, sg, M, N, K, dtype, "kn", 4)
-        for P in ctas:
-            for engine in ("flashoverlap", "cublaslt"):
-                if engine == "flashoverlap":
-                    choice = gemm_config_for(M, N, K, args.dtype, P,
-                                             torch.cuda.get_device_capability(dev))
-                    plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
-                                     PlanConfig(block_m=choice.config.block_m,
-                                                block_n=choice.config.block_n,
-                                                num_ctas=P, group_m=choice.group_m))
-                    fn = bench.signal_fn(plan, choice.config)
-                    names = []
-                else:
-                    fn = bench.torch_sm_target_fn(sms - P)
-                    names = _kernel_names(torch, fn)
-                for _ in range(20):
-                    fn()
-                torch.cuda.synchronize()
-                calls, t0 = 0, time.time()
-                while time.time() - t0 < args.seconds:
-                    for _ in range(10):
-                        fn()
-                    calls += 10
-                    torch.cuda.synchronize()
-                t1 = time.time()
-                window = sampler.window(t0 + 0.3, t1)
-                clock = statistics.mean(s[1] for s in window) if window else None
-                power = statistics.mean(s[2] for s in window) if window else None
-                reasons = sorted({s[3] for s in window})
-                ms = (t1 - t0) * 1e3 / calls
-                rows.append(dict(common, M=M, N=N, K=K, engine=engine, num_ctas=P, sms=sms,
-                                 median_ms=ms, tflops=2.0 * M * N * K / ms / 1e9,
-                                 sm_clock_mhz=clock, power_w=power, clock_reasons=reasons,
-                                 samples=len(window), kernels=names))
-                lines.append(f"{M:>6} {N:>6} {K:>6} {engine:>12} {P:>4} {ms:8.3f} "
-                             f"{2.0 * M * N * K / ms / 1e9:8.1f} "
-                             f"{clock if clock is None else round(clock):>6} "
-                             f"{power if power is None else round(power):>5} "
-                             f"{','.join(reasons)}" + (f"  {names}" if names else ""))
-                print(lines[-1], flush=True)
+        names = {P: _kernel_names(torch, bench.torch_sm_target_fn(sms - P)) for P in ctas}
+        for rnd in range(args.rounds):
+            for P in ctas:
+                for engine, gm in [("cublaslt", None)] + [("flashoverlap", g) for g in group_ms]:
+                    if engine == "flashoverlap":
+                        choice = gemm_config_for(M, N, K, args.dtype, P,
+                                                 torch.cuda.get_device_capability(dev))
+                        gm = gm or choice.group_m
+                        plan = make_plan(Problem(M, N, K, args.dtype, 1, "all_reduce"),
+                                         PlanConfig(block_m=choice.config.block_m,
+                                                    block_n=choice.config.block_n,
+                                                    num_ctas=P, group_m=gm))
+                        fn = bench.signal_fn(plan, choice.config)
+                    else:
+                        fn = bench.torch_sm_target_fn(sms - P)
+                    row = _phase(torch, fn, sampler, args.seconds)
+                    flops = 2.0 * M * N * K
+                    rows.append(dict(common, M=M, N=N, K=K, engine=engine, num_ctas=P, sms=sms,
+                                     group_m=gm, round=rnd, **row,
+                                     tflops=flops / row["median_ms"] / 1e9,
+                                     kernels=names[P] if engine == "cublaslt" else []))
+                    clock, power = row["sm_clock_mhz"], row["power_w"]
+                    print(f"{M:>6} {N:>6} {K:>6} {engine:>12} {P:>4} {gm or '':>3} "
+                          f"{row['median_ms']:8.3f} {flops / row['median_ms'] / 1e9:8.1f} "
+                          f"{clock if clock is None else round(clock):>6} "
+                          f"{power if power is None else round(power):>5} "
+                          f"{','.join(row['clock_reasons'])}"
+                          + (f"  {names[P]}" if engine == "cublaslt" and rnd == 0 else ""),
+                          flush=True)
         del bench
         torch.cuda.empty_cache()
     sampler.stop()
