@@ -25,7 +25,7 @@ samples are dropped (the previous phase's clock).
 cap, DRAM bytes are power too, so a band height that reads the operands fewer times from
 HBM could buy clock even where it changes no instruction.
 
-Writes ``DIR/gemm-clock.json`` (``bench="gemm_clock"`` rows) and prints a table.
+Writes ``DIR/<--name>.json`` (default ``gemm-clock``; ``bench="gemm_clock"`` rows) and prints a table.
 """
 
 from __future__ import annotations
@@ -102,7 +102,10 @@ def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shapes", default=SHAPES, help="MxNxK,... (B row-major)")
+    p.add_argument("--name", default="gemm-clock", help="result file name (without .json)")
+    p.add_argument("--shapes", default=SHAPES, help="MxNxK,...")
+    p.add_argument("--b-layout", default="kn", choices=["kn", "nk"],
+                   help="B row-major [K, N] (kn) or w.t() of an [N, K] weight (nk)")
     p.add_argument("--ctas", default="132,116", help="P values (SM targets for cuBLASLt)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of each phase")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -131,14 +134,14 @@ def main(argv=None) -> int:
     ctas = [int(x) for x in args.ctas.split(",")]
     sampler = _Sampler()
     rows = []
-    common = {"bench": "gemm_clock", "dtype": args.dtype, "b_layout": "kn",
+    common = {"bench": "gemm_clock", "dtype": args.dtype, "b_layout": args.b_layout,
               "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
               "triton": triton.__version__, "commit": _git_commit(),
               "date": time.strftime("%Y-%m-%d")}
     group_ms = [None] + [int(x) for x in args.group_m.split(",") if x]
     for shape in args.shapes.split(","):
         M, N, K = (int(x) for x in shape.split("x"))
-        bench = _Bench(torch, triton, sg, M, N, K, dtype, "kn", 4)
+        bench = _Bench(torch, triton, sg, M, N, K, dtype, args.b_layout, 4)
         names = {P: _kernel_names(torch, bench.torch_sm_target_fn(sms - P)) for P in ctas}
         for rnd in range(args.rounds):
             for P in ctas:
@@ -172,8 +175,9 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     sampler.stop()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gemm-clock.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {args.out / 'gemm-clock.json'}")
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
