@@ -11,9 +11,10 @@ Rules, chosen from DESIGN.md's measurements rather than tuned per shape:
   rounding to the world size: groups are whole row bands of every row block, so any ``P``
   gives every rank the same rows per group;
 * bands: a group is a run of whole bands (``group_m`` tile rows, the full width), so the
-  band count bounds how fine the pipeline can be.  ``group_m`` is the swizzle width 8 of
-  Triton's matmul (L2 reuse) unless that leaves fewer than :data:`MIN_BANDS` bands; then
-  the largest power of two that gives that many (down to 1: one tile row per band);
+  band count bounds how fine the pipeline can be.  ``group_m`` is the GEMM's preferred swizzle
+  width (L2 reuse: 8 as in Triton's matmul, 16 for K < 4096 -- ``kernels.GEMM_RULES``) unless
+  that leaves fewer than :data:`MIN_BANDS` bands; then the largest power of two that gives
+  that many (down to 1: one tile row per band);
 * groups: about four groups of equal band counts, the first one band only so the first
   collective starts as early as possible; a single band gives one group, and the engine
   then falls back to sequential.
@@ -46,9 +47,19 @@ def split_bands(num_bands: int, target_groups: int = TARGET_GROUPS) -> tuple[int
     return (1, *sizes)
 
 
-def band_group_m(problem: Problem, block_m: int, *, max_group_m: int = DEFAULT_GROUP_M,
+def band_group_m(problem: Problem, block_m: int, *, max_group_m: int | None = None,
                  min_bands: int = MIN_BANDS) -> int:
-    """The largest power of two ``<= max_group_m`` that leaves ``min_bands`` bands, else 1."""
+    """The largest power of two ``<= max_group_m`` that leaves ``min_bands`` bands, else 1.
+
+    ``max_group_m=None``: the band height the GEMM prefers for the problem's shape,
+    :func:`flashoverlap.kernels.gemm_config_for`'s ``group_m`` (:data:`DEFAULT_GROUP_M` but
+    where a measured rule says otherwise; matched with the sm_90 table at 132 CTAs -- no rule
+    depends on ``P`` or the GPU today).
+    """
+    if max_group_m is None:
+        from .kernels import gemm_config_for  # torch-only import; no GPU needed
+
+        max_group_m = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype).group_m
     tiles_m = math.ceil(problem.rows_per_block / block_m)
     group_m = 1 << (max(max_group_m, 1).bit_length() - 1)
     while group_m > 1 and math.ceil(tiles_m / group_m) < min_bands:

@@ -91,3 +91,19 @@ def test_default_config_shapes(op, M):
     blocks = 4 if op == "reduce_scatter" else 1
     assert plan.num_tiles == blocks * math.ceil(M / blocks / 128) * 32
     assert plan.config.num_ctas == 116
+
+
+def test_band_group_m_takes_the_gemm_preference():
+    """Without ``max_group_m`` the band height is the GEMM's preferred one
+    (``kernels.gemm_config_for``: 16 below K = 4096, else 8), lowered to keep MIN_BANDS."""
+    def gm(M, K, op="all_reduce", W=1):
+        return band_group_m(Problem(M, 8192, K, "bfloat16", W, op), 128)
+
+    assert gm(16384, 2048) == 16   # 128 tile rows: 8 bands of 16
+    assert gm(16384, 4096) == 8    # K >= 4096: the default swizzle width
+    assert gm(8192, 2048) == 8     # 64 tile rows: 16 would leave 4 bands
+    assert gm(32768, 2048) == 16
+    assert gm(32768, 2048, "reduce_scatter", 2) == 16  # 16384 rows per block
+    assert gm(32768, 2048, "reduce_scatter", 4) == 8   # 8192 rows per block
+    assert gm(16384, 2048, "all_reduce") == band_group_m(
+        Problem(16384, 8192, 2048, "float16", 1, "all_reduce"), 128)

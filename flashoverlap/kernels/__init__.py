@@ -287,7 +287,23 @@ class GemmRule:
 # ws-run4, one repeat, and ws-run5, three repeats, both B layouts, P = 132 and 116).  The time
 # ratio was +0.8 % in the median of 24 pairs in ws-run5, but 1.000 for B row-major at P = 132
 # and single pairs ran from -3 % to +7 %: not above the noise for both layouts and both P.
-GEMM_RULES: tuple[GemmRule, ...] = ()
+# (Its K = 2048 part was resolved by longer, clock-settled phases: the rule below.)
+#
+# Band height under the power cap (2026-12-02, results/2026-12-02-h200/clock-gm-run4 and
+# clock-gm-run5, scripts/gemm_clock_probe.py: 1.2-1.5 s of back-to-back calls per variant,
+# two interleaved rounds, both B layouts, P = 132 and 116): with K = 2048, group_m 16 took
+# 1.1-1.8 % less time than 8 on 11 of 12 (shape, layout, P) means -- 4096, 8192 and 16384 x
+# 8192 x 2048 -- and 0.3 % on the twelfth, at a 1-3.5 % higher SM clock at the same ~691 W:
+# the H200 runs these GEMMs at its power cap, and a band of 16 tile rows reads B from HBM
+# half as often (at K = 2048 a 16-row band of A is 8 MB, well inside the L2).  At K = 4096
+# (6144x5120, 11008x5120) group_m 16 was within -1.1/+0.6 % and 32 up to 1.4 % slower:
+# hence the rule stops below K = 4096.  group_m is the planners' upper bound
+# (flashoverlap.defaults.band_group_m lowers it to keep MIN_BANDS bands for the overlap).
+GEMM_RULES: tuple[GemmRule, ...] = (
+    GemmRule(group_m=16, k=(1, 4096),
+             note="H200 gemm_clock_probe, 2026-12-02: group_m 16 over 8 at K = 2048, "
+                  "1.1-1.8 % less time on 11 of 12 means (clock-gm-run4/5)"),
+)
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
