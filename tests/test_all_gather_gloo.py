@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import flashoverlap as fo
 from dist_harness import run_distributed
