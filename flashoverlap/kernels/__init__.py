@@ -293,7 +293,7 @@ class GemmRule:
 # clock-gm-run5, scripts/gemm_clock_probe.py: 1.2-1.5 s of back-to-back calls per variant,
 # two interleaved rounds, both B layouts, P = 132 and 116): with K = 2048, group_m 16 took
 # 1.1-1.8 % less time than 8 on 11 of 12 (shape, layout, P) means -- 4096, 8192 and 16384 x
-# 8192 x 2048 -- and 0.3 % on the twelfth, at a 1-3.5 % higher SM clock at the same ~691 W:
+# 8192 x 2048 -- and 0.3 % on the twelfth, at a 0.6-3.5 % higher SM clock:
 # the H200 runs these GEMMs at its power cap, and a band of 16 tile rows reads B from HBM
 # half as often (at K = 2048 a 16-row band of A is 8 MB, well inside the L2).  At K = 4096
 # (6144x5120, 11008x5120) group_m 16 was within -1.1/+0.6 % and 32 up to 1.4 % slower:
