@@ -468,6 +468,45 @@ def test_summarize_gemm_reproduces_the_final_runs_in_the_readme():
         assert sgm.main([*map(str, files), *checks]) == rc, name
 
 
+def test_sm_target_sets_and_restores_torch_settings():
+    """``bench_gemm``'s cuBLASLt reference switches torch to cuBLASLt with an SM carveout only
+    around its own calls and restores both settings after, also when a call raises (a CPU
+    torch cannot select cuBLASLt, so torch is a recording stand-in here)."""
+    import types
+
+    import bench_gemm
+
+    state = {"library": "cublas", "carveout": None}
+    seen = []
+
+    def library(name=None):
+        if name is not None:
+            state["library"] = name
+        return state["library"]
+
+    def set_carveout(value):
+        state["carveout"] = value
+
+    fake = types.SimpleNamespace(
+        backends=types.SimpleNamespace(cuda=types.SimpleNamespace(preferred_blas_library=library)),
+        _C=types.SimpleNamespace(_get_sm_carveout_experimental=lambda: state["carveout"],
+                                 _set_sm_carveout_experimental=set_carveout),
+        matmul=lambda a, b, out: seen.append((dict(state), a, b, out)))
+    bench = object.__new__(bench_gemm._Bench)
+    bench.torch, bench.sets, bench.c = fake, [("a0", "b0"), ("a1", "b1")], ["c0", "c1"]
+    call = bench.torch_sm_target_fn(16)
+    call(), call(), call()
+    assert [x[1:] for x in seen] == [("a0", "b0", "c0"), ("a1", "b1", "c1"), ("a0", "b0", "c0")]
+    assert all(x[0] == {"library": "cublaslt", "carveout": 16} for x in seen)
+    assert state == {"library": "cublas", "carveout": None}
+    bench.torch_sm_target_fn(0)()
+    assert seen[-1][0] == {"library": "cublaslt", "carveout": None}  # 0: cuBLASLt on all SMs
+    fake.matmul = lambda *a, **k: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        bench.torch_sm_target_fn(16)()
+    assert state == {"library": "cublas", "carveout": None}
+
+
 def test_same_sm_reference_reproduces_the_readme_table():
     """smtarget-run2's rows give the README's P = 116 same-SM table: cuBLASLt with an SM count
     target of 116 against torch.matmul on all SMs, and the signal GEMM against it
