@@ -19,7 +19,8 @@ from the same phase (calls / elapsed after a synchronize).  The first 0.3 s of e
 samples are dropped (the previous phase's clock).
 
     python scripts/gemm_clock_probe.py --out DIR [--shapes 8192x8192x2048,...] [--seconds 2]
-    python scripts/gemm_clock_probe.py --out DIR --ctas 116 --group-m 16,32 --rounds 2
+    python scripts/gemm_clock_probe.py --out DIR --ctas 116 --group-m 8,32 --rounds 2
+    python scripts/gemm_clock_probe.py --summarize DIR/gemm-clock.json   # the ratio table again
 
 ``--group-m`` adds signal-GEMM phases with other band heights (the L2 swizzle): under a power
 cap, DRAM bytes are power too, so a band height that reads the operands fewer times from
@@ -99,9 +100,48 @@ def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
             "clock_reasons": sorted({s[3] for s in window}), "samples": len(window)}
 
 
+def summarize(rows: list[dict]) -> list[str]:
+    """Per B layout, shape and ``P``: the tuner's signal-GEMM variant (the first signal phase
+    of each round) in ms and MHz, then every other variant's -- band heights, cuBLASLt on ``P``
+    SMs -- time and clock as ratios to it, each a mean over the rounds."""
+    groups: dict[tuple, dict[tuple, list[dict]]] = {}
+    first: dict[tuple, int] = {}
+    for r in rows:
+        where = (r["b_layout"], r["M"], r["N"], r["K"], r["num_ctas"])
+        if r["engine"] == "flashoverlap":
+            gm = r.get("group_m")  # rows before --group-m existed: the tuner's choice only
+            first.setdefault(where + (r.get("round", 0),), gm)
+            variant = ("tuned" if first[where + (r.get("round", 0),)] == gm else "gm", gm)
+        else:
+            variant = ("cublaslt", None)
+        groups.setdefault(where, {}).setdefault(variant, []).append(r)
+    lines = []
+    for (layout, M, N, K, P), variants in sorted(groups.items()):
+        base = variants.get(next((v for v in variants if v[0] == "tuned"), None))
+        if not base:
+            continue
+        t0 = statistics.mean(r["median_ms"] for r in base)
+        c0 = statistics.mean(r["sm_clock_mhz"] or 0 for r in base)
+        gm0 = base[0].get("group_m")
+        cells = [f"{layout} {M}x{N}x{K} P={P}: {f'gm{gm0}' if gm0 else 'tuned'} {t0:.4f} ms "
+                 f"{c0:.0f} MHz"]
+        for (kind, gm), rs in sorted(variants.items(), key=lambda kv: (kv[0][0] == "cublaslt",
+                                                                      kv[0][1] or 0)):
+            if kind == "tuned":
+                continue
+            t = statistics.mean(r["median_ms"] for r in rs) / t0
+            c = statistics.mean(r["sm_clock_mhz"] or 0 for r in rs) / c0 if c0 else float("nan")
+            name = "cuBLASLt" if kind == "cublaslt" else f"gm{gm}"
+            cells.append(f"{name} {t:.3f} (clock {c:.3f})")
+        lines.append(" | ".join(cells))
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="folder for the JSON (required unless --summarize)")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                   help="only print the ratio table of result files (no GPU needed)")
     p.add_argument("--name", default="gemm-clock", help="result file name (without .json)")
     p.add_argument("--shapes", default=SHAPES, help="MxNxK,...")
     p.add_argument("--b-layout", default="kn", choices=["kn", "nk"],
@@ -115,6 +155,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat every shape's phases this many times, interleaved")
     args = p.parse_args(argv)
+    if args.summarize:
+        for f in args.summarize:  # one table per file: runs are not mixed
+            print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     import torch
     import triton
 
@@ -177,6 +223,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"
     path.write_text(json.dumps(rows, indent=1) + "\n")
+    print("\ntime and clock against the tuner's variant, mean of the rounds:")
+    print("\n".join(summarize(rows)))
     print(f"wrote {path}")
     return 0
 

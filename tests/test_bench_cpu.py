@@ -69,7 +69,7 @@ HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py"
               "host_overhead.py": ("--group-m", "--json"),
               "bench_sm_sharing.py": ("--probes", "--max-registers"),
               "summarize_gemm.py": ("--replace", "--check", "--key"),
-              "gemm_clock_probe.py": ("--seconds", "--ctas")}
+              "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):
@@ -542,6 +542,28 @@ def test_same_sm_reference_reproduces_the_readme_table():
     gaps = sorted(by[(M, N, K, "cublaslt", 116)]["sm_clock_mhz"] / r["sm_clock_mhz"] - 1
                   for (M, N, K, e, P), r in by.items() if e == "flashoverlap" and P == 116)
     assert len(gaps) == 5 and 0.0 < gaps[0] < 0.005 and 0.017 <= gaps[1] and gaps[-1] <= 0.033
+
+
+def test_band_rule_rows_reproduce_the_readme():
+    """clock-gm-run5's rows, through ``gemm_clock_probe.summarize``: group_m 16 against 8 at
+    K = 2048 -- 1.0-1.8 % less time in 11 of 12 (layout, shape, P) means, 0.3 % in the
+    twelfth -- and within -1.1 / +0.6 % at K = 4096: the evidence for GEMM_RULES' band row."""
+    import json
+    import re
+
+    import gemm_clock_probe as gcp
+
+    run = ROOT / "results" / "2026-12-02-h200" / "clock-gm-run5"
+    lines = [line for f in ("gm-kn.json", "gm-nk.json")
+             for line in gcp.summarize(json.loads((run / f).read_text()))]
+    assert len(lines) == 20 and all(line.split(": ")[1].startswith("gm8 ") for line in lines)
+    ratio = {line.split(":")[0]: float(re.search(r"gm16 ([0-9.]+)", line).group(1))
+             for line in lines}
+    short = sorted(v for k, v in ratio.items() if "x2048 " in k)
+    other = sorted(v for k, v in ratio.items() if "x2048 " not in k)
+    assert len(short) == 12 and short[-1] == 0.997 and short[-2] <= 0.990 and short[0] >= 0.982
+    assert len(other) == 8 and other[0] >= 0.989 and other[-1] <= 1.006
+    assert gcp.main(["--summarize", str(run / "gm-kn.json")]) == 0
 
 
 def test_grouped_rows_reproduce_the_readme_table():

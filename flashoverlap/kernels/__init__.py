@@ -292,7 +292,7 @@ class GemmRule:
 # Band height under the power cap (2026-12-02, results/2026-12-02-h200/clock-gm-run4 and
 # clock-gm-run5, scripts/gemm_clock_probe.py: 1.2-1.5 s of back-to-back calls per variant,
 # two interleaved rounds, both B layouts, P = 132 and 116): with K = 2048, group_m 16 took
-# 1.1-1.8 % less time than 8 on 11 of 12 (shape, layout, P) means -- 4096, 8192 and 16384 x
+# 1.0-1.8 % less time than 8 on 11 of 12 (shape, layout, P) means -- 4096, 8192 and 16384 x
 # 8192 x 2048 -- and 0.3 % on the twelfth, at a 0.6-3.5 % higher SM clock:
 # the H200 runs these GEMMs at its power cap, and a band of 16 tile rows reads B from HBM
 # half as often (at K = 2048 a 16-row band of A is 8 MB, well inside the L2).  At K = 4096
@@ -302,7 +302,7 @@ class GemmRule:
 GEMM_RULES: tuple[GemmRule, ...] = (
     GemmRule(group_m=16, k=(1, 4096),
              note="H200 gemm_clock_probe, 2026-12-02: group_m 16 over 8 at K = 2048, "
-                  "1.1-1.8 % less time on 11 of 12 means (clock-gm-run4/5)"),
+                  "1.0-1.8 % less time on 11 of 12 means (clock-gm-run4/5)"),
 )
 
 
