@@ -69,7 +69,8 @@ HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py"
               "host_overhead.py": ("--group-m", "--json"),
               "bench_sm_sharing.py": ("--probes", "--max-registers"),
               "summarize_gemm.py": ("--replace", "--check", "--key"),
-              "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize")}
+              "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize"),
+              "fit_gemm_model.py": ("--dtype", "paths")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):
@@ -564,6 +565,54 @@ def test_band_rule_rows_reproduce_the_readme():
     assert len(short) == 12 and short[-1] == 0.997 and short[-2] <= 0.990 and short[0] >= 0.982
     assert len(other) == 8 and other[0] >= 0.989 and other[-1] <= 1.006
     assert gcp.main(["--summarize", str(run / "gm-kn.json")]) == 0
+
+
+def test_fit_gemm_model_recovers_a_known_model():
+    """Rows made by an AnalyticModel with a known rate and exponent are fitted back to them
+    (the fit uses the model's own wave rules, split last wave included)."""
+    import dataclasses
+
+    import fit_gemm_model as fgm
+    from flashoverlap.plan import PlanConfig, Problem
+    from flashoverlap.tuning.search import AnalyticModel
+
+    truth = dataclasses.replace(AnalyticModel(), gemm_flops={"bfloat16": 610e12},
+                                power_exponent=0.3, split_fixup_s=0.0)
+    rows = []
+    for M, N, K in ((4096, 8192, 2048), (8192, 8192, 7168), (6144, 5120, 4096),
+                    (16384, 8192, 8192), (11008, 3072, 8192)):
+        for P in (132, 124, 116, 100):
+            t = sum(truth.wave_times(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                                     PlanConfig(block_m=128, block_n=256, num_ctas=P)))
+            rows.append({"M": M, "N": N, "K": K, "dtype": "bfloat16", "num_ctas": P,
+                         "median_ms": t * 1e3})
+    got = fgm.fit(rows, model=truth)
+    assert got["power_exponent"] == pytest.approx(0.3) and got["rms"] < 1e-9
+    assert got["gemm_flops"] == pytest.approx(610e12, rel=1e-9)
+    assert abs(got["current_rms"]) < 1e-9
+
+
+def test_analytic_gemm_defaults_are_the_fit_of_the_committed_runs():
+    """AnalyticModel's GEMM rate and power exponent are what fit_gemm_model.py gets from the
+    seven acceptance runs of the warp-specialized kernel (bf16) and its fp16 rows, and the
+    defaults predict those rows to ~2 % rms, unbiased at either P."""
+    import fit_gemm_model as fgm
+    from flashoverlap.tuning.search import DEFAULT_GEMM_FLOPS, GEMM_POWER_EXPONENT
+
+    run = ROOT / "results" / "2026-12-02-h200"
+    names = ["wssplit-run3", "wssplit-run4", "grouped-run3", "grouped-run5", "verify-run1",
+             "smtarget-run2", "gm16-run6"]
+    rows = fgm.load_rows([run / n for n in names], "bfloat16")
+    assert len(rows) == 364
+    got = fgm.fit(rows)
+    assert got["gemm_flops"] == pytest.approx(DEFAULT_GEMM_FLOPS["bfloat16"], rel=0.01)
+    assert got["power_exponent"] == pytest.approx(GEMM_POWER_EXPONENT, abs=0.01)
+    assert got["current_rms"] < 0.025
+    assert all(abs(e) < 0.01 for e in got["current_mean_error_by_p"].values())
+    fp16 = fgm.fit(fgm.load_rows([run / n for n in names[:3]], "float16"))
+    assert fp16["rows"] == 54
+    assert fp16["gemm_flops"] == pytest.approx(DEFAULT_GEMM_FLOPS["float16"], rel=0.01)
+    assert fp16["current_rms"] < 0.025
 
 
 def test_grouped_rows_reproduce_the_readme_table():

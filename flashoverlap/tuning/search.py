@@ -231,10 +231,19 @@ def search(
 # Analytic model: defaults when nothing was measured
 # --------------------------------------------------------------------------------------
 
-# Dense GEMM throughput of a whole Hopper GPU (132 SMs), FLOP/s, as reached by a good kernel
-# (DESIGN.md: the bf16 shapes there run at 640-700 TFLOP/s on H100/H200).
-DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 650e12, "float16": 650e12,
+# Dense GEMM throughput of a whole Hopper GPU (132 SMs), FLOP/s, as reached by the signal GEMM
+# and GEMM_POWER_EXPONENT: how the per-SM rate grows when fewer CTAs run.  Fitted by
+# scripts/fit_gemm_model.py to the warp-specialized signal GEMM's acceptance runs on one H200
+# (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200): 703 TFLOP/s and
+# 0.397, 2.1 % rms error in time (the former 650 TFLOP/s, no exponent: 8 % too slow at
+# P = 132, 13 % at P = 116).  The exponent is the power cap's: the board runs these GEMMs
+# at 700 W, so idle SMs leave the others power for clock (clock-run3: +5 % MHz at 116 of
+# 132); a GPU below its power limit has 0.  fp16 (3 of the runs, 9 shapes: 674 TFLOP/s and
+# 0.370, where the same bf16 rows give 700 and 0.420) is ~4 % slower than bf16 -- as is
+# torch.matmul's, so the efficiencies match.
+DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 700e12, "float16": 675e12,
                                            "float32": 300e12}  # float32 via TF32
+GEMM_POWER_EXPONENT = 0.4
 
 # Bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped, nothing else
 # running; measured with AllReduce, applied to every collective through its bus_bytes.
@@ -255,7 +264,8 @@ DEFAULT_CTA_EFFICIENCY: Mapping[int, float] = {8: 0.58, 16: 0.92, 24: 0.97, 32: 
 class AnalyticModel:
     """Documented defaults for a Hopper-class GPU; every number is a field to override.
 
-    GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, a wave
+    GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, times
+    ``(ref_sms / P) ** power_exponent`` for a GEMM of ``P`` CTAs (power-capped clocks), a wave
     costs one tile time (partial waves too: wave quantization), the first wave adds
     ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
     tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
@@ -271,6 +281,7 @@ class AnalyticModel:
     gemm_flops: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_GEMM_FLOPS))
     ref_sms: int = 132
+    power_exponent: float = GEMM_POWER_EXPONENT
     launch_s: float = 6e-6
     bus_bandwidth: Mapping[tuple[int, bool], float] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_BUS_BANDWIDTH))
@@ -301,7 +312,8 @@ class AnalyticModel:
         return self.gemm_flops[name]
 
     def wave_times(self, problem: Problem, config: PlanConfig) -> list[float]:
-        per_sm = self._flops(problem.dtype) / self.ref_sms
+        per_sm = self._flops(problem.dtype) / self.ref_sms \
+            * (self.ref_sms / config.num_ctas) ** self.power_exponent
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
         tiles = band_layout(problem, config).num_tiles
         times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count
