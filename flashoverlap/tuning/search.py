@@ -237,7 +237,7 @@ def search(
 # (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200): 703 TFLOP/s and
 # 0.397, 2.1 % rms error in time (the former 650 TFLOP/s, no exponent: 8 % too slow at
 # P = 132, 13 % at P = 116).  The exponent is the power cap's: the board runs these GEMMs
-# at 700 W, so idle SMs leave the others power for clock (clock-run3: +5 % MHz at 116 of
+# at 700 W, so idle SMs leave the others power for clock (clock-run3: +4.7-6.3 % MHz at 116 of
 # 132); a GPU below its power limit has 0.  fp16 (3 of the runs, 9 shapes: 674 TFLOP/s and
 # 0.370, where the same bf16 rows give 700 and 0.420) is ~4 % slower than bf16 -- as is
 # torch.matmul's, so the efficiencies match.
