@@ -59,7 +59,11 @@ def band_group_m(problem: Problem, block_m: int, *, max_group_m: int | None = No
     if max_group_m is None:
         from .kernels import gemm_config_for  # torch-only import; no GPU needed
 
-        max_group_m = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype).group_m
+        try:
+            max_group_m = gemm_config_for(problem.M, problem.N, problem.K,
+                                          problem.dtype).group_m
+        except TypeError:  # a dtype the GEMM table does not know: the default swizzle
+            max_group_m = DEFAULT_GROUP_M
     tiles_m = math.ceil(problem.rows_per_block / block_m)
     group_m = 1 << (max(max_group_m, 1).bit_length() - 1)
     while group_m > 1 and math.ceil(tiles_m / group_m) < min_bands:

@@ -107,3 +107,16 @@ def test_band_group_m_takes_the_gemm_preference():
     assert gm(32768, 2048, "reduce_scatter", 4) == 8   # 8192 rows per block
     assert gm(16384, 2048, "all_reduce") == band_group_m(
         Problem(16384, 8192, 2048, "float16", 1, "all_reduce"), 128)
+
+
+def test_band_group_m_accepts_the_tuners_dtype_names():
+    """Problems may carry short dtype names ("bf16", "half", ...), which the tuner accepts;
+    the band height reads them the same, and a dtype the GEMM table does not know gets the
+    default swizzle instead of an error."""
+    def gm(dtype):
+        return band_group_m(Problem(16384, 8192, 2048, dtype, 1, "all_reduce"), 128)
+
+    assert gm("bf16") == gm("bfloat16") == gm("torch.bfloat16") == 16
+    assert gm("fp16") == gm("half") == 16
+    assert gm("fp32") == gm("float32") == 8  # fp32 never takes a rule
+    assert gm("int8") == 8

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "DEFAULT_GROUP_M",
+    "DTYPE_ALIASES",
     "GEMM_RULES",
     "GemmChoice",
     "GemmConfig",
@@ -215,6 +216,9 @@ DEFAULT_GROUP_M = 8  # == PlanConfig.group_m's default and flashoverlap.defaults
 
 _BIG = 1 << 62
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# Short names a Problem may carry (the tuner accepts them too) -> torch's names.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32"}
 
 
 class GemmChoice(NamedTuple):
@@ -312,6 +316,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
             raise TypeError(f"unsupported dtype {dtype}")
         return _DTYPE_NAMES[dtype]
     name = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
     if name not in _DTYPE_NAMES.values():
         raise TypeError(f"unsupported dtype {dtype!r}")
     return name

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
-from flashoverlap.kernels import tail_split
+from flashoverlap.kernels import DTYPE_ALIASES, tail_split
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -305,8 +305,7 @@ class AnalyticModel:
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
         name = dtype.removeprefix("torch.")
-        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                "float": "float32"}.get(name, name)
+        name = DTYPE_ALIASES.get(name, name)
         if name not in self.gemm_flops:
             raise ValueError(f"no GEMM rate for dtype {dtype!r}")
         return self.gemm_flops[name]
