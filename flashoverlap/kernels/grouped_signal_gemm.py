@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from flashoverlap.kernels import GemmConfig, default_config, ws_grouped_signal_gemm
+from flashoverlap.kernels.signal_gemm import _k_range_ptr
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _COLS = 9
@@ -83,8 +84,8 @@ def _grouped_signal_gemm_kernel(
         row_start = tl.load(step_ptr + step * 9 + 0)
         col_start = tl.multiple_of(tl.load(step_ptr + step * 9 + 2), BLOCK_N)
         expert = tl.load(step_ptr + step * 9 + 7)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for ki in range(k_tiles):
                 off_k = ki * BLOCK_K
                 a = a_desc.load([row_start, off_k])
@@ -94,31 +95,10 @@ def _grouped_signal_gemm_kernel(
                     b = w_desc.load([expert * K + off_k, col_start])
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         else:
-            mask_am = (row_start + offs_i) < M
-            mask_bn = (col_start + offs_j) < N
-            a_ptrs = a_ptr + row_start.to(tl.int64) * stride_am \
-                + (offs_i[:, None] * stride_am + offs_k[None, :])
-            w_base = w_ptr + expert.to(tl.int64) * stride_we
-            if W_TRANS:
-                b_ptrs = w_base + col_start.to(tl.int64) * stride_w \
-                    + (offs_j[None, :] * stride_w + offs_k[:, None])
-            else:
-                b_ptrs = w_base + col_start + (offs_k[:, None] * stride_w + offs_j[None, :])
-            for ki in range(k_tiles):
-                k_left = K - ki * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_am[:, None] & (offs_k[None, :] < k_left),
-                            other=0.0)
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_bn[None, :],
-                            other=0.0)
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-                a_ptrs += BLOCK_K
-                if W_TRANS:
-                    b_ptrs += BLOCK_K
-                else:
-                    b_ptrs += BLOCK_K * stride_w
+            acc = _k_range_ptr(a_ptr, w_ptr + expert.to(tl.int64) * stride_we, row_start,
+                               col_start, 0, k_tiles, M, N, K, stride_am, stride_w, offs_i,
+                               offs_j, offs_k, BLOCK_M, BLOCK_N, BLOCK_K, W_TRANS, DOT_FP32,
+                               INPUT_PRECISION)
 
         # ---- epilogue: store the tile at its destination, then signal its group ----------
         step_c += num_progs
