@@ -1,0 +1,80 @@
+"""The pipelined signal GEMM compiled for sm_90 on the CPU: its release protocol in the PTX.
+
+The pipelined kernel (``flashoverlap.kernels.signal_gemm._signal_gemm_kernel``) publishes a
+finished tile by storing it (``st.global``), meeting the whole CTA at a barrier
+(``bar.sync 0``) and adding to the group counter with a release atomic at GPU scope.  The
+interpreter tests check the values; these check the order the compiler emits, which is what
+a watcher spinning on the counter relies on.  Triton 3.6 emits ``atom....release``, 3.9
+``red....release``; both count.  The split last wave's tickets are ``acq_rel`` atomics and
+are not releases of a tile.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from flashoverlap.kernels import signal_gemm as sg
+
+_RELEASE = re.compile(r"\b(red|atom)\.global\.gpu\.release\.")
+
+
+def _compile_sm90(use_tma: bool, split: bool, b_trans: bool = False) -> str:
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    k = sg._signal_gemm_kernel
+    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=b_trans, HAS_COUNTERS=True,
+                 HAS_RESIDUAL=False, USE_TMA=use_tma, FLATTEN=True, EPILOGUE_SUBTILE=False,
+                 ACC_MULTIBUFFER=True, WARP_SPECIALIZE=False, ALIGN=8, ASM_BARRIER=True,
+                 INPUT_PRECISION=None, DOT_FP32=False, SPLIT_TAIL=split)
+    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "counter_ptr": "*i32", "res_ptr": "*bf16", "part_ptr": "*fp32",
+            "ticket_ptr": "*i32"}
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
+    src = ASTSource(fn=k, signature=sig,
+                    attrs={(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs},
+                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=8, num_stages=3))
+    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
+        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
+    return compiled.asm["ptx"]
+
+
+def _check_release_order(lines: list[str]) -> None:
+    releases = [i for i, ln in enumerate(lines) if _RELEASE.search(ln)]
+    # One epilogue per loop version (the flattened loop keeps a peeled copy), one more for
+    # the split tile's last part.
+    assert 1 <= len(releases) <= 4, len(releases)
+    for i in releases:
+        stores = [j for j in range(i) if re.search(r"\bst\.global\b", lines[j])]
+        assert stores, "a release with no tile store before it"
+        between = lines[stores[-1] + 1:i]
+        assert any(re.search(r"\bbar\.sync\s+0;", ln) for ln in between), \
+            "no CTA barrier between the tile's last store and its release"
+    # Nothing weaker than a release publishes a tile: no relaxed atomics on counters.
+    assert not any(re.search(r"\b(red|atom)\.global\.(gpu\.)?(relaxed\.)?add\.", ln)
+                   and "release" not in ln and "acq_rel" not in ln for ln in lines)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+def test_every_tile_release_follows_its_stores_and_a_cta_barrier(use_tma, split):
+    _check_release_order([ln.strip() for ln in _compile_sm90(use_tma, split).splitlines()])
+
+
+def test_the_check_catches_a_missing_barrier_or_a_relaxed_signal():
+    """The order check fails on the same PTX with the barriers taken out, or with the
+    release turned into a relaxed add."""
+    lines = [ln.strip() for ln in _compile_sm90(True, False).splitlines()]
+    _check_release_order(lines)
+    with pytest.raises(AssertionError, match="CTA barrier"):
+        _check_release_order([ln for ln in lines if not re.search(r"\bbar\.sync\s+0;", ln)])
+    with pytest.raises(AssertionError):
+        _check_release_order([re.sub(r"\.release\.", ".relaxed.", ln) for ln in lines])
