@@ -1,4 +1,4 @@
-"""The pipelined signal GEMM compiled for sm_90 on the CPU: its release protocol in the PTX.
+"""The pipelined signal GEMMs compiled for sm_90 on the CPU: their release protocol in the PTX.
 
 The pipelined kernel (``flashoverlap.kernels.signal_gemm._signal_gemm_kernel``) publishes a
 finished tile by storing it (``st.global``), meeting the whole CTA at a barrier
@@ -15,17 +15,41 @@ import re
 
 import pytest
 
+from flashoverlap.kernels import grouped_signal_gemm as gsg
 from flashoverlap.kernels import signal_gemm as sg
 
 _RELEASE = re.compile(r"\b(red|atom)\.global\.gpu\.release\.")
 
 
-def _compile_sm90(use_tma: bool, split: bool, b_trans: bool = False) -> str:
+def _compile(k, ptrs: dict, const: dict, num_stages: int) -> str:
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    k = sg._signal_gemm_kernel
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
+    src = ASTSource(fn=k, signature=sig,
+                    attrs={(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs},
+                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=8, num_stages=num_stages))
+    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
+        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
+    return compiled.asm["ptx"]
+
+
+def _compile_grouped_sm90(use_tma: bool, w_trans: bool) -> str:
+    const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_TRANS=w_trans, HAS_COUNTERS=True,
+                 USE_TMA=use_tma, FLATTEN=True, ACC_MULTIBUFFER=True, ALIGN=8,
+                 ASM_BARRIER=True, INPUT_PRECISION=None, DOT_FP32=False)
+    ptrs = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "counter_ptr": "*i32"}
+    return _compile(gsg._grouped_signal_gemm_kernel, ptrs, const, num_stages=5)
+
+
+def _compile_sm90(use_tma: bool, split: bool, b_trans: bool = False) -> str:
     const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=b_trans, HAS_COUNTERS=True,
                  HAS_RESIDUAL=False, USE_TMA=use_tma, FLATTEN=True, EPILOGUE_SUBTILE=False,
                  ACC_MULTIBUFFER=True, WARP_SPECIALIZE=False, ALIGN=8, ASM_BARRIER=True,
@@ -33,18 +57,7 @@ def _compile_sm90(use_tma: bool, split: bool, b_trans: bool = False) -> str:
     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
             "counter_ptr": "*i32", "res_ptr": "*bf16", "part_ptr": "*fp32",
             "ticket_ptr": "*i32"}
-    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
-    src = ASTSource(fn=k, signature=sig,
-                    attrs={(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs},
-                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=8, num_stages=3))
-    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
-        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
-            pytest.skip(f"cannot compile for sm_90 here: {exc}")
-        raise
-    return compiled.asm["ptx"]
+    return _compile(sg._signal_gemm_kernel, ptrs, const, num_stages=3)
 
 
 def _check_release_order(lines: list[str]) -> None:
@@ -67,6 +80,15 @@ def _check_release_order(lines: list[str]) -> None:
 @pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
 def test_every_tile_release_follows_its_stores_and_a_cta_barrier(use_tma, split):
     _check_release_order([ln.strip() for ln in _compile_sm90(use_tma, split).splitlines()])
+
+
+@pytest.mark.parametrize("w_trans", [False, True], ids=["w_kn", "w_nk_T"])
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+def test_grouped_kernel_releases_follow_stores_and_a_cta_barrier(use_tma, w_trans):
+    """The pipelined grouped (MoE) kernel -- the fallback of the warp-specialized one -- signals
+    the same way, whichever destination (send or out) the tile went to."""
+    _check_release_order([ln.strip() for ln in _compile_grouped_sm90(use_tma, w_trans)
+                          .splitlines()])
 
 
 def test_the_check_catches_a_missing_barrier_or_a_relaxed_signal():
