@@ -46,28 +46,34 @@ def load_rows(paths: list[Path], dtype: str) -> list[dict]:
     return rows
 
 
-def _work(model, row: dict) -> float:
-    """Critical-path FLOPs per SM of the row's GEMM under ``model``'s wave rules."""
+def _plan(row: dict):
+    """The row's GEMM as the model sees it: ``(Problem, PlanConfig)`` at world size 1."""
     from flashoverlap.plan import PlanConfig, Problem
 
-    unit = dataclasses.replace(model, gemm_flops={row["dtype"]: float(model.ref_sms)},
-                               power_exponent=0.0, launch_s=0.0, split_fixup_s=0.0)
     cfg = row.get("config") or {}
-    config = PlanConfig(block_m=cfg.get("block_m", 128), block_n=cfg.get("block_n", 256),
-                        num_ctas=row["num_ctas"], group_m=row.get("group_m", 8))
-    problem = Problem(row["M"], row["N"], row["K"], row["dtype"], 1, "all_reduce")
-    return sum(unit.wave_times(problem, config))
+    return (Problem(row["M"], row["N"], row["K"], row["dtype"], 1, "all_reduce"),
+            PlanConfig(block_m=cfg.get("block_m", 128), block_n=cfg.get("block_n", 256),
+                       num_ctas=row["num_ctas"], group_m=row.get("group_m", 8)))
+
+
+def _rms(errors: list[float]) -> float:
+    return math.sqrt(statistics.fmean(e * e for e in errors))
 
 
 def fit(rows: list[dict], model=None, exponents=None) -> dict:
     """Best ``(gemm_flops, power_exponent)`` for the rows, and the rms / per-P log errors
     of that fit and of ``model`` as it is."""
     from flashoverlap.tuning.search import AnalyticModel
-    from flashoverlap.plan import PlanConfig, Problem
 
     model = model or AnalyticModel()
     ref = model.ref_sms
-    data = [(_work(model, r), r["num_ctas"], r["median_ms"] * 1e-3) for r in rows]
+    plans = [_plan(r) for r in rows]
+    # Critical-path FLOPs per SM under the model's wave rules: its own wave_times at a unit
+    # rate per SM, with no exponent, launch or split fix-up.
+    unit = dataclasses.replace(model, gemm_flops={r["dtype"]: float(ref) for r in rows},
+                               power_exponent=0.0, launch_s=0.0, split_fixup_s=0.0)
+    data = [(sum(unit.wave_times(*plan)), r["num_ctas"], r["median_ms"] * 1e-3)
+            for r, plan in zip(rows, plans)]
     grid = exponents if exponents is not None else [i / 200 for i in range(201)]
     best = None
     for a in grid:
@@ -75,9 +81,8 @@ def fit(rows: list[dict], model=None, exponents=None) -> dict:
                 for w, P, t in data]
         log_rate = statistics.fmean(logs)
         errs = [log_rate - x for x in logs]  # log(predicted / measured)
-        rms = math.sqrt(statistics.fmean(e * e for e in errs))
-        if best is None or rms < best[0]:
-            best = (rms, a, math.exp(log_rate), errs)
+        if best is None or _rms(errs) < best[0]:
+            best = (_rms(errs), a, math.exp(log_rate), errs)
     rms, a, rate, errs = best
 
     def by_p(errors):
@@ -86,17 +91,11 @@ def fit(rows: list[dict], model=None, exponents=None) -> dict:
             out.setdefault(P, []).append(e)
         return {P: statistics.fmean(v) for P, v in sorted(out.items())}
 
-    current = []
-    for r, (_, _, t) in zip(rows, data):
-        cfg = r.get("config") or {}
-        config = PlanConfig(block_m=cfg.get("block_m", 128), block_n=cfg.get("block_n", 256),
-                            num_ctas=r["num_ctas"], group_m=r.get("group_m", 8))
-        problem = Problem(r["M"], r["N"], r["K"], r["dtype"], 1, "all_reduce")
-        current.append(math.log(sum(model.wave_times(problem, config)) / t))
+    current = [math.log(sum(model.wave_times(*plan)) / t)
+               for plan, (_, _, t) in zip(plans, data)]
     return {"gemm_flops": rate * ref, "power_exponent": a, "rms": rms,
             "mean_error_by_p": by_p(errs), "rows": len(rows),
-            "current_rms": math.sqrt(statistics.fmean(e * e for e in current)),
-            "current_mean_error_by_p": by_p(current)}
+            "current_rms": _rms(current), "current_mean_error_by_p": by_p(current)}
 
 
 def main(argv=None) -> int:
