@@ -420,3 +420,33 @@ def test_max_registers_reaches_the_compiler(monkeypatch):
     config = dataclasses.replace(base, max_registers=168)
     _, _, meta = sg._launch_args(a, b, out, table, 32, 32, 2, None, None, 0, None, config)
     assert "maxnreg" not in meta
+
+
+def test_every_gemm_launch_names_fp_fusion():
+    """Each GEMM's launch options carry ``kernels.LAUNCH_OPTIONS`` (FP contraction named, not
+    left to a Triton default that 3.10 flips): the pipelined, warp-specialized, grouped,
+    warp-specialized grouped and gather kernels."""
+    from flashoverlap.kernels import gather_gemm as gg
+    from flashoverlap.kernels import grouped_signal_gemm as gsg
+    from flashoverlap.kernels import signal_gemm as sg
+    from flashoverlap.kernels import ws_grouped_signal_gemm as wsg
+    from flashoverlap.kernels import ws_signal_gemm as ws
+
+    assert kernels.LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+    table = torch.zeros(4, 7, dtype=torch.int32)
+    a, b, out = torch.randn(64, 64), torch.randn(64, 64), torch.empty(64, 64)
+    w = torch.randn(2, 64, 64)
+    config = GemmConfig(block_m=32, block_n=32, block_k=16, num_warps=4, num_stages=2,
+                        use_tma=False)
+    metas = {
+        "pipelined": sg._launch_args(a, b, out, table, 32, 32, 2, None, None, 0, None,
+                                     config)[2],
+        "warp-specialized": ws.launch_args(a, b, out, table, 32, 32, 2, None, config,
+                                           (4, 1, table, table))[2],
+        "grouped": gsg._launch_args(a, w, out, out, table, 32, 32, 2, None, config)[2],
+        "warp-specialized grouped": wsg.launch_args(a, w, (False, 64 * 64, 64), out, out, table,
+                                                    32, 32, 2, None, config)[2],
+        "gather": gg._launch_args(a, b, out, table, None, 32, 32, 2, False, config)[2],
+    }
+    for name, meta in metas.items():
+        assert meta.get("enable_fp_fusion") is True, name

@@ -167,6 +167,15 @@ TAIL_MIN_K_TILES = 4
 TICKETS_PER_TILE = 16
 
 
+# Compile options every GEMM launch passes (merged into each launch's keyword arguments).
+# FP contraction (FMA) is named, not left to Triton's default: every measurement and test so
+# far ran with it on (the default through Triton 3.9), Triton 3.10 turns the default off, and
+# 3.9 warns once per process when it is unset.  The kernels' float arithmetic outside the
+# tensor cores is small (the split tail's part sums, the residual add), so this pins the
+# compiled code across Triton versions rather than buying speed.
+LAUNCH_OPTIONS: dict[str, bool] = {"enable_fp_fusion": True}
+
+
 # The one tile (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernel
 # (flashoverlap.kernels.ws_signal_gemm) runs: two warpgroups of 64 x 256, 128-byte K boxes.
 WARP_SPECIALIZED_TILE = (128, 256, 64)

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import GemmConfig, default_config, direct_launch
+from flashoverlap.kernels import LAUNCH_OPTIONS, GemmConfig, default_config, direct_launch
 from flashoverlap.kernels.signal_gemm import (
     _common_align,
     _ensure_tma_allocator,
@@ -231,7 +231,7 @@ def _launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait_
         "POLL_ASM": not _INTERPRET and not _ATOMIC_POLL[0],
         "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 or _INTERPRET else None,
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
-        "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "num_warps": config.num_warps, "num_stages": config.num_stages, **LAUNCH_OPTIONS,
     }
     meta["PROXY_FENCE"] = bool(wait_flags) and meta["USE_TMA"]
     return (min(num_ctas, T), 1, 1), args, meta

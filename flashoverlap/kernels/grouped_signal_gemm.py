@@ -33,7 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import GemmConfig, default_config, ws_grouped_signal_gemm
+from flashoverlap.kernels import (
+    LAUNCH_OPTIONS,
+    GemmConfig,
+    default_config,
+    ws_grouped_signal_gemm,
+)
 from flashoverlap.kernels.signal_gemm import _k_range_ptr
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -230,7 +235,7 @@ def _launch_args(a, w, send, out, step_table, block_m, block_n, num_ctas, counte
         "ASM_BARRIER": not _INTERPRET,
         "INPUT_PRECISION": "ieee" if a.dtype == torch.float32 or _INTERPRET else None,
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
-        "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "num_warps": config.num_warps, "num_stages": config.num_stages, **LAUNCH_OPTIONS,
     }
     return (min(num_ctas, T),), args, meta
 

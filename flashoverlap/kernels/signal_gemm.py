@@ -134,6 +134,7 @@ import triton
 import triton.language as tl
 
 from flashoverlap.kernels import (
+    LAUNCH_OPTIONS,
     TICKETS_PER_TILE,
     GemmConfig,
     default_config,
@@ -685,7 +686,7 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
         # products are exact in fp32, so upcasting gives the tensor-core result.
         "DOT_FP32": _INTERPRET and a.dtype == torch.bfloat16,
         "SPLIT_TAIL": parts > 1,
-        "num_warps": config.num_warps, "num_stages": config.num_stages,
+        "num_warps": config.num_warps, "num_stages": config.num_stages, **LAUNCH_OPTIONS,
     }
     if config.max_registers is not None and not _INTERPRET:
         meta["maxnreg"] = config.max_registers

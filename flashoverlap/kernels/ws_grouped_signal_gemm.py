@@ -68,7 +68,7 @@ import dataclasses
 
 import torch
 
-from flashoverlap.kernels import GemmConfig, _capability
+from flashoverlap.kernels import LAUNCH_OPTIONS, GemmConfig, _capability
 from flashoverlap.kernels import ws_signal_gemm as _ws
 
 HAVE_GLUON = _ws.HAVE_GLUON
@@ -280,6 +280,7 @@ def launch_args(a, w, w_layout, send, out, step_table, block_m, block_n, num_cta
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "STAGES": stages_for(block_n, config, a.element_size()), "B_TRANS": w_trans,
         "HAS_COUNTERS": counters is not None, "num_warps": _ws.NUM_MMA_WARPS,
+        **LAUNCH_OPTIONS,
     }
     return (min(num_ctas, T),), args, meta
 

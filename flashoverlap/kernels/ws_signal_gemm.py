@@ -118,6 +118,7 @@ import os
 import torch
 
 from flashoverlap.kernels import (
+    LAUNCH_OPTIONS,
     TICKETS_PER_TILE,
     WARP_SPECIALIZED_TILE,
     GemmConfig,
@@ -509,7 +510,7 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
         "HAS_COUNTERS": counters is not None, "PART_N": block_n // c_parts(config),
-        "SPLIT_TAIL": parts > 1, "num_warps": NUM_MMA_WARPS,
+        "SPLIT_TAIL": parts > 1, "num_warps": NUM_MMA_WARPS, **LAUNCH_OPTIONS,
     }
     return (programs, 1, 1), args, meta
 
