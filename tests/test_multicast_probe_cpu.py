@@ -1,0 +1,61 @@
+"""``scripts/multicast_probe.py`` compiled for sm_90 on the CPU: the three variants build, and
+only the multicast one multicasts -- from inside the loader's K loop, with the pair's shared
+"empty" barrier reached by remote arrives and no cluster-wide barrier in that loop (a
+``barrier.cluster`` there would stall both CTAs every K step, and it is not allowed inside a
+warp-specialized partition).  Skipped where Triton's Gluon has no multicast load (3.6)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+def _probe():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "multicast_probe.py"
+    spec = importlib.util.spec_from_file_location("multicast_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not mod.have_multicast():
+        pytest.skip("this Triton's Gluon has no multicast TMA load")
+    return mod
+
+
+def _ptx(mod, variant: str) -> str:
+    try:
+        return mod.compile_sm90(variant).asm["ptx"]
+    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
+        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {exc}")
+        raise
+
+
+def _innermost_loop_of(ptx: str, needle: str) -> str:
+    """The text from the innermost loop header before the first ``needle`` to the last one."""
+    first, last = ptx.find(needle), ptx.rfind(needle)
+    assert first >= 0, needle
+    header = ptx.rfind("Inner Loop Header", 0, first)
+    assert header >= 0
+    return ptx[header:last]
+
+
+def test_only_the_multicast_variant_multicasts_and_its_k_loop_has_no_cluster_barrier():
+    mod = _probe()
+    single, cluster, multicast = (_ptx(mod, v) for v in ("single", "cluster", "multicast"))
+    for ptx in (single, cluster, multicast):
+        assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+    assert mod.ptx_summary(single)["multicast_loads"] == 0
+    assert mod.ptx_summary(cluster)["multicast_loads"] == 0
+    assert mod.ptx_summary(single)["cluster_barriers"] == 0
+    s = mod.ptx_summary(multicast)
+    # the 256-column B tile in 64-column (128-byte) boxes, issued by the lead CTA for both
+    assert s["multicast_loads"] == mod.BN // 64
+    assert re.search(r"@%p\d+ cp\.async\.bulk\.tensor\.2d\.shared::cluster[^;]*multicast", multicast)
+    assert s["remote_arrives"] >= 1  # the MMA partition frees the pair's B slot on the lead
+    loop = _innermost_loop_of(multicast, "multicast::cluster")
+    assert "barrier.cluster" not in loop
+    assert "mbarrier.try_wait" in loop  # the loader waits for its slots, not for the cluster
