@@ -23,9 +23,12 @@ persistent, warp-specialized Gluon GEMM (a one-warp TMA loader, two MMA warpgrou
 
 Each variant first checks its result against ``torch.matmul`` (fp32 reference), then runs
 back to back for ``--seconds`` at each ``P`` while ``nvidia-smi`` samples clock and power
-(``gemm_clock_probe``'s phases: a settled clock, not a 100-ms window), beside torch.matmul
-on all SMs.  ``multicast`` against ``cluster`` is the lever; ``cluster`` against ``single``
-is what the cluster launch itself costs.
+(``gemm_clock_probe``'s phases: a settled clock, not a 100-ms window), interleaved with
+torch.matmul on all SMs, cuBLASLt told to use ``P`` SMs and the signal GEMM itself at ``P``
+(the tuner's configuration), all on ``bench_gemm.py``'s four rotating input sets.
+``multicast`` against ``cluster`` is the lever; ``cluster`` against ``single`` is what the
+cluster launch itself costs; ``single`` against ``signal`` says how far the probe is from the
+product's kernel (its epilogue stores from registers, without the C buffer and bulk store).
 
 Requires Triton's Gluon with multicast loads (Triton 3.9 has them; 3.6 -- the GPU image's --
 does not: ``NYI: Support multicast``).  Compiled for sm_90 on the CPU (``--ptx``, and
@@ -39,6 +42,7 @@ the GPU is what running it measures.
 
     python scripts/multicast_probe.py --out DIR [--shapes 4096x8192x2048,...] [--ctas 116,132]
     python scripts/multicast_probe.py --ptx      # compile for sm_90 only (no GPU), summarize
+    python scripts/multicast_probe.py --summarize DIR/multicast-probe.json   # the table again
 
 Writes ``DIR/<--name>.json`` (``bench="multicast_probe"`` rows) and prints a table.
 """
@@ -232,11 +236,17 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=1.5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--ptx", action="store_true", help="compile for sm_90 only and summarize")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                   help="only print the ratio table of result files (no GPU needed)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    if args.summarize:
+        for f in args.summarize:
+            print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
+        return 0
     if not have_multicast():
         p.error(f"Triton {triton.__version__}'s Gluon has no multicast TMA load")
     if args.ptx:
@@ -250,7 +260,12 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import provenance
+    from bench_gemm import _Bench
     from gemm_clock_probe import _phase, _Sampler
+
+    from flashoverlap.kernels import gemm_config_for
+    from flashoverlap.kernels import signal_gemm as sg
+    from flashoverlap.plan import PlanConfig, Problem, make_plan
 
     ctas = [int(x) for x in args.ctas.split(",")]
     if any(P % 2 for P in ctas):
@@ -259,7 +274,12 @@ def main(argv=None) -> int:
     for M, N, K in shapes:
         if M % (2 * BM) or N % BN or K % BK:
             p.error(f"{M}x{N}x{K}: M must be a multiple of {2 * BM}, N of {BN}, K of {BK}")
+    if not torch.cuda.is_available():
+        print("multicast_probe.py needs a CUDA GPU (or --ptx)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda", 0)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    cap = torch.cuda.get_device_capability(dev)
     # workspace of the in-kernel TMA descriptors (one per program and CTA)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
                                                                  device=dev))
@@ -268,12 +288,14 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     try:
         for M, N, K in shapes:
-            g = torch.Generator(device=dev).manual_seed(0)
-            a = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=g)
-            b = torch.randn(K, N, device=dev, dtype=torch.bfloat16, generator=g)
+            # the inputs bench_gemm.py and gemm_clock_probe.py time (4 rotating sets, B
+            # row-major), so torch.matmul, cuBLASLt on P SMs and the signal GEMM run beside
+            # the probe's variants on the same data
+            bench = _Bench(torch, triton, sg, M, N, K, torch.bfloat16, "kn", 4)
+            a, b = bench.sets[0]
             want = a.float() @ b.float()
             scale = want.abs().max().item()
-            c = torch.empty(M, N, device=dev, dtype=torch.bfloat16)
+            c = bench.c[0]
             for v in variants:
                 for P in ctas:
                     c.fill_(float("nan"))
@@ -283,39 +305,68 @@ def main(argv=None) -> int:
                     if not err < 2e-2:  # NaN (unwritten) fails too
                         raise SystemExit(f"{v} P={P} {M}x{N}x{K}: max error {err:.3g} of "
                                          f"max |c|: the probe is wrong, no timing")
+            del want
+
+            def probe_fn(v, P):
+                return bench._rotating(lambda i: launch(v, *bench.sets[i], bench.c[i], P))
+
+            phases = [("torch", None, bench._rotating(bench._torch_run))]
+            for P in ctas:
+                choice = gemm_config_for(M, N, K, "bfloat16", P, cap)
+                plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                                 PlanConfig(block_m=choice.config.block_m,
+                                            block_n=choice.config.block_n, num_ctas=P,
+                                            group_m=choice.group_m))
+                phases += [("cublaslt", P, bench.torch_sm_target_fn(sms - P)),
+                           ("signal", P, bench.signal_fn(plan, choice.config))]
+                phases += [(v, P, probe_fn(v, P)) for v in variants]
             for rnd in range(args.rounds):
-                phases = [("torch", None, lambda: torch.matmul(a, b, out=c))]
-                phases += [(v, P, lambda v=v, P=P: launch(v, a, b, c, P))
-                           for P in ctas for v in variants]
-                for variant, P, fn in phases:
+                for engine, P, fn in phases:
                     r = _phase(torch, fn, sampler, args.seconds)
                     rows.append({**prov, "bench": "multicast_probe", "op": "matmul",
                                  "dtype": "bfloat16", "world_size": 1, "b_layout": "kn",
-                                 "M": M, "N": N, "K": K, "engine": variant, "num_ctas": P,
-                                 "round": rnd, **r})
-                    print(f"{M}x{N}x{K} round {rnd} {variant:>9} P={P}: {r['median_ms']:.4f} ms "
-                          f"{r['sm_clock_mhz'] or 0:.0f} MHz {r['power_w'] or 0:.0f} W",
-                          flush=True)
+                                 "M": M, "N": N, "K": K, "engine": engine, "num_ctas": P,
+                                 "sms": sms, "round": rnd, **r})
+                    print(f"{M}x{N}x{K} round {rnd} {engine:>9} P={P}: "
+                          f"{r['median_ms']:.4f} ms {r['sm_clock_mhz'] or 0:.0f} MHz "
+                          f"{r['power_w'] or 0:.0f} W", flush=True)
+            del bench
+            torch.cuda.empty_cache()
     finally:
         sampler.stop()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
-    print()
-    for M, N, K in shapes:
-        for P in ctas:
-            def mean(v, key):
-                vals = [r[key] for r in rows if (r["M"], r["N"], r["K"], r["engine"],
-                                                 r["num_ctas"]) == (M, N, K, v, P) and r[key]]
-                return statistics.mean(vals) if vals else float("nan")
-            base_t, base_c = mean("single", "median_ms"), mean("single", "sm_clock_mhz")
-            cells = [f"{M}x{N}x{K} P={P}: single {base_t:.4f} ms {base_c:.0f} MHz"]
-            for v in variants:
-                if v != "single":
-                    cells.append(f"{v} {mean(v, 'median_ms') / base_t:.3f} "
-                                 f"(clock {mean(v, 'sm_clock_mhz') / base_c:.3f})")
-            print(" | ".join(cells))
-    print(f"wrote {args.out / (args.name + '.json')}")
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print("\ntime and clock against the probe without clusters, mean of the rounds:")
+    print("\n".join(summarize(rows)))
+    print(f"wrote {path}")
     return 0
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Per shape and ``P``: the ``single`` variant's ms and MHz, then every other engine's
+    time and clock as ratios to it (mean over the rounds)."""
+    by: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["num_ctas"] is not None:
+            by.setdefault((r["M"], r["N"], r["K"], r["num_ctas"]), {}).setdefault(
+                r["engine"], []).append(r)
+    lines = []
+    for (M, N, K, P), engines in sorted(by.items()):
+        base = engines.get("single")
+        if not base:
+            continue
+        t0 = statistics.mean(r["median_ms"] for r in base)
+        c0 = statistics.mean(r["sm_clock_mhz"] or 0 for r in base)
+        cells = [f"{M}x{N}x{K} P={P}: single {t0:.4f} ms {c0:.0f} MHz"]
+        for engine, rs in sorted(engines.items()):
+            if engine == "single":
+                continue
+            t = statistics.mean(r["median_ms"] for r in rs) / t0
+            c = statistics.mean(r["sm_clock_mhz"] or 0 for r in rs) / c0 if c0 else float("nan")
+            cells.append(f"{engine} {t:.3f} (clock {c:.3f})")
+        lines.append(" | ".join(cells))
+    return lines
 
 
 if __name__ == "__main__":

@@ -59,3 +59,19 @@ def test_only_the_multicast_variant_multicasts_and_its_k_loop_has_no_cluster_bar
     loop = _innermost_loop_of(multicast, "multicast::cluster")
     assert "barrier.cluster" not in loop
     assert "mbarrier.try_wait" in loop  # the loader waits for its slots, not for the cluster
+
+
+def test_summary_is_each_engine_against_the_unclustered_probe():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "multicast_probe.py"
+    spec = importlib.util.spec_from_file_location("multicast_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [dict(M=4096, N=8192, K=2048, num_ctas=116, engine=e, median_ms=ms, sm_clock_mhz=mhz)
+            for e, ms, mhz in (("single", 0.25, 1500.0), ("single", 0.27, 1500.0),
+                               ("multicast", 0.234, 1560.0), ("signal", 0.26, 1500.0))]
+    rows.append(dict(M=4096, N=8192, K=2048, num_ctas=None, engine="torch", median_ms=0.2,
+                     sm_clock_mhz=1400.0))
+    (line,) = mod.summarize(rows)
+    assert line.startswith("4096x8192x2048 P=116: single 0.2600 ms 1500 MHz")
+    assert "multicast 0.900 (clock 1.040)" in line and "signal 1.000 (clock 1.000)" in line
+    assert "torch" not in line
