@@ -100,6 +100,14 @@ def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
             "clock_reasons": sorted({s[3] for s in window}), "samples": len(window)}
 
 
+def write_rows(out: Path, name: str, rows: list[dict]) -> Path:
+    """``out/<name>.json`` (the folder made if missing); returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return path
+
+
 def summarize(rows: list[dict]) -> list[str]:
     """Per B layout, shape and ``P``: the tuner's signal-GEMM variant (the first signal phase
     of each round) in ms and MHz, then every other variant's -- band heights, cuBLASLt on ``P``
@@ -220,9 +228,7 @@ def main(argv=None) -> int:
         del bench
         torch.cuda.empty_cache()
     sampler.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    path = write_rows(args.out, args.name, rows)
     print("\ntime and clock against the tuner's variant, mean of the rounds:")
     print("\n".join(summarize(rows)))
     print(f"wrote {path}")

@@ -66,9 +66,20 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from flashoverlap.kernels import LAUNCH_OPTIONS
+from flashoverlap.kernels.offline_compile import compile_for
+
 VARIANTS = {"single": (1, False), "cluster": (2, False), "multicast": (2, True)}
 BM, BN, BK, STAGES, GROUP = 128, 256, 64, 3, 8
 NUM_MMA_WARPS = 8
+PTRS = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
+# each variant's constexprs (the kernel's last parameters)
+VARIANT_META = {v: dict(BM=BM, BN=BN, BK=BK, STAGES=STAGES, GROUP=GROUP, CTAS=ctas,
+                        MULTICAST=multicast)
+                for v, (ctas, multicast) in VARIANTS.items()}
+# each variant's launch and compile options (a program is a cluster of CTAS CTAs)
+VARIANT_OPTIONS = {v: dict(num_warps=NUM_MMA_WARPS, num_ctas=ctas, **LAUNCH_OPTIONS)
+                   for v, (ctas, _) in VARIANTS.items()}
 SHAPES = "4096x8192x2048,8192x8192x2048,8192x8192x8192,6144x5120x4096"
 
 
@@ -182,27 +193,9 @@ def probe_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexp
     ], [1], [40])
 
 
-def _meta(variant: str) -> dict:
-    ctas, multicast = VARIANTS[variant]
-    return dict(BM=BM, BN=BN, BK=BK, STAGES=STAGES, GROUP=GROUP, CTAS=ctas,
-                MULTICAST=multicast)
-
-
 def compile_sm90(variant: str):
     """The variant compiled for sm_90 without a GPU (Triton's bundled ptxas)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    k = probe_kernel
-    const = _meta(variant)
-    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16"}
-    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
-    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
-    src = GluonASTSource(fn=k, signature=sig, attrs=attrs,
-                         constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=NUM_MMA_WARPS, num_ctas=const["CTAS"],
-                                       enable_fp_fusion=True))
+    return compile_for(probe_kernel, PTRS, VARIANT_META[variant], **VARIANT_OPTIONS[variant])
 
 
 def ptx_summary(ptx: str) -> dict:
@@ -216,14 +209,10 @@ def ptx_summary(ptx: str) -> dict:
 
 
 def launch(variant: str, a, b, c, P: int) -> None:
-    from flashoverlap.kernels import LAUNCH_OPTIONS
-
-    meta = _meta(variant)
     M, K = a.shape
     N = b.shape[1]
-    programs = P // meta["CTAS"]
-    probe_kernel[(programs,)](a, b, c, M, N, K, num_warps=NUM_MMA_WARPS,
-                              num_ctas=meta["CTAS"], **meta, **LAUNCH_OPTIONS)
+    probe_kernel[(P // VARIANTS[variant][0],)](a, b, c, M, N, K, **VARIANT_META[variant],
+                                               **VARIANT_OPTIONS[variant])
 
 
 def main(argv=None) -> int:
@@ -261,7 +250,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import provenance
     from bench_gemm import _Bench
-    from gemm_clock_probe import _phase, _Sampler
+    from gemm_clock_probe import _phase, _Sampler, write_rows
 
     from flashoverlap.kernels import gemm_config_for
     from flashoverlap.kernels import signal_gemm as sg
@@ -334,9 +323,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     finally:
         sampler.stop()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.name}.json"
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    path = write_rows(args.out, args.name, rows)
     print("\ntime and clock against the probe without clusters, mean of the rounds:")
     print("\n".join(summarize(rows)))
     print(f"wrote {path}")

@@ -17,27 +17,13 @@ import pytest
 
 from flashoverlap.kernels import grouped_signal_gemm as gsg
 from flashoverlap.kernels import signal_gemm as sg
+from sm90_ptx import sm90_ptx
 
 _RELEASE = re.compile(r"\b(red|atom)\.global\.gpu\.release\.")
 
 
 def _compile(k, ptrs: dict, const: dict, num_stages: int) -> str:
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
-    src = ASTSource(fn=k, signature=sig,
-                    attrs={(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs},
-                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=8, num_stages=num_stages))
-    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
-        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
-            pytest.skip(f"cannot compile for sm_90 here: {exc}")
-        raise
-    return compiled.asm["ptx"]
+    return sm90_ptx(k, ptrs, const, num_warps=8, num_stages=num_stages)
 
 
 def _compile_grouped_sm90(use_tma: bool, w_trans: bool) -> str:

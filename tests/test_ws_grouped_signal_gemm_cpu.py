@@ -23,6 +23,7 @@ import torch
 from flashoverlap.kernels import GemmConfig, default_config
 from flashoverlap.kernels import grouped_signal_gemm as gk
 from flashoverlap.kernels import ws_grouped_signal_gemm as wg
+from sm90_ptx import sm90_ptx
 
 
 def test_not_taken_on_cpu_or_when_switched_off():
@@ -46,29 +47,15 @@ def test_stage_budget_of_both_tiles():
 
 
 def _compile_sm90(b_trans: bool, counters: bool, block_n: int, dtype: str = "bf16") -> str:
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     if not wg.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    k = wg.kernel()
     const = dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64,
                  STAGES=wg.stages_for(block_n, GemmConfig(num_stages=5), 2),
                  B_TRANS=b_trans, HAS_COUNTERS=counters)
     ptrs = {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "send_ptr": f"*{dtype}",
             "out_ptr": f"*{dtype}", "step_ptr": "*i32", "counter_ptr": "*i32"}
-    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
-    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
-    src = GluonASTSource(fn=k, signature=sig, attrs=attrs,
-                         constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
-        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
-            pytest.skip(f"cannot compile for sm_90 here: {exc}")
-        raise
-    return compiled.asm["ptx"]
+    return sm90_ptx(wg.kernel(), ptrs, const, num_warps=8)
 
 
 @pytest.mark.parametrize("block_n", [128, 256])

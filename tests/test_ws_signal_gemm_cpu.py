@@ -21,6 +21,7 @@ import torch
 from flashoverlap.kernels import GemmConfig, default_config
 from flashoverlap.kernels import ws_signal_gemm as ws
 from flashoverlap.plan import PlanConfig, Problem, make_plan
+from sm90_ptx import sm90_ptx
 
 
 def _plan(M, N, K, world=1, op="all_reduce", block=(128, 256), num_ctas=132):
@@ -68,30 +69,15 @@ def test_not_eligible_without_an_sm90_gpu():
 
 
 def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1, split: bool = False) -> str:
-    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton")
     if not ws.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    k = ws.kernel()
     const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3 if parts == 1 else 4,
                  B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts,
                  SPLIT_TAIL=split)
     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
             "counter_ptr": "*i32", "part_ptr": "*fp32", "ticket_ptr": "*i32"}
-    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in k.arg_names}
-    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
-    src = GluonASTSource(fn=k, signature=sig, attrs=attrs,
-                         constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=ws.NUM_MMA_WARPS))
-    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
-        if "ptxas" in str(exc).lower() or "backend" in str(exc).lower():
-            pytest.skip(f"cannot compile for sm_90 here: {exc}")
-        raise
-    return compiled.asm["ptx"]
+    return sm90_ptx(ws.kernel(), ptrs, const, num_warps=ws.NUM_MMA_WARPS)
 
 
 @pytest.mark.parametrize("parts", [1, 2], ids=["whole_c", "half_c"])
