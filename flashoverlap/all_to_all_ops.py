@@ -37,8 +37,8 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from .all_to_all_plan import AllToAllPlan, AllToAllProblem, make_all_to_all_plan
-from .checks import check_group, group_info
-from .dist_utils import retire_cpu_tensors
+from .checks import check_group, group_info, group_name
+from .dist_utils import register_group_cache, retire_cpu_tensors
 from .collectives.all_to_all import reverse_all_to_all
 from .kernels import GemmConfig
 from .ops import config_from_json, config_to_json
@@ -61,6 +61,10 @@ class A2ACall:
 
 _CALLS: dict[tuple, A2ACall] = {}
 _FALLBACK_COMMS: dict = {}
+# Both hold process groups: released at exit and when a new world replaces a destroyed one,
+# so no gloo worker thread outlives interpreter shutdown (dist_utils module docstring).
+register_group_cache(_CALLS.clear)
+register_group_cache(_FALLBACK_COMMS.clear)
 
 
 # -- argument normalisation ------------------------------------------------------------------
@@ -401,7 +405,7 @@ def grouped_gemm_all_to_all(
         if isinstance(output_split_sizes, Tensor):
             output_split_sizes = output_split_sizes.tolist()
         flat = [int(x) for row in counts for x in row]
-        name = group_info(group).group.group_name
+        name = group_name(group)
         result = grouped_gemm_all_to_all_op(a, w, flat, [int(x) for x in output_split_sizes],
                                             name, engine or "", config_to_json(config))
         if out is not None:

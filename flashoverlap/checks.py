@@ -180,6 +180,37 @@ def group_info(group: ProcessGroup | None) -> GroupInfo:
     return info
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` when
+    flashoverlap is imported: the public decorator imports it (1.3 s on the CI machine, ten
+    times the library's own import) only to set the marker Dynamo reads; the marker is the
+    same on torch 2.1 to 2.13 and a test compiles through it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def group_name(group: ProcessGroup | None) -> str:
+    """The registered name of ``group`` (None: the default group), which the
+    ``torch.ops.flashoverlap`` ops take instead of the group.
+
+    Under ``torch.compile`` the name is a constant of the graph: Dynamo calls this at trace
+    time instead of tracing it.  Traced, the lookup of the default group made the
+    ``ProcessGroup`` itself a graph input, kept by the compiled function's cache for the life
+    of the process: past ``destroy_process_group`` and the library's release at exit, so its
+    gloo worker threads still ran during interpreter finalisation -- the exit abort of the
+    :mod:`flashoverlap.dist_utils` docstring (seen as a CI failure of a test that compiles
+    ``all_gather_gemm``).  The compiled call resolves the name at run time, as torch's
+    functional collectives do.
+
+    Dynamo calls it with a ``FakeScriptObject`` standing in for an explicit group (one that
+    passes ``isinstance(..., ProcessGroup)`` and compares equal to the group): its real group
+    is used, or the stand-in would be cached as the group and reach the engines at run time.
+    """
+    group = getattr(group, "real_obj", group)
+    return group_info(group).group.group_name
+
+
 def check_group(group: ProcessGroup | None, device: torch.device) -> GroupInfo:
     """Resolve the group and check it can carry tensors on ``device``."""
     info = group_info(group)

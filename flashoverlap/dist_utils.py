@@ -33,6 +33,16 @@ exit handler also runs one garbage collection: a group referenced only from a re
 cycle (an exception kept with its traceback, e.g. ``pytest.raises``' ``info``, holds the
 frames of the failed call) would otherwise be freed by the collection inside
 ``Py_FinalizeEx``, the very moment the worker threads can no longer take the GIL.
+
+Two more holders showed up later (a CI failure of a test that compiles ``all_gather_gemm``):
+(1) ``torch.compile`` of an op called with ``group=None`` made the default group a *graph
+input* -- the compiled function's cache kept it for the life of the process; the ops now pass
+the group's name as a compile-time constant (``checks.group_name``).  (2) torch itself:
+``torch.distributed.nn.functional`` declares ``group=group.WORLD`` default arguments, which are
+evaluated when that module is first imported, and ``torch._dynamo`` imports it -- so the first
+``torch.compile`` after ``init_process_group`` pins the default group in those defaults until
+the interpreter tears its modules down.  This module imports it (3 ms) when flashoverlap is
+imported, which in the usual script is before any group exists, so the defaults are None.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401 -- before a group exists (module docstring)
 from torch.distributed import ProcessGroup
 
 _RANK_VARS = {

@@ -37,6 +37,7 @@ from torch.distributed import ProcessGroup
 from .checks import byte_extent, check_gemm_operands, check_group, spans_intersect
 from .collectives import REDUCE_SCATTER
 from .collectives.all_gather import ALL_GATHER
+from .dist_utils import register_group_cache
 from .gather_plan import GatherPlan, GatherProblem, default_gather_config, make_gather_plan
 from .ops import config_from_json, config_to_json
 from .plan import PlanConfig
@@ -60,6 +61,10 @@ class GatherCall:
 
 _CALLS: dict[tuple, GatherCall] = {}
 _FALLBACK_COMMS: dict[tuple, Any] = {}
+# Both hold process groups: released at exit and when a new world replaces a destroyed one,
+# so no gloo worker thread outlives interpreter shutdown (dist_utils module docstring).
+register_group_cache(_CALLS.clear)
+register_group_cache(_FALLBACK_COMMS.clear)
 
 
 def _check_buffer(name: str, t: object, shape: tuple[int, int], like: Tensor) -> None:
@@ -236,9 +241,9 @@ def all_gather_gemm(
         if out is not None or gathered is not None:
             raise ValueError("out= and gathered= do not support automatic differentiation "
                              "(an input requires grad); drop them or run under torch.no_grad()")
-        from .checks import group_info
+        from .checks import group_name
 
-        name = group_info(group).group.group_name
+        name = group_name(group)
         result, _ = all_gather_gemm_op(a_shard, b, name, engine or "", config_to_json(config))
         return result
     result, _ = _run(a_shard, b, group, out, gathered, engine, config)

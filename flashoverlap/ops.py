@@ -260,11 +260,11 @@ def gemm_collective(
         if out is not None:
             raise ValueError("out= does not support automatic differentiation (an input "
                              "requires grad); drop out= or run under torch.no_grad()")
-        from .checks import group_info
+        from .checks import group_name
         from .library_ops import gemm_collective_op
 
         collectives.register(collective)
-        name = group_info(group).group.group_name
+        name = group_name(group)
         return gemm_collective_op(a, b, residual, collective.name, name, engine or "",
                                   config_to_json(config), bool(residual_replicated))
     return _run(collective, a, b, group, out, residual, residual_replicated, engine, config)

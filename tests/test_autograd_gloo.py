@@ -178,3 +178,37 @@ def _check_paths_agree_and_out_refused(rank: int, W: int) -> None:
 
 def test_functional_and_torch_ops_share_one_path():
     run_distributed(_check_paths_agree_and_out_refused, 2)
+
+
+def _check_compiled_ops(rank: int, W: int) -> None:
+    """``torch.compile(fullgraph=True)`` of the functional ops equals eager, forward and both
+    gradients, with ``group=None`` and with an explicit group.  Dynamo hands an explicit
+    group to the ops' name lookup as a ``FakeScriptObject`` that passes for the group; it was
+    once cached as the group and reached the engine at run time (``AttributeError ...
+    FakeScriptObject``), and ``gemm_all_reduce``/``gemm_reduce_scatter`` did not trace at all
+    (a lock in the collective registry)."""
+    M, N, K = 4 * W, 5, 3
+    X, Wt, G, _ = _full_model(60, W, M, N, K)
+    shard = slice(rank * K, (rank + 1) * K)
+    explicit = dist.new_group(list(range(W)))
+    ops = {"all_reduce": fo.gemm_all_reduce, "reduce_scatter": fo.gemm_reduce_scatter,
+           "all_gather": fo.all_gather_gemm}
+    for group, (name, op) in itertools.product((explicit, None), ops.items()):
+        def loss(a, b, op=op, group=group):
+            return (op(a, b, group=group, engine="reference") ** 2).sum()
+
+        a = X[:, shard].float() if name != "all_gather" else X[rank * (M // W):][:M // W, :K].float()
+        b = Wt[shard].float()
+        runs = []  # compiled first: the group's first sight is the traced one
+        for fn in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+            a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+            value = fn(a_, b_)
+            value.backward()
+            runs.append((value.detach(), a_.grad, b_.grad))
+        for compiled, eager in zip(*runs):
+            torch.testing.assert_close(compiled, eager, **TOL, msg=f"{name}, group={group}")
+    dist.destroy_process_group(explicit)
+
+
+def test_compiled_functional_ops_with_the_default_and_an_explicit_group():
+    run_distributed(_check_compiled_ops, 2)

@@ -6,6 +6,12 @@ worker threads were still running during interpreter finalisation (see ``dist_ut
 abort itself is a race (a few percent of runs), so these tests check the mechanism, which is
 deterministic: after the ops ran and the group was destroyed, the group object is gone by the
 time the interpreter finalises, and a new world releases the old one at once.
+
+The script runs every op family on every CPU engine, their autograd path and ``torch.compile``
+of each (Dynamo first imported after ``init_process_group``): a memo that forgot to register
+(``all_gather_gemm``'s and the AllToAll's did), a compiled graph that takes the group as an
+input, or torch's own ``group=group.WORLD`` default arguments imported with a live group each
+kept the group alive and failed this test before they were fixed.
 """
 
 from __future__ import annotations
@@ -54,6 +60,21 @@ _SCRIPT = textwrap.dedent('''
             cfg = fo.PlanConfig(block_m=4, block_n=4, num_ctas=2, group_m=1)  # several groups
             y = fo.gemm_all_reduce(a, b, engine="reference", config=cfg)
             torch.testing.assert_close(y, a @ b)
+            torch.testing.assert_close(fo.all_gather_gemm(a, b, engine=name), a @ b)
+            w = torch.randn(2, 5, 7, generator=g)  # two experts of 6 rows each
+            z = fo.grouped_gemm_all_to_all(a, w, [[6], [6]], [12], engine=name)
+            torch.testing.assert_close(z, torch.cat([a[:6] @ w[0], a[6:] @ w[1]]))
+        # the autograd path (the torch.library ops, by group name) and torch.compile of each
+        # family: a traced group=None once made the default group a graph input for good
+        ag = a.clone().requires_grad_()
+        for op in (fo.gemm_all_reduce, fo.gemm_reduce_scatter, fo.all_gather_gemm):
+            eager = op(ag, b, engine="reference").square().sum()
+            eager.backward()
+            f = torch.compile(lambda x, y, op=op: op(x, y, engine="reference").square().sum(),
+                              fullgraph=True, backend="aot_eager")
+            compiled = f(ag, b)
+            torch.testing.assert_close(compiled, eager)
+            compiled.backward()
 
     tmp = tempfile.mkdtemp()
     for generation in range(2):

@@ -203,9 +203,11 @@ def register(collective: Collective) -> Collective:
     The ``torch.library`` op and plans refer to collectives by name, so a name stands for one
     collective: registering a different object under a taken name raises ``ValueError``.
     """
+    name = getattr(collective, "name", None)
+    if isinstance(name, str) and _REGISTRY.get(name) is collective:
+        return collective  # registered already: no lock (and traceable by torch.compile)
     if not isinstance(collective, Collective):
         raise TypeError(f"expected a flashoverlap Collective, got {type(collective).__name__}")
-    name = getattr(collective, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{type(collective).__name__}.name must be a non-empty string")
     try:

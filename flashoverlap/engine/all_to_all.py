@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 from ..all_to_all_plan import AllToAllPlan
 from ..collectives import NcclStream
 from ..collectives.all_to_all import AllToAll
+from ..dist_utils import register_group_cache
 from ..nccl_enqueue import enqueue_binding
 
 MAX_A2A_WORKSPACES = 16
@@ -145,6 +146,10 @@ _A2A_WORKSPACES: collections.OrderedDict = collections.OrderedDict()
 def clear_a2a_workspaces() -> None:
     with _LOCK:
         _A2A_WORKSPACES.clear()
+
+
+# Workspaces are keyed by (and hold) process groups: released at exit and on a new world.
+register_group_cache(clear_a2a_workspaces)
 
 
 def _get_workspace(plan: AllToAllPlan, device: torch.device, group: ProcessGroup,

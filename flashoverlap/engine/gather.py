@@ -70,6 +70,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from ..collectives.all_gather import ALL_GATHER
+from ..dist_utils import register_group_cache
 from ..gather_plan import GatherPlan
 from ..nccl_enqueue import enqueue_binding
 
@@ -149,6 +150,10 @@ MAX_WORKSPACES = 64
 def clear_gather_workspaces() -> None:
     with _LOCK:
         _WORKSPACES.clear()
+
+
+# Workspaces are keyed by (and hold) process groups: released at exit and on a new world.
+register_group_cache(clear_gather_workspaces)
 
 
 def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessGroup,
