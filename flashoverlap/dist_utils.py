@@ -42,7 +42,8 @@ the group's name as a compile-time constant (``checks.group_name``).  (2) torch 
 evaluated when that module is first imported, and ``torch._dynamo`` imports it -- so the first
 ``torch.compile`` after ``init_process_group`` pins the default group in those defaults until
 the interpreter tears its modules down.  This module imports it (3 ms) when flashoverlap is
-imported, which in the usual script is before any group exists, so the defaults are None.
+imported before any group exists (the usual order), so the defaults are None; imported after
+``init_process_group``, flashoverlap leaves it alone rather than pin the group itself.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional  # noqa: F401 -- before a group exists (module docstring)
 from torch.distributed import ProcessGroup
+
+if not dist.is_initialized():  # imported now, its defaults are None (module docstring); with a
+    import torch.distributed.nn.functional  # noqa: F401 -- group alive, it would pin that group
 
 _RANK_VARS = {
     "RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"),

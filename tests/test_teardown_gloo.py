@@ -101,6 +101,34 @@ def test_destroyed_group_is_released_by_exit_and_by_a_new_world(tmp_path):
     assert "groups alive at exit: 0 of 2" in proc.stdout, proc.stdout
 
 
+# The other order: the group first, then flashoverlap.  Importing flashoverlap must not pin
+# the live group itself (torch.distributed.nn.functional's defaults would, if imported now).
+_LATE_IMPORT_SCRIPT = textwrap.dedent('''
+    import atexit, tempfile, weakref
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/s", rank=0,
+                            world_size=1)
+    ref = weakref.ref(dist.group.WORLD)
+    atexit.register(lambda: print(f"group alive at exit: {ref() is not None}", flush=True))
+    import flashoverlap as fo
+
+    a, b = torch.randn(6, 4), torch.randn(4, 3)
+    torch.testing.assert_close(fo.gemm_all_reduce(a, b, engine="reference"), a @ b)
+    dist.destroy_process_group()
+''')
+
+
+def test_importing_flashoverlap_after_init_does_not_pin_the_group(tmp_path):
+    script = tmp_path / "late_import.py"
+    script.write_text(_LATE_IMPORT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=cpu_launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "group alive at exit: False" in proc.stdout, proc.stdout
+
+
 _RETIRE_SCRIPT = textwrap.dedent('''
     import tempfile, time
     import torch
