@@ -207,6 +207,9 @@ def _check_compiled_ops(rank: int, W: int) -> None:
             runs.append((value.detach(), a_.grad, b_.grad))
         for compiled, eager in zip(*runs):
             torch.testing.assert_close(compiled, eager, **TOL, msg=f"{name}, group={group}")
+    # Dynamo keeps the compiled graphs, and with them the explicit group they were handed,
+    # for the life of ``loss``'s code object (torch._dynamo.reset() does not drop them): the
+    # group outlives its destroy, idle -- its last collective finished long before exit.
     dist.destroy_process_group(explicit)
 
 
