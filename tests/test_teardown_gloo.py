@@ -22,6 +22,16 @@ import textwrap
 
 from launch_utils import ROOT, cpu_launch_env
 
+def _run_script(path, text: str) -> subprocess.CompletedProcess:
+    """Run ``text`` as a fresh interpreter (CPU environment); it must exit normally."""
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=cpu_launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    return proc
+
+
 # The checker is registered with atexit *before* flashoverlap is imported, so it runs after
 # the library's own exit handler (atexit is last in, first out) and sees what finalisation
 # will see.
@@ -91,12 +101,7 @@ _SCRIPT = textwrap.dedent('''
 
 
 def test_destroyed_group_is_released_by_exit_and_by_a_new_world(tmp_path):
-    script = tmp_path / "teardown.py"
-    script.write_text(_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=cpu_launch_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr
+    proc = _run_script(tmp_path / "teardown.py", _SCRIPT)
     assert "first world alive after re-init: False" in proc.stdout, proc.stdout
     assert "groups alive at exit: 0 of 2" in proc.stdout, proc.stdout
 
@@ -121,11 +126,7 @@ _LATE_IMPORT_SCRIPT = textwrap.dedent('''
 
 
 def test_importing_flashoverlap_after_init_does_not_pin_the_group(tmp_path):
-    script = tmp_path / "late_import.py"
-    script.write_text(_LATE_IMPORT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=cpu_launch_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(tmp_path / "late_import.py", _LATE_IMPORT_SCRIPT)
     assert "group alive at exit: False" in proc.stdout, proc.stdout
 
 
@@ -162,9 +163,5 @@ def test_retire_waits_for_the_gloo_worker_to_let_go_of_a_works_tensors(tmp_path)
     still hold the work for a moment; retire returns once it has let go (C++ use count 1), so
     Python, not the worker, frees the tensors -- the cause of the exit aborts a core dump
     showed (``~AsyncAllgatherWork`` on the worker taking the GIL during finalisation)."""
-    script = tmp_path / "retire.py"
-    script.write_text(_RETIRE_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=cpu_launch_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "retire ok" in proc.stdout and "terminate called" not in proc.stderr
+    proc = _run_script(tmp_path / "retire.py", _RETIRE_SCRIPT)
+    assert "retire ok" in proc.stdout
