@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SHAPES = "4096x8192x2048,8192x8192x2048,8192x8192x8192,6144x5120x4096,16384x8192x8192"
@@ -100,12 +101,16 @@ def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
             "clock_reasons": sorted({s[3] for s in window}), "samples": len(window)}
 
 
-def write_rows(out: Path, name: str, rows: list[dict]) -> Path:
-    """``out/<name>.json`` (the folder made if missing); returns its path."""
+def write_rows(out: Path, name: str, rows: list[dict],
+               summarize: Callable[[list[dict]], list[str]], heading: str) -> None:
+    """Write ``out/<name>.json`` (the folder made if missing), then print ``heading`` and
+    ``summarize(rows)``, then the file's path (the end of both clock probes)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    return path
+    print(f"\n{heading}")
+    print("\n".join(summarize(rows)))
+    print(f"wrote {path}")
 
 
 def summarize(rows: list[dict]) -> list[str]:
@@ -228,10 +233,8 @@ def main(argv=None) -> int:
         del bench
         torch.cuda.empty_cache()
     sampler.stop()
-    path = write_rows(args.out, args.name, rows)
-    print("\ntime and clock against the tuner's variant, mean of the rounds:")
-    print("\n".join(summarize(rows)))
-    print(f"wrote {path}")
+    write_rows(args.out, args.name, rows, summarize,
+               "time and clock against the tuner's variant, mean of the rounds:")
     return 0
 
 

@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                                          f"max |c|: the probe is wrong, no timing")
             del want
 
-            def probe_fn(v, P):
+            def probe_fn(v, P, bench=bench):  # bound now: `bench` is deleted per shape
                 return bench._rotating(lambda i: launch(v, *bench.sets[i], bench.c[i], P))
 
             phases = [("torch", None, bench._rotating(bench._torch_run))]
@@ -323,10 +323,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     finally:
         sampler.stop()
-    path = write_rows(args.out, args.name, rows)
-    print("\ntime and clock against the probe without clusters, mean of the rounds:")
-    print("\n".join(summarize(rows)))
-    print(f"wrote {path}")
+    write_rows(args.out, args.name, rows, summarize,
+               "time and clock against the probe without clusters, mean of the rounds:")
     return 0
 
 
