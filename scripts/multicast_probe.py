@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_common import provenance
+    import bench_common
     from bench_gemm import _Bench
     from gemm_clock_probe import _phase, _Sampler, write_rows
 
@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     # workspace of the in-kernel TMA descriptors (one per program and CTA)
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
                                                                  device=dev))
-    prov = provenance(dev)
+    bench_common.load_torch()  # provenance() reads bench_common's lazily imported torch
+    prov = bench_common.provenance(dev)
     sampler = _Sampler()
     rows: list[dict] = []
     try:
