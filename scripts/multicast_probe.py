@@ -224,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seconds", type=float, default=1.5)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--stages", type=int, default=STAGES, choices=(2, 3, 4),
+                   help="pipeline slots (48 KB of shared memory each per CTA)")
     p.add_argument("--ptx", action="store_true", help="compile for sm_90 only and summarize")
     p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                    help="only print the ratio table of result files (no GPU needed)")
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    for meta in VARIANT_META.values():
+        meta["STAGES"] = args.stages
     if args.summarize:
         for f in args.summarize:
             print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
@@ -316,7 +320,7 @@ def main(argv=None) -> int:
                     rows.append({**prov, "bench": "multicast_probe", "op": "matmul",
                                  "dtype": "bfloat16", "world_size": 1, "b_layout": "kn",
                                  "M": M, "N": N, "K": K, "engine": engine, "num_ctas": P,
-                                 "sms": sms, "round": rnd, **r})
+                                 "stages": args.stages, "sms": sms, "round": rnd, **r})
                     print(f"{M}x{N}x{K} round {rnd} {engine:>9} P={P}: "
                           f"{r['median_ms']:.4f} ms {r['sm_clock_mhz'] or 0:.0f} MHz "
                           f"{r['power_w'] or 0:.0f} W", flush=True)
