@@ -74,10 +74,16 @@ CANDIDATES = (
     # refuses it at compile time (NotImplementedError), recorded as a failure.
     ("ws_128x128_w4", {"block_n": 128, "num_warps": 4, "num_stages": 3, "flatten": False,
                        "warp_specialize": True}, 8),
+    # short K / few tiles, where the split last wave's fixed costs (fp32 partials, tickets)
+    # may outweigh the K steps it saves
+    ("nosplit", {"split_tail": False}, 8),
+    ("gm16_nosplit", {"split_tail": False}, 16),
+    ("128x128_s4_nosplit", {"block_n": 128, "num_stages": 4, "split_tail": False}, 8),
 )
 QUICK_CANDIDATES = ("default", "s4", "256x128", "ws_128x128_w4")
 CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "use_tma",
-                 "flatten", "epilogue_subtile", "acc_multibuffer", "warp_specialize")
+                 "flatten", "epilogue_subtile", "acc_multibuffer", "warp_specialize",
+                 "split_tail")
 
 
 def _parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -112,7 +118,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", default=None,
                    help="comma-separated candidate names (default all, in order): "
                         + ", ".join(c[0] for c in CANDIDATES))
-    p.add_argument("--max-candidates", type=int, default=12, help="first N candidates only")
+    p.add_argument("--max-candidates", type=int, default=16, help="first N candidates only")
     p.add_argument("--iters", type=int, default=25, help="timed calls per measurement (>= 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     p.add_argument("--sets", type=int, default=3, help="minimum input sets rotated (>= 3)")
@@ -494,6 +500,7 @@ def _label(r) -> str:
     return (f"{r['block_m']}x{r['block_n']}x{r['block_k']} w{r['num_warps']} s{r['num_stages']}"
             f"{' sub' if r['epilogue_subtile'] else ''}{'' if r['acc_multibuffer'] else ' noMB'}"
             f"{' ws' if r['warp_specialize'] else ''}{'' if r['flatten'] else ' noflat'}"
+            f"{'' if r.get('split_tail', True) else ' nosplit'}"
             f" gm{r['group_m']}")
 
 
@@ -546,7 +553,7 @@ def summarize(rows, failures) -> None:
         if best_name:
             any_rule = True
             r = cands[best_name][0]
-            overrides = tuple((f, r[f]) for f in CONFIG_FIELDS)
+            overrides = tuple((f, r[f]) for f in CONFIG_FIELDS if f in r)
             print(f"  GemmRule(overrides={overrides}, group_m={r['group_m']}, "
                   f"m=({M}, {M + 1}), n=({N}, {N + 1}), k=({K}, {K + 1}), "
                   f"note='gemm_sweep: {best_name} {best_gain:.3f}x default'),")

@@ -191,7 +191,7 @@ if not _INTERPRET_SESSION:
     def test_sweep_candidates_and_args():
         sweep = _load_sweep()
         names = [c[0] for c in sweep.CANDIDATES]
-        assert names[0] == "default" and len(names) == len(set(names)) <= 13
+        assert names[0] == "default" and len(names) == len(set(names)) <= 16
         base = config_for_capability((9, 0), torch.bfloat16)
         assert dataclasses.replace(base, **sweep.CANDIDATES[0][1]) == base
         assert sweep.CANDIDATES[0][2] == DEFAULT_GROUP_M
