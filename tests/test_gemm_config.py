@@ -361,11 +361,22 @@ class TestGroupedConfig:
 
 def test_tail_split_rule():
     """Which last waves are split, into how many K parts (kernels.tail_split)."""
-    from flashoverlap.kernels import TAIL_SPLIT_MAX, tail_split
+    from flashoverlap.kernels import TAIL_MIN_SAVED_K_TILES, TAIL_SPLIT_MAX, tail_split
 
     assert TAIL_SPLIT_MAX == 4
-    # N = 8192 with 128x256 tiles on 132 CTAs: 4096 tiles leave 4 -> 4 parts of 8 K steps
-    assert tail_split(4096, 132, 32) == (4092, 4)
+    # N = 8192 with 128x256 tiles on 132 CTAs: 4096 tiles leave 4 -> 4 parts of 8 K steps,
+    # which saves 24 K steps: below TAIL_MIN_SAVED_K_TILES (32), so not split by default
+    assert TAIL_MIN_SAVED_K_TILES == 32
+    assert tail_split(4096, 132, 32) == (4096, 1)
+    assert tail_split(4096, 132, 32, 0) == (4092, 4)
+    assert tail_split(4096, 132, 32, 24) == (4092, 4)
+    assert tail_split(4096, 132, 32, 25) == (4096, 1)
+    # ... with K = 4096 (64 steps) it saves 48
+    assert tail_split(4096, 132, 64) == (4092, 4)
+    # 2048 x 4096 x 3584 on 116: 256 tiles leave 24 -> 4 parts of 14 steps save 42
+    assert tail_split(256, 116, 56) == (232, 4)
+    # ... x 1792 (28 steps): 4 parts save 21, not split; K = 512 (8 steps) neither
+    assert tail_split(256, 116, 28) == (256, 1) and tail_split(256, 116, 8) == (256, 1)
     # 2048 tiles leave 68 (more than half a wave): not split
     assert tail_split(2048, 132, 32) == (2048, 1)
     # 6144 x 3072: 576 tiles leave 48 -> 2 parts
@@ -373,9 +384,9 @@ def test_tail_split_rule():
     # a single partial wave: every tile split
     assert tail_split(30, 132, 64) == (0, 4)
     assert tail_split(50, 132, 64) == (0, 2)
-    # short K: parts of at least 4 K steps
-    assert tail_split(4096, 132, 7) == (4096, 1)
-    assert tail_split(4096, 132, 8) == (4092, 2)
+    # short K: parts of at least 4 K steps (with the saving threshold off)
+    assert tail_split(4096, 132, 7, 0) == (4096, 1)
+    assert tail_split(4096, 132, 8, 0) == (4092, 2)
     # whole waves, or one CTA: nothing to split
     assert tail_split(264, 132, 64) == (264, 1)
     assert tail_split(5, 1, 64) == (5, 1)
@@ -392,6 +403,13 @@ def test_tail_programs_cover_every_step_and_piece():
         n = tail_programs(T, P, main, parts)
         assert n <= P and n >= min(P, T) and n >= (T - main) * parts * (parts > 1)
     assert tail_programs(30, 132, 0, 4) == 120 and tail_programs(100, 132, 100, 1) == 100
+
+
+@pytest.mark.parametrize("bad", [-1, True, 32.0, "32", None])
+def test_split_min_saved_k_tiles_is_checked(bad):
+    with pytest.raises(ValueError, match="split_min_saved_k_tiles"):
+        GemmConfig(split_min_saved_k_tiles=bad)
+    assert GemmConfig(split_min_saved_k_tiles=0).split_min_saved_k_tiles == 0
 
 
 @pytest.mark.parametrize("bad", [23, 256, 0, True, 128.0, "128"])

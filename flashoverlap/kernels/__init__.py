@@ -33,6 +33,7 @@ __all__ = [
     "tail_split",
     "tail_programs",
     "TAIL_SPLIT_MAX",
+    "TAIL_MIN_SAVED_K_TILES",
 ]
 
 _LAZY = {
@@ -45,6 +46,23 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# A last wave that leaves SMs idle is split along K into at most this many parts per tile,
+# each of at least TAIL_MIN_K_TILES K steps (a shorter part is mostly pipeline fill) ...
+TAIL_SPLIT_MAX = 4
+TAIL_MIN_K_TILES = 4
+# ... and only where the split takes at least this many K steps off the last wave (a tile's
+# K steps minus its longest part's).  A split has a fixed price -- each part stores an fp32
+# partial, the last one reads the others back, and every MMA warp takes a ticket -- that
+# the saved K steps must pay for.  Measured on one H200 (bf16, block_k 64, both B layouts,
+# scripts/gemm_sweep.py candidates with and without the split, results/2026-12-02-h200/
+# splitcost-run14): saving 4-14 K steps made the GEMM 1-23 % slower (2048/4096 x 4096 x
+# 512-1792 at P = 116), 16-24 -2.4 to +3.7 %, 28 0.4-2.2 % faster, 42 (3584 = 56 steps in 4
+# parts) 10 % faster, 64
+# (6144 x 3072 x 8192 at P = 132) 4.5 % faster; 16384 x 8192 x 2048 in 3 parts (21) was
+# 1.3 % slower at P = 116 (wssplit-run3/4).
+TAIL_MIN_SAVED_K_TILES = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +89,9 @@ class GemmConfig:
             :func:`tail_split`): up to :data:`TAIL_SPLIT_MAX` programs share one such tile and
             the last one to finish sums the parts in a fixed order (deterministic) and stores
             and signals it.
+        split_min_saved_k_tiles: split only where that takes at least this many K steps off
+            the last wave (:data:`TAIL_MIN_SAVED_K_TILES`, measured; 0 splits wherever the
+            wave allows it, which tests use to reach the split path with short K).
         max_registers: cap on registers per thread (Triton's ``maxnreg``); ``None`` leaves
             the choice to ptxas.  A lower cap leaves room in the register file for another
             kernel's CTAs beside a GEMM CTA (``scripts/bench_sm_sharing.py``) at the price of
@@ -100,6 +121,7 @@ class GemmConfig:
     acc_multibuffer: bool = True
     warp_specialize: bool = False
     split_tail: bool = True
+    split_min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES
     max_registers: int | None = None
     warp_specialized_kernel: bool = True
 
@@ -112,6 +134,10 @@ class GemmConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two, got {value}")
+        saved = self.split_min_saved_k_tiles
+        if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
+            raise ValueError(f"GemmConfig.split_min_saved_k_tiles must be an int >= 0, "
+                             f"got {saved!r}")
         regs = self.max_registers
         if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool)
                                  or not 24 <= regs <= 255):
@@ -158,10 +184,6 @@ def config_for_capability(capability: tuple[int, int] | None,
                       use_tma=False, flatten=False)
 
 
-# A last wave that leaves SMs idle is split along K into at most this many parts per tile,
-# each of at least TAIL_MIN_K_TILES K steps (a shorter part is mostly pipeline fill).
-TAIL_SPLIT_MAX = 4
-TAIL_MIN_K_TILES = 4
 # int32 tickets per split tile: the pipelined kernel uses the first, the warp-specialized one
 # a ticket per MMA warp (8) and a count of finished warps (9th); both leave them zero.
 TICKETS_PER_TILE = 16
@@ -181,12 +203,15 @@ LAUNCH_OPTIONS: dict[str, bool] = {"enable_fp_fusion": True}
 WARP_SPECIALIZED_TILE = (128, 256, 64)
 
 
-def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
+def tail_split(num_steps: int, num_ctas: int, k_tiles: int,
+               min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES) -> tuple[int, int]:
     """``(num_main, parts)``: the persistent GEMM runs steps ``[0, num_main)`` whole and splits
     each of the remaining ``r`` steps -- a last wave of ``r < P`` tiles -- into ``parts``
     ranges of its K steps, one per program, so that the last wave takes about ``1 / parts``
     of a tile's time instead of a whole one.  ``parts = min(TAIL_SPLIT_MAX, P // r,
-    k_tiles // TAIL_MIN_K_TILES)``; ``(num_steps, 1)`` (no split) when that is below 2.
+    k_tiles // TAIL_MIN_K_TILES)``; ``(num_steps, 1)`` (no split) when that is below 2 or
+    when the split saves fewer than ``min_saved_k_tiles`` K steps (``k_tiles`` minus the
+    longest part's: :data:`TAIL_MIN_SAVED_K_TILES`, what a split costs).
 
     Why only the last wave, and at most 4 parts: the tile's last part to finish reads the
     other parts back (fp32, ``BLOCK_M x BLOCK_N`` each) and sums them in part order, so the
@@ -200,7 +225,7 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int) -> tuple[int, int]:
     if r == 0:
         return T, 1
     parts = min(TAIL_SPLIT_MAX, P // r, k_tiles // TAIL_MIN_K_TILES)
-    if parts < 2:
+    if parts < 2 or k_tiles - -(-k_tiles // parts) < min_saved_k_tiles:
         return T, 1
     return T - r, parts
 

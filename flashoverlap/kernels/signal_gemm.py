@@ -629,7 +629,7 @@ def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
     """``(num_main, parts)``: the split last wave where enabled and it applies, else
     ``(num_steps, 1)``."""
     if config.split_tail:
-        return tail_split(num_steps, num_ctas, k_tiles)
+        return tail_split(num_steps, num_ctas, k_tiles, config.split_min_saved_k_tiles)
     return num_steps, 1
 
 

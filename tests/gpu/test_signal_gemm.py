@@ -39,6 +39,17 @@ BM, BN = default_block_shape(DEV)
 STRESS_ENV = "FLASHOVERLAP_STRESS_GROUPS"
 
 
+def _split_config(dtype=torch.bfloat16, **changes):
+    """The default configuration with the split last wave wherever the wave allows it
+    (``split_min_saved_k_tiles=0``): the product splits only long K, and these tests reach
+    the split path with short K too."""
+    return dataclasses.replace(default_config(DEV, dtype), split_min_saved_k_tiles=0, **changes)
+
+
+# The stress test's kernels: every split the wave allows, as before the saving threshold
+STRESS_CONFIG = _split_config()
+
+
 def _plan(M, N, K, *, world=1, op="all_reduce", num_ctas=None, group_m=8, group_bands=None,
           block=(BM, BN), dtype="bfloat16"):
     problem = Problem(M, N, K, dtype, world, op)
@@ -253,7 +264,7 @@ def test_compiled_epilogue_orders_stores_before_release(split):
     a, b = _operands(M, N, K, torch.bfloat16, False)
     out = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    config = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
+    config = _split_config(split_tail=split)
     grid, args, meta = sg._launch_args(a, b, out, _table(plan), BM, BN, plan.config.num_ctas,
                                        counters, None, 0, None, config)
     assert meta["SPLIT_TAIL"] is split
@@ -292,8 +303,8 @@ def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans, k
     kernel and, for whole tiles on sm_90, the warp-specialized one (K = 4104: the last K step
     is partial, TMA fills it with zeros)."""
     plan = _plan(M, N, K)
-    config = default_config(DEV, torch.bfloat16)
-    assert tail_split(plan.step_table.shape[0], SMS, -(-K // config.block_k))[1] > 1
+    config = _split_config()
+    assert tail_split(plan.step_table.shape[0], SMS, -(-K // config.block_k), 0)[1] > 1
     full_tiles = kernel == "warp_specialized"
     if full_tiles:
         if not plan.full_tiles:
@@ -518,7 +529,7 @@ def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split):
     a, b = _operands(M, N, K, torch.bfloat16, b_trans)
     out = _nan((M, N))
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    cfg = dataclasses.replace(default_config(DEV, torch.bfloat16), split_tail=split)
+    cfg = _split_config(split_tail=split)
     fn, jit, *launch = sg._choose_launch(a, b, out, _table(plan), BM, BN, SMS, counters, None,
                                          0, None, cfg, plan.full_tiles)
     assert fn is ws.kernel() and launch[2]["SPLIT_TAIL"] is split
@@ -585,7 +596,8 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
             out = _nan((M, N))
             cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
             sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
-                           num_ctas=4, counters=cnt, full_tiles=plan.full_tiles)
+                           num_ctas=4, counters=cnt, config=STRESS_CONFIG,
+                           full_tiles=plan.full_tiles)
             targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
             bounds = torch.tensor([s.send_lo for s in plan.spans()] + [M], device=DEV,
                                   dtype=torch.int64)
@@ -613,14 +625,15 @@ def _load_variant_first(a, b, dest, table, P, counters, full_tiles, loaded: set)
     with every change to which kernel a plan runs).  The variant is what the compiled kernel
     is specialized on: the kernel, its constexprs and the operands' 16-byte alignment."""
     fn, _, _, _, meta = sg._choose_launch(a, b, dest, table, BM, BN, P, counters, None, 0,
-                                          None, None, full_tiles)
+                                          None, STRESS_CONFIG, full_tiles)
     key = (fn, tuple(sorted(meta.items())),
            tuple(t.data_ptr() % 16 == 0 for t in (a, b, dest)))
     if key in loaded:
         return
     loaded.add(key)
     sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                   counters=torch.zeros_like(counters), full_tiles=full_tiles)
+                   counters=torch.zeros_like(counters), config=STRESS_CONFIG,
+                   full_tiles=full_tiles)
     torch.cuda.synchronize()
     dest.fill_(float("nan"))
 
@@ -643,8 +656,8 @@ def test_signal_ordering_stress():
     cases = []
     groups_checked = calls = split_calls = ws_calls = ws_split_calls = 0
     loaded: set = set()  # kernel variants launched once already (_load_variant_first)
-    ws_config = default_config(DEV, torch.bfloat16)
-    block_k = default_config(DEV).block_k
+    ws_config = STRESS_CONFIG
+    block_k = STRESS_CONFIG.block_k
     start = time.perf_counter()
 
     def verify(upto: int) -> None:
@@ -672,7 +685,7 @@ def test_signal_ordering_stress():
                               dtype=torch.int64).to(DEV)
         dest = _nan((M, N))
         on_ws = sg.ws_signal_gemm.eligible(a, b, dest, ws_config, None, plan.full_tiles)
-        split = tail_split(table.shape[0], P, k_tiles)[1] > 1  # both kernels split alike
+        split = tail_split(table.shape[0], P, k_tiles, 0)[1] > 1  # both kernels split alike
         ws_calls += on_ws
         split_calls += split
         ws_split_calls += on_ws and split
@@ -694,7 +707,7 @@ def test_signal_ordering_stress():
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
         sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                       counters=counters, full_tiles=plan.full_tiles)
+                       counters=counters, config=STRESS_CONFIG, full_tiles=plan.full_tiles)
         compute.wait_stream(consumer)
         torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
         timeouts[calls] = (spins < 0).sum()
