@@ -392,6 +392,24 @@ def test_tail_split_rule():
     assert tail_split(5, 1, 64) == (5, 1)
 
 
+def test_launch_schedule_follows_the_configs_saving_threshold():
+    """The kernels' schedule (signal_gemm._tail_schedule, what both GEMM kernels launch with)
+    takes GemmConfig.split_min_saved_k_tiles: 2048 x 4096 tiles of 128 x 256 on 116 CTAs leave
+    24 tiles, split by default only where K is long enough for the split to pay."""
+    from flashoverlap.kernels import signal_gemm as sg
+
+    T, P = (2048 // 128) * (4096 // 256), 116
+    default = GemmConfig()
+    assert sg._tail_schedule(T, P, 512 // 64, default) == (T, 1)
+    assert sg._tail_schedule(T, P, 1024 // 64, default) == (T, 1)
+    assert sg._tail_schedule(T, P, 3584 // 64, default) == (T - 24, 4)
+    every = dataclasses.replace(default, split_min_saved_k_tiles=0)
+    assert sg._tail_schedule(T, P, 512 // 64, every) == (T - 24, 2)
+    assert sg._tail_schedule(T, P, 1024 // 64, every) == (T - 24, 4)
+    off = dataclasses.replace(every, split_tail=False)
+    assert sg._tail_schedule(T, P, 3584 // 64, off) == (T, 1)
+
+
 def test_tail_programs_cover_every_step_and_piece():
     """Programs of a launch: all CTAs when there are enough steps, one per piece of a
     single split wave, never more than the CTAs."""
