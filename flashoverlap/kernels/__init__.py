@@ -59,9 +59,9 @@ TAIL_MIN_K_TILES = 4
 # scripts/gemm_sweep.py candidates with and without the split, results/2026-12-02-h200/
 # splitcost-run14): saving 4-14 K steps made the GEMM 1-23 % slower (2048/4096 x 4096 x
 # 512-1792 at P = 116), 16-24 -2.4 to +3.7 %, 28 0.4-2.2 % faster, 42 (3584 = 56 steps in 4
-# parts) 10 % faster, 64
-# (6144 x 3072 x 8192 at P = 132) 4.5 % faster; 16384 x 8192 x 2048 in 3 parts (21) was
-# 1.3 % slower at P = 116 (wssplit-run3/4).
+# parts) 10 % faster; earlier (wssplit-run2), 64 (6144 x 3072 x 8192 at P = 132, 2 parts)
+# 4.5 % faster and 21 (16384 x 8192 x 2048 at P = 116, 3 parts) 1.3 % slower.  The count is
+# in K steps of the tuned block_k (64 on sm_90).
 TAIL_MIN_SAVED_K_TILES = 32
 
 
