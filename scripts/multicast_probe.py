@@ -199,9 +199,14 @@ def probe_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexp
     ], [1], [40])
 
 
-def compile_sm90(variant: str):
+def _meta(variant: str, stages: int) -> dict:
+    """The variant's constexprs with ``stages`` pipeline slots."""
+    return {**VARIANT_META[variant], "STAGES": stages}
+
+
+def compile_sm90(variant: str, stages: int = STAGES):
     """The variant compiled for sm_90 without a GPU (Triton's bundled ptxas)."""
-    return compile_for(probe_kernel, PTRS, VARIANT_META[variant], **VARIANT_OPTIONS[variant])
+    return compile_for(probe_kernel, PTRS, _meta(variant, stages), **VARIANT_OPTIONS[variant])
 
 
 def ptx_summary(ptx: str) -> dict:
@@ -214,10 +219,10 @@ def ptx_summary(ptx: str) -> dict:
     }
 
 
-def launch(variant: str, a, b, c, P: int) -> None:
+def launch(variant: str, a, b, c, P: int, stages: int = STAGES) -> None:
     M, K = a.shape
     N = b.shape[1]
-    probe_kernel[(P // VARIANTS[variant][0],)](a, b, c, M, N, K, **VARIANT_META[variant],
+    probe_kernel[(P // VARIANTS[variant][0],)](a, b, c, M, N, K, **_meta(variant, stages),
                                                **VARIANT_OPTIONS[variant])
 
 
@@ -240,8 +245,6 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
-    for meta in VARIANT_META.values():
-        meta["STAGES"] = args.stages
     if args.summarize:
         for f in args.summarize:
             print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
         p.error(f"Triton {triton.__version__}'s Gluon has no multicast TMA load")
     if args.ptx:
         for v in variants:
-            print(v, ptx_summary(compile_sm90(v).asm["ptx"]))
+            print(v, ptx_summary(compile_sm90(v, args.stages).asm["ptx"]))
         return 0
     if args.out is None:
         p.error("--out is required (or --ptx)")
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
             for v in variants:
                 for P in ctas:
                     c.fill_(float("nan"))
-                    launch(v, a, b, c, P)
+                    launch(v, a, b, c, P, args.stages)
                     torch.cuda.synchronize()
                     err = (c.float() - want).abs().max().item() / scale
                     if not err < 2e-2:  # NaN (unwritten) fails too
@@ -308,7 +311,8 @@ def main(argv=None) -> int:
             del want
 
             def probe_fn(v, P, bench=bench):  # bound now: `bench` is deleted per shape
-                return bench._rotating(lambda i: launch(v, *bench.sets[i], bench.c[i], P))
+                return bench._rotating(lambda i: launch(v, *bench.sets[i], bench.c[i], P,
+                                                        args.stages))
 
             phases = [("torch", None, bench._rotating(bench._torch_run))]
             for P in ctas:
