@@ -57,7 +57,9 @@ FP16_SHAPES = ((4096, 8192, 2048), (8192, 8192, 7168), (5000, 5120, 5120))
 # (name, GemmConfig overrides on the capability's default, group_m), by prior likelihood.
 # Shared memory on sm_90 (Triton 3.6, bf16, compiled for sm_90 on a CPU): 128x256 3 stages
 # 180 KB, 4 stages 229 KB (limit 227 KB = 232448 B: fits); 256x128 3 stages 213 KB, 4 stages
-# 262 KB (does not fit, left out); 128x128 4 stages 164 KB.
+# 262 KB (does not fit, left out); 128x128 4 stages 164 KB.  On sm_90 with whole tiles the
+# 128x128 candidates run the warp-specialized kernel (since it took that tile), elsewhere the
+# pipelined one.
 CANDIDATES = (
     ("default", {}, 8),
     ("s4", {"num_stages": 4}, 8),
@@ -79,6 +81,11 @@ CANDIDATES = (
     ("nosplit", {"split_tail": False}, 8),
     ("gm16_nosplit", {"split_tail": False}, 16),
     ("128x128_s4_nosplit", {"block_n": 128, "num_stages": 4, "split_tail": False}, 8),
+    # 128 x 128 on the warp-specialized kernel with 5 stages (sm_90, whole tiles; the grouped
+    # kernel's default): twice the tiles, for small problems whose 128 x 256 grid leaves a
+    # poor last wave
+    ("128x128_s5", {"block_n": 128, "num_stages": 5}, 8),
+    ("128x128_s5_gm16", {"block_n": 128, "num_stages": 5}, 16),
 )
 QUICK_CANDIDATES = ("default", "s4", "256x128", "ws_128x128_w4")
 CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "use_tma",
@@ -118,7 +125,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", default=None,
                    help="comma-separated candidate names (default all, in order): "
                         + ", ".join(c[0] for c in CANDIDATES))
-    p.add_argument("--max-candidates", type=int, default=16, help="first N candidates only")
+    p.add_argument("--max-candidates", type=int, default=20, help="first N candidates only")
     p.add_argument("--iters", type=int, default=25, help="timed calls per measurement (>= 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     p.add_argument("--sets", type=int, default=3, help="minimum input sets rotated (>= 3)")
@@ -222,15 +229,22 @@ class Sweep:
         name, overrides, group_m = cand
         return dataclasses.replace(self.base_config(dtype), **overrides), group_m
 
-    def candidates_for(self, M, N, K, dtype, P_first):
-        """The candidate list, plus the table's choice when it differs from every one."""
+    def candidates_for(self, M, N, K, dtype, ps):
+        """The candidate list, plus the table's choice for each P in ``ps`` when it differs
+        from every candidate (``rule``, or ``rule@P`` where the choice depends on P: the
+        wave-tile rule)."""
         cands = list(self.args.candidate_list)
-        choice = self.kernels.gemm_config_for(M, N, K, dtype, P_first, self.capability)
         known = {self.candidate(c, dtype) for c in cands}
-        if (choice.config, choice.group_m) not in known:
-            overrides = {f: getattr(choice.config, f) for f in CONFIG_FIELDS
-                         if getattr(choice.config, f) != getattr(self.base_config(dtype), f)}
-            cands.insert(1, ("rule", overrides, choice.group_m))
+        choices = {}
+        for P in ps:
+            choice = self.kernels.gemm_config_for(M, N, K, dtype, P, self.capability)
+            if (choice.config, choice.group_m) not in known:
+                choices.setdefault((choice.config, choice.group_m), []).append(P)
+        for i, ((config, group_m), where) in enumerate(choices.items()):
+            overrides = {f: getattr(config, f) for f in CONFIG_FIELDS
+                         if getattr(config, f) != getattr(self.base_config(dtype), f)}
+            name = "rule" if len(choices) == 1 else "rule@" + "/".join(map(str, where))
+            cands.insert(1 + i, (name, overrides, group_m))
         return cands
 
     # -- inputs, plans --------------------------------------------------------------------
@@ -472,7 +486,7 @@ class Sweep:
                 break
             slice_end = self.clock.now() + left * weights[idx] / sum(weights[idx:])
             if dtype == bf16:
-                cands = self.candidates_for(M, N, K, dtype, self.ps[0])
+                cands = self.candidates_for(M, N, K, dtype, self.ps)
             else:
                 names = ["default", *self.best_bf16(M, N, K)]
                 cands = [c for c in args.candidate_list if c[0] in names]

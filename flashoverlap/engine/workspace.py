@@ -251,12 +251,13 @@ def get_workspace(plan: OverlapPlan, device: torch.device, group: ProcessGroup,
         send = None
         if not plan.collective.in_place_for(problem.world_size):
             send = torch.empty(problem.M, problem.N, dtype=dtype, device=device)
-        from ..kernels import default_config
+        from ..kernels import config_for_tile, default_config
         from ..kernels.signal_gemm import tail_scratch_for
 
+        bm, bn = plan.config.block_m, plan.config.block_n
         tail_scratch = tail_scratch_for(
-            plan.step_table.shape[0], plan.config.num_ctas, problem.K, plan.config.block_m,
-            plan.config.block_n, default_config(device, dtype), device)
+            plan.step_table.shape[0], plan.config.num_ctas, problem.K, bm, bn,
+            config_for_tile(default_config(device, dtype), bm, bn), device)
         G = plan.num_groups
         stride = -(-G // 4) * 4  # each set 16-byte aligned: one GEMM specialization for both
         counter_sets = torch.zeros(2 * stride, dtype=torch.int32, device=device)

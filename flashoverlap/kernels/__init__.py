@@ -23,6 +23,7 @@ __all__ = [
     "GemmConfig",
     "GemmRule",
     "config_for_capability",
+    "config_for_tile",
     "default_block_shape",
     "default_config",
     "gemm_config_for",
@@ -34,6 +35,11 @@ __all__ = [
     "tail_programs",
     "TAIL_SPLIT_MAX",
     "TAIL_MIN_SAVED_K_TILES",
+    "TILE_RATES",
+    "TILE_STAGES",
+    "tile_time",
+    "wave_tile",
+    "WAVE_TILE_MIN_GAIN",
 ]
 
 _LAZY = {
@@ -103,8 +109,8 @@ class GemmConfig:
         warp_specialized_kernel: on sm_90, run the Gluon warp-specialized kernel
             (:mod:`flashoverlap.kernels.ws_signal_gemm`: a TMA loader warp, two MMA
             warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
-            tiles, no residual, bf16/fp16, TMA-aligned operands, the 128 x 256 x 64 tile);
-            the pipelined kernel runs the rest, and everything when ``use_tma`` is off or
+            tiles, no residual, bf16/fp16, TMA-aligned operands, a tile of
+            :data:`WARP_SPECIALIZED_TILES`); the pipelined kernel runs the rest, and everything when ``use_tma`` is off or
             ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
             ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage, measured
             slower), not ``num_warps``, ``flatten``, ``acc_multibuffer`` or ``split_tail``.
@@ -198,9 +204,76 @@ TICKETS_PER_TILE = 16
 LAUNCH_OPTIONS: dict[str, bool] = {"enable_fp_fusion": True}
 
 
-# The one tile (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernel
-# (flashoverlap.kernels.ws_signal_gemm) runs: two warpgroups of 64 x 256, 128-byte K boxes.
-WARP_SPECIALIZED_TILE = (128, 256, 64)
+# The tiles (BLOCK_M, BLOCK_N, BLOCK_K) the warp-specialized kernels
+# (flashoverlap.kernels.ws_signal_gemm, ws_grouped_signal_gemm) run: two warpgroups of
+# 64 x BLOCK_N, 128-byte K boxes.  128 x 256 is the dense default; 128 x 128 is the grouped
+# default (GROUPED_GEMM_RULES) and what small dense problems take where 128 x 256 tiles leave
+# a poor last wave (flashoverlap.kernels.wave_tile_rule).
+WARP_SPECIALIZED_TILES = ((128, 256, 64), (128, 128, 64))
+
+# Per-tile measurements on sm_90 (one H200, Triton 3.6, bf16, B = w.t(), the warp-specialized
+# kernel, scripts/gemm_sweep.py, results/2026-12-02-h200/tiles-run17/sweep-tiles):
+# TILE_RATES is a tile's FLOP rate per SM against 128 x 256's where both fill the same number
+# of waves -- 128 x 128 with 5 stages took 1 / 0.925 of the time on the median of the 12 such
+# (shape, P = 132) rows (0.880-0.965: smaller tiles read more operand bytes per FLOP);
+# TILE_STAGES the pipeline depth a tile takes when a plan asks for it without a configuration
+# (5 stages over 4 for 128 x 128: +3.3 % in the median, faster on 24 of 26 rows; 5 x 32 KB +
+# a 32 KB C buffer fit in shared memory).  WAVE_TILE_MIN_GAIN: the modelled saving a switch
+# to the smaller tile must reach (:func:`wave_tile`; the model's time error is ~2 % rms).
+TILE_RATES: dict[tuple[int, int], float] = {(128, 256): 1.0, (128, 128): 0.92}
+TILE_STAGES: dict[tuple[int, int], int] = {(128, 128): 5}
+WAVE_TILE_MIN_GAIN = 0.03
+
+
+def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfig:
+    """``config`` with the tile ``block_m x block_n``; on the warp-specialized path (TMA, one
+    of :data:`WARP_SPECIALIZED_TILES`) also with the tile's measured :data:`TILE_STAGES`."""
+    if (config.block_m, config.block_n) == (block_m, block_n):
+        return config
+    changes: dict[str, int] = {"block_m": block_m, "block_n": block_n}
+    if (config.use_tma and (block_m, block_n, config.block_k) in WARP_SPECIALIZED_TILES
+            and (block_m, block_n) in TILE_STAGES):
+        changes["num_stages"] = TILE_STAGES[(block_m, block_n)]
+    return dataclasses.replace(config, **changes)
+
+
+def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> float:
+    """Modelled time of the persistent GEMM with ``config``'s tile on ``num_ctas`` programs, in
+    full-K times of one 128 x 256 tile at its rate: whole waves of tiles, the last one split
+    as :func:`tail_split` splits it, the tile's work divided by its :data:`TILE_RATES`."""
+    bm, bn = config.block_m, config.block_n
+    tiles = -(-M // bm) * -(-N // bn)
+    k_tiles = max(-(-K // config.block_k), 1)
+    num_main, parts = (tail_split(tiles, num_ctas, k_tiles, config.split_min_saved_k_tiles)
+                       if config.split_tail else (tiles, 1))
+    waves = -(-num_main // num_ctas) + (-(-k_tiles // parts) / k_tiles if parts > 1 else 0.0)
+    return waves * (bm * bn) / (128 * 256) / TILE_RATES.get((bm, bn), 1.0)
+
+
+def wave_tile(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> GemmConfig:
+    """``config``, or its 128 x 128 form (:func:`config_for_tile`) where that tile's finer
+    waves save at least :data:`WAVE_TILE_MIN_GAIN` of :func:`tile_time` -- few tiles on fewer
+    programs than SMs, e.g. 2048 x 4096 (256 tiles of 128 x 256: 3 waves on 116 CTAs, 512 of
+    128 x 128: 5 half-size ones).  Only from the 128 x 256 TMA configuration.
+
+    Measured on one H200 (bf16, B = ``w.t()``, ``results/2026-12-02-h200/``).  The sweep that
+    set the rule (``tiles-run17``, 13 shapes): at P = 116 the 128 x 128 tile was 4.5-12 %
+    faster on 2048 x 4096 x {512, 1024, 2048} (where this switches) and -9 % to +4.5 % on the
+    ten other rows (where it does not; 1024 x 4096 x 4096's +10 % included: the model credits
+    128 x 256's split last wave with more than the split gains); at P = 132 no row of it gained
+    and none switches.  Then the rule against forced 128 x 256 tiles (``wave-run18``,
+    ``bench_gemm.py``, 3 repeats, M in {512, 1024, 2048} x N in {4096, 8192}, K 512-4096):
+    the 14 (shape, P) rows it switches -- 512-row problems at P = 132 too, whose 128 x 256
+    grid is one partial wave -- took 1.05-1.37x less time (median 1.16x), the 22 rows it leaves
+    alone 0.97-1.03x (the same kernel: noise).
+    """
+    if (config.block_m, config.block_n, config.block_k) != (128, 256, 64) or not config.use_tma:
+        return config
+    small = config_for_tile(config, 128, 128)
+    if tile_time(M, N, K, num_ctas, small) <= (1 - WAVE_TILE_MIN_GAIN) * tile_time(
+            M, N, K, num_ctas, config):
+        return small
+    return config
 
 
 def tail_split(num_steps: int, num_ctas: int, k_tiles: int,
@@ -358,7 +431,8 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfloat16,
                     num_ctas: int = 132, capability: tuple[int, int] | None = None,
-                    rules: tuple[GemmRule, ...] | None = None) -> GemmChoice:
+                    rules: tuple[GemmRule, ...] | None = None,
+                    wave_tiles: bool = True) -> GemmChoice:
     """Kernel configuration and band height for one GEMM shape (pure Python, no GPU needed).
 
     Args:
@@ -368,10 +442,12 @@ def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfl
         capability: ``torch.cuda.get_device_capability()``; ``None`` (no GPU) is treated as
             sm_90, so that plans made on a CPU match the GPU engine's.
         rules: the table to use (default :data:`GEMM_RULES`; for tests and sweeps).
+        wave_tiles: on sm_90, let :func:`wave_tile` trade 128 x 256 tiles for 128 x 128 ones
+            where the last wave would leave many of the ``num_ctas`` programs idle.
 
     The first matching rule's overrides are applied to :func:`config_for_capability`'s
     configuration; without a match that configuration is returned as is, with
-    :data:`DEFAULT_GROUP_M`.  fp32 (tests only) never takes a rule.  Plans must be built with
+    :data:`DEFAULT_GROUP_M`; then :func:`wave_tile`.  fp32 (tests only) never takes a rule.  Plans must be built with
     ``block_m=choice.config.block_m, block_n=choice.config.block_n`` (see :class:`GemmChoice`).
     See :data:`GEMM_RULES` for how the table was measured.
     """
@@ -383,10 +459,14 @@ def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfl
     if name == "float32":
         return GemmChoice(base, DEFAULT_GROUP_M)
     major = 9 if capability is None else int(capability[0])
+    choice = GemmChoice(base, DEFAULT_GROUP_M)
     for rule in GEMM_RULES if rules is None else rules:
         if rule.matches(M, N, K, name, num_ctas, major):
-            return GemmChoice(dataclasses.replace(base, **dict(rule.overrides)), rule.group_m)
-    return GemmChoice(base, DEFAULT_GROUP_M)
+            choice = GemmChoice(dataclasses.replace(base, **dict(rule.overrides)), rule.group_m)
+            break
+    if wave_tiles and major == 9:
+        choice = choice._replace(config=wave_tile(M, N, K, num_ctas, choice.config))
+    return choice
 
 
 # The grouped signal GEMM (MoE experts, :mod:`flashoverlap.kernels.grouped_signal_gemm`) takes
@@ -419,4 +499,5 @@ def grouped_gemm_config_for(M: int, N: int, K: int, E: int,
         raise ValueError(f"E must be a positive int, got {E!r}")
     rows = max(1, M // E) if isinstance(M, int) and M > 0 else M
     return gemm_config_for(rows, N, K, dtype, num_ctas, capability,
-                           GROUPED_GEMM_RULES if rules is None else rules).config
+                           GROUPED_GEMM_RULES if rules is None else rules,
+                           wave_tiles=False).config

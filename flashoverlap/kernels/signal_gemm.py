@@ -124,7 +124,6 @@ for the producer warps forever), raises ``NotImplementedError`` (``_check_warp_s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import threading
@@ -137,6 +136,7 @@ from flashoverlap.kernels import (
     LAUNCH_OPTIONS,
     TICKETS_PER_TILE,
     GemmConfig,
+    config_for_tile,
     default_config,
     direct_launch,
     tail_programs,
@@ -694,12 +694,11 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
 
 
 def _resolve_config(a, block_m, block_n, config):
-    """``config``, or the device's default with the plan's tile; a config whose tile is not
-    the plan's is refused."""
+    """``config``, or the device's default with the plan's tile (and that tile's measured
+    stages, :func:`~flashoverlap.kernels.config_for_tile`); a config whose tile is not the
+    plan's is refused."""
     if config is None:
-        config = default_config(a.device, a.dtype)
-        if (config.block_m, config.block_n) != (block_m, block_n):
-            config = dataclasses.replace(config, block_m=block_m, block_n=block_n)
+        config = config_for_tile(default_config(a.device, a.dtype), block_m, block_n)
     elif (config.block_m, config.block_n) != (block_m, block_n):
         raise ValueError(f"config tile {config.block_m}x{config.block_n} differs from the "
                          f"plan's {block_m}x{block_n}")

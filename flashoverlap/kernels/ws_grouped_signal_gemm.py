@@ -68,12 +68,12 @@ import dataclasses
 
 import torch
 
-from flashoverlap.kernels import LAUNCH_OPTIONS, GemmConfig, _capability
+from flashoverlap.kernels import LAUNCH_OPTIONS, WARP_SPECIALIZED_TILES, GemmConfig, _capability
 from flashoverlap.kernels import ws_signal_gemm as _ws
 
 HAVE_GLUON = _ws.HAVE_GLUON
 _COLS = 9
-TILES = ((128, 256, 64), (128, 128, 64))  # (block_m, block_n, block_k) it runs
+TILES = WARP_SPECIALIZED_TILES  # (block_m, block_n, block_k) it runs: the dense kernel's
 
 if HAVE_GLUON:
     from triton.experimental import gluon

@@ -5,9 +5,10 @@ definition is :func:`~flashoverlap.kernels.signal_gemm.signal_gemm_ref`): progra
 ``P`` runs steps ``p, p+P, ...`` of the plan's step table, stores each ``BLOCK_M x BLOCK_N``
 tile at row ``dest_row`` of a row-major destination and then adds one to its group's
 counter.  It runs instead of the pipelined kernel when :func:`eligible` says so: an sm_90 GPU,
-bf16/fp16, operands and destination that TMA can address, no residual, the 128 x 256 x 64
-tile (:data:`~flashoverlap.kernels.WARP_SPECIALIZED_TILE`), ``GemmConfig.warp_specialized_kernel``
-and ``use_tma`` on and no ``max_registers`` cap, and a plan whose every step is a whole tile
+bf16/fp16, operands and destination that TMA can address, no residual, a 128 x 256 x 64 or
+128 x 128 x 64 tile (:data:`~flashoverlap.kernels.WARP_SPECIALIZED_TILES`),
+``GemmConfig.warp_specialized_kernel`` and ``use_tma`` on and no ``max_registers`` cap, and a
+plan whose every step is a whole tile
 (``Plan.full_tiles``: a TMA store writes the whole box, so a tile cut short by a row block
 would spill into the next block's rows).  Its last wave splits along K like the pipelined
 kernel's (below).
@@ -85,6 +86,14 @@ the pipelined kernel (ws-run5) its efficiency was 1.006-1.027x the pipelined one
 medians and up to 1.12x on short K at P = 116.  Shared memory: 3 stages x 48 KB + a 64 KB C
 buffer = 208 KB, so one CTA per SM.
 
+128 x 128 tiles (the same code with ``BLOCK_N = 128``: two warpgroups of 64 x 128, 5 stages x
+32 KB + a 32 KB C buffer): where both tiles fill the same number of waves they take 1 / 0.925
+of 128 x 256's time (median of 12 rows at P = 132, ``tiles-run17``: smaller tiles read more
+operand bytes per FLOP), so they pay only where 128 x 256 leaves a poor last wave --
+:func:`flashoverlap.kernels.wave_tile` picks them there (1.05-1.37x less time on the rows it
+switches, ``wave-run18``).  Before this kernel took the tile, the pipelined one ran it, at
+3-6 % lower efficiency on the same rows in an earlier run (``splitcost-run14``; not paired).
+
 ``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes
 room for a fourth stage: measured slower on 20 of 26 rows (ws-run4), so off by default.
 Rejected, measured: running this kernel on tiles cut by the destination's last row or column
@@ -120,7 +129,7 @@ import torch
 from flashoverlap.kernels import (
     LAUNCH_OPTIONS,
     TICKETS_PER_TILE,
-    WARP_SPECIALIZED_TILE,
+    WARP_SPECIALIZED_TILES,
     GemmConfig,
     _capability,
     tail_programs,
@@ -476,8 +485,8 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
         return False
     if _capability(a.device) != (9, 0):
         return False
-    # The tile it was built and measured for; other tiles take the pipelined kernel.
-    if (config.block_m, config.block_n, config.block_k) != WARP_SPECIALIZED_TILE:
+    # The tiles it was built and measured for; other tiles take the pipelined kernel.
+    if (config.block_m, config.block_n, config.block_k) not in WARP_SPECIALIZED_TILES:
         return False
     if stages_for(config, a.element_size()) < 2:
         return False

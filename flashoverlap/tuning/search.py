@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
-from flashoverlap.kernels import DTYPE_ALIASES, tail_split
+from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, tail_split
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -82,8 +82,9 @@ __all__ = [
     "tune",
 ]
 
-# BM=128/BN=256 is the fast Hopper tile (DESIGN.md, feasibility); 128x128 has more, smaller
-# tiles (finer waves for small M).  256x128 does not fit in SMEM.
+# BM=128/BN=256 is the fast Hopper tile; 128x128 has more, smaller tiles (finer waves for
+# small problems) at 0.92 of its rate (kernels.TILE_RATES, which the model charges).  256x128
+# does not fit in SMEM with the signal GEMM's pipeline.
 DEFAULT_TILE_CONFIGS: tuple[tuple[int, int], ...] = ((128, 256), (128, 128))
 DEFAULT_RESERVATIONS: tuple[int, ...] = (0, 8, 16, 24, 32)
 
@@ -265,7 +266,9 @@ class AnalyticModel:
     """Documented defaults for a Hopper-class GPU; every number is a field to override.
 
     GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, times
-    ``(ref_sms / P) ** power_exponent`` for a GEMM of ``P`` CTAs (power-capped clocks), a wave
+    ``(ref_sms / P) ** power_exponent`` for a GEMM of ``P`` CTAs (power-capped clocks), times
+    the tile's ``tile_rates`` (:data:`~flashoverlap.kernels.TILE_RATES`: 128 x 128 runs at
+    0.92 of 128 x 256's rate, measured; the rate is fitted on 128 x 256 rows), a wave
     costs one tile time (partial waves too: wave quantization), the first wave adds
     ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
     tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
@@ -282,6 +285,8 @@ class AnalyticModel:
         default_factory=lambda: dict(DEFAULT_GEMM_FLOPS))
     ref_sms: int = 132
     power_exponent: float = GEMM_POWER_EXPONENT
+    tile_rates: Mapping[tuple[int, int], float] = dataclasses.field(
+        default_factory=lambda: dict(TILE_RATES))
     launch_s: float = 6e-6
     bus_bandwidth: Mapping[tuple[int, bool], float] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_BUS_BANDWIDTH))
@@ -313,6 +318,7 @@ class AnalyticModel:
     def wave_times(self, problem: Problem, config: PlanConfig) -> list[float]:
         per_sm = self._flops(problem.dtype) / self.ref_sms \
             * (self.ref_sms / config.num_ctas) ** self.power_exponent
+        per_sm *= self.tile_rates.get((config.block_m, config.block_n), 1.0)
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
         tiles = band_layout(problem, config).num_tiles
         times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count

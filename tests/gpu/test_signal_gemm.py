@@ -317,13 +317,14 @@ def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans, k
 
 
 def _three_launches_against_plain(plan, b_trans, config, plain_config, full_tiles=False):
-    """Three launches of a ``config`` launcher on all SMs (NaN-poisoned destinations) and one
+    """Three launches of a ``config`` launcher on the plan's CTAs (NaN-poisoned destinations) and one
     of a ``plain_config`` launcher: counters at 3x the tile counts, the three results bitwise
     equal, fully written and within 1e-2 of fp32 matmul, the split tickets left zero.
     Returns (result, plain, exact)."""
     M, N, K = plan.problem.M, plan.problem.N, plan.problem.K
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    kwargs = dict(block_m=BM, block_n=BN, num_ctas=SMS, rows_per_block=plan.problem.rows_per_block,
+    kwargs = dict(block_m=plan.config.block_m, block_n=plan.config.block_n,
+                  num_ctas=plan.config.num_ctas, rows_per_block=plan.problem.rows_per_block,
                   full_tiles=full_tiles)
     launcher = sg.SignalGemmLauncher(_table(plan), counters, config=config, **kwargs)
     plain = sg.SignalGemmLauncher(_table(plan), None, config=plain_config, **kwargs)
@@ -441,6 +442,44 @@ def test_ws_kernel_matches_matmul(dtype, b_trans, half_c):
 
 
 @needs_ws
+@pytest.mark.parametrize("M,N,K,P", [(2048, 4096, 512, SMS - 16), (1024, 1024, 4104, SMS),
+                                     (4096, 1024, 1000, 7)],
+                         ids=["p116-2-parts", "single-wave", "7-ctas"])
+@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
+def test_ws_kernel_128x128_tiles_match_matmul(M, N, K, P, b_trans):
+    """The 128 x 128 tile on the warp-specialized kernel (what ``wave_tile_rule`` picks for
+    small problems, 5 stages): taken by ``eligible``, every element written, counters at 3x
+    their targets, bitwise the same over launches, within 1e-2 of fp32 matmul -- with the
+    split last wave where the wave leaves room for one (all splits allowed here) and against
+    the same tile without it."""
+    plan = _plan(M, N, K, num_ctas=P, group_m=4, block=(128, 128))
+    assert plan.full_tiles
+    config = _split_config(block_n=128, num_stages=5)
+    assert ws.stages_for(config, 2) == 5
+    _three_launches_against_plain(plan, b_trans, config,
+                                  dataclasses.replace(config, split_tail=False), True)
+
+
+@needs_ws
+def test_plan_tile_without_config_runs_its_measured_stages():
+    """What the engine launches for a 128 x 128 plan (``config=None``: the device default with
+    the plan's tile, kernels.config_for_tile): the warp-specialized kernel with 5 stages,
+    right against matmul."""
+    M, N, K = 2048, 4096, 1024
+    plan = _plan(M, N, K, num_ctas=SMS - 16, group_m=16, block=(128, 128))
+    a, b = _operands(M, N, K, torch.bfloat16, True)
+    out = _nan((M, N))
+    counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    fn, jit, *launch = sg._choose_launch(a, b, out, _table(plan), 128, 128, SMS - 16, counters,
+                                         None, 0, None, None, plan.full_tiles)
+    assert fn is ws.kernel() and launch[2]["STAGES"] == 5 and launch[2]["BLOCK_N"] == 128
+    out2, ref, cnt = _run_pair(plan, a, b, full_tiles=True)
+    _check(out2, ref, "128x128 default")
+    assert cnt.tolist() == plan.group_tile_counts.tolist()
+    assert _rel_fro(out2, a.double() @ b.double()) <= 1e-2
+
+
+@needs_ws
 @pytest.mark.parametrize("world", [2, 4])
 def test_ws_kernel_packed_reduce_scatter_layout(world):
     """ReduceScatter plans whose blocks are whole tiles: the packed send buffer unpacks to the
@@ -479,7 +518,9 @@ def test_ws_kernel_not_taken_where_it_cannot_run():
                            None, True)
     assert not ws.eligible(a[:, 1:], b[1:], out, cfg, None, True)  # 2-byte offset base
     assert not ws.eligible(a.float(), b.float(), out.float(), cfg, None, True)
-    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, block_n=128), None, True)
+    assert ws.eligible(a, b, out, dataclasses.replace(cfg, block_n=128), None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, block_n=64), None, True)
+    assert not ws.eligible(a, b, out, dataclasses.replace(cfg, block_m=64), None, True)
     assert not ws.eligible(a, b, out, dataclasses.replace(cfg, use_tma=False), None, True)
     assert not ws.eligible(a, b, out, dataclasses.replace(cfg, max_registers=200), None, True)
     a2, b2 = _operands(1000, 768, 512, torch.bfloat16, False)
@@ -519,18 +560,20 @@ def test_ws_launcher_direct_launch_and_graph():
 @needs_ws
 @pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
-def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split):
+@pytest.mark.parametrize("block", [(BM, BN), (128, 128)], ids=["default_tile", "128x128"])
+def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split, block):
     """PTX of the launched kernel: the storer's bulk tensor stores, then (in one block)
     cp.async.bulk.wait_group 0, fence.proxy.async.global, bar.warp.sync and the release;
     with a split last wave (32 tiles on 132 CTAs: 2 parts each) a second release, the split
-    tiles' (after their warp's stores and the acq_rel count of finished warps)."""
+    tiles' (after their warp's stores and the acq_rel count of finished warps); 128 x 128
+    tiles: 64 on 132 CTAs, 2 parts each."""
     M, N, K = 1024, 1024, 512
-    plan = _plan(M, N, K)
+    plan = _plan(M, N, K, block=block)
     a, b = _operands(M, N, K, torch.bfloat16, b_trans)
     out = _nan((M, N))
     counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-    cfg = _split_config(split_tail=split)
-    fn, jit, *launch = sg._choose_launch(a, b, out, _table(plan), BM, BN, SMS, counters, None,
+    cfg = _split_config(split_tail=split, block_m=block[0], block_n=block[1])
+    fn, jit, *launch = sg._choose_launch(a, b, out, _table(plan), *block, SMS, counters, None,
                                          0, None, cfg, plan.full_tiles)
     assert fn is ws.kernel() and launch[2]["SPLIT_TAIL"] is split
     ptx = jit(*launch).asm["ptx"]
