@@ -25,7 +25,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from flashoverlap.kernels import default_block_shape, default_config, tail_split  # noqa: E402
+from flashoverlap.kernels import (config_for_tile, default_block_shape,  # noqa: E402
+                                  default_config, tail_split)
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
@@ -46,8 +47,10 @@ def _split_config(dtype=torch.bfloat16, **changes):
     return dataclasses.replace(default_config(DEV, dtype), split_min_saved_k_tiles=0, **changes)
 
 
-# The stress test's kernels: every split the wave allows, as before the saving threshold
+# The stress test's kernels: every split the wave allows, as before the saving threshold;
+# half of its whole-tile calls take 128 x 128 tiles (kernels.wave_tile's tile, 5 stages)
 STRESS_CONFIG = _split_config()
+STRESS_CONFIG_128 = config_for_tile(STRESS_CONFIG, 128, 128)
 
 
 def _plan(M, N, K, *, world=1, op="all_reduce", num_ctas=None, group_m=8, group_bands=None,
@@ -593,16 +596,16 @@ def test_ws_compiled_signal_follows_the_bulk_store(b_trans, split, block):
 # --------------------------------------------------------------------------------------
 
 
-def _random_case(rng: random.Random, whole_tiles: bool):
+def _random_case(rng: random.Random, whole_tiles: bool, block_n: int = BN):
     """Many small bands: group_m 1-2, mostly one group per band; small N (cheap copies),
     K up to 1024 (a band takes a while), P from all-but-two SMs down to a few CTAs.
-    ``whole_tiles``: every row block and N whole tiles, K TMA-aligned (on sm_90 the
-    warp-specialized kernel runs these)."""
+    ``whole_tiles``: every row block and N whole ``BM x block_n`` tiles, K TMA-aligned (on
+    sm_90 the warp-specialized kernel runs these)."""
     world = rng.choice([1, 1, 2, 4])
     op = "all_reduce" if world == 1 else "reduce_scatter"
     if whole_tiles:
         M = rng.randint(1, 16384 // (world * BM)) * BM * world
-        N = rng.randint(1, 1024 // BN) * BN
+        N = rng.randint(1, 1024 // block_n) * block_n
         K = rng.randrange(8, 1025, 8)
     else:
         M = rng.randint(1, 16384 // world) * world
@@ -627,19 +630,20 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
     CUDA lazy loading may synchronize the context at a kernel's first launch; a first
     launch of the GEMM while the consumer spins on its counters would wait for the consumer,
     which waits for the GEMM (stream_wait's module docstring).  K = 512/511 compile the
-    variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps); the last two
-    cases are whole tiles (the warp-specialized kernel on sm_90), without and with a split."""
+    variants with a split last wave (one tile on 4 CTAs: 2 parts of 4 K steps); the last four
+    cases are whole tiles (the warp-specialized kernel on sm_90), without and with a split, in
+    both tiles."""
     torch.cuda._sleep(100)
-    cases = [(40, N, K) for K in (64, 63, 512, 511) for N in (64, 63)]
-    cases += [(BM, BN, 64), (BM, BN, 512)]
+    cases = [(40, N, K, BN) for K in (64, 63, 512, 511) for N in (64, 63)]
+    cases += [(BM, bn, K, bn) for bn in (BN, 128) for K in (64, 512)]
     for b_trans in (False, True):
-        for M, N, K in cases:
-            plan = _plan(M, N, K, num_ctas=4, group_m=1)
+        for M, N, K, bn in cases:
+            plan = _plan(M, N, K, num_ctas=4, group_m=1, block=(BM, bn))
             a, b = _operands(M, N, K, torch.bfloat16, b_trans)
             out = _nan((M, N))
             cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-            sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=BN,
-                           num_ctas=4, counters=cnt, config=STRESS_CONFIG,
+            sg.signal_gemm(a, b, out, step_table=_table(plan), block_m=BM, block_n=bn,
+                           num_ctas=4, counters=cnt, config=_stress_config(bn),
                            full_tiles=plan.full_tiles)
             targets = torch.tensor(plan.group_tile_counts, device=DEV, dtype=torch.int32)
             bounds = torch.tensor([s.send_lo for s in plan.spans()] + [M], device=DEV,
@@ -657,7 +661,12 @@ def _warm_up_kernels(consumer: torch.cuda.Stream) -> None:
     torch.cuda.synchronize()
 
 
-def _load_variant_first(a, b, dest, table, P, counters, full_tiles, loaded: set) -> None:
+def _stress_config(block_n):
+    return STRESS_CONFIG if block_n == BN else STRESS_CONFIG_128
+
+
+def _load_variant_first(a, b, dest, table, P, counters, full_tiles, loaded: set,
+                        block_n=BN) -> None:
     """Launch a call's kernel variant once, with nothing else running, the first time the
     loop meets it; then re-poison ``dest``.
 
@@ -667,16 +676,16 @@ def _load_variant_first(a, b, dest, table, P, counters, full_tiles, loaded: set)
     variant the fixed warm-up list had not loaded; which calls meet a variant first changes
     with every change to which kernel a plan runs).  The variant is what the compiled kernel
     is specialized on: the kernel, its constexprs and the operands' 16-byte alignment."""
-    fn, _, _, _, meta = sg._choose_launch(a, b, dest, table, BM, BN, P, counters, None, 0,
-                                          None, STRESS_CONFIG, full_tiles)
+    config = _stress_config(block_n)
+    fn, _, _, _, meta = sg._choose_launch(a, b, dest, table, BM, block_n, P, counters, None, 0,
+                                          None, config, full_tiles)
     key = (fn, tuple(sorted(meta.items())),
            tuple(t.data_ptr() % 16 == 0 for t in (a, b, dest)))
     if key in loaded:
         return
     loaded.add(key)
-    sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                   counters=torch.zeros_like(counters), config=STRESS_CONFIG,
-                   full_tiles=full_tiles)
+    sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=block_n, num_ctas=P,
+                   counters=torch.zeros_like(counters), config=config, full_tiles=full_tiles)
     torch.cuda.synchronize()
     dest.fill_(float("nan"))
 
@@ -697,9 +706,8 @@ def test_signal_ordering_stress():
     bad_counts = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
-    groups_checked = calls = split_calls = ws_calls = ws_split_calls = 0
+    groups_checked = calls = split_calls = ws_calls = ws_split_calls = ws_128_calls = 0
     loaded: set = set()  # kernel variants launched once already (_load_variant_first)
-    ws_config = STRESS_CONFIG
     block_k = STRESS_CONFIG.block_k
     start = time.perf_counter()
 
@@ -712,11 +720,15 @@ def test_signal_ordering_stress():
                         f"counters off target")
 
     while groups_checked < target_groups and calls < max_calls:
-        M, N, K, world, op, P, group_m = _random_case(rng, whole_tiles=calls % 3 == 2)
+        whole = calls % 3 == 2
+        # half the whole-tile calls take 128 x 128 tiles, in both B layouts (calls % 2)
+        bn = 128 if whole and (calls // 3) % 4 in (1, 2) else BN
+        config = _stress_config(bn)
+        M, N, K, world, op, P, group_m = _random_case(rng, whole_tiles=whole, block_n=bn)
         problem = Problem(M, N, K, "bfloat16", world, op)
-        base = PlanConfig(block_m=BM, block_n=BN, num_ctas=P, group_m=group_m)
+        base = PlanConfig(block_m=BM, block_n=bn, num_ctas=P, group_m=group_m)
         bands = _group_bands(rng, num_bands_for(problem, base))
-        plan = make_plan(problem, PlanConfig(block_m=BM, block_n=BN, num_ctas=P,
+        plan = make_plan(problem, PlanConfig(block_m=BM, block_n=bn, num_ctas=P,
                                              group_m=group_m, group_bands=bands))
         b_trans = calls % 2 == 1
         a, b = _operands(M, N, K, torch.bfloat16, b_trans, gen)
@@ -727,15 +739,16 @@ def test_signal_ordering_stress():
         bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
                               dtype=torch.int64).to(DEV)
         dest = _nan((M, N))
-        on_ws = sg.ws_signal_gemm.eligible(a, b, dest, ws_config, None, plan.full_tiles)
+        on_ws = sg.ws_signal_gemm.eligible(a, b, dest, config, None, plan.full_tiles)
         split = tail_split(table.shape[0], P, k_tiles, 0)[1] > 1  # both kernels split alike
         ws_calls += on_ws
+        ws_128_calls += on_ws and bn == 128
         split_calls += split
         ws_split_calls += on_ws and split
         snap = torch.ones_like(dest)
         counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
-        _load_variant_first(a, b, dest, table, P, counters, plan.full_tiles, loaded)
+        _load_variant_first(a, b, dest, table, P, counters, plan.full_tiles, loaded, bn)
         ready = torch.cuda.Event()
         ready.record(compute)
 
@@ -749,18 +762,18 @@ def test_signal_ordering_stress():
                                     num_warps=8)
         if delay == 2:
             torch.cuda._sleep(rng.randint(1_000, 100_000))
-        sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=BN, num_ctas=P,
-                       counters=counters, config=STRESS_CONFIG, full_tiles=plan.full_tiles)
+        sg.signal_gemm(a, b, dest, step_table=table, block_m=BM, block_n=bn, num_ctas=P,
+                       counters=counters, config=config, full_tiles=plan.full_tiles)
         compute.wait_stream(consumer)
         torn[calls] = (snap.view(torch.int16) != dest.view(torch.int16)).sum()
         timeouts[calls] = (spins < 0).sum()
         bad_counts[calls] = (counters != targets).sum()
         spun[calls] = (spins > 0).sum()
         cases.append(dict(M=M, N=N, K=K, W=world, P=P, group_m=group_m, bands=bands,
-                          b_trans=b_trans, delay=delay))
+                          b_trans=b_trans, delay=delay, block_n=bn))
         if calls % 200 == 0:  # and the buffer itself is right
             ref = _nan((M, N))
-            sg.signal_gemm_ref(a, b, ref, table)
+            sg.signal_gemm_ref(a, b, ref, table)  # (the table carries the tile's bounds)
             if plan.full_tiles:  # (the reference writes exactly the plan's tiles)
                 assert not ref.isnan().any()
             _check(dest, ref, f"call {calls}")
@@ -773,9 +786,11 @@ def test_signal_ordering_stress():
     elapsed = time.perf_counter() - start
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
-          f"wave, {ws_calls} on the warp-specialized kernel ({ws_split_calls} of them split) "
-          f"({elapsed:.1f} s)")
+          f"wave, {ws_calls} on the warp-specialized kernel ({ws_split_calls} of them split, "
+          f"{ws_128_calls} with 128 x 128 tiles) ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"
     assert ws_split_calls >= ws_calls // 10, "too few split warp-specialized calls"
+    if ws_calls:
+        assert ws_128_calls >= ws_calls // 3, "too few 128 x 128 warp-specialized calls"
