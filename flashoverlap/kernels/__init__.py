@@ -5,6 +5,12 @@ This package's ``__init__`` needs only torch: it holds the kernel configuration
 use on any device) and exposes the kernels lazily, so ``import flashoverlap.kernels`` works
 where Triton is not installed.  The kernels themselves live in
 :mod:`flashoverlap.kernels.signal_gemm`.
+
+Per-shape choices are pure functions of the problem and the CTA count, so a plan made on a
+CPU matches the GPU engine's: :func:`tail_split` (which last waves split along K),
+:func:`gemm_config_for` (measured :data:`GEMM_RULES`, then :func:`wave_tile`: 128 x 128
+tiles where 128 x 256 ones would leave a poor last wave) and :func:`config_for_tile` (a
+plan's tile with its measured pipeline depth).
 """
 
 from __future__ import annotations
