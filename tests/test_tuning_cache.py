@@ -146,6 +146,7 @@ key_fields = st.fixed_dictionaries({
     "interconnect": st.sampled_from(["nvlink", "pcie", "nvlink;NCCL_P2P_DISABLE=1"]),
     "nccl_cta_limit": st.sampled_from([None, 16, 32]),
     "plan_format": st.sampled_from([PLAN_FORMAT_VERSION, PLAN_FORMAT_VERSION + 1]),
+    "kernels": st.sampled_from(["0123456789abcdef", "fedcba9876543210"]),
 })
 
 
@@ -162,12 +163,49 @@ def test_every_key_field_matters():
     changed = {"gpu_name": "H200", "num_sms": 114, "world_size": 8, "op": "reduce_scatter",
                "dtype": "float16", "M": 1, "N": 1, "K": 1, "nccl_version": "x",
                "torch_version": "x", "triton_version": "x", "interconnect": "pcie",
-               "nccl_cta_limit": 8, "plan_format": PLAN_FORMAT_VERSION + 1}
+               "nccl_cta_limit": 8, "plan_format": PLAN_FORMAT_VERSION + 1, "kernels": "x"}
     assert set(changed) == set(CacheKey.model_fields)
     digests = {base.digest()}
     for name, value in changed.items():
         digests.add(base.model_copy(update={name: value}).digest())
     assert len(digests) == len(changed) + 1
+
+
+def test_kernels_signature_follows_the_kernel_sources(tmp_path, monkeypatch):
+    """The key's ``kernels`` field digests flashoverlap/kernels/*.py: an edit to a kernel or
+    to a per-shape choice gives another key (a tuned entry of the old kernels is a miss)."""
+    import flashoverlap.kernels as kernels_pkg
+
+    src = Path(kernels_pkg.__file__).parent
+    fake_pkg = tmp_path / "flashoverlap"
+    (fake_pkg / "tuning").mkdir(parents=True)
+    (fake_pkg / "kernels").mkdir()
+    for f in src.glob("*.py"):
+        (fake_pkg / "kernels" / f.name).write_bytes(f.read_bytes())
+    fake_file = fake_pkg / "tuning" / "cache.py"
+    fake_file.write_text("")
+
+    def signature():
+        cache.kernels_signature.cache_clear()
+        monkeypatch.setattr(cache, "__file__", str(fake_file))
+        return cache.kernels_signature()
+
+    try:
+        same = signature()
+        monkeypatch.undo()
+        cache.kernels_signature.cache_clear()
+        assert same == cache.kernels_signature()  # the copy digests like the package
+        with open(fake_pkg / "kernels" / "__init__.py", "a") as f:
+            f.write("\n# an edit\n")
+        edited = signature()
+        assert edited != same and len(edited) == 16
+    finally:
+        monkeypatch.undo()
+        cache.kernels_signature.cache_clear()
+    problem = Problem(4096, 1024, 512, "float16", 2, "reduce_scatter")
+    k = cache.make_key(problem, gpu_name="g", num_sms=132, interconnect="nvlink",
+                       nccl_version="2.21")
+    assert k.digest() != k.model_copy(update={"kernels": edited}).digest()
 
 
 def test_key_from_problem_and_interconnect_signature():
@@ -177,6 +215,7 @@ def test_key_from_problem_and_interconnect_signature():
     assert (k.M, k.N, k.K, k.dtype, k.world_size, k.op) == (4096, 1024, 512, "float16", 2,
                                                            "reduce_scatter")
     assert k.plan_format == PLAN_FORMAT_VERSION and k.torch_version  # installed version
+    assert k.kernels == cache.kernels_signature() and len(k.kernels) == 16
     assert cache.interconnect_signature("pcie", {}) == "pcie"
     assert cache.interconnect_signature(
         "nvlink", {"NCCL_P2P_DISABLE": "1", "NCCL_ALGO": "Ring", "OTHER": "x"}

@@ -22,7 +22,11 @@ Design
   the problem (op, dtype, M, N, K), NCCL / torch / Triton versions (kernels and collectives
   change speed between releases), the interconnect signature (NVLink vs PCIe and the NCCL
   environment variables that reroute traffic, e.g. ``NCCL_P2P_DISABLE``), a process-wide
-  NCCL CTA limit, and the plan format version (a plan format change invalidates configs).
+  NCCL CTA limit, the plan format version (a plan format change invalidates configs) and
+  flashoverlap's own kernels (:func:`kernels_signature`: a digest of ``flashoverlap/kernels``'
+  sources, which hold the GEMM kernels and their per-shape choices -- when the 128 x 128 tile
+  moved to the warp-specialized kernel, configs measured on the old one stopped being the
+  answer, with no version number to say so).
 * **Validation with pydantic v2**, strict and ``extra="forbid"``, with a ``schema_version``.
   An entry of another schema version, a missing field, a wrong type or a truncated file gives
   ``None`` plus a :class:`CacheWarning`; the entry is left on disk for a human to inspect and
@@ -106,6 +110,7 @@ class CacheKey(BaseModel):
     interconnect: str
     nccl_cta_limit: int | None = None
     plan_format: int = PLAN_FORMAT_VERSION
+    kernels: str = Field(default_factory=lambda: kernels_signature())
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of every field (the entry's file name)."""
@@ -173,6 +178,18 @@ def cache_dir() -> Path:
 
 def entry_path(key: CacheKey, directory: Path | None = None) -> Path:
     return (directory or cache_dir()) / f"{key.digest()}.json"
+
+
+@functools.cache
+def kernels_signature() -> str:
+    """SHA-256 (16 hex digits) of the sources of :mod:`flashoverlap.kernels` (every ``.py``
+    file, in name order): changes whenever a kernel or a per-shape choice does.  Read once
+    per process; no import of torch or Triton."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _version(dist: str) -> str:
