@@ -53,8 +53,9 @@ def band_group_m(problem: Problem, block_m: int, *, max_group_m: int | None = No
 
     ``max_group_m=None``: the band height the GEMM prefers for the problem's shape,
     :func:`flashoverlap.kernels.gemm_config_for`'s ``group_m`` (:data:`DEFAULT_GROUP_M` but
-    where a measured rule says otherwise; matched with the sm_90 table at 132 CTAs -- no rule
-    depends on ``P`` or the GPU today).
+    where a measured rule says otherwise; matched with the sm_90 table at 132 CTAs -- no band
+    height depends on ``P`` or the GPU today: only the tile does, :func:`~flashoverlap.
+    kernels.wave_tile`, which keeps the band height).
     """
     if max_group_m is None:
         from .kernels import gemm_config_for  # torch-only import; no GPU needed
