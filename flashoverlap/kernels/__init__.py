@@ -116,8 +116,8 @@ class GemmConfig:
             (:mod:`flashoverlap.kernels.ws_signal_gemm`: a TMA loader warp, two MMA
             warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
             tiles, no residual, bf16/fp16, TMA-aligned operands, a tile of
-            :data:`WARP_SPECIALIZED_TILES`); the pipelined kernel runs the rest, and everything when ``use_tma`` is off or
-            ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
+            :data:`WARP_SPECIALIZED_TILES`); the pipelined kernel runs the rest, and
+            everything when ``use_tma`` is off or ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
             ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage, measured
             slower), not ``num_warps``, ``flatten``, ``acc_multibuffer`` or ``split_tail``.
     """
@@ -214,7 +214,7 @@ LAUNCH_OPTIONS: dict[str, bool] = {"enable_fp_fusion": True}
 # (flashoverlap.kernels.ws_signal_gemm, ws_grouped_signal_gemm) run: two warpgroups of
 # 64 x BLOCK_N, 128-byte K boxes.  128 x 256 is the dense default; 128 x 128 is the grouped
 # default (GROUPED_GEMM_RULES) and what small dense problems take where 128 x 256 tiles leave
-# a poor last wave (flashoverlap.kernels.wave_tile_rule).
+# a poor last wave (flashoverlap.kernels.wave_tile).
 WARP_SPECIALIZED_TILES = ((128, 256, 64), (128, 128, 64))
 
 # Per-tile measurements on sm_90 (one H200, Triton 3.6, bf16, B = w.t(), the warp-specialized
@@ -453,8 +453,9 @@ def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfl
 
     The first matching rule's overrides are applied to :func:`config_for_capability`'s
     configuration; without a match that configuration is returned as is, with
-    :data:`DEFAULT_GROUP_M`; then :func:`wave_tile`.  fp32 (tests only) never takes a rule.  Plans must be built with
-    ``block_m=choice.config.block_m, block_n=choice.config.block_n`` (see :class:`GemmChoice`).
+    :data:`DEFAULT_GROUP_M`; then :func:`wave_tile`.  fp32 (tests only) never takes a rule.
+    Plans must be built with ``block_m=choice.config.block_m, block_n=choice.config.block_n``
+    (see :class:`GemmChoice`).
     See :data:`GEMM_RULES` for how the table was measured.
     """
     for name, value in (("M", M), ("N", N), ("K", K), ("num_ctas", num_ctas)):
