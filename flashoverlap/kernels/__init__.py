@@ -117,9 +117,10 @@ class GemmConfig:
             warpgroups, a TMA store + signal warp) wherever the launch allows it (whole
             tiles, no residual, bf16/fp16, TMA-aligned operands, a tile of
             :data:`WARP_SPECIALIZED_TILES`); the pipelined kernel runs the rest, and
-            everything when ``use_tma`` is off or ``max_registers`` is set.  It uses ``num_stages`` (capped by shared memory) and
-            ``epilogue_subtile`` (a half-width C buffer: room for a fourth stage, measured
-            slower), not ``num_warps``, ``flatten``, ``acc_multibuffer`` or ``split_tail``.
+            everything when ``use_tma`` is off or ``max_registers`` is set.  It uses
+            ``num_stages`` (capped by shared memory) and ``epilogue_subtile`` (a half-width
+            C buffer: room for a fourth stage, measured slower), not ``num_warps``,
+            ``flatten``, ``acc_multibuffer`` or ``split_tail``.
     """
 
     block_m: int = 128

@@ -320,7 +320,7 @@ def test_split_last_wave_matches_matmul_and_is_deterministic(M, N, K, b_trans, k
 
 
 def _three_launches_against_plain(plan, b_trans, config, plain_config, full_tiles=False):
-    """Three launches of a ``config`` launcher on the plan's CTAs (NaN-poisoned destinations) and one
+    """Three launches of a ``config`` launcher on the plan's CTAs (NaN-poisoned outputs) and one
     of a ``plain_config`` launcher: counters at 3x the tile counts, the three results bitwise
     equal, fully written and within 1e-2 of fp32 matmul, the split tickets left zero.
     Returns (result, plain, exact)."""
