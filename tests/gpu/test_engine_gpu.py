@@ -29,13 +29,14 @@ def _sms():
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def _config(M, N, W, op, groups=4, reserve=16):
+def _config(M, N, W, op, groups=4, reserve=16, block=None):
     """An explicit plan of ``min(groups, bands)`` groups of whole bands on ``SMs - reserve``
-    CTAs; the band height (``group_m``) shrinks so that small ``M`` still has several."""
+    CTAs (``block``: the tile, default the device's); the band height (``group_m``) shrinks
+    so that small ``M`` still has several."""
     from flashoverlap.kernels import default_block_shape
     from flashoverlap.plan import num_bands_for
 
-    bm, bn = default_block_shape(torch.device("cuda", 0))
+    bm, bn = block or default_block_shape(torch.device("cuda", 0))
     problem = fo.Problem(M, N, 8, "bfloat16", W, op)
     tiles_m = -(-problem.rows_per_block // bm)
     group_m = max(1, min(8, tiles_m // groups))
@@ -76,6 +77,26 @@ def _workspace(M, N, K, op, config, dtype=torch.bfloat16):
 
 SHAPES = [(4096, 8192, 2048), (3000, 5000, 1000), (1027, 2049, 515), (8192, 1024, 7168),
           (257, 8192, 64)]
+
+
+@pytest.mark.parametrize("M,N,K", [(2048, 4096, 1024), (1000, 1024, 520)])
+def test_overlap_with_128x128_tiles_w1(world1, M, N, K):
+    """Plans of 128 x 128 tiles (what policy.choose_config takes for small problems:
+    kernels.wave_tile) through the overlap engine: the launch without a configuration takes
+    the tile's measured stages (kernels.config_for_tile) -- on sm_90 with whole tiles the
+    warp-specialized kernel --, every element written, within 1e-2 of fp32 matmul."""
+    torch.manual_seed(M + K)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t()
+    for op in OPS:
+        config = _config(M, N, 1, op, block=(128, 128))
+        for call in range(2):
+            out = _nan(_result_rows(op, M), N)
+            _call(op, a, b, out=out, engine="overlap", config=config)
+            torch.cuda.synchronize()
+            assert not out.isnan().any(), f"{op} call {call}: unwritten elements"
+            assert _rel(out, a.float() @ b.float()) <= 1e-2, f"{op} call {call}"
+        assert _workspace(M, N, K, op, config).plan.config.block_n == 128
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
