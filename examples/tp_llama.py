@@ -21,7 +21,7 @@ prints a table and, with ``--out``, appends JSON rows ``bench=e2e`` to
     python examples/tp_llama.py --preset 8b                      # TP=1 on one GPU
     torchrun --nproc-per-node 2 examples/tp_llama.py --preset tiny --model builtin   # CPU, gloo
 
-JSON row keys beyond DESIGN.md's: ``M`` = tokens per forward, ``N`` = hidden size, ``K`` = the
+JSON row keys beyond docs/design.md's "Result files": ``M`` = tokens per forward, ``N`` = hidden size, ``K`` = the
 full intermediate size (down_proj's K before sharding), ``tokens_per_s``, ``model``,
 ``preset``, ``layers``, ``max_abs_err``, ``rel_err``, ``flashoverlap_engine`` (the engine the
 patched layers resolved to).  ``speedup`` = tokens/s patched / unpatched (1.0 on the torch row).

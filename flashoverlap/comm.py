@@ -13,9 +13,9 @@ instead of hanging.
 Why a private NCCL communicator
 -------------------------------
 * **CTA control per communicator.**  The plan reserves ``r`` SMs for communication: the GEMM
-  grid gets ``SMs - r`` CTAs and NCCL must stay within about ``r`` (DESIGN.md, "SM
-  sharing").  ``ncclConfig_t.maxCTAs/minCTAs`` (and ``nvlsCTAs`` for NVLink SHARP) do that
-  for one communicator; ``NCCL_MAX_CTAS`` would hit every communicator of the process and
+  grid gets ``SMs - r`` CTAs and NCCL must stay within about ``r`` (README, "SM sharing").
+  ``ncclConfig_t.maxCTAs/minCTAs`` (and ``nvlsCTAs`` for NVLink SHARP) do that for one
+  communicator; ``NCCL_MAX_CTAS`` would hit every communicator of the process and
   is read once.  CuPy's ``cupy.cuda.nccl.NcclCommunicator`` has no config argument at all.
 * **No thread-block clusters beside the GEMM.**  NCCL launches its kernels on sm_90+ in
   clusters of 4 CTAs by default (``cgaClusterSize`` 4), and a cluster must find all its

@@ -3,7 +3,8 @@
 The tuner (``flashoverlap.tuning.search.analytic_default``) is the usual source of a default
 on a GPU; these rules need nothing but :mod:`flashoverlap.plan`.
 
-Rules, chosen from DESIGN.md's measurements rather than tuned per shape:
+Rules, chosen from measurements (docs/design.md, "Reference numbers") rather than tuned
+per shape:
 
 * tile ``128 x 256`` (the Hopper GEMM's block; the kernel module may pick another per arch);
 * ``P = SMs - 16`` GEMM CTAs: 16 SMs are left to NCCL, which on NVLink costs AllReduce

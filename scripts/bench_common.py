@@ -16,11 +16,11 @@ present them:
   GEMM and an *independent* collective of the same size on two streams) and ``flashoverlap``
   (the overlap engine).  ``op`` names a registered :mod:`flashoverlap.collectives` object and
   everything op-specific (result rows, in place or not, the collective call) is asked of it.
-* **Timing** (DESIGN.md "Measuring performance"): CUDA events around each call (on CPU:
+* **Timing** (docs/design.md "Measuring"): CUDA events around each call (on CPU:
   ``time.perf_counter`` wall clock, labelled as such), warm-up, median of the timed calls,
   inputs rotated among several random sets so the L2 does not hold them, a barrier before every
   measurement, and the max over ranks of each rank's median.
-* **Results**: rows with the DESIGN.md keys, merged into ``<out>/<name>.json``; CSV and
+* **Results**: rows with the keys of docs/design.md "Result files", merged into ``<out>/<name>.json``; CSV and
   Markdown tables; lazily imported matplotlib bar charts; a tqdm progress bar on rank 0.
 
 Same order on every rank: an engine that cannot run (not installed, unsupported) must be
@@ -239,7 +239,7 @@ def setup(args: argparse.Namespace) -> Bench:
 
         bench.side_stream = torch.cuda.Stream(device=device, priority=highest_stream_priority())
         if args.iters < 20 or args.rotate < 3:
-            bench.log(f"warning: --iters {args.iters} / --rotate {args.rotate}: DESIGN.md asks for "
+            bench.log(f"warning: --iters {args.iters} / --rotate {args.rotate}: docs/design.md asks for "
                       ">= 20 timed calls and >= 3 rotated input sets")
     return bench
 
@@ -272,7 +272,7 @@ def _git_commit() -> str:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
-    """The provenance keys of every row (DESIGN.md "Result files") plus a few more."""
+    """The provenance keys of every row (docs/design.md "Result files") plus a few more."""
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         try:

@@ -21,7 +21,7 @@ that reference, same repeat).  Why: on one H200 these GEMMs run at the 700 W pow
 only a little more clock; what cuBLAS itself does on ``P`` SMs is the measure of how much of
 the loss at reduced ``P`` is the kernel's.
 
-Prints a table and writes ``results/<YYYY-MM-DD>-<machine>/gemm.json`` (DESIGN.md "Result
+Prints a table and writes ``results/<YYYY-MM-DD>-<machine>/gemm.json`` (docs/design.md "Result
 files").  ``--sweep`` first times a few kernel variants on three shapes (tuning aid).
 
     python scripts/bench_gemm.py --repeats 3

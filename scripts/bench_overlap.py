@@ -1,4 +1,4 @@
-"""Overlap microbenchmark: flashoverlap against every baseline, on the DESIGN.md shapes.
+"""Overlap microbenchmark: flashoverlap against every baseline, on the reference shapes.
 
 For each problem ``out = collective(x[M, K] @ w[K, N])`` (row-parallel layer, per-rank K) and
 each op (AllReduce, ReduceScatter), in ONE process run and on the same random inputs:
@@ -17,7 +17,7 @@ At world size 1 the collectives are the identity: the sequential baseline and th
 flashoverlap call are the plain GEMM (use --config-json to force an overlapped plan, or
 scripts/bench_overhead.py for the mechanism's cost at one rank).
 
-Timing (DESIGN.md "Measuring performance"): CUDA events, warm-up, median of --iters calls,
+Timing (docs/design.md "Measuring"): CUDA events, warm-up, median of --iters calls,
 inputs rotated among --rotate sets, max over ranks, a barrier before every measurement.
 
 Launch (one GPU per rank)::
@@ -45,7 +45,7 @@ from typing import Any
 import bench_common as bc
 
 PRESETS = {
-    # DESIGN.md reference table: Llama-70B-like row-parallel layers at TP=4 (per-rank K).
+    # The reference table (docs/design.md "Reference numbers"): Llama-70B-like row-parallel layers at TP=4 (per-rank K).
     "design": [(M, 8192, K) for M in (4096, 8192, 16384) for K in (2048, 7168)],
     # NCCL_P2P_DISABLE=1: communication dominates, so larger K balances it.
     "pcie": [(8192, 8192, 32768), (8192, 8192, 65536)],
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", type=parse_shape, action="append", default=None,
                    help="MxNxK with K per rank (repeatable); overrides --preset")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="design: the six DESIGN.md shapes (default on GPU); pcie: M=N=8192, "
+                   help="design: the six reference shapes (default on GPU); pcie: M=N=8192, "
                         "K=32768/65536 for --no-p2p; tiny: CPU check (default on CPU); smallm: "
                         "M=16..1024, the never-slower check")
     p.add_argument("--config-json", default=None,

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=parse_shape, action="append", default=None,
-                   help="MxNxK with K per rank (repeatable); default: three DESIGN.md shapes")
+                   help="MxNxK with K per rank (repeatable); default: three reference shapes")
     p.add_argument("--config-json", default=None,
                    help="a PlanConfig for the flashoverlap rows (default: tuned or analytic)")
     bc.add_common_args(p)

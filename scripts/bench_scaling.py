@@ -9,7 +9,7 @@ ranks wait at a host-side barrier), every model preset, layer and token count::
 and each op (AllReduce, ReduceScatter), it times the engines ``sequential`` (torch.matmul, then
 the collective), ``decomposition`` (flashoverlap's reference engine), ``torch_fused`` (torch's
 fused matmul+ReduceScatter, RS only, where it runs) and ``flashoverlap`` (the overlap engine),
-with the timing rules of DESIGN.md (see ``bench_common``).  ``--engines`` adds ``gemm_only``,
+with the timing rules of docs/design.md "Measuring" (see ``bench_common``).  ``--engines`` adds ``gemm_only``,
 ``comm_only`` and ``concurrent_ceiling``.
 
 Presets (hidden, intermediate): 8b (4096, 14336), 70b (8192, 28672), 405b (16384, 53248);

@@ -1,7 +1,7 @@
 """The benchmark scripts on CPU: ``--help``, full gloo runs under torchrun and mpirun, helpers.
 
 The launcher runs exercise the whole pipeline (timing, agreement over ranks, JSON rows with the
-DESIGN.md keys, CSV, Markdown, PNG charts and timelines) with tiny float32 shapes and the
+docs/design.md result keys, CSV, Markdown, PNG charts and timelines) with tiny float32 shapes and the
 engines that run on CPU; the GPU-only paths (CUDA events, the engine's timeline marks) are
 covered by feeding the same drawing and span code synthetic data.
 """
@@ -280,7 +280,7 @@ def test_timeline_spans_from_marks_and_plot(tmp_path):
 
 def test_torchrun_bench_residual_cpu(tmp_path):
     """The fused-residual benchmark's pipeline on gloo (the flashoverlap rows run the
-    reference engine there): three variants per op and shape, rows with the DESIGN.md keys."""
+    reference engine there): three variants per op and shape, rows with the docs/design.md result keys."""
     out = tmp_path / "res"
     stdout = _run(_torchrun("bench_residual.py", "--device", "cpu", "--shape", "64x48x32",
                             "--op", "both", "--out", str(out), *FAST), tmp_path)

@@ -237,7 +237,7 @@ def test_analytic_default_shape():
 
 
 def test_analytic_model_numbers_match_design_md():
-    """The defaults reproduce DESIGN.md's 4 x H200 AllReduce of 128 MiB (0.64 ms) and the
+    """The defaults reproduce docs/design.md's 4 x H200 AllReduce of 128 MiB (0.64 ms) and the
     M=8192, K=2048 GEMM (0.38 ms) within 15%."""
     model = S.AnalyticModel()
     problem = Problem(8192, 8192, 2048, "bfloat16", 4, "all_reduce")

@@ -25,7 +25,7 @@ order of calls, monotone clean-up) is tested on CPU with fake timers.  Only the 
 import torch lazily.
 
 Distributed runs: every per-size / per-``k`` median goes through ``reduce_max`` (the max over
-ranks, DESIGN.md "Measuring performance"), so all ranks end up with identical numbers, run the
+ranks, docs/design.md "Measuring"), so all ranks end up with identical numbers, run the
 same deterministic search and pick the same plan -- a plan must be identical on every rank.
 """
 

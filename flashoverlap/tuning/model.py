@@ -296,7 +296,7 @@ def overlap_wins(overlap_time: float, sequential: float, min_gain: float = 0.02)
     """The never-slower decision: overlap only if predicted more than ``min_gain`` faster.
 
     The margin absorbs model error: a predicted 1% win is within the noise of the model, and
-    losing is worse than not winning (DESIGN.md: the engine falls back to ``sequential``).
+    losing is worse than not winning (the engine then falls back to ``sequential``: docs/design.md, "Engines").
     """
     if not 0 <= min_gain < 1:
         raise ValueError(f"min_gain must be in [0, 1), got {min_gain}")

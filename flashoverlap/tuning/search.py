@@ -248,7 +248,7 @@ GEMM_POWER_EXPONENT = 0.4
 
 # Bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped, nothing else
 # running; measured with AllReduce, applied to every collective through its bus_bytes.
-# p2p=True: NVLink (NV18); measured 0.64 ms for a 128 MiB AllReduce on 4 GPUs (DESIGN.md)
+# p2p=True: NVLink (NV18); measured 0.64 ms for a 128 MiB AllReduce on 4 x H200 (docs/design.md)
 # -> algbw 210 GB/s -> busbw 315 GB/s.  p2p=False (NCCL_P2P_DISABLE=1,
 # traffic through host memory): 8.3 ms for the same -> busbw 24 GB/s.  Other sizes are rough.
 DEFAULT_BUS_BANDWIDTH: Mapping[tuple[int, bool], float] = {
@@ -257,7 +257,7 @@ DEFAULT_BUS_BANDWIDTH: Mapping[tuple[int, bool], float] = {
 }
 
 # Fraction of the uncapped bandwidth NCCL keeps when limited to r CTAs (per communicator).
-# DESIGN.md, 4 x H200 NVLink, 128 MiB AllReduce: 16 CTAs 0.71 ms vs 0.65 ms, 8 CTAs 1.12 ms.
+# docs/design.md, "Reference numbers": 4 x H200 NVLink, 128 MiB AllReduce: 16 CTAs 0.71 ms vs 0.65 ms, 8 CTAs 1.12 ms.
 DEFAULT_CTA_EFFICIENCY: Mapping[int, float] = {8: 0.58, 16: 0.92, 24: 0.97, 32: 1.0}
 
 
@@ -361,8 +361,8 @@ class AnalyticModel:
         latency = self.latency_s[p2p]
         busbw = self._bus_bandwidth(W, p2p)
         if p2p:
-            # Through host memory the bottleneck is PCIe, not NCCL's SMs or HBM (DESIGN.md:
-            # there, concurrency reached max(GEMM, comm)), hence no CTA or contention factor.
+            # Through host memory the bottleneck is PCIe, not NCCL's SMs or HBM (docs/design.md,
+            # "Reference numbers": there concurrency reached max(GEMM, comm)), hence no CTA or contention factor.
             busbw *= self._cta_efficiency(reserved_sms)
         # r = 0: the collectives wait for the whole GEMM (starved), so they run alone.
         if contended and reserved_sms:
@@ -417,7 +417,7 @@ def analytic_default(
     """The config the engine uses when the cache has no entry.
 
     ``P = num_sms - reserved_sms`` (16 by default: on NVLink that cap cost the collective
-    ~9% alone and nothing under concurrency, DESIGN.md), ``group_m`` from
+    ~9% alone and nothing under concurrency, docs/design.md "Reference numbers"), ``group_m`` from
     :func:`flashoverlap.defaults.band_group_m` unless given, groups from the DP on the
     analytic model.  Deterministic and cheap (microseconds for typical band counts).
     """
