@@ -87,23 +87,12 @@ def choose_config(problem: Problem, device: torch.device) -> PlanConfig:
     if entry is not None:
         return entry.plan_config
     from .defaults import DEFAULT_RESERVED_SMS
-    from .kernels import gemm_config_for
-    from .tuning.search import analytic_default, num_ctas_for
+    from .tuning.search import engine_default
 
     # The tile is the kernel table's for the problem on the CTAs the default leaves the GEMM
     # (128 x 256, or 128 x 128 where that wastes less of a last wave: kernels.wave_tile).
-    num_sms = _num_sms(device)
-    P = max(num_ctas_for(num_sms, DEFAULT_RESERVED_SMS), 1)
-    try:
-        gemm = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype, P,
-                               torch.cuda.get_device_capability(device)).config
-        block = (gemm.block_m, gemm.block_n)
-    except TypeError:  # a dtype the kernel table does not know: the device's default tile
-        from .kernels import default_block_shape
-
-        block = default_block_shape(device)
-    return analytic_default(problem, num_sms, block_m=block[0], block_n=block[1],
-                            reserved_sms=DEFAULT_RESERVED_SMS)
+    return engine_default(problem, _num_sms(device), torch.cuda.get_device_capability(device),
+                          reserved_sms=DEFAULT_RESERVED_SMS)
 
 
 @functools.lru_cache(maxsize=256)

@@ -476,6 +476,13 @@ def test_engine_default_plan_takes_the_wave_tile(monkeypatch):
             cfg = policy.choose_config.__wrapped__(Problem(M, N, K, "bfloat16", W, op), dev)
             assert (cfg.block_m, cfg.block_n, cfg.num_ctas) == (*tile, 116), (M, N, K, op)
             make_plan(Problem(M, N, K, "bfloat16", W, op), cfg)  # a valid plan
+    # The pure form the policy calls (and `flashoverlap tune --analytic` prints)
+    from flashoverlap.tuning.search import engine_default
+
+    problem = Problem(2048, 4096, 1024, "bfloat16", 2, "all_reduce")
+    assert engine_default(problem, 132) == policy.choose_config.__wrapped__(problem, dev)
+    assert (engine_default(problem, 132, (8, 0)).block_n,
+            engine_default(problem, 132, reserved_sms=0).block_n) == (128, 256)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     cfg = policy.choose_config.__wrapped__(Problem(8192, 8192, 2048, "bfloat16", 2,
                                                    "all_reduce"), dev)

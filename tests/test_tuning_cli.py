@@ -128,10 +128,17 @@ def test_analytic(runner):
                                   "--world-size", "4", "--analytic", "--top-k", "2"])
     assert result.exit_code == 0, result.output
     assert "sequential (predicted)" in result.output and "-> overlap" in result.output
+    assert "untuned engine default: tile 128x256, P 116" in result.output
     result = runner.invoke(tune, ["--m", "64", "--n", "8192", "--k", "2048", "--world-size",
                                   "4", "--analytic", "--op", "reduce_scatter"])
     assert result.exit_code == 0, result.output
     assert "-> sequential" in result.output
+    assert result.output.rstrip().endswith("-> sequential")  # the engine would not overlap
+    # A small problem: the engine's default takes 128 x 128 tiles (kernels.wave_tile)
+    result = runner.invoke(tune, ["-M", "2048", "-N", "4096", "-K", "1024", "--world-size",
+                                  "8", "--analytic"])
+    assert result.exit_code == 0, result.output
+    assert "untuned engine default: tile 128x128, P 116" in result.output
 
 
 @pytest.mark.parametrize("args, message", [

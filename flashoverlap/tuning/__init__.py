@@ -13,8 +13,8 @@ Layout (one concept per module):
 * :mod:`.cli`     -- the ``tune`` command (mounted by ``flashoverlap.cli``).
 
 The engine's path: ``cache.lookup(cache.detect_key(problem))`` or, on a miss,
-``search.analytic_default(...)`` plus ``search.predict_gain(...)`` for the fallback to
-sequential.  These modules import torch only inside the functions that need a GPU (the
+``search.engine_default(...)`` (``analytic_default`` on the kernel table's tile) plus
+``search.predict_gain(...)`` for the fallback to sequential.  These modules import torch only inside the functions that need a GPU (the
 ``flashoverlap`` package itself imports torch for its ops).
 
 ``search.search`` is not re-exported here: the name would shadow the ``search`` submodule.
@@ -26,6 +26,7 @@ from flashoverlap.tuning.search import (
     AnalyticModel,
     analytic_default,
     analytic_search,
+    engine_default,
     predict_gain,
     tune,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "CommCurve",
     "analytic_default",
     "analytic_search",
+    "engine_default",
     "detect_key",
     "lookup",
     "make_key",

@@ -44,6 +44,9 @@ from flashoverlap.tuning.search import (
     AnalyticModel,
     Candidate,
     analytic_search,
+    engine_default,
+    predict_gain,
+    predict_times,
 )
 from flashoverlap.tuning.search import (
     tune as run_tuning,
@@ -174,6 +177,17 @@ def _analytic(problem: Problem, num_sms: int, p2p: bool, tiles, reservations, to
     choice = "overlap" if overlap_wins(best, sequential) else "sequential (overlap not faster)"
     click.echo(f"sequential (predicted): {sequential * 1e3:.3f} ms; best overlap "
                f"{sequential / best:.2f}x -> {choice}")
+    # What the engine runs without a tuned entry (sm_90 kernel table, SMs - 16 CTAs)
+    untuned = engine_default(problem, num_sms, p2p=p2p, model=model)
+    overlap_s, _ = predict_times(problem, untuned, num_sms, p2p=p2p, model=model)
+    # The engine's decision (policy.predicts_gain): two groups at least, then the model
+    groups = len(untuned.group_bands or ())
+    runs = ("overlap" if problem.world_size > 1 and groups >= 2 and predict_gain(
+        problem, untuned, num_sms, p2p=p2p, model=model) else "sequential")
+    click.echo(f"untuned engine default: tile {untuned.block_m}x{untuned.block_n}, "
+               f"P {untuned.num_ctas}, group_m {untuned.group_m}, bands/group "
+               f"{format_groups(untuned.group_bands)}, predicted {overlap_s * 1e3:.3f} ms "
+               f"-> {runs}")
 
 
 def _measure(problem: Problem, world_size: int | None, backend_spec: str, tiles,

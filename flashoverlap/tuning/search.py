@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
-from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, tail_split
+from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, gemm_config_for, tail_split
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -71,6 +71,7 @@ __all__ = [
     "SearchResult",
     "TuneResult",
     "analytic_default",
+    "engine_default",
     "analytic_search",
     "band_ends_for",
     "dtype_size",
@@ -433,6 +434,34 @@ def analytic_default(
     return dataclasses.replace(base, group_bands=part.group_bands)
 
 
+def engine_default(
+    problem: Problem,
+    num_sms: int,
+    capability: tuple[int, int] | None = None,
+    *,
+    reserved_sms: int = 16,
+    p2p: bool = True,
+    model: AnalyticModel | None = None,
+) -> PlanConfig:
+    """The plan config the overlap engine takes for ``problem`` without a tuned entry.
+
+    :func:`analytic_default` with the tile the kernel table picks for the problem on the
+    ``num_sms - reserved_sms`` CTAs it leaves the GEMM
+    (:func:`~flashoverlap.kernels.gemm_config_for` for ``capability``; ``None`` is sm_90:
+    128 x 256, or 128 x 128 where that wastes less of a last wave).  Pure: no GPU needed, so
+    ``flashoverlap tune --analytic`` prints what the engine would run.
+    """
+    P = max(num_ctas_for(num_sms, reserved_sms), 1)
+    try:
+        gemm = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype, P,
+                               capability).config
+        block_m, block_n = gemm.block_m, gemm.block_n
+    except TypeError:  # a dtype the kernel table does not know: the sm_90 tile
+        block_m, block_n = 128, 256
+    return analytic_default(problem, num_sms, block_m, block_n, reserved_sms=reserved_sms,
+                            p2p=p2p, model=model)
+
+
 def _analytic_pipeline(problem: Problem, config: PlanConfig, num_sms: int, p2p: bool,
                        model: AnalyticModel) -> tuple[list[float], GroupBytesFn, TimeFn]:
     """``(band_end_times, group_bytes_fn, comm_time_fn)`` of ``config``.
@@ -477,10 +506,10 @@ def predict_gain(
     """Never-slower decision without measurements: is overlap predicted more than
     ``min_gain`` (2%) faster than sequential?  ``False`` for e.g. tiny M, where the GEMM is
     a single band and there is nothing to overlap.  ``config=None`` means
-    :func:`analytic_default`.  (The engine calls ``predict_gain(plan.problem, plan.config,
-    num_sms)``.)"""
+    :func:`engine_default` (sm_90's kernel table).  (The engine calls
+    ``predict_gain(plan.problem, plan.config, num_sms)``.)"""
     if config is None:
-        config = analytic_default(problem, num_sms, p2p=p2p, model=model)
+        config = engine_default(problem, num_sms, p2p=p2p, model=model)
     overlap, sequential = predict_times(problem, config, num_sms, p2p=p2p, model=model)
     return overlap_wins(overlap, sequential, min_gain)
 
