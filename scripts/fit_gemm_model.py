@@ -15,9 +15,10 @@ SMs gets a higher clock, so the per-SM rate is not constant; a power law in ``re
 fits the P in {132, 116} rows to ~2 % (``clock-run3`` measured the clock itself).
 
 Method: the model's own :meth:`~AnalyticModel.wave_times` with a unit rate gives each row's
-critical-path work (FLOPs per SM, the split part included; no split fix-up); for each
-exponent on a grid the rate that minimises the squared log error has a closed form (the mean
-of ``log(work * (ref/P)^-a) - log(t - launch)``), and the grid point with the least rms wins.
+critical-path work (FLOPs per SM, the split part included); the model's fixed times (the
+launch, a split last wave's fix-up) come off the measured ``t``; for each exponent on a grid
+the rate that minimises the squared log error has a closed form (the mean of
+``log(work * (ref/P)^-a) - log(t - fixed)``), and the grid point with the least rms wins.
 
     python scripts/fit_gemm_model.py results/2026-12-02-h200/{wssplit-run3,grouped-run5}
 """
@@ -71,14 +72,21 @@ def fit(rows: list[dict], model=None, exponents=None) -> dict:
     # Critical-path FLOPs per SM under the model's wave rules: its own wave_times at a unit
     # rate per SM, with no exponent, launch or split fix-up.
     unit = dataclasses.replace(model, gemm_flops={r["dtype"]: float(ref) for r in rows},
-                               power_exponent=0.0, launch_s=0.0, split_fixup_s=0.0)
-    data = [(sum(unit.wave_times(*plan)), r["num_ctas"], r["median_ms"] * 1e-3)
+                               power_exponent=0.0, launch_s=0.0, split_fixup_s=0.0,
+                               split_per_part_s=0.0)
+    # The model's fixed times per row (launch, a split last wave's fix-up) come off the
+    # measured time before the rate is fitted, as the launch alone did before the split cost
+    # was calibrated.
+    no_fixed = dataclasses.replace(model, launch_s=0.0, split_fixup_s=0.0,
+                                   split_per_part_s=0.0)
+    data = [(sum(unit.wave_times(*plan)), r["num_ctas"], r["median_ms"] * 1e-3,
+             sum(model.wave_times(*plan)) - sum(no_fixed.wave_times(*plan)))
             for r, plan in zip(rows, plans)]
     grid = exponents if exponents is not None else [i / 200 for i in range(201)]
     best = None
     for a in grid:
-        logs = [math.log(w * (ref / P) ** -a) - math.log(t - model.launch_s)
-                for w, P, t in data]
+        logs = [math.log(w * (ref / P) ** -a) - math.log(t - fixed)
+                for w, P, t, fixed in data]
         log_rate = statistics.fmean(logs)
         errs = [log_rate - x for x in logs]  # log(predicted / measured)
         if best is None or _rms(errs) < best[0]:
@@ -87,12 +95,12 @@ def fit(rows: list[dict], model=None, exponents=None) -> dict:
 
     def by_p(errors):
         out = {}
-        for e, (_, P, _) in zip(errors, data):
+        for e, (_, P, _, _) in zip(errors, data):
             out.setdefault(P, []).append(e)
         return {P: statistics.fmean(v) for P, v in sorted(out.items())}
 
     current = [math.log(sum(model.wave_times(*plan)) / t)
-               for plan, (_, _, t) in zip(plans, data)]
+               for plan, (_, _, t, _) in zip(plans, data)]
     return {"gemm_flops": rate * ref, "power_exponent": a, "rms": rms,
             "mean_error_by_p": by_p(errs), "rows": len(rows),
             "current_rms": _rms(current), "current_mean_error_by_p": by_p(current)}

@@ -577,7 +577,8 @@ def test_fit_gemm_model_recovers_a_known_model():
     from flashoverlap.tuning.search import AnalyticModel
 
     truth = dataclasses.replace(AnalyticModel(), gemm_flops={"bfloat16": 610e12},
-                                power_exponent=0.3, split_fixup_s=0.0)
+                                power_exponent=0.3, split_fixup_s=0.0,
+                                split_per_part_s=0.0)
     rows = []
     for M, N, K in ((4096, 8192, 2048), (8192, 8192, 7168), (6144, 5120, 4096),
                     (16384, 8192, 8192), (11008, 3072, 8192)):
@@ -711,3 +712,43 @@ def test_wave_tile_rule_agrees_with_the_committed_measurements():
         if small:
             assert before[(M, N, K, P)]["median_ms"] > row["median_ms"], (M, N, K, P)
     assert sum(r["config"]["block_n"] == 128 for r in after.values()) == 14
+
+
+def test_analytic_split_cost_is_what_the_committed_pairs_say():
+    """AnalyticModel's split cost (split_fixup_s + split_per_part_s * parts) refitted from the
+    committed split / no-split pairs (splitcost-run14: gemm_sweep's default, which split
+    every wave it could then, against its nosplit candidate, same run): the time a split
+    last wave takes beyond its longest part, a line in the part count."""
+    import math
+    import statistics
+
+    from flashoverlap.kernels import tail_split
+    from flashoverlap.tuning.search import AnalyticModel
+
+    rows = json.loads((ROOT / "results" / "2026-12-02-h200" / "splitcost-run14" /
+                       "sweep-small.json").read_text())
+    times: dict = {}
+    for r in rows:
+        times.setdefault((r["M"], r["N"], r["K"], r["num_ctas"], r["b_layout"]),
+                         {})[r["candidate"]] = r["median_ms"] * 1e-3
+    extra: dict = {2: [], 4: []}
+    for (M, N, K, P, _), t in times.items():
+        tiles, k_tiles = (M // 128) * (N // 256), K // 64
+        parts = tail_split(tiles, P, k_tiles, 0)[1]
+        if parts < 2:
+            continue
+        waves = math.ceil(tiles / P)
+        tile_s = t["nosplit"] / waves  # the no-split run is whole waves of one tile time
+        longest = math.ceil(k_tiles / parts) / k_tiles
+        extra[parts].append(t["default"] - tile_s * (waves - 1 + longest))
+    assert len(extra[2]) == 10 and len(extra[4]) == 6
+    two, four = statistics.mean(extra[2]), statistics.mean(extra[4])
+    per_part = (four - two) / 2
+    fixed = two - 2 * per_part
+    model = AnalyticModel()
+    assert model.split_per_part_s == pytest.approx(per_part, abs=0.3e-6)
+    assert model.split_fixup_s == pytest.approx(fixed, abs=0.5e-6)
+    # each pair within 2 us of the line: a fixed cost, not one that grows with K
+    for parts, values in extra.items():
+        line = model.split_fixup_s + model.split_per_part_s * parts
+        assert all(abs(v - line) <= 2e-6 for v in values), (parts, values)

@@ -236,16 +236,17 @@ def search(
 # Dense GEMM throughput of a whole Hopper GPU (132 SMs), FLOP/s, as reached by the signal GEMM
 # and GEMM_POWER_EXPONENT: how the per-SM rate grows when fewer CTAs run.  Fitted by
 # scripts/fit_gemm_model.py to the warp-specialized signal GEMM's acceptance runs on one H200
-# (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200): 703 TFLOP/s and
-# 0.397, 2.1 % rms error in time (the former 650 TFLOP/s, no exponent: 8 % too slow at
-# P = 132, 13 % at P = 116).  The exponent is the power cap's: the board runs these GEMMs
-# at 700 W, so idle SMs leave the others power for clock (clock-run3: +4.7-6.3 % MHz at 116 of
-# 132); a GPU below its power limit has 0.  fp16 (3 of the runs, 9 shapes: 674 TFLOP/s and
-# 0.370, where the same bf16 rows give 700 and 0.420) is ~4 % slower than bf16 -- as is
+# (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200), with the model's
+# fixed times (launch, split fix-up) taken off each row: 710 TFLOP/s and 0.36, 1.8 % rms
+# error in time (the former 650 TFLOP/s, no exponent: 8 % too slow at P = 132, 13 % at
+# P = 116; before the split fix-up was calibrated the same fit gave 703 and 0.397).  The
+# exponent is the power cap's: the board runs these GEMMs at 700 W, so idle SMs leave the
+# others power for clock (clock-run3: +4.7-6.3 % MHz at 116 of 132); a GPU below its power
+# limit has 0.  fp16 (3 of the runs, 9 shapes: 676 TFLOP/s) is ~4 % slower than bf16 -- as is
 # torch.matmul's, so the efficiencies match.
-DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 700e12, "float16": 675e12,
+DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 710e12, "float16": 676e12,
                                            "float32": 300e12}  # float32 via TF32
-GEMM_POWER_EXPONENT = 0.4
+GEMM_POWER_EXPONENT = 0.36
 
 # Bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped, nothing else
 # running; measured with AllReduce, applied to every collective through its bus_bytes.
@@ -273,8 +274,9 @@ class AnalyticModel:
     costs one tile time (partial waves too: wave quantization), the first wave adds
     ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
     tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
-    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s`` (both kernels,
-    pipelined and warp-specialized, split alike).  Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
+    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s +
+    split_per_part_s * parts`` (both kernels, pipelined and warp-specialized, split alike).
+    Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
     the collective says crosses the interconnect for the send bytes
     (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
     ReduceScatter ``(W-1)/W`` of them) and ``busbw`` comes from the bus-bandwidth table,
@@ -303,10 +305,16 @@ class AnalyticModel:
     # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
     # The signal GEMM's K step and split last wave (GemmConfig.block_k / split_tail), and
-    # what the split adds to its wave: the last part reads and sums the others' fp32 slots.
+    # what the split adds to its wave beyond its longest part: the parts' fp32 slots written
+    # and read back and summed by the last part, the tickets.  Fitted to the split / no-split
+    # pairs of one H200 (results/2026-12-02-h200/splitcost-run14, 16 rows, P = 116, K 512-
+    # 3584): 11-12.5 us with 2 parts, 16.4-18.6 us with 4, whatever K -> about 6.2 us + 2.8 us
+    # per part (a test refits it).  At K = 8192 (6144 x 3072, 2 parts, wssplit-run2) the
+    # split cost ~26 us: long parts also lose the L2 sharing of CTAs that walk K in step.
     block_k: int = 64
     split_tail: bool = True
-    split_fixup_s: float = 2e-6
+    split_fixup_s: float = 6.2e-6
+    split_per_part_s: float = 2.8e-6
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -327,7 +335,8 @@ class AnalyticModel:
             k_tiles = math.ceil(problem.K / self.block_k)
             parts = tail_split(tiles, config.num_ctas, k_tiles)[1]
             if parts > 1:
-                times[-1] = tile_s * math.ceil(k_tiles / parts) / k_tiles + self.split_fixup_s
+                times[-1] = (tile_s * math.ceil(k_tiles / parts) / k_tiles
+                             + self.split_fixup_s + self.split_per_part_s * parts)
         times[0] += self.launch_s
         return times
 
