@@ -247,7 +247,12 @@ def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfi
 def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> float:
     """Modelled time of the persistent GEMM with ``config``'s tile on ``num_ctas`` programs, in
     full-K times of one 128 x 256 tile at its rate: whole waves of tiles, the last one split
-    as :func:`tail_split` splits it, the tile's work divided by its :data:`TILE_RATES`."""
+    as :func:`tail_split` splits it, the tile's work divided by its :data:`TILE_RATES`.
+    A split wave counts its longest part only; the tuner's model also charges the split's
+    fix-up (``AnalyticModel.split_fixup_s + split_per_part_s * parts``, ~12-18 us measured),
+    which would favour 128 x 128 a little more where 128 x 256 relies on a split (e.g.
+    1024 x 4096 x 4096 at P = 116, 10 % faster with 128 x 128 in one sweep): left out until a
+    GPU run checks the rows it would add."""
     bm, bn = config.block_m, config.block_n
     tiles = -(-M // bm) * -(-N // bn)
     k_tiles = max(-(-K // config.block_k), 1)
