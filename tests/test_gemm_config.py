@@ -617,3 +617,37 @@ def test_every_gemm_launch_names_fp_fusion():
     }
     for name, meta in metas.items():
         assert meta.get("enable_fp_fusion") is True, name
+
+
+@pytest.mark.skipif(_INTERPRET_SESSION, reason="pure Python; runs in the normal session")
+def test_wave_tile_properties():
+    """For any shape and CTA count: the choice is 128 x 256 or its 128 x 128 form (5 stages,
+    nothing else changed), it switches exactly when the model saves WAVE_TILE_MIN_GAIN, a
+    plan built from it covers the output with tiles of its shape, and more CTAs never make
+    the model's time longer."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from flashoverlap.kernels import WAVE_TILE_MIN_GAIN, config_for_tile, tile_time
+
+    base = config_for_capability((9, 0), torch.bfloat16)
+    small = config_for_tile(base, 128, 128)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(1, 20000), st.integers(1, 16384), st.integers(1, 16384),
+           st.integers(1, 132))
+    def check(M, N, K, P):
+        cfg = gemm_config_for(M, N, K, "bfloat16", P, (9, 0)).config
+        assert cfg in (base, small)
+        assert (cfg == small) == (tile_time(M, N, K, P, small)
+                                  <= (1 - WAVE_TILE_MIN_GAIN) * tile_time(M, N, K, P, base))
+        for c in (base, small):
+            t = tile_time(M, N, K, P, c)
+            assert t > 0 and tile_time(M, N, K, min(P * 2, 264), c) <= t + 1e-12
+        if M * N <= 4 << 20:  # keep the planner cheap
+            plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                             PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,
+                                        num_ctas=P, group_m=1))
+            assert plan.num_tiles == -(-M // cfg.block_m) * -(-N // cfg.block_n)
+
+    check()
