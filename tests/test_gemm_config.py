@@ -410,6 +410,19 @@ _SWEEP_KEEP = [(2048, 4096, 3584), (2048, 8192, 1024), (2048, 8192, 2048), (2048
                (6144, 3072, 8192)]
 
 
+def test_wave_lengths_is_the_shared_wave_model():
+    """kernels.wave_lengths: whole waves of one tile time, a split last wave its longest
+    part; what tile_time and the tuner's AnalyticModel both build on."""
+    from flashoverlap.kernels import wave_lengths
+
+    assert wave_lengths(256, 116, 16) == ([1.0, 1.0, 1.0], 1)  # 24 left, 12 K steps saved
+    assert wave_lengths(256, 116, 56) == ([1.0, 1.0, 14 / 56], 4)  # 42 saved
+    assert wave_lengths(4096, 132, 128) == ([1.0] * 31 + [0.25], 4)
+    assert wave_lengths(4096, 132, 128, split_tail=False) == ([1.0] * 32, 1)
+    assert wave_lengths(30, 132, 64, True, 0) == ([0.25], 4)  # one partial wave, all split
+    assert wave_lengths(264, 132, 64) == ([1.0, 1.0], 1)  # whole waves
+
+
 def test_wave_tile_switches_only_where_the_last_wave_is_poor():
     from flashoverlap.kernels import tile_time, wave_tile
 

@@ -44,6 +44,7 @@ __all__ = [
     "TILE_RATES",
     "TILE_STAGES",
     "tile_time",
+    "wave_lengths",
     "wave_tile",
     "WAVE_TILE_MIN_GAIN",
 ]
@@ -244,6 +245,21 @@ def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfi
     return dataclasses.replace(config, **changes)
 
 
+def wave_lengths(tiles: int, num_ctas: int, k_tiles: int, split_tail: bool = True,
+                 min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES) -> tuple[list[float], int]:
+    """``(lengths, parts)``: each wave of a persistent GEMM of ``tiles`` tiles on ``num_ctas``
+    programs in tile times -- whole waves 1.0 (a partial one too: wave quantization), a last
+    wave split along K (:func:`tail_split`) its longest part, ``ceil(k_tiles / parts) /
+    k_tiles`` -- and the split's part count (1: none).  The one wave model that
+    :func:`tile_time` and the tuner's ``AnalyticModel.wave_times`` share."""
+    lengths = [1.0] * -(-tiles // num_ctas)
+    parts = (tail_split(tiles, num_ctas, k_tiles, min_saved_k_tiles)[1] if split_tail
+             else 1)
+    if parts > 1:
+        lengths[-1] = -(-k_tiles // parts) / k_tiles
+    return lengths, parts
+
+
 def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> float:
     """Modelled time of the persistent GEMM with ``config``'s tile on ``num_ctas`` programs, in
     full-K times of one 128 x 256 tile at its rate: whole waves of tiles, the last one split
@@ -254,12 +270,10 @@ def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> floa
     1024 x 4096 x 4096 at P = 116, 10 % faster with 128 x 128 in one sweep): left out until a
     GPU run checks the rows it would add."""
     bm, bn = config.block_m, config.block_n
-    tiles = -(-M // bm) * -(-N // bn)
-    k_tiles = max(-(-K // config.block_k), 1)
-    num_main, parts = (tail_split(tiles, num_ctas, k_tiles, config.split_min_saved_k_tiles)
-                       if config.split_tail else (tiles, 1))
-    waves = -(-num_main // num_ctas) + (-(-k_tiles // parts) / k_tiles if parts > 1 else 0.0)
-    return waves * (bm * bn) / (128 * 256) / TILE_RATES.get((bm, bn), 1.0)
+    lengths, _ = wave_lengths(-(-M // bm) * -(-N // bn), num_ctas,
+                              max(-(-K // config.block_k), 1), config.split_tail,
+                              config.split_min_saved_k_tiles)
+    return sum(lengths) * (bm * bn) / (128 * 256) / TILE_RATES.get((bm, bn), 1.0)
 
 
 def wave_tile(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> GemmConfig:

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import band_group_m
-from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, gemm_config_for, tail_split
+from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, gemm_config_for, wave_lengths
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -329,14 +329,12 @@ class AnalyticModel:
             * (self.ref_sms / config.num_ctas) ** self.power_exponent
         per_sm *= self.tile_rates.get((config.block_m, config.block_n), 1.0)
         tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
-        tiles = band_layout(problem, config).num_tiles
-        times = [tile_s] * math.ceil(tiles / config.num_ctas)  # num_waves_for's count
-        if self.split_tail:
-            k_tiles = math.ceil(problem.K / self.block_k)
-            parts = tail_split(tiles, config.num_ctas, k_tiles)[1]
-            if parts > 1:
-                times[-1] = (tile_s * math.ceil(k_tiles / parts) / k_tiles
-                             + self.split_fixup_s + self.split_per_part_s * parts)
+        lengths, parts = wave_lengths(band_layout(problem, config).num_tiles,
+                                      config.num_ctas, math.ceil(problem.K / self.block_k),
+                                      self.split_tail)  # num_waves_for's count of waves
+        times = [tile_s * x for x in lengths]
+        if parts > 1:
+            times[-1] += self.split_fixup_s + self.split_per_part_s * parts
         times[0] += self.launch_s
         return times
 
