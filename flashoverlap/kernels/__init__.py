@@ -270,9 +270,8 @@ def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> floa
     1024 x 4096 x 4096 at P = 116, 10 % faster with 128 x 128 in one sweep): left out until a
     GPU run checks the rows it would add."""
     bm, bn = config.block_m, config.block_n
-    lengths, _ = wave_lengths(-(-M // bm) * -(-N // bn), num_ctas,
-                              max(-(-K // config.block_k), 1), config.split_tail,
-                              config.split_min_saved_k_tiles)
+    lengths, _ = wave_lengths(-(-M // bm) * -(-N // bn), num_ctas, -(-K // config.block_k),
+                              config.split_tail, config.split_min_saved_k_tiles)
     return sum(lengths) * (bm * bn) / (128 * 256) / TILE_RATES.get((bm, bn), 1.0)
 
 

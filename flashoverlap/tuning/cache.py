@@ -91,6 +91,18 @@ class CacheWarning(UserWarning):
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+@functools.cache
+def kernels_signature() -> str:
+    """SHA-256 (16 hex digits) of the sources of :mod:`flashoverlap.kernels` (every ``.py``
+    file, in name order): changes whenever a kernel or a per-shape choice does.  Read once
+    per process; no import of torch or Triton."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 class CacheKey(BaseModel):
     """Everything a tuned config depends on.  Build it with :func:`make_key`."""
 
@@ -110,7 +122,7 @@ class CacheKey(BaseModel):
     interconnect: str
     nccl_cta_limit: int | None = None
     plan_format: int = PLAN_FORMAT_VERSION
-    kernels: str = Field(default_factory=lambda: kernels_signature())
+    kernels: str = Field(default_factory=kernels_signature)
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of every field (the entry's file name)."""
@@ -178,18 +190,6 @@ def cache_dir() -> Path:
 
 def entry_path(key: CacheKey, directory: Path | None = None) -> Path:
     return (directory or cache_dir()) / f"{key.digest()}.json"
-
-
-@functools.cache
-def kernels_signature() -> str:
-    """SHA-256 (16 hex digits) of the sources of :mod:`flashoverlap.kernels` (every ``.py``
-    file, in name order): changes whenever a kernel or a per-shape choice does.  Read once
-    per process; no import of torch or Triton."""
-    root = Path(__file__).resolve().parents[1] / "kernels"
-    h = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
 
 
 def _version(dist: str) -> str:

@@ -48,7 +48,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from flashoverlap.defaults import band_group_m
+from flashoverlap.defaults import DEFAULT_BLOCK, band_group_m
 from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, gemm_config_for, wave_lengths
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
@@ -259,7 +259,8 @@ DEFAULT_BUS_BANDWIDTH: Mapping[tuple[int, bool], float] = {
 }
 
 # Fraction of the uncapped bandwidth NCCL keeps when limited to r CTAs (per communicator).
-# docs/design.md, "Reference numbers": 4 x H200 NVLink, 128 MiB AllReduce: 16 CTAs 0.71 ms vs 0.65 ms, 8 CTAs 1.12 ms.
+# docs/design.md, "Reference numbers": 4 x H200 NVLink, 128 MiB AllReduce: 16 CTAs 0.71 ms
+# vs 0.65 ms, 8 CTAs 1.12 ms.
 DEFAULT_CTA_EFFICIENCY: Mapping[int, float] = {8: 0.58, 16: 0.92, 24: 0.97, 32: 1.0}
 
 
@@ -370,7 +371,8 @@ class AnalyticModel:
         busbw = self._bus_bandwidth(W, p2p)
         if p2p:
             # Through host memory the bottleneck is PCIe, not NCCL's SMs or HBM (docs/design.md,
-            # "Reference numbers": there concurrency reached max(GEMM, comm)), hence no CTA or contention factor.
+            # "Reference numbers": there concurrency reached max(GEMM, comm)), hence no CTA or
+            # contention factor.
             busbw *= self._cta_efficiency(reserved_sms)
         # r = 0: the collectives wait for the whole GEMM (starved), so they run alone.
         if contended and reserved_sms:
@@ -463,8 +465,8 @@ def engine_default(
         gemm = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype, P,
                                capability).config
         block_m, block_n = gemm.block_m, gemm.block_n
-    except TypeError:  # a dtype the kernel table does not know: the sm_90 tile
-        block_m, block_n = 128, 256
+    except TypeError:  # a dtype the kernel table does not know: the rule-based default tile
+        block_m, block_n = DEFAULT_BLOCK
     return analytic_default(problem, num_sms, block_m, block_n, reserved_sms=reserved_sms,
                             p2p=p2p, model=model)
 
