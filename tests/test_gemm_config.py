@@ -412,7 +412,7 @@ _SWEEP_KEEP = [(2048, 4096, 3584), (2048, 8192, 1024), (2048, 8192, 2048), (2048
 
 def test_wave_lengths_is_the_shared_wave_model():
     """kernels.wave_lengths: whole waves of one tile time, a split last wave its longest
-    part; what tile_time and the tuner's AnalyticModel both build on."""
+    part; what wave_times (and so wave_tile and the tuner's AnalyticModel) builds on."""
     from flashoverlap.kernels import wave_lengths
 
     assert wave_lengths(256, 116, 16) == ([1.0, 1.0, 1.0], 1)  # 24 left, 12 K steps saved
@@ -423,17 +423,51 @@ def test_wave_lengths_is_the_shared_wave_model():
     assert wave_lengths(264, 132, 64) == ([1.0, 1.0], 1)  # whole waves
 
 
+def test_wave_times_is_the_one_gemm_model():
+    """kernels.wave_times: whole waves of one tile time at the per-SM rate (power-capped
+    clocks, the tile's rate), a split last wave its longest part plus the fix-up (its
+    per-part term scaled by the tile's area), the launch on the first wave; signal_gemm_time
+    sums it, the tuner's AnalyticModel calls it with its own fields."""
+    from flashoverlap.kernels import (GEMM_FLOPS, GEMM_LAUNCH_S, SPLIT_FIXUP_S,
+                                      SPLIT_PER_PART_S, signal_gemm_time, wave_times)
+    from flashoverlap.plan import PlanConfig, Problem
+    from flashoverlap.tuning.search import AnalyticModel
+
+    def tile_s(bm, bn, K, P, rate=1.0, flops=GEMM_FLOPS["bfloat16"]):
+        return 2 * bm * bn * K / (flops / 132 * (132 / P) ** 0.36 * rate)
+
+    # 2048 x 4096 x 1024 on 116 CTAs: 256 tiles -> 3 waves (24 left, 16 K steps: no split);
+    # 512 half-size tiles -> 5 waves at 0.92 of the rate
+    t = tile_s(128, 256, 1024, 116)
+    assert wave_times(256, 116, 1024, 128, 256) == pytest.approx([t + GEMM_LAUNCH_S, t, t])
+    small = wave_times(512, 116, 1024, 128, 128)
+    assert sum(small) == pytest.approx(5 * tile_s(128, 128, 1024, 116, 0.92) + GEMM_LAUNCH_S)
+    # ... x 3584: 128 x 256 splits its 24-tile last wave in 4 parts of 14 of 56 K steps
+    t = tile_s(128, 256, 3584, 116)
+    assert wave_times(256, 116, 3584, 128, 256)[-1] == pytest.approx(
+        t * 14 / 56 + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S)
+    # 128 x 128 tiles: half the fp32 bytes per part -> half the per-part term
+    t = tile_s(128, 128, 4096, 116, 0.92)
+    assert wave_times(128, 116, 4096, 128, 128) == pytest.approx(
+        [t + GEMM_LAUNCH_S, t / 4 + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S / 2])
+    base = config_for_capability((9, 0), torch.bfloat16)
+    assert signal_gemm_time(2048, 4096, 3584, 116, base) == pytest.approx(
+        sum(wave_times(256, 116, 3584, 128, 256)))
+    assert signal_gemm_time(2048, 4096, 3584, 116, base, torch.float16) == pytest.approx(
+        sum(wave_times(256, 116, 3584, 128, 256, flops=GEMM_FLOPS["float16"])))
+    model = AnalyticModel()
+    for bn in (256, 128):
+        problem = Problem(512, 4096, 4096, "bfloat16", 1, "all_reduce")
+        cfg = PlanConfig(block_m=128, block_n=bn, num_ctas=116)
+        assert model.wave_times(problem, cfg) == pytest.approx(
+            wave_times(4096 * 512 // (128 * bn), 116, 4096, 128, bn))
+
+
 def test_wave_tile_switches_only_where_the_last_wave_is_poor():
-    from flashoverlap.kernels import tile_time, wave_tile
+    from flashoverlap.kernels import wave_tile
 
     base = config_for_capability((9, 0), torch.bfloat16)
     small = kernels.config_for_tile(base, 128, 128)
-    # 2048 x 4096 x 1024 on 116 CTAs: 256 tiles -> 3 waves (24 left, 16 K steps: no split);
-    # 512 half-size tiles -> 5 waves of half the work at 0.92 of the rate
-    assert tile_time(2048, 4096, 1024, 116, base) == 3.0
-    assert tile_time(2048, 4096, 1024, 116, small) == pytest.approx(5 * 0.5 / 0.92)
-    # ... x 3584: 128 x 256 splits its 24-tile last wave in 4 parts of 14 of 56 K steps
-    assert tile_time(2048, 4096, 3584, 116, base) == pytest.approx(2 + 14 / 56)
     for P in (132, 116):
         for M, N, K in _ACCEPTANCE + _SWEEP_KEEP:
             assert wave_tile(M, N, K, P, base) is base, (M, N, K, P)
@@ -636,12 +670,13 @@ def test_every_gemm_launch_names_fp_fusion():
 def test_wave_tile_properties():
     """For any shape and CTA count: the choice is 128 x 256 or its 128 x 128 form (5 stages,
     nothing else changed), it switches exactly when the model saves WAVE_TILE_MIN_GAIN, a
-    plan built from it covers the output with tiles of its shape, and more CTAs never make
-    the model's time longer."""
+    plan built from it covers the output with tiles of its shape, and the model's time is
+    never below the (padded) work spread evenly over the CTAs."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from flashoverlap.kernels import WAVE_TILE_MIN_GAIN, config_for_tile, tile_time
+    from flashoverlap.kernels import (GEMM_FLOPS, GEMM_POWER_EXPONENT, TILE_RATES,
+                                      WAVE_TILE_MIN_GAIN, config_for_tile, signal_gemm_time)
 
     base = config_for_capability((9, 0), torch.bfloat16)
     small = config_for_tile(base, 128, 128)
@@ -652,11 +687,13 @@ def test_wave_tile_properties():
     def check(M, N, K, P):
         cfg = gemm_config_for(M, N, K, "bfloat16", P, (9, 0)).config
         assert cfg in (base, small)
-        assert (cfg == small) == (tile_time(M, N, K, P, small)
-                                  <= (1 - WAVE_TILE_MIN_GAIN) * tile_time(M, N, K, P, base))
-        for c in (base, small):
-            t = tile_time(M, N, K, P, c)
-            assert t > 0 and tile_time(M, N, K, min(P * 2, 264), c) <= t + 1e-12
+        assert (cfg == small) == (signal_gemm_time(M, N, K, P, small) <= (
+            1 - WAVE_TILE_MIN_GAIN) * signal_gemm_time(M, N, K, P, base))
+        for c in (base, small):  # waves only add to the work spread evenly over P CTAs
+            rate = GEMM_FLOPS["bfloat16"] / 132 * (132 / P) ** GEMM_POWER_EXPONENT \
+                * TILE_RATES[(c.block_m, c.block_n)]
+            padded = -(-M // c.block_m) * c.block_m * -(-N // c.block_n) * c.block_n
+            assert signal_gemm_time(M, N, K, P, c) >= 2 * padded * K / (rate * P) * (1 - 1e-9)
         if M * N <= 4 << 20:  # keep the planner cheap
             plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
                              PlanConfig(block_m=cfg.block_m, block_n=cfg.block_n,

@@ -43,8 +43,15 @@ __all__ = [
     "TAIL_MIN_SAVED_K_TILES",
     "TILE_RATES",
     "TILE_STAGES",
-    "tile_time",
+    "GEMM_FLOPS",
+    "GEMM_LAUNCH_S",
+    "GEMM_POWER_EXPONENT",
+    "GEMM_REF_SMS",
+    "signal_gemm_time",
+    "SPLIT_FIXUP_S",
+    "SPLIT_PER_PART_S",
     "wave_lengths",
+    "wave_times",
     "wave_tile",
     "WAVE_TILE_MIN_GAIN",
 ]
@@ -245,13 +252,39 @@ def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfi
     return dataclasses.replace(config, **changes)
 
 
+# The signal GEMM's time model on sm_90 (one H200), in seconds; the tuner's AnalyticModel takes
+# these as its defaults.  GEMM_FLOPS: dense throughput of the whole GPU (132 SMs) as the
+# warp-specialized signal GEMM reaches it on 128 x 256 tiles, and GEMM_POWER_EXPONENT how the
+# per-SM rate grows when fewer CTAs run: fitted by scripts/fit_gemm_model.py to the acceptance
+# runs (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200), the fixed times
+# below taken off each row -- 710 TFLOP/s and 0.36, 1.8 % rms error in time.  The exponent is
+# the power cap's: the board runs these GEMMs at 700 W, so idle SMs leave the others power for
+# clock (clock-run3: +4.7-6.3 % MHz at 116 of 132); a GPU below its power limit has 0.  fp16
+# (676 TFLOP/s) is ~4 % slower than bf16, as is torch.matmul's.
+# GEMM_LAUNCH_S: the first wave's start.  SPLIT_FIXUP_S + SPLIT_PER_PART_S * parts * area: what
+# a split last wave adds beyond its longest part -- the tickets, and each part's fp32 slot
+# written and read back by the last part (``area``: the tile's size against 128 x 256, since
+# those bytes scale with it).  The line was fitted to 16 split / no-split pairs with 128 x 256
+# tiles (splitcost-run14: 11-12.5 us with 2 parts, 16.4-18.6 us with 4, whatever K); scaling
+# the per-part term with the tile area fits the 66 128 x 128 / 128 x 256 pairs of
+# tiles-run17 and results/2026-12-03-h200/final-run22 to 3.8 % rms in the time ratio, against
+# 5.1 % unscaled and 19 % with no split cost at all.
+GEMM_FLOPS: dict[str, float] = {"bfloat16": 710e12, "float16": 676e12,
+                                "float32": 300e12}  # float32 via TF32
+GEMM_POWER_EXPONENT = 0.36
+GEMM_REF_SMS = 132
+GEMM_LAUNCH_S = 6e-6
+SPLIT_FIXUP_S = 6.2e-6
+SPLIT_PER_PART_S = 2.8e-6
+
+
 def wave_lengths(tiles: int, num_ctas: int, k_tiles: int, split_tail: bool = True,
                  min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES) -> tuple[list[float], int]:
     """``(lengths, parts)``: each wave of a persistent GEMM of ``tiles`` tiles on ``num_ctas``
     programs in tile times -- whole waves 1.0 (a partial one too: wave quantization), a last
     wave split along K (:func:`tail_split`) its longest part, ``ceil(k_tiles / parts) /
-    k_tiles`` -- and the split's part count (1: none).  The one wave model that
-    :func:`tile_time` and the tuner's ``AnalyticModel.wave_times`` share."""
+    k_tiles`` -- and the split's part count (1: none).  The wave shape under
+    :func:`wave_times`."""
     lengths = [1.0] * -(-tiles // num_ctas)
     parts = (tail_split(tiles, num_ctas, k_tiles, min_saved_k_tiles)[1] if split_tail
              else 1)
@@ -260,43 +293,70 @@ def wave_lengths(tiles: int, num_ctas: int, k_tiles: int, split_tail: bool = Tru
     return lengths, parts
 
 
-def tile_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> float:
-    """Modelled time of the persistent GEMM with ``config``'s tile on ``num_ctas`` programs, in
-    full-K times of one 128 x 256 tile at its rate: whole waves of tiles, the last one split
-    as :func:`tail_split` splits it, the tile's work divided by its :data:`TILE_RATES`.
-    A split wave counts its longest part only; the tuner's model also charges the split's
-    fix-up (``AnalyticModel.split_fixup_s + split_per_part_s * parts``, ~12-18 us measured),
-    which would favour 128 x 128 a little more where 128 x 256 relies on a split (e.g.
-    1024 x 4096 x 4096 at P = 116, 10 % faster with 128 x 128 in one sweep): left out until a
-    GPU run checks the rows it would add."""
+def wave_times(tiles: int, num_ctas: int, K: int, block_m: int, block_n: int, *,
+               flops: float = GEMM_FLOPS["bfloat16"], block_k: int = 64,
+               split_tail: bool = True, min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES,
+               ref_sms: int = GEMM_REF_SMS, power_exponent: float = GEMM_POWER_EXPONENT,
+               tile_rates: dict[tuple[int, int], float] | None = None,
+               launch_s: float = GEMM_LAUNCH_S, split_fixup_s: float = SPLIT_FIXUP_S,
+               split_per_part_s: float = SPLIT_PER_PART_S) -> list[float]:
+    """Modelled seconds of each wave of the persistent signal GEMM: ``tiles`` tiles of
+    ``block_m x block_n`` over ``K`` on ``num_ctas`` programs.  A tile costs ``2*BM*BN*K`` FLOPs
+    at ``flops / ref_sms`` per SM, times ``(ref_sms / P) ** power_exponent`` (power-capped
+    clocks), times the tile's :data:`TILE_RATES`; waves as :func:`wave_lengths`; a split last
+    wave adds ``split_fixup_s + split_per_part_s * parts * area``; the first wave
+    ``launch_s``.  The one GEMM model of the package: :func:`wave_tile` sums it, the tuner's
+    ``AnalyticModel.wave_times`` calls it with its own fields."""
+    rates = TILE_RATES if tile_rates is None else tile_rates
+    per_sm = flops / ref_sms * (ref_sms / num_ctas) ** power_exponent \
+        * rates.get((block_m, block_n), 1.0)
+    tile_s = 2.0 * block_m * block_n * K / per_sm
+    lengths, parts = wave_lengths(tiles, num_ctas, -(-K // block_k), split_tail,
+                                  min_saved_k_tiles)
+    times = [tile_s * x for x in lengths]
+    if parts > 1:
+        area = block_m * block_n / (128 * 256)
+        times[-1] += split_fixup_s + split_per_part_s * parts * area
+    times[0] += launch_s
+    return times
+
+
+def signal_gemm_time(M: int, N: int, K: int, num_ctas: int, config: GemmConfig,
+                     dtype: torch.dtype | str = "bfloat16") -> float:
+    """Modelled seconds of the persistent signal GEMM with ``config`` on ``num_ctas``
+    programs (:func:`wave_times` summed; its tile count, K step and split as ``config``)."""
     bm, bn = config.block_m, config.block_n
-    lengths, _ = wave_lengths(-(-M // bm) * -(-N // bn), num_ctas, -(-K // config.block_k),
-                              config.split_tail, config.split_min_saved_k_tiles)
-    return sum(lengths) * (bm * bn) / (128 * 256) / TILE_RATES.get((bm, bn), 1.0)
+    return sum(wave_times(-(-M // bm) * -(-N // bn), num_ctas, K, bm, bn,
+                          flops=GEMM_FLOPS[_dtype_name(dtype)], block_k=config.block_k,
+                          split_tail=config.split_tail,
+                          min_saved_k_tiles=config.split_min_saved_k_tiles))
 
 
-def wave_tile(M: int, N: int, K: int, num_ctas: int, config: GemmConfig) -> GemmConfig:
-    """``config``, or its 128 x 128 form (:func:`config_for_tile`) where that tile's finer
-    waves save at least :data:`WAVE_TILE_MIN_GAIN` of :func:`tile_time` -- few tiles on fewer
+def wave_tile(M: int, N: int, K: int, num_ctas: int, config: GemmConfig,
+              dtype: torch.dtype | str = "bfloat16") -> GemmConfig:
+    """``config``, or its 128 x 128 form (:func:`config_for_tile`) where that tile saves at
+    least :data:`WAVE_TILE_MIN_GAIN` of :func:`signal_gemm_time` -- few tiles on fewer
     programs than SMs, e.g. 2048 x 4096 (256 tiles of 128 x 256: 3 waves on 116 CTAs, 512 of
-    128 x 128: 5 half-size ones).  Only from the 128 x 256 TMA configuration.
+    128 x 128: 5 half-size ones), or a 128 x 256 grid whose last wave needs a split that
+    costs more than the finer tile's waves.  Only from the 128 x 256 TMA configuration.
 
-    Measured on one H200 (bf16, B = ``w.t()``, ``results/2026-12-02-h200/``).  The sweep that
-    set the rule (``tiles-run17``, 13 shapes): at P = 116 the 128 x 128 tile was 4.5-12 %
-    faster on 2048 x 4096 x {512, 1024, 2048} (where this switches) and -9 % to +4.5 % on the
-    ten other rows (where it does not; 1024 x 4096 x 4096's +10 % included: the model credits
-    128 x 256's split last wave with more than the split gains); at P = 132 no row of it gained
-    and none switches.  Then the rule against forced 128 x 256 tiles (``wave-run18``,
-    ``bench_gemm.py``, 3 repeats, M in {512, 1024, 2048} x N in {4096, 8192}, K 512-4096):
-    the 14 (shape, P) rows it switches -- 512-row problems at P = 132 too, whose 128 x 256
-    grid is one partial wave -- took 1.05-1.37x less time (median 1.16x), the 22 rows it leaves
-    alone 0.97-1.03x (the same kernel: noise).
+    Measured on one H200 (bf16, B = ``w.t()``).  ``results/2026-12-02-h200/tiles-run17``
+    (``gemm_sweep.py``, 13 shapes) set the first rule (without the split's fix-up in the
+    model): at P = 116 the 128 x 128 tile was 4.5-12 % faster on 2048 x 4096 x {512, 1024,
+    2048}; ``wave-run18`` (``bench_gemm.py``, 3 repeats, M in {512, 1024, 2048}) then showed
+    the 14 (shape, P) rows it switched 1.05-1.37x faster (median 1.16x).  That model credited
+    a split last wave with its longest part alone: ``results/2026-12-03-h200/final-run22``
+    (``gemm_sweep.py``, 20 shapes x P = 132 / 116 where charging the fix-up changes the
+    choice) found it switching 7 rows that ran 0.4-4.3 % slower with 128 x 128 and keeping
+    128 x 256 on 22 that ran 4-29 % faster with 128 x 128 (512 x 4096 x 4096 at P = 132:
+    41 us -> 29 us).  With the fix-up (per part scaled by tile area) the model switches none
+    of the 66 measured pairs the wrong way and misses two gains (4 % and 4.3 %).
     """
     if (config.block_m, config.block_n, config.block_k) != (128, 256, 64) or not config.use_tma:
         return config
     small = config_for_tile(config, 128, 128)
-    if tile_time(M, N, K, num_ctas, small) <= (1 - WAVE_TILE_MIN_GAIN) * tile_time(
-            M, N, K, num_ctas, config):
+    if signal_gemm_time(M, N, K, num_ctas, small, dtype) <= (1 - WAVE_TILE_MIN_GAIN) * \
+            signal_gemm_time(M, N, K, num_ctas, config, dtype):
         return small
     return config
 
@@ -491,7 +551,7 @@ def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfl
             choice = GemmChoice(dataclasses.replace(base, **dict(rule.overrides)), rule.group_m)
             break
     if wave_tiles and major == 9:
-        choice = choice._replace(config=wave_tile(M, N, K, num_ctas, choice.config))
+        choice = choice._replace(config=wave_tile(M, N, K, num_ctas, choice.config, name))
     return choice
 
 

@@ -90,8 +90,9 @@ buffer = 208 KB, so one CTA per SM.
 32 KB + a 32 KB C buffer): where both tiles fill the same number of waves they take 1 / 0.925
 of 128 x 256's time (median of 12 rows at P = 132, ``tiles-run17``: smaller tiles read more
 operand bytes per FLOP), so they pay only where 128 x 256 leaves a poor last wave --
-:func:`flashoverlap.kernels.wave_tile` picks them there (1.05-1.37x less time on the rows it
-switches, ``wave-run18``).  Before this kernel took the tile, the pipelined one ran it, at
+:func:`flashoverlap.kernels.wave_tile` picks them there (on 60 rows with each tile forced,
+``results/2026-12-03-h200/rule-run23``: none of the 25 it switches slower, 1.22x less time in
+the median on the 23 where it differs from the first rule).  Before this kernel took the tile, the pipelined one ran it, at
 3-6 % lower efficiency on the same rows in an earlier run (``splitcost-run14``; not paired).
 
 ``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes

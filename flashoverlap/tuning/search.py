@@ -49,7 +49,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flashoverlap.defaults import DEFAULT_BLOCK, band_group_m
-from flashoverlap.kernels import DTYPE_ALIASES, TILE_RATES, gemm_config_for, wave_lengths
+from flashoverlap.kernels import (
+    DTYPE_ALIASES,
+    GEMM_FLOPS,
+    GEMM_LAUNCH_S,
+    GEMM_POWER_EXPONENT,
+    GEMM_REF_SMS,
+    SPLIT_FIXUP_S,
+    SPLIT_PER_PART_S,
+    TILE_RATES,
+    gemm_config_for,
+    wave_times,
+)
 from flashoverlap.plan import PlanConfig, Problem, band_layout, num_waves_for
 from flashoverlap.tuning.model import (
     GroupBytesFn,
@@ -233,20 +244,9 @@ def search(
 # Analytic model: defaults when nothing was measured
 # --------------------------------------------------------------------------------------
 
-# Dense GEMM throughput of a whole Hopper GPU (132 SMs), FLOP/s, as reached by the signal GEMM
-# and GEMM_POWER_EXPONENT: how the per-SM rate grows when fewer CTAs run.  Fitted by
-# scripts/fit_gemm_model.py to the warp-specialized signal GEMM's acceptance runs on one H200
-# (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200), with the model's
-# fixed times (launch, split fix-up) taken off each row: 710 TFLOP/s and 0.36, 1.8 % rms
-# error in time (the former 650 TFLOP/s, no exponent: 8 % too slow at P = 132, 13 % at
-# P = 116; before the split fix-up was calibrated the same fit gave 703 and 0.397).  The
-# exponent is the power cap's: the board runs these GEMMs at 700 W, so idle SMs leave the
-# others power for clock (clock-run3: +4.7-6.3 % MHz at 116 of 132); a GPU below its power
-# limit has 0.  fp16 (3 of the runs, 9 shapes: 676 TFLOP/s) is ~4 % slower than bf16 -- as is
-# torch.matmul's, so the efficiencies match.
-DEFAULT_GEMM_FLOPS: Mapping[str, float] = {"bfloat16": 710e12, "float16": 676e12,
-                                           "float32": 300e12}  # float32 via TF32
-GEMM_POWER_EXPONENT = 0.36
+# The GEMM's rates and fixed times are the kernels' model (flashoverlap.kernels.GEMM_FLOPS,
+# GEMM_POWER_EXPONENT, GEMM_LAUNCH_S, SPLIT_FIXUP_S, SPLIT_PER_PART_S: fitted there, with the
+# measurements they come from); the fields below default to them.
 
 # Bus bandwidth (bytes/s) for (world_size, p2p), large messages, NCCL uncapped, nothing else
 # running; measured with AllReduce, applied to every collective through its bus_bytes.
@@ -268,15 +268,17 @@ DEFAULT_CTA_EFFICIENCY: Mapping[int, float] = {8: 0.58, 16: 0.92, 24: 0.97, 32: 
 class AnalyticModel:
     """Documented defaults for a Hopper-class GPU; every number is a field to override.
 
-    GEMM: a tile costs ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, times
-    ``(ref_sms / P) ** power_exponent`` for a GEMM of ``P`` CTAs (power-capped clocks), times
-    the tile's ``tile_rates`` (:data:`~flashoverlap.kernels.TILE_RATES`: 128 x 128 runs at
-    0.92 of 128 x 256's rate, measured; the rate is fitted on 128 x 256 rows), a wave
-    costs one tile time (partial waves too: wave quantization), the first wave adds
-    ``launch_s``; a last wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.
-    tail_split` with ``block_k``; ``split_tail`` as in its default config) costs its longest
-    part, ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s +
-    split_per_part_s * parts`` (both kernels, pipelined and warp-specialized, split alike).
+    GEMM: :func:`flashoverlap.kernels.wave_times` with these fields -- a tile costs
+    ``2*BM*BN*K`` FLOPs at ``gemm_flops[dtype] / ref_sms`` per SM, times ``(ref_sms / P) **
+    power_exponent`` for a GEMM of ``P`` CTAs (power-capped clocks), times the tile's
+    ``tile_rates`` (:data:`~flashoverlap.kernels.TILE_RATES`: 128 x 128 runs at 0.92 of
+    128 x 256's rate, measured; the rate is fitted on 128 x 256 rows), a wave costs one tile
+    time (partial waves too: wave quantization), the first wave adds ``launch_s``; a last
+    wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.tail_split` with
+    ``block_k``; ``split_tail`` as in its default config) costs its longest part,
+    ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s + split_per_part_s *
+    parts * area`` (``area``: the tile against 128 x 256; both kernels, pipelined and
+    warp-specialized, split alike).
     Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
     the collective says crosses the interconnect for the send bytes
     (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
@@ -286,12 +288,12 @@ class AnalyticModel:
     """
 
     gemm_flops: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_GEMM_FLOPS))
-    ref_sms: int = 132
+        default_factory=lambda: dict(GEMM_FLOPS))
+    ref_sms: int = GEMM_REF_SMS
     power_exponent: float = GEMM_POWER_EXPONENT
     tile_rates: Mapping[tuple[int, int], float] = dataclasses.field(
         default_factory=lambda: dict(TILE_RATES))
-    launch_s: float = 6e-6
+    launch_s: float = GEMM_LAUNCH_S
     bus_bandwidth: Mapping[tuple[int, bool], float] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_BUS_BANDWIDTH))
     cta_efficiency: Mapping[int, float] = dataclasses.field(
@@ -306,16 +308,14 @@ class AnalyticModel:
     # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
     # The signal GEMM's K step and split last wave (GemmConfig.block_k / split_tail), and
-    # what the split adds to its wave beyond its longest part: the parts' fp32 slots written
-    # and read back and summed by the last part, the tickets.  Fitted to the split / no-split
-    # pairs of one H200 (results/2026-12-02-h200/splitcost-run14, 16 rows, P = 116, K 512-
-    # 3584): 11-12.5 us with 2 parts, 16.4-18.6 us with 4, whatever K -> about 6.2 us + 2.8 us
-    # per part (a test refits it).  At K = 8192 (6144 x 3072, 2 parts, wssplit-run2) the
-    # split cost ~26 us: long parts also lose the L2 sharing of CTAs that walk K in step.
+    # what the split adds to its wave beyond its longest part (kernels.SPLIT_FIXUP_S and
+    # SPLIT_PER_PART_S; a test refits them).  At K = 8192 (6144 x 3072, 2 parts,
+    # wssplit-run2) the split cost ~26 us: long parts also lose the L2 sharing of CTAs that
+    # walk K in step.
     block_k: int = 64
     split_tail: bool = True
-    split_fixup_s: float = 6.2e-6
-    split_per_part_s: float = 2.8e-6
+    split_fixup_s: float = SPLIT_FIXUP_S
+    split_per_part_s: float = SPLIT_PER_PART_S
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -326,18 +326,13 @@ class AnalyticModel:
         return self.gemm_flops[name]
 
     def wave_times(self, problem: Problem, config: PlanConfig) -> list[float]:
-        per_sm = self._flops(problem.dtype) / self.ref_sms \
-            * (self.ref_sms / config.num_ctas) ** self.power_exponent
-        per_sm *= self.tile_rates.get((config.block_m, config.block_n), 1.0)
-        tile_s = 2.0 * config.block_m * config.block_n * problem.K / per_sm
-        lengths, parts = wave_lengths(band_layout(problem, config).num_tiles,
-                                      config.num_ctas, math.ceil(problem.K / self.block_k),
-                                      self.split_tail)  # num_waves_for's count of waves
-        times = [tile_s * x for x in lengths]
-        if parts > 1:
-            times[-1] += self.split_fixup_s + self.split_per_part_s * parts
-        times[0] += self.launch_s
-        return times
+        return wave_times(band_layout(problem, config).num_tiles, config.num_ctas, problem.K,
+                          config.block_m, config.block_n, flops=self._flops(problem.dtype),
+                          block_k=self.block_k, split_tail=self.split_tail,
+                          ref_sms=self.ref_sms, power_exponent=self.power_exponent,
+                          tile_rates=dict(self.tile_rates), launch_s=self.launch_s,
+                          split_fixup_s=self.split_fixup_s,
+                          split_per_part_s=self.split_per_part_s)
 
     def gemm_time(self, problem: Problem, num_sms: int) -> float:
         """The sequential baseline's GEMM (cuBLAS on every SM), no wave quantization."""
