@@ -81,6 +81,16 @@ class GatherPlan:
     def num_slots(self) -> int:
         return self.problem.world_size
 
+    @property
+    def full_tiles(self) -> bool:
+        """Every step is a whole ``block_m x block_n`` tile (``m`` and ``N`` multiples of the
+        tile: no chunk or ``N`` ends inside one) -- what lets sm_90 run the warp-specialized
+        kernel, whose TMA loads and stores move whole boxes
+        (:mod:`flashoverlap.kernels.gather_gemm`)."""
+        t = self.slot_table
+        return bool(((t[:, 2] - t[:, 1]) == self.config.block_m).all()
+                    and ((t[:, 4] - t[:, 3]) == self.config.block_n).all())
+
     def step_table(self, rank: int) -> np.ndarray:
         """The seven-column step table of ``rank`` (module docstring), int32, read-only."""
         W, m = self.problem.world_size, self.problem.m

@@ -68,15 +68,17 @@ def test_not_eligible_without_an_sm90_gpu():
     assert GemmConfig().warp_specialized_kernel
 
 
-def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1, split: bool = False) -> str:
+def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1, split: bool = False,
+                  wait_flags: bool = False) -> str:
     pytest.importorskip("triton")
     if not ws.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
     const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3 if parts == 1 else 4,
                  B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts,
-                 SPLIT_TAIL=split)
+                 SPLIT_TAIL=split, WAIT_FLAGS=wait_flags)
     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-            "counter_ptr": "*i32", "part_ptr": "*fp32", "ticket_ptr": "*i32"}
+            "counter_ptr": "*i32", "part_ptr": "*fp32", "ticket_ptr": "*i32",
+            "flag_ptr": "*i32"}
     return sm90_ptx(ws.kernel(), ptrs, const, num_warps=ws.NUM_MMA_WARPS)
 
 
@@ -158,3 +160,26 @@ def test_compiled_split_tail_without_counters_rearms_and_never_releases():
     assert "red.release" not in ptx
     assert len(re.findall(r"atom\.acq_rel", ptx)) == 1  # the part ticket only
     assert re.search(r"st\.relaxed\.gpu\.global\.u32", ptx)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_tail"])
+def test_compiled_gather_loader_acquires_its_chunk_before_the_tma_loads(split):
+    """The gather form (``WAIT_FLAGS``, no counters): the loader polls the chunk's flag with
+    ``ld.global.acquire.gpu`` until it is set, then ``bar.warp.sync`` and
+    ``fence.proxy.async.global``, and only then issues TMA loads (async proxy); with a split
+    last wave the tail piece waits the same way.  No release, no wait without the option."""
+    ptx = _compile_sm90(True, counters=False, split=split, wait_flags=True)
+    lines = _lines(ptx)
+    polls = [i for i, ln in enumerate(lines) if "ld.global.acquire.gpu.b32" in ln]
+    tma_load = r"cp\.async\.bulk\.tensor\.2d\.shared::(?:cta|cluster)\.global"  # 3.9 | 3.6
+    loads = [i for i, ln in enumerate(lines) if re.search(tma_load, ln)]
+    assert len(polls) == (2 if split else 1) and loads
+    for poll in polls:
+        after = lines[poll:]
+        sync = next(i for i, ln in enumerate(after) if "bar.warp.sync" in ln)
+        fence = next(i for i, ln in enumerate(after) if "fence.proxy.async.global" in ln)
+        load = next(i for i, ln in enumerate(after) if re.search(tma_load, ln))
+        assert sync < fence < load, (sync, fence, load)
+        assert "nanosleep" in " ".join(after[:sync])
+    assert "red.release" not in ptx
+    assert "ld.global.acquire" not in _compile_sm90(True, counters=False, split=split)

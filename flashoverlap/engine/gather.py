@@ -193,7 +193,8 @@ def get_gather_workspace(plan: GatherPlan, device: torch.device, group: ProcessG
                         for j in range(problem.world_size)],
             watcher=watcher, armed=torch.cuda.Event(), done=torch.cuda.Event(),
             launcher=GatherGemmLauncher(step_table, flags, block_m=cfg.block_m,
-                                        block_n=cfg.block_n, num_ctas=cfg.num_ctas),
+                                        block_n=cfg.block_n, num_ctas=cfg.num_ctas,
+                                        full_tiles=plan.full_tiles),
         )
         for t in (step_table, flags):
             t.record_stream(watcher)

@@ -29,6 +29,15 @@ The interpreter uses ``tl.atomic_add(flag, 0, sem="acquire")`` (no inline PTX th
 does a compiled kernel where Triton refuses the inline PTX poll (``_jit_launch`` falls back
 with a warning): one thread's acquire, broadcast behind a CTA barrier.
 
+On sm_90, plans of whole tiles (``GatherPlan.full_tiles``: ``m`` and ``N`` multiples of the
+tile) run the warp-specialized kernel instead (:mod:`flashoverlap.kernels.ws_signal_gemm`,
+its gather form: the loader warp waits on the flag, with the same acquire and proxy fence,
+before the tile's TMA loads), with the split last wave and the 128 x 128 tile's stages
+(``config_for_tile``) of the signal GEMM.  This kernel -- a non-flattened loop, one partition
+-- ran at 0.70-0.76x of cuBLAS on one H200 (``results/2026-12-01-h200/all-gather.txt``);
+the comparison on the same rows is ``scripts/bench_all_gather.py``'s ``nowait`` against
+``nowait-pipelined``.
+
 Deadlock freedom is the engine's business (the reserved SMs; see
 :mod:`flashoverlap.engine.gather`); the kernel only needs every flag to be written
 eventually.
@@ -48,17 +57,26 @@ import torch
 import triton
 import triton.language as tl
 
-from flashoverlap.kernels import LAUNCH_OPTIONS, GemmConfig, default_config, direct_launch
+from flashoverlap.kernels import (
+    LAUNCH_OPTIONS,
+    GemmConfig,
+    config_for_tile,
+    default_config,
+    direct_launch,
+    ws_signal_gemm,
+)
 from flashoverlap.kernels.signal_gemm import (
     _common_align,
     _ensure_tma_allocator,
     _is_row_major,
     _operand_strides,
     _row_stride,
+    _tail_args,
+    _ws_jit_launch,
     uses_tma,
 )
 
-__all__ = ["GatherGemmLauncher", "gather_gemm", "gather_gemm_ref"]
+__all__ = ["GatherGemmLauncher", "gather_gemm", "gather_gemm_ref", "uses_warp_specialized"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -237,6 +255,44 @@ def _launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait_
     return (min(num_ctas, T), 1, 1), args, meta
 
 
+def _ws_config(a, block_m, block_n, config):
+    """The configuration the warp-specialized kernel would run: ``config``, or the device
+    default with the plan's tile and that tile's measured stages (``config_for_tile``)."""
+    if config is None:
+        return config_for_tile(default_config(a.device, a.dtype), block_m, block_n)
+    if (config.block_m, config.block_n) != (block_m, block_n):
+        return dataclasses.replace(config, block_m=block_m, block_n=block_n)
+    return config
+
+
+def uses_warp_specialized(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+                          block_m: int, block_n: int, config: GemmConfig | None = None,
+                          full_tiles: bool = False) -> bool:
+    """Whether a launch with these operands runs the warp-specialized kernel
+    (:func:`flashoverlap.kernels.ws_signal_gemm.eligible`; ``full_tiles``: every step of
+    the plan is a whole tile, ``GatherPlan.full_tiles``)."""
+    return ws_signal_gemm.eligible(a, b, out, _ws_config(a, block_m, block_n, config), None,
+                                   full_tiles)
+
+
+def _choose_launch(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait, config,
+                   full_tiles):
+    """``(kernel, jit_launch, grid, args, meta)``: the warp-specialized kernel (its loader
+    waits on the flags) where the plan is whole tiles and :func:`ws_signal_gemm.eligible`
+    allows it, else this module's kernel.  Checks are :func:`_validate`'s, done before."""
+    if uses_warp_specialized(a, b, out, block_m=block_m, block_n=block_n, config=config,
+                             full_tiles=full_tiles):
+        cfg = _ws_config(a, block_m, block_n, config)
+        tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, cfg, a.device,
+                          None)
+        return (ws_signal_gemm.kernel(), _ws_jit_launch,
+                *ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
+                                            None, cfg, tail, flags if wait else None))
+    return (_gather_gemm_kernel, _jit_launch,
+            *_launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait,
+                          config))
+
+
 # Set once the inline-PTX poll failed to compile on this Triton: poll with the atomic instead.
 _ATOMIC_POLL = [False]
 
@@ -260,16 +316,17 @@ def _jit_launch(grid, args, meta):
 
 def gather_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
                 step_table: torch.Tensor, block_m: int, block_n: int, num_ctas: int,
-                flags: torch.Tensor | None = None, config: GemmConfig | None = None
-                ) -> torch.Tensor:
+                flags: torch.Tensor | None = None, config: GemmConfig | None = None,
+                full_tiles: bool = False) -> torch.Tensor:
     """``out <- a @ b`` tile by tile in plan order; with ``flags`` each tile first waits for
-    ``flags[slot] >= 1`` (its chunk has arrived).  Returns ``out``; launched on the current
-    stream."""
+    ``flags[slot] >= 1`` (its chunk has arrived).  ``full_tiles``: every step is a whole
+    ``block_m x block_n`` tile (``GatherPlan.full_tiles``), which lets sm_90 run the
+    warp-specialized kernel.  Returns ``out``; launched on the current stream."""
     wait = flags is not None
     _validate(a, b, out, step_table, flags, num_ctas, wait)
-    grid, args, meta = _launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas,
-                                    wait, config)
-    _jit_launch(grid, args, meta)
+    _kernel, jit_launch, grid, args, meta = _choose_launch(
+        a, b, out, step_table, flags, block_m, block_n, num_ctas, wait, config, full_tiles)
+    jit_launch(grid, args, meta)
     return out
 
 
@@ -281,10 +338,12 @@ class GatherGemmLauncher:
     signature and relaunched directly afterwards (the engine's hot path)."""
 
     def __init__(self, step_table: torch.Tensor, flags: torch.Tensor | None, *, block_m: int,
-                 block_n: int, num_ctas: int, config: GemmConfig | None = None) -> None:
+                 block_n: int, num_ctas: int, config: GemmConfig | None = None,
+                 full_tiles: bool = False) -> None:
         self.step_table, self.flags = step_table, flags
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
         self.config = config
+        self.full_tiles = full_tiles  # gather_gemm's full_tiles: sm_90 may run the WS kernel
         self._entries = direct_launch.KernelCache()
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
@@ -297,15 +356,18 @@ class GatherGemmLauncher:
         if entry is None:
             wait = self.flags is not None
             _validate(a, b, out, self.step_table, self.flags, self.num_ctas, wait)
-            grid, args, meta = _launch_args(a, b, out, self.step_table, self.flags,
-                                            self.block_m, self.block_n, self.num_ctas, wait,
-                                            self.config)
+            kernel, jit_launch, grid, args, meta = _choose_launch(
+                a, b, out, self.step_table, self.flags, self.block_m, self.block_n,
+                self.num_ctas, wait, self.config, self.full_tiles)
             with (torch.cuda.device(a.device) if a.device.type == "cuda"
                   else contextlib.nullcontext()):
-                compiled = _jit_launch(grid, args, meta)
-            every = list(direct_launch.ordered_args(_gather_gemm_kernel, args, meta))
+                compiled = jit_launch(grid, args, meta)
+            every = list(direct_launch.ordered_args(kernel, args, meta))
             every[_A] = every[_B] = every[_OUT] = None  # filled per call (never kept alive)
-            self._entries.remember(key, compiled, (compiled, grid, every, meta["USE_TMA"]))
+            # (the split tail's scratch, where the warp-specialized kernel splits, stays
+            # referenced here: every launch of this entry reuses it, and leaves it zero)
+            self._entries.remember(key, compiled,
+                                   (compiled, grid, every, meta.get("USE_TMA", True)))
             return
         kernel, grid, args, use_tma = entry
         if use_tma:

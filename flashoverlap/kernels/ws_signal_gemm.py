@@ -45,6 +45,19 @@ async-proxy writes are ordered before the generic-proxy operations that follow;
 that releases.  The consumer side is unchanged (acquire at GPU or system scope).  The GPU
 stress test (``tests/gpu/test_signal_gemm.py``) runs this kernel on a third of its calls.
 
+Gather form (``WAIT_FLAGS``)
+----------------------------
+The AllGather GEMM (:mod:`flashoverlap.kernels.gather_gemm`) runs this kernel too, for plans
+of whole tiles: no counters (``HAS_COUNTERS`` off), and before the loader issues a tile's
+loads it waits for the tile's chunk -- column 5 of the step table is the chunk's slot, the
+index of its flag.  Every lane of the loader warp spins on ``ld.global.acquire.gpu`` of the
+flag (``nanosleep`` between polls) until it is >= 1, the lanes reconverge (``bar.warp.sync``)
+and ``fence.proxy.async.global`` orders the async-proxy TMA loads after the acquire; a
+program's slots never decrease along its steps, so it waits once per chunk (the split tail's
+piece included).  Only the loader reads A, so only it waits: the MMA warps consume what its
+loads delivered (the stage mbarriers), and the storer writes the output, which no flag
+guards.
+
 Split last wave
 ---------------
 Same schedule as the pipelined kernel (:func:`flashoverlap.kernels.tail_split`,
@@ -92,8 +105,9 @@ of 128 x 256's time (median of 12 rows at P = 132, ``tiles-run17``: smaller tile
 operand bytes per FLOP), so they pay only where 128 x 256 leaves a poor last wave --
 :func:`flashoverlap.kernels.wave_tile` picks them there (on 60 rows with each tile forced,
 ``results/2026-12-03-h200/rule-run23``: none of the 25 it switches slower, 1.22x less time in
-the median on the 23 where it differs from the first rule).  Before this kernel took the tile, the pipelined one ran it, at
-3-6 % lower efficiency on the same rows in an earlier run (``splitcost-run14``; not paired).
+the median on the 23 where it differs from the first rule).  Before this kernel took the tile,
+the pipelined one ran it, at 3-6 % lower efficiency on the same rows in an earlier run
+(``splitcost-run14``; not paired).
 
 ``GemmConfig.epilogue_subtile`` gives a half-width C buffer (two stores a tile), which makes
 room for a fourth stage: measured slower on 20 of 26 rows (ws-run4), so off by default.
@@ -217,14 +231,35 @@ if HAVE_GLUON:
         return it
 
     @gluon.jit
-    def _loader(a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, num_steps, num_progs,
-                k_tiles, num_main, tail_parts, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                B_TRANS: gl.constexpr, SPLIT_TAIL: gl.constexpr):
+    def _wait_flag(flag):
+        """The loader warp's wait for a gathered chunk (every lane): spin on
+        ``ld.global.acquire.gpu`` of the chunk's flag (``nanosleep`` between polls, so the
+        pollers leave L2 to NCCL) until it is >= 1; ``bar.warp.sync`` (the lanes reconverge);
+        ``fence.proxy.async.global``: the TMA loads that follow, issued by the async proxy,
+        are ordered after each lane's acquire."""
+        return gl.inline_asm_elementwise(
+            "{\n\t.reg .pred p;\n\t.reg .b32 v;\n\tFLAG_POLL:\n\t"
+            "ld.global.acquire.gpu.b32 v, [$1];\n\tsetp.ge.s32 p, v, 1;\n\t"
+            "@p bra FLAG_SEEN;\n\tnanosleep.u32 200;\n\tbra FLAG_POLL;\n\tFLAG_SEEN:\n\t"
+            "bar.warp.sync -1;\n\tfence.proxy.async.global;\n\tmov.u32 $0, v;\n\t}",
+            "=r,l", [flag], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _loader(a_desc, b_desc, step_ptr, flag_ptr, a_bufs, b_bufs, ready, empty, num_steps,
+                num_progs, k_tiles, num_main, tail_parts, BLOCK_K: gl.constexpr,
+                STAGES: gl.constexpr, B_TRANS: gl.constexpr, SPLIT_TAIL: gl.constexpr,
+                WAIT_FLAGS: gl.constexpr):
         pid = gl.program_id(0)
         it = 0
+        seen = pid * 0 - 1  # WAIT_FLAGS: the highest chunk slot this program has seen arrive
         for step in range(pid, num_main, num_progs):
             row_start = gl.load(step_ptr + step * 7 + 0)
             col_start = gl.load(step_ptr + step * 7 + 2)
+            if WAIT_FLAGS:  # a program's slots never decrease (gather_plan): one wait each
+                slot = gl.load(step_ptr + step * 7 + 5)
+                if slot > seen:
+                    _wait_flag(flag_ptr + slot)
+                    seen = slot
             it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
                              col_start, 0, 0, k_tiles, it, BLOCK_K, STAGES, B_TRANS)
         if SPLIT_TAIL:  # piece v = pid: part q of tail tile t (at most one per program)
@@ -234,6 +269,10 @@ if HAVE_GLUON:
                 q = v - t * tail_parts
                 row_start = gl.load(step_ptr + (num_main + t) * 7 + 0)
                 col_start = gl.load(step_ptr + (num_main + t) * 7 + 2)
+                if WAIT_FLAGS:
+                    slot = gl.load(step_ptr + (num_main + t) * 7 + 5)
+                    if slot > seen:
+                        _wait_flag(flag_ptr + slot)
                 it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
                                  col_start, 0, q * k_tiles // tail_parts,
                                  (q + 1) * k_tiles // tail_parts, it, BLOCK_K, STAGES, B_TRANS)
@@ -414,12 +453,14 @@ if HAVE_GLUON:
     def _ws_signal_gemm_kernel(
         a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
         part_ptr, ticket_ptr,  # split tail: fp32 [pieces, BM * BN] parts, int32 tickets
+        flag_ptr,  # WAIT_FLAGS: int32 chunk flags, indexed by the step table's column 5
         M, N, K, stride_am, stride_b, stride_cm, num_steps, num_progs,
         num_main, tail_parts,  # steps run whole; K parts of each later step (SPLIT_TAIL)
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
         PART_N: gl.constexpr,  # C buffer width: BLOCK_N, or BLOCK_N / 2 (two stores a tile)
         SPLIT_TAIL: gl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
+        WAIT_FLAGS: gl.constexpr,  # the gather GEMM: a tile's loads wait for its chunk's flag
     ):
         dtype: gl.constexpr = c_ptr.dtype.element_ty
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
@@ -448,9 +489,9 @@ if HAVE_GLUON:
                     counter_ptr, c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs,
                     k_tiles, num_main, tail_parts, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
                     BLOCK_N // PART_N, HAS_COUNTERS, SPLIT_TAIL)),
-            (_loader, (a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, num_steps,
-                       num_progs, k_tiles, num_main, tail_parts, BLOCK_K, STAGES, B_TRANS,
-                       SPLIT_TAIL)),
+            (_loader, (a_desc, b_desc, step_ptr, flag_ptr, a_bufs, b_bufs, ready, empty,
+                       num_steps, num_progs, k_tiles, num_main, tail_parts, BLOCK_K, STAGES,
+                       B_TRANS, SPLIT_TAIL, WAIT_FLAGS)),
             (_storer, (c_desc, step_ptr, counter_ptr, c_buf, c_ready, c_empty, num_progs,
                        num_main, BLOCK_N // PART_N, HAS_COUNTERS)),
         ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
@@ -503,9 +544,12 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
 PARTS_ARG = 5
 
 
-def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config, tail):
+def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config, tail,
+                flags=None):
     """``(grid, args, meta)`` of one launch (after :func:`eligible`); ``tail``: ``(num_main,
-    parts, part slots, tickets)`` of the split last wave (``signal_gemm._tail_args``)."""
+    parts, part slots, tickets)`` of the split last wave (``signal_gemm._tail_args``);
+    ``flags``: the gather GEMM's chunk flags (each tile's loads wait for ``flags[slot] >=
+    1``), or None."""
     M, K = a.shape
     N = b.shape[1]
     b_trans = b.stride(0) == 1 and b.stride(1) != 1
@@ -514,13 +558,15 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
     num_main, parts, part_arg, ticket_arg = tail
     programs = tail_programs(T, num_ctas, num_main, parts)
     counter_arg = counters if counters is not None else step_table  # never touched
-    args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, M, N, K, a.stride(0),
-            stride_b, out.stride(0), T, programs, num_main, parts)
+    flag_arg = flags if flags is not None else step_table  # never touched
+    args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, flag_arg, M, N, K,
+            a.stride(0), stride_b, out.stride(0), T, programs, num_main, parts)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
         "HAS_COUNTERS": counters is not None, "PART_N": block_n // c_parts(config),
-        "SPLIT_TAIL": parts > 1, "num_warps": NUM_MMA_WARPS, **LAUNCH_OPTIONS,
+        "SPLIT_TAIL": parts > 1, "WAIT_FLAGS": flags is not None, "num_warps": NUM_MMA_WARPS,
+        **LAUNCH_OPTIONS,
     }
     return (programs, 1, 1), args, meta
 

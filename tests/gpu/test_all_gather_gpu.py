@@ -69,6 +69,113 @@ def test_gather_kernel_matches_matmul(use_tma, transposed, W):
             assert _rel(out, want) < 1e-2, (rank, wait)
 
 
+def _ws_configs():
+    """The warp-specialized kernel's tiles, each with its launch configuration."""
+    from flashoverlap.kernels import WARP_SPECIALIZED_TILES, config_for_tile, default_config
+
+    base = default_config(torch.device("cuda", 0))
+    return [config_for_tile(base, bm, bn) for bm, bn, _ in WARP_SPECIALIZED_TILES]
+
+
+@pytest.mark.parametrize("tile", [0, 1], ids=["128x256", "128x128"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("m,N,K,W", [(1024, 1024, 1024, 1), (1024, 1024, 1024, 3),
+                                     (256, 512, 8192, 3)])  # the last: a split last wave
+def test_gather_kernel_warp_specialized(tile, transposed, m, N, K, W):
+    """Plans of whole tiles on sm_90 run the warp-specialized kernel (its loader waits on the
+    flags): every rank's table, with and without waits, NaN-poisoned output, against fp32
+    matmul; 256 x 512 x 8192 over 3 ranks is 12 tiles on 116 CTAs, split 4 ways along K."""
+    from flashoverlap.gather_plan import GatherProblem, make_gather_plan
+    from flashoverlap.kernels import tail_split
+    from flashoverlap.kernels.gather_gemm import gather_gemm, uses_warp_specialized
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized kernel is sm_90 only")
+    cfg = _ws_configs()[tile]
+    torch.manual_seed(tile + W)
+    pc = _config(m)
+    pc = type(pc)(block_m=cfg.block_m, block_n=cfg.block_n, num_ctas=pc.num_ctas,
+                  group_m=pc.group_m)
+    plan = make_gather_plan(GatherProblem(m, N, K, "bfloat16", W), pc)
+    assert plan.full_tiles
+    a = torch.randn(m * W, K, device="cuda", dtype=torch.bfloat16)
+    b = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t() if transposed
+         else torch.randn(K, N, device="cuda", dtype=torch.bfloat16))
+    want = a.float() @ b.float()
+    flags = torch.ones(W, device="cuda", dtype=torch.int32)
+    probe = _nan(m * W, N)
+    assert uses_warp_specialized(a, b, probe, block_m=cfg.block_m, block_n=cfg.block_n,
+                                 config=cfg, full_tiles=True)
+    if K == 8192:
+        assert tail_split(plan.num_tiles, pc.num_ctas, K // cfg.block_k)[1] == 4
+    for rank in range(W):
+        table = torch.from_numpy(plan.step_table(rank).copy()).cuda()
+        for wait in (True, False):
+            out = _nan(m * W, N)
+            gather_gemm(a, b, out, step_table=table, block_m=cfg.block_m, block_n=cfg.block_n,
+                        num_ctas=pc.num_ctas, flags=flags if wait else None, config=cfg,
+                        full_tiles=True)
+            torch.cuda.synchronize()
+            assert not out.isnan().any(), (rank, wait)
+            assert _rel(out, want) < 1e-2, (rank, wait)
+
+
+@pytest.mark.parametrize("tile", [0, 1], ids=["128x256", "128x128"])
+def test_gather_kernel_warp_specialized_waits_for_late_chunks(tile):
+    """The warp-specialized gather GEMM launched while every flag is 0 and every chunk NaN;
+    on the engine's watcher stream, after a ~1 ms sleep, each chunk is copied in and then its
+    flag set, in slot order.  A tile whose loads ran before its chunk's flag would read NaN.
+    20 rounds, each must finish (a watchdog fails a hang).  As in the engine, the watcher's
+    work is enqueued before the GEMM: enqueued after it, behind the spinning CTAs, it never
+    ran on one H200 -- with the pipelined kernel too, at the greatest stream priority, every
+    kernel loaded beforehand (``results/2026-12-03-h200/gather-ws-run25``)."""
+    from flashoverlap.gather_plan import GatherProblem, make_gather_plan
+    from flashoverlap.kernels.gather_gemm import GatherGemmLauncher
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized kernel is sm_90 only")
+    cfg = _ws_configs()[tile]
+    W, rank, m, N, K = 4, 1, 512, 1024, 2048
+    pc = _config(m)
+    pc = type(pc)(block_m=cfg.block_m, block_n=cfg.block_n, num_ctas=pc.num_ctas,
+                  group_m=pc.group_m)
+    plan = make_gather_plan(GatherProblem(m, N, K, "bfloat16", W), pc)
+    table = torch.from_numpy(plan.step_table(rank).copy()).cuda()
+    flags = torch.zeros(W, device="cuda", dtype=torch.int32)
+    launch = GatherGemmLauncher(table, flags, block_m=cfg.block_m, block_n=cfg.block_n,
+                                num_ctas=pc.num_ctas, config=cfg, full_tiles=True)
+    src = torch.randn(m * W, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t()
+    want = src.float() @ b.float()
+    a, out = _nan(m * W, K), _nan(m * W, N)
+    from flashoverlap.engine.workspace import watcher_stream
+
+    side = watcher_stream(torch.device("cuda", 0))
+    torch.cuda._sleep(1000)  # load the sleep kernel before a GEMM can spin (lazy loading)
+    flags.fill_(1)
+    flags[0:1].fill_(1)
+    a.copy_(src)
+    a[:m].copy_(src[:m])
+    launch(src, b, out)  # compile and load every kernel before a GEMM can spin
+    torch.cuda.synchronize()
+    for round_ in range(20):
+        a.fill_(float("nan"))
+        out.fill_(float("nan"))
+        flags.zero_()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # enqueued first (the engine's order), runs later
+            torch.cuda._sleep(2_000_000)
+            for j in range(W):  # slot j holds source rank (rank - j) mod W
+                rows = slice(((rank - j) % W) * m, ((rank - j) % W + 1) * m)
+                a[rows].copy_(src[rows])
+                flags[j:j + 1].fill_(1)
+        launch(a, b, out)
+        torch.cuda.current_stream().wait_stream(side)
+        _finish_or_fail(60.0)
+        assert not out.isnan().any(), round_
+        assert _rel(out, want) < 1e-2, round_
+
+
 def test_all_gather_gemm_overlap_engine_one_rank(world1):
     import flashoverlap as fo
 
