@@ -183,3 +183,29 @@ def test_compiled_gather_loader_acquires_its_chunk_before_the_tma_loads(split):
         assert "nanosleep" in " ".join(after[:sync])
     assert "red.release" not in ptx
     assert "ld.global.acquire" not in _compile_sm90(True, counters=False, split=split)
+
+
+@pytest.mark.parametrize("m,N,W,whole", [
+    (1024, 1024, 3, True),
+    (1000, 1024, 3, False),   # each chunk ends inside a tile
+    (1024, 1000, 2, False),   # the last tile column is cut short
+    (128, 256, 1, True),
+    (256, 512, 4, True),
+])
+def test_gather_plan_full_tiles_means_every_step_is_a_whole_tile(m, N, W, whole):
+    """GatherPlan.full_tiles (what lets sm_90 run the warp-specialized gather GEMM) agrees with
+    every rank's step table; and CPU tensors never take the Gluon kernel."""
+    from flashoverlap.gather_plan import GatherProblem, make_gather_plan
+    from flashoverlap.kernels.gather_gemm import uses_warp_specialized
+
+    plan = make_gather_plan(GatherProblem(m, N, 512, "bfloat16", W),
+                            PlanConfig(block_m=128, block_n=256, num_ctas=116))
+    assert plan.full_tiles is whole
+    for rank in range(W):
+        t = plan.step_table(rank)
+        sizes = set(zip((t[:, 1] - t[:, 0]).tolist(), (t[:, 3] - t[:, 2]).tolist()))
+        assert (sizes == {(128, 256)}) is whole
+    a = torch.randn(m * W, 512).to(torch.bfloat16)
+    b = torch.randn(512, N).to(torch.bfloat16)
+    out = torch.empty(m * W, N, dtype=torch.bfloat16)
+    assert not uses_warp_specialized(a, b, out, block_m=128, block_n=256, full_tiles=whole)
