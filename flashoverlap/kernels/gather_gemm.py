@@ -37,7 +37,8 @@ before the tile's TMA loads), with the split last wave and the 128 x 128 tile's 
 116, ``scripts/bench_all_gather.py``, ``results/2026-12-03-h200/gather-ws-run24``): this
 kernel -- a non-flattened loop, every warp through loads, MMAs and the epilogue -- ran at
 0.66-0.77 of ``torch.matmul`` on all SMs on four large shapes, the warp-specialized one at
-0.875-0.922 (1.19-1.40x less time, seven shapes); waiting on set flags cost neither anything.
+0.875-0.922 (1.19-1.40x less time, seven shapes); in neither did waiting on set flags cost
+anything.
 
 Deadlock freedom is the engine's business (the reserved SMs; see
 :mod:`flashoverlap.engine.gather`); the kernel only needs every flag to be written
