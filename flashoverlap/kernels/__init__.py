@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -297,7 +298,7 @@ def wave_times(tiles: int, num_ctas: int, K: int, block_m: int, block_n: int, *,
                flops: float = GEMM_FLOPS["bfloat16"], block_k: int = 64,
                split_tail: bool = True, min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES,
                ref_sms: int = GEMM_REF_SMS, power_exponent: float = GEMM_POWER_EXPONENT,
-               tile_rates: dict[tuple[int, int], float] | None = None,
+               tile_rates: Mapping[tuple[int, int], float] | None = None,
                launch_s: float = GEMM_LAUNCH_S, split_fixup_s: float = SPLIT_FIXUP_S,
                split_per_part_s: float = SPLIT_PER_PART_S) -> list[float]:
     """Modelled seconds of each wave of the persistent signal GEMM: ``tiles`` tiles of

@@ -330,7 +330,7 @@ class AnalyticModel:
                           config.block_m, config.block_n, flops=self._flops(problem.dtype),
                           block_k=self.block_k, split_tail=self.split_tail,
                           ref_sms=self.ref_sms, power_exponent=self.power_exponent,
-                          tile_rates=dict(self.tile_rates), launch_s=self.launch_s,
+                          tile_rates=self.tile_rates, launch_s=self.launch_s,
                           split_fixup_s=self.split_fixup_s,
                           split_per_part_s=self.split_per_part_s)
 
