@@ -103,10 +103,8 @@ def _decide(m: int, N: int, K: int, dtype: torch.dtype, W: int, device: torch.de
     if config is None and overlap_refusal() is not None:
         return name, "sequential", None, True
     if config is None:
-        from .kernels import default_block_shape
-
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        config = default_gather_config(problem, sms, default_block_shape(device))
+        config = default_gather_config(problem, sms, torch.cuda.get_device_capability(device))
     return name, "overlap", make_gather_plan(problem, config), False
 
 

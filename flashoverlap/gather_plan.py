@@ -142,20 +142,26 @@ def make_gather_plan(problem: GatherProblem, config: PlanConfig) -> GatherPlan:
 
 
 def default_gather_config(problem: GatherProblem, num_sms: int | None = None,
-                          block: tuple[int, int] | None = None,
+                          capability: tuple[int, int] | None = None,
                           reserved_sms: int = 16) -> PlanConfig:
-    """A GPU config: the kernel's default tile, ``SMs - reserved_sms`` CTAs (the reserved SMs
-    are NCCL's: see :mod:`flashoverlap.engine.gather` on deadlock freedom), ``group_m`` 8
-    shrunk while a chunk has fewer tile rows.  ``num_sms=None``: a CPU config (small tiles)."""
+    """A GPU config: ``SMs - reserved_sms`` CTAs (the reserved SMs are NCCL's: see
+    :mod:`flashoverlap.engine.gather` on deadlock freedom) and the tile and band height that
+    :func:`flashoverlap.kernels.gemm_config_for` picks for the gathered ``[m*W, K] @ [K, N]``
+    on those CTAs (``capability=None``: sm_90) -- the same choice as a dense plan's, 128 x 128
+    where 128 x 256 would leave a poor last wave --, ``group_m`` shrunk while a chunk has
+    fewer tile rows.  ``num_sms=None``: a CPU config (small tiles)."""
     if num_sms is None:
         bm = 64
         while bm > 16 and problem.m < bm:
             bm //= 2
         return PlanConfig(block_m=bm, block_n=64, num_ctas=4, group_m=1)
-    bm, bn = block or (128, 256)
+    from .kernels import gemm_config_for
+
+    P = max(num_sms - reserved_sms, 1)
+    choice = gemm_config_for(problem.M, problem.N, problem.K, problem.dtype, P, capability)
+    bm, bn = choice.config.block_m, choice.config.block_n
     tiles_m = math.ceil(problem.m / bm)
-    group_m = 8
+    group_m = choice.group_m
     while group_m > 1 and group_m > tiles_m:
         group_m //= 2
-    return PlanConfig(block_m=bm, block_n=bn, num_ctas=max(num_sms - reserved_sms, 1),
-                      group_m=group_m)
+    return PlanConfig(block_m=bm, block_n=bn, num_ctas=P, group_m=group_m)

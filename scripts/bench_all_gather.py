@@ -1,51 +1,70 @@
-"""AllGather + GEMM on one GPU (world size 1): what waiting on chunk flags costs the GEMM.
+"""AllGather + GEMM on one GPU: what the gather GEMM costs against the dense signal GEMM and
+``torch.matmul``, what waiting on chunk flags costs, and which tile its plans should take.
 
-Rows (JSON list, ``--out``), keys ``bench, op="all_gather", M, N, K, dtype, world_size, engine,
-num_ctas, median_ms, gpu, torch, triton, date, commit`` (+ a metric):
+One GPU moves nothing, so this measures the mechanism.  ``--plan-world-size W`` builds the
+plan of ``W`` ranks (``m = M / W`` rows per chunk, rank 0's step table, ``W`` flags all set):
+the GEMM then runs the chunk-by-chunk tile order a ``W``-rank call runs, on the whole
+``[M, K]`` input.
 
-* ``bench=gemm, engine=nowait``: the gather GEMM with ``WAIT_FLAGS=False`` (the plain
-  persistent GEMM, same plan, same tile order) -- on sm_90 with whole tiles the
-  warp-specialized kernel (``kernel`` says which);
-* ``bench=gemm, engine=nowait-pipelined``: the same with the pipelined Triton kernel
-  (``GemmConfig.warp_specialized_kernel=False``), the kernel every plan ran before;
-* ``bench=gemm, engine=wait``: the same GEMM waiting on every chunk's flag (flags already
-  set, so only the polls cost), ``efficiency_vs_gemm = T_nowait / T_wait`` (target >= 0.97);
-* ``bench=gemm, engine=torch``: ``torch.matmul`` for scale, ``efficiency_vs_gemm =
-  T_nowait / T_torch``; the GEMM rows carry ``efficiency_vs_torch = T_torch / T`` (how each
-  kernel compares with cuBLAS on all SMs);
-* ``bench=op, engine=overlap``: ``fo.all_gather_gemm(engine="overlap", config=...)`` (arm
-  flags, copy own chunk + flag write on the watcher, the waiting GEMM),
-  ``efficiency_vs_gemm = T_nowait / T_op``.
+Rows (JSON list, ``--out``), keys ``bench, op="all_gather", M, N, K, dtype, world_size (1, the
+processes), plan_world_size, engine, variant, block_m, block_n, group_m, num_ctas, median_ms``,
+the provenance keys of ``bench_common.provenance`` and a metric:
 
-CUDA events, calls interleaved round-robin, ``--sets`` input sets rotated per call (the L2
-does not hold the operands), median of ``--iters`` after warm-up.
+* ``bench=gemm, engine=nowait``: the gather GEMM with ``WAIT_FLAGS=False`` (same plan, same
+  tile order) -- on sm_90 with whole tiles the warp-specialized kernel (``kernel`` says
+  which).  One row per ``variant``: ``product`` (the plan config the library takes,
+  :func:`flashoverlap.gather_plan.default_gather_config`) and each ``--compare`` tile
+  (``BMxBN:GROUP_M``; default ``128x256:8``, the config every gather plan took before the
+  kernel table's tile choice applied to them); ``efficiency_vs_product = T_product / T``;
+* ``bench=gemm, engine=nowait-pipelined``: the product config on the pipelined Triton kernel
+  (``GemmConfig.warp_specialized_kernel=False``);
+* ``bench=gemm, engine=wait``: the product config waiting on every chunk's flag (flags set,
+  so only the polls cost), ``efficiency_vs_gemm = T_nowait / T_wait`` (target >= 0.97);
+* ``bench=gemm, engine=signal``: the dense signal GEMM (``SignalGemmLauncher``) with the same
+  tile, band height and CTAs -- the kernel an AllReduce plan runs --, and on the nowait rows
+  ``efficiency_vs_signal = T_signal / T``;
+* ``bench=gemm, engine=torch``: ``torch.matmul`` on all SMs; every GEMM row carries
+  ``efficiency_vs_torch = T_torch / T``;
+* ``bench=op, engine=overlap`` (``--plan-world-size 1`` only: the op needs a group of ``W``):
+  ``fo.all_gather_gemm(engine="overlap", config=product)`` (arm the flags, copy the own chunk
+  and write its flag on the watcher, the waiting GEMM), ``efficiency_vs_gemm = T_nowait /
+  T_op``.
+
+Timing: CUDA events around each call, calls queued back to back (no host synchronization
+between them, so the launchers' host time hides behind the GPU's work, as in the engine) and
+interleaved round-robin over the engines, ``--sets`` input sets rotated per call (the L2 does
+not hold the operands), median of ``--iters`` rounds after ``--warmup``.  (Until 2026-12-03
+each call was followed by a host synchronization, which put every launch's host time into the
+measured interval; ``results/2026-12-03-h200/gather-ws-run24`` ran that way.)
 
     python scripts/bench_all_gather.py --out /tmp/all_gather.json
+    python scripts/bench_all_gather.py --plan-world-size 8 --shapes 2048:2048:8192 --out ag8.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 SHAPES = ((8192, 8192, 8192), (16384, 8192, 4096), (4096, 7168, 8192), (2048, 8192, 8192))
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
-    except Exception:  # noqa: BLE001
-        return "?"
+def _parse_compare(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        tile, _, gm = item.partition(":")
+        bm, _, bn = tile.partition("x")
+        out.append((int(bm), int(bn), int(gm or 8)))
+    return out
 
 
 def main() -> int:
@@ -56,21 +75,31 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reserve", type=int, default=16, help="SMs left to NCCL")
     p.add_argument("--sets", type=int, default=4, help="input sets rotated per call")
+    p.add_argument("--plan-world-size", type=int, default=1,
+                   help="build the plan of this many ranks (M must divide by it)")
+    p.add_argument("--compare", default="128x256:8",
+                   help="extra nowait variants BMxBN:GROUP_M,... ('' for none)")
     args = p.parse_args()
+    W = args.plan_world_size
+    if W < 1:
+        p.error("--plan-world-size must be >= 1")
+    compare = _parse_compare(args.compare)
 
     import torch
     import torch.distributed as dist
-    import triton
 
+    import bench_common
     import flashoverlap as fo
-    import dataclasses
-
-    from flashoverlap.gather_plan import GatherProblem, make_gather_plan
-    from flashoverlap.kernels import config_for_tile, default_block_shape, default_config
+    from flashoverlap.gather_plan import GatherProblem, default_gather_config, make_gather_plan
+    from flashoverlap.kernels import config_for_tile, default_config
     from flashoverlap.kernels.gather_gemm import GatherGemmLauncher, uses_warp_specialized
+    from flashoverlap.kernels import ws_signal_gemm
+    from flashoverlap.kernels.signal_gemm import SignalGemmLauncher
+    from flashoverlap.plan import Problem, make_plan
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
+    bench_common.load_torch()
     torch.cuda.set_device(0)
     device = torch.device("cuda", 0)
     init = Path(tempfile.mkdtemp()) / "store"
@@ -78,99 +107,146 @@ def main() -> int:
                             device_id=device)
     shapes = SHAPES if args.shapes is None else tuple(
         tuple(int(x) for x in s.split(":")) for s in args.shapes.split(","))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    bm, bn = default_block_shape(device)
-    common = dict(op="all_gather", dtype="bfloat16", world_size=1,
-                  gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
-                  triton=triton.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=_commit())
+    for M, _, _ in shapes:
+        if M % W:
+            p.error(f"M={M} does not divide by --plan-world-size {W}")
+    props = torch.cuda.get_device_properties(device)
+    sms, capability = props.multi_processor_count, torch.cuda.get_device_capability(device)
+    common = dict(op="all_gather", dtype="bfloat16", world_size=1, plan_world_size=W,
+                  p2p=None, **bench_common.provenance(device))
     rows = []
     for M, N, K in shapes:
-        cfg = fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=sms - args.reserve,
-                            group_m=max(1, min(8, -(-M // bm))))
-        plan = make_gather_plan(GatherProblem(M, N, K, "bfloat16", 1), cfg)
-        table = torch.from_numpy(plan.step_table(0).copy()).to(device)
-        flags = torch.ones(1, dtype=torch.int32, device=device)
-        kcfg = config_for_tile(default_config(device), bm, bn)
-        full = plan.full_tiles
-        launch = dict(block_m=bm, block_n=bn, num_ctas=cfg.num_ctas, full_tiles=full)
-        wait = GatherGemmLauncher(table, flags, config=kcfg, **launch)
-        nowait = GatherGemmLauncher(table, None, config=kcfg, **launch)
-        pipelined = GatherGemmLauncher(
-            table, None, config=dataclasses.replace(kcfg, warp_specialized_kernel=False),
-            **launch)
+        problem = GatherProblem(M // W, N, K, "bfloat16", W)
+        product = default_gather_config(problem, sms, capability, reserved_sms=args.reserve)
+        P = product.num_ctas
+        variants = {"product": product}
+        for bm, bn, gm in compare:
+            while gm > 1 and gm > -(-(M // W) // bm):  # as default_gather_config shrinks it
+                gm //= 2
+            cfg = fo.PlanConfig(block_m=bm, block_n=bn, num_ctas=P, group_m=gm)
+            if cfg != product:
+                variants[f"{bm}x{bn}:gm{gm}"] = cfg
+        flags = torch.ones(W, dtype=torch.int32, device=device)
         sets = [(torch.randn(M, K, device=device, dtype=torch.bfloat16),
                  (torch.randn(N, K, device=device, dtype=torch.bfloat16) / K**0.5).t())
                 for _ in range(max(1, args.sets))]
-        a, b = sets[0]
-        out = torch.empty(M, N, device=device, dtype=torch.bfloat16)
+        outs = [torch.empty(M, N, device=device, dtype=torch.bfloat16) for _ in sets]
         gathered = torch.empty(M, K, device=device, dtype=torch.bfloat16)
-        kernel = ("warp_specialized" if uses_warp_specialized(a, b, out, block_m=bm,
-                                                              block_n=bn, config=kcfg,
-                                                              full_tiles=full)
-                  else "pipelined")
+        a, b = sets[0]
+
+        def launcher(cfg, wait, pipelined=False):
+            plan = make_gather_plan(problem, cfg)
+            kcfg = config_for_tile(default_config(device), cfg.block_m, cfg.block_n)
+            if pipelined:
+                kcfg = dataclasses.replace(kcfg, warp_specialized_kernel=False)
+            table = torch.from_numpy(plan.step_table(0).copy()).to(device)
+            run = GatherGemmLauncher(table, flags if wait else None, config=kcfg,
+                                     block_m=cfg.block_m, block_n=cfg.block_n, num_ctas=P,
+                                     full_tiles=plan.full_tiles)
+            ws = (not pipelined) and uses_warp_specialized(
+                a, b, outs[0], block_m=cfg.block_m, block_n=cfg.block_n, config=kcfg,
+                full_tiles=plan.full_tiles)
+            return run, "warp_specialized" if ws else "pipelined"
+
+        def dense_signal(cfg):
+            plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"), cfg)
+            kcfg = config_for_tile(default_config(device), cfg.block_m, cfg.block_n)
+            table = torch.from_numpy(plan.step_table.copy()).to(device)
+            counters = torch.zeros(plan.num_groups, device=device, dtype=torch.int32)
+            run = SignalGemmLauncher(table, counters, block_m=cfg.block_m,
+                                     block_n=cfg.block_n, num_ctas=P, config=kcfg,
+                                     rows_per_block=plan.problem.rows_per_block,
+                                     full_tiles=plan.full_tiles)
+            ws = ws_signal_gemm.eligible(a, b, outs[0], kcfg, None, plan.full_tiles)
+            return run, "warp_specialized" if ws else "pipelined"
+
+        calls, kernels, configs = {}, {}, {}
+        for name, cfg in variants.items():
+            run, kernels[("nowait", name)] = launcher(cfg, wait=False)
+            calls[("nowait", name)] = run
+            configs[("nowait", name)] = cfg
+        run, kernels[("nowait-pipelined", "product")] = launcher(product, False, True)
+        calls[("nowait-pipelined", "product")] = run
+        run, kernels[("wait", "product")] = launcher(product, wait=True)
+        calls[("wait", "product")] = run
+        calls[("signal", "product")], kernels[("signal", "product")] = dense_signal(product)
+        calls[("torch", "-")] = lambda x, y, out: torch.matmul(x, y, out=out)
+        if W == 1:
+            calls[("overlap", "product")] = lambda x, y, out: fo.all_gather_gemm(
+                x, y, out=out, gathered=gathered, engine="overlap", config=product)
         turn = [0]
 
-        def operands():
+        def call(fn):
             turn[0] += 1
-            return sets[turn[0] % len(sets)]
+            i = turn[0] % len(sets)
+            fn(*sets[i], outs[i])
 
-        calls = {
-            "nowait": lambda x: nowait(*x, out),
-            "nowait-pipelined": lambda x: pipelined(*x, out),
-            "wait": lambda x: wait(*x, out),
-            "torch": lambda x: torch.matmul(*x, out=out),
-            "overlap": lambda x: fo.all_gather_gemm(*x, out=out, gathered=gathered,
-                                                    engine="overlap", config=cfg),
-        }
-        times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(args.warmup):
             for fn in calls.values():
-                fn(operands())
+                call(fn)
         torch.cuda.synchronize()
+        stamps: dict = {key: [] for key in calls}
         for _ in range(args.iters):
-            for name, fn in calls.items():
-                x = operands()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
+            for key, fn in calls.items():
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
                 start.record()
-                fn(x)
+                call(fn)
                 end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-        med = {k: statistics.median(v) for k, v in times.items()}
+                stamps[key].append((start, end))
+        torch.cuda.synchronize()
+        med = {key: statistics.median(s.elapsed_time(e) for s, e in v)
+               for key, v in stamps.items()}
         ref = torch.matmul(a, b).float()
         errs = {}
-        for name in ("nowait", "nowait-pipelined", "wait"):
-            out.fill_(float("nan"))
-            calls[name]((a, b))
-            errs[name] = float((out.float() - ref).norm() / ref.norm())
-        kernels = {"nowait": kernel, "wait": kernel, "nowait-pipelined": "pipelined"}
-        for name in calls:
-            row = dict(bench="op" if name == "overlap" else "gemm", M=M, N=N, K=K,
-                       engine=name, num_ctas=cfg.num_ctas, median_ms=round(med[name], 4),
-                       **common)
-            if name in kernels:
-                row["kernel"] = kernels[name]
-                row["rel_err_vs_torch"] = errs[name]
-            if name != "nowait":
-                row["efficiency_vs_gemm"] = round(med["nowait"] / med[name], 4)
-            if name != "overlap":
-                row["efficiency_vs_torch"] = round(med["torch"] / med[name], 4)
+        for key in calls:
+            if key[0] in ("torch", "overlap"):
+                continue
+            outs[0].fill_(float("nan"))
+            calls[key](a, b, outs[0])
+            errs[key] = float((outs[0].float() - ref).norm() / ref.norm())
+        t_torch, t_nowait = med[("torch", "-")], med[("nowait", "product")]
+        t_signal = med[("signal", "product")]
+        for key in calls:
+            engine, variant = key
+            cfg = configs.get(key, product)
+            row = dict(bench="op" if engine == "overlap" else "gemm", M=M, N=N, K=K,
+                       engine=engine, variant=variant, num_ctas=None if engine == "torch" else P,
+                       median_ms=round(med[key], 4), **common)
+            if engine != "torch":
+                row.update(block_m=cfg.block_m, block_n=cfg.block_n, group_m=cfg.group_m)
+            if key in kernels:
+                row["kernel"] = kernels[key]
+            if key in errs:
+                row["rel_err_vs_torch"] = errs[key]
+            if engine in ("wait", "overlap", "nowait-pipelined"):
+                row["efficiency_vs_gemm"] = round(t_nowait / med[key], 4)
+            if engine == "nowait":
+                row["efficiency_vs_signal"] = round(t_signal / med[key], 4)
+                row["efficiency_vs_product"] = round(t_nowait / med[key], 4)
+            if engine != "overlap":
+                row["efficiency_vs_torch"] = round(t_torch / med[key], 4)
             rows.append(row)
-        print(f"M={M} N={N} K={K} ({kernel}): nowait {med['nowait']:.3f} ms "
-              f"({med['torch'] / med['nowait']:.3f} of torch), pipelined "
-              f"{med['nowait-pipelined']:.3f} ms ({med['torch'] / med['nowait-pipelined']:.3f}), "
-              f"wait {med['wait']:.3f} ms (eff {med['nowait'] / med['wait']:.3f}), torch "
-              f"{med['torch']:.3f} ms, op {med['overlap']:.3f} ms "
-              f"(eff {med['nowait'] / med['overlap']:.3f}), err {max(errs.values()):.1e}",
-              flush=True)
+        tile = f"{product.block_m}x{product.block_n} gm{product.group_m}"
+        others = "".join(f", {v} {med[('nowait', v)]:.3f} ms "
+                         f"({t_nowait / med[('nowait', v)]:.3f} of product)"
+                         for v in variants if v != "product")
+        op = (f", op {med[('overlap', 'product')]:.3f} ms "
+              f"(eff {t_nowait / med[('overlap', 'product')]:.3f})" if W == 1 else "")
+        print(f"M={M} N={N} K={K} W={W} P={P} product {tile} "
+              f"({kernels[('nowait', 'product')]}): nowait {t_nowait:.3f} ms "
+              f"({t_torch / t_nowait:.3f} of torch, {t_signal / t_nowait:.3f} of the dense "
+              f"signal GEMM {t_signal:.3f} ms){others}; pipelined "
+              f"{med[('nowait-pipelined', 'product')]:.3f} ms; wait "
+              f"{med[('wait', 'product')]:.3f} ms (eff "
+              f"{t_nowait / med[('wait', 'product')]:.3f}); torch {t_torch:.3f} ms{op}; "
+              f"err {max(errs.values()):.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
     worst = min(r["efficiency_vs_gemm"] for r in rows if r["engine"] == "wait")
-    print(f"worst efficiency_vs_gemm (wait / nowait) = {worst:.3f} (target >= 0.97); "
-          f"rows in {args.out}")
+    print(f"{common['gpu']}, torch {common['torch']}, triton {common['triton']}, nccl "
+          f"{common['nccl']}, commit {common['commit']}; worst efficiency_vs_gemm (wait / "
+          f"nowait) = {worst:.3f} (target >= 0.97); rows in {args.out}")
     from flashoverlap.comm import destroy_communicators
     from flashoverlap.engine.gather import clear_gather_workspaces
 

@@ -160,6 +160,37 @@ def test_gather_plan_tile_order_and_tables():
                          fo.PlanConfig(block_m=8, block_n=8, num_ctas=1, group_bands=(1,)))
 
 
+def test_default_gather_config_takes_the_kernel_tables_tile():
+    """A GPU gather plan takes the tile and band height gemm_config_for picks for the gathered
+    GEMM on the CTAs left after NCCL's SMs (the dense planners' choice), band shrunk to a
+    chunk's tile rows; CPU configs keep small tiles."""
+    from flashoverlap.gather_plan import default_gather_config
+    from flashoverlap.kernels import gemm_config_for
+
+    seen = set()
+    for m, N, K, W, sms, reserve, cap in (
+            (256, 2048, 8192, 8, 132, 16, (9, 0)),    # 128 x 256 leaves a poor last wave
+            (1024, 8192, 8192, 8, 132, 16, (9, 0)),   # full waves: 128 x 256
+            (1024, 8192, 2048, 8, 132, 16, (9, 0)),   # band rule at short K, capped by m
+            (4096, 8192, 2048, 4, 132, 16, (9, 0)),   # band rule at short K
+            (40, 8192, 4096, 8, 132, 0, (9, 0)),      # one short tile row per chunk
+            (1024, 8192, 8192, 8, 108, 16, (8, 0)),   # sm_80 table
+            (512, 4096, 4096, 2, 132, 16, None)):     # None: planned as sm_90
+        problem = GatherProblem(m, N, K, "bfloat16", W)
+        cfg = default_gather_config(problem, sms, cap, reserved_sms=reserve)
+        choice = gemm_config_for(m * W, N, K, "bfloat16", sms - reserve, cap)
+        assert (cfg.block_m, cfg.block_n) == (choice.config.block_m, choice.config.block_n)
+        assert cfg.num_ctas == sms - reserve and cfg.group_bands is None
+        tiles_m = -(-m // cfg.block_m)
+        assert cfg.group_m <= max(1, min(choice.group_m, tiles_m)) and cfg.group_m >= 1
+        assert cfg.group_m == choice.group_m or cfg.group_m * 2 > tiles_m
+        make_gather_plan(problem, cfg)  # a valid plan
+        seen.add((cfg.block_n, cfg.group_m))
+    assert {bn for bn, _ in seen} == {128, 256} and 16 in {gm for _, gm in seen}
+    cpu = default_gather_config(GatherProblem(5, 8, 8, "float32", 2))
+    assert (cpu.block_m, cpu.block_n, cpu.num_ctas) == (16, 64, 4)
+
+
 def test_overlap_refused_with_one_device_connection(monkeypatch):
     """CUDA_DEVICE_MAX_CONNECTIONS=1 would queue the watcher's NCCL behind the spinning GEMM:
     the policy sends such calls to the sequential path."""
