@@ -270,6 +270,15 @@ def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfi
 # the per-part term with the tile area fits the 66 128 x 128 / 128 x 256 pairs of
 # tiles-run17 and results/2026-12-03-h200/final-run22 to 3.8 % rms in the time ratio, against
 # 5.1 % unscaled and 19 % with no split cost at all.
+# Where the model is wrong, measured: it counts a partial last wave as a whole one, so it
+# predicts that fewer programs than the SM budget, filling whole waves, save time (1.1 % for
+# 1,024-4,096 tiles on 128 programs instead of 132).  They do not: under the power cap a
+# partly idle last wave runs at a higher clock.  results/2026-12-03-h200/gather-pfit-run26
+# (bench_gemm, 3 repeats): time at P = 128 over P = 132 on the nine N = 8192 shapes median
+# 1.006 (B = w.t()) and 0.998 (row-major), 0.988-1.025; 114 over 116 median 1.001-1.002; on
+# the four N != 8192 shapes every P in {129, 128, 124, 120} slower than 132 (1.005-1.071).
+# So a plan's P is the SMs minus NCCL's reservation (the tuner searches reservations for
+# NCCL's sake), never cut further to fill whole waves.
 GEMM_FLOPS: dict[str, float] = {"bfloat16": 710e12, "float16": 676e12,
                                 "float32": 300e12}  # float32 via TF32
 GEMM_POWER_EXPONENT = 0.36
