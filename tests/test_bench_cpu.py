@@ -677,13 +677,28 @@ def test_summarize_gemm_reproduces_this_sessions_acceptance_runs():
     assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
             for P in (132, 116)} == {132: [0.999, 0.962], 116: [0.950, 0.894]}
     assert sgm.main([*map(str, files), *checks]) == 1
-    half = sgm.load_rows(sorted((run / "fp16-run16").glob("gemm-fp16-*.json")))
-    bf = sgm.load_rows(sorted((run / "fp16-run16").glob("gemm-bf16-*.json")))
-    assert len(half) == 52 and {r["dtype"] for r in half} == {"float16"}
-    for P in (132, 116):
-        med = [statistics.median(r["efficiency_vs_torch"] for r in rows if r["num_ctas"] == P)
-               for rows in (half, bf)]
-        assert abs(med[0] / med[1] - 1) <= 0.02, P
+    # z23 / z24 (final-run27, ffeaa0a): both miss the P = 132 and P = 116 medians and the
+    # P = 116 minimum (z24's by 0.0001)
+    final = ROOT / "results" / "2026-12-03-h200" / "final-run27"
+    for name, p132, p116 in (("z23", [0.993, 0.957], [0.940, 0.895]),
+                             ("z24", [0.994, 0.956], [0.935, 0.900])):
+        files = sorted((final / name).glob("gemm-bfloat16-*.json"))
+        rows = sgm.load_rows(files)
+        assert len(rows) == 52 and {r["commit"] for r in rows} == {"ffeaa0a"}
+        assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
+                for P in (132, 116)} == {132: p132, 116: p116}, name
+        assert sgm.main([*map(str, files), *checks]) == 1, name
+    for fp16_files, bf16_files in (
+            ((run / "fp16-run16").glob("gemm-fp16-*.json"),
+             (run / "fp16-run16").glob("gemm-bf16-*.json")),
+            ((final / "f16").glob("gemm-float16-*.json"),
+             (final / "z23").glob("gemm-bfloat16-*.json"))):
+        half, bf = sgm.load_rows(sorted(fp16_files)), sgm.load_rows(sorted(bf16_files))
+        assert len(half) == len(bf) == 52 and {r["dtype"] for r in half} == {"float16"}
+        for P in (132, 116):
+            med = [statistics.median(r["efficiency_vs_torch"] for r in rows
+                                     if r["num_ctas"] == P) for rows in (half, bf)]
+            assert abs(med[0] / med[1] - 1) <= 0.02, P
 
 
 def test_wave_tile_rule_agrees_with_the_committed_measurements():
