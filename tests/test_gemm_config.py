@@ -425,16 +425,18 @@ def test_wave_lengths_is_the_shared_wave_model():
 
 def test_wave_times_is_the_one_gemm_model():
     """kernels.wave_times: whole waves of one tile time at the per-SM rate (power-capped
-    clocks, the tile's rate), a split last wave its longest part plus the fix-up (its
-    per-part term scaled by the tile's area), the launch on the first wave; signal_gemm_time
+    clocks, the tile's rate), a split last wave its longest part slowed by SPLIT_SLOWDOWN plus
+    the fix-up (its per-part term scaled by the tile's area), the launch on the first wave;
+    signal_gemm_time
     sums it, the tuner's AnalyticModel calls it with its own fields."""
     from flashoverlap.kernels import (GEMM_FLOPS, GEMM_LAUNCH_S, SPLIT_FIXUP_S,
-                                      SPLIT_PER_PART_S, signal_gemm_time, wave_times)
+                                      SPLIT_PER_PART_S, SPLIT_SLOWDOWN, signal_gemm_time,
+                                      wave_times)
     from flashoverlap.plan import PlanConfig, Problem
     from flashoverlap.tuning.search import AnalyticModel
 
     def tile_s(bm, bn, K, P, rate=1.0, flops=GEMM_FLOPS["bfloat16"]):
-        return 2 * bm * bn * K / (flops / 132 * (132 / P) ** 0.36 * rate)
+        return 2 * bm * bn * K / (flops / 132 * (132 / P) ** 0.345 * rate)
 
     # 2048 x 4096 x 1024 on 116 CTAs: 256 tiles -> 3 waves (24 left, 16 K steps: no split);
     # 512 half-size tiles -> 5 waves at 0.92 of the rate
@@ -445,11 +447,12 @@ def test_wave_times_is_the_one_gemm_model():
     # ... x 3584: 128 x 256 splits its 24-tile last wave in 4 parts of 14 of 56 K steps
     t = tile_s(128, 256, 3584, 116)
     assert wave_times(256, 116, 3584, 128, 256)[-1] == pytest.approx(
-        t * 14 / 56 + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S)
+        t * 14 / 56 * (1 + SPLIT_SLOWDOWN) + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S)
     # 128 x 128 tiles: half the fp32 bytes per part -> half the per-part term
     t = tile_s(128, 128, 4096, 116, 0.92)
     assert wave_times(128, 116, 4096, 128, 128) == pytest.approx(
-        [t + GEMM_LAUNCH_S, t / 4 + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S / 2])
+        [t + GEMM_LAUNCH_S,
+         t / 4 * (1 + SPLIT_SLOWDOWN) + SPLIT_FIXUP_S + 4 * SPLIT_PER_PART_S / 2])
     base = config_for_capability((9, 0), torch.bfloat16)
     assert signal_gemm_time(2048, 4096, 3584, 116, base) == pytest.approx(
         sum(wave_times(256, 116, 3584, 128, 256)))

@@ -346,10 +346,10 @@ def test_tune_without_verification():
 
 
 def test_analytic_wave_times_follow_the_split_last_wave():
-    """A last wave the pipelined signal GEMM splits along K costs its longest part (+ the
-    fix-up); a last wave more than half full, or the split switched off, costs a whole tile.
-    Both kernels split alike, so whole-tile plans (the warp-specialized kernel on sm_90) and
-    plans with a short tile follow the same rule."""
+    """A last wave the pipelined signal GEMM splits along K costs its longest part (slowed by
+    ``split_slowdown``, + the fix-up); a last wave more than half full, or the split switched
+    off, costs a whole tile.  Both kernels split alike, so whole-tile plans (the
+    warp-specialized kernel on sm_90) and plans with a short tile follow the same rule."""
     from flashoverlap.tuning.search import AnalyticModel
 
     model = AnalyticModel()
@@ -360,8 +360,8 @@ def test_analytic_wave_times_follow_the_split_last_wave():
     assert len(waves) == 32
     assert waves[0] == pytest.approx(tile_s + model.launch_s)
     assert waves[1:-1] == pytest.approx([tile_s] * 30)
-    assert waves[-1] == pytest.approx(tile_s * 32 / 128 + model.split_fixup_s
-                                      + 4 * model.split_per_part_s)
+    assert waves[-1] == pytest.approx(tile_s * 32 / 128 * (1 + model.split_slowdown)
+                                      + model.split_fixup_s + 4 * model.split_per_part_s)
     # K = 200: 4 K steps of 64, one part per 4 -> no split (parts < 2)
     short = model.wave_times(Problem(16384, 8192, 200, "bfloat16", 1, "all_reduce"), cfg)
     assert short[-1] == pytest.approx(short[1])
@@ -382,8 +382,11 @@ def test_analytic_wave_times_split_whole_and_partial_tile_plans_alike():
     cfg = PlanConfig(block_m=128, block_n=256, num_ctas=132)
     tile_s = 2.0 * 128 * 256 * 8192 / (model.gemm_flops["bfloat16"] / model.ref_sms)
     whole = model.wave_times(Problem(16384, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
-    assert whole[-1] == pytest.approx(tile_s / 4 + model.split_fixup_s
+    assert whole[-1] == pytest.approx(tile_s / 4 * (1 + model.split_slowdown)
+                                      + model.split_fixup_s
                                       + 4 * model.split_per_part_s)  # 4 tiles, 4 parts
     ragged = model.wave_times(Problem(15990, 8192, 8192, "bfloat16", 1, "all_reduce"), cfg)
-    assert ragged[-1] < 0.5 * tile_s  # a short last tile row: 4000 tiles, 40 left, 3 parts
+    # a short last tile row: 4000 tiles, 40 left -> 3 parts of at most 43 of 128 K steps
+    assert ragged[-1] == pytest.approx(tile_s * 43 / 128 * (1 + model.split_slowdown)
+                                       + model.split_fixup_s + 3 * model.split_per_part_s)
 

@@ -57,6 +57,7 @@ from flashoverlap.kernels import (
     GEMM_REF_SMS,
     SPLIT_FIXUP_S,
     SPLIT_PER_PART_S,
+    SPLIT_SLOWDOWN,
     TILE_RATES,
     gemm_config_for,
     wave_times,
@@ -276,9 +277,9 @@ class AnalyticModel:
     time (partial waves too: wave quantization), the first wave adds ``launch_s``; a last
     wave the signal GEMM splits along K (:func:`~flashoverlap.kernels.tail_split` with
     ``block_k``; ``split_tail`` as in its default config) costs its longest part,
-    ``ceil(k_tiles / parts) / k_tiles`` of a tile, plus ``split_fixup_s + split_per_part_s *
-    parts * area`` (``area``: the tile against 128 x 256; both kernels, pipelined and
-    warp-specialized, split alike).
+    ``ceil(k_tiles / parts) / k_tiles`` of a tile, times ``1 + split_slowdown``, plus
+    ``split_fixup_s + split_per_part_s * parts * area`` (``area``: the tile against
+    128 x 256; both kernels, pipelined and warp-specialized, split alike).
     Collective: ``latency + bus_bytes / busbw``, where ``bus_bytes`` is what
     the collective says crosses the interconnect for the send bytes
     (:meth:`~flashoverlap.collectives.Collective.bus_bytes`: AllReduce ``2(W-1)/W``,
@@ -308,14 +309,15 @@ class AnalyticModel:
     # of the GPU whenever the call is GPU-bound, so it is not on the modelled critical path.
     group_overhead: float = 8e-6
     # The signal GEMM's K step and split last wave (GemmConfig.block_k / split_tail), and
-    # what the split adds to its wave beyond its longest part (kernels.SPLIT_FIXUP_S and
-    # SPLIT_PER_PART_S; a test refits them).  At K = 8192 (6144 x 3072, 2 parts,
-    # wssplit-run2) the split cost ~26 us: long parts also lose the L2 sharing of CTAs that
-    # walk K in step.
+    # what the split adds to its wave beyond its longest part (kernels.SPLIT_SLOWDOWN,
+    # SPLIT_FIXUP_S and SPLIT_PER_PART_S; a test refits the fixed line).  At K = 8192
+    # (6144 x 3072, 2 parts, wssplit-run2) the split cost ~26 us: long parts also lose the L2
+    # sharing of CTAs that walk K in step -- the slowdown.
     block_k: int = 64
     split_tail: bool = True
     split_fixup_s: float = SPLIT_FIXUP_S
     split_per_part_s: float = SPLIT_PER_PART_S
+    split_slowdown: float = SPLIT_SLOWDOWN
 
     # -- GEMM --------------------------------------------------------------------------
     def _flops(self, dtype: str) -> float:
@@ -332,7 +334,8 @@ class AnalyticModel:
                           ref_sms=self.ref_sms, power_exponent=self.power_exponent,
                           tile_rates=self.tile_rates, launch_s=self.launch_s,
                           split_fixup_s=self.split_fixup_s,
-                          split_per_part_s=self.split_per_part_s)
+                          split_per_part_s=self.split_per_part_s,
+                          split_slowdown=self.split_slowdown)
 
     def gemm_time(self, problem: Problem, num_sms: int) -> float:
         """The sequential baseline's GEMM (cuBLAS on every SM), no wave quantization."""
