@@ -64,7 +64,8 @@ def table(rows: list[dict], key: str = KEY) -> list[str]:
                 groups.append((f"{dtype} {layout} {name}",
                                lambda r, d=dtype, lay=layout, p=pred:
                                r["dtype"] == d and r.get("b_layout") == lay and p(r)))
-    groups.append(("all bfloat16 rows", lambda r: r["dtype"] == "bfloat16"))
+    for dtype in sorted({r["dtype"] for r in rows}):
+        groups.append((f"all {dtype} rows", lambda r, d=dtype: r["dtype"] == d))
     lines = [f"{'rows':<28}" + "".join(f" | P = {p:<4} median / min (n)" for p in ps)]
     for name, pred in groups:
         cells = []
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                    help="which efficiency to summarize")
     p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
     p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
-                   help="target for the all-bf16 rows of P (exit 1 if not met)")
+                   help="target for the all-bf16 rows of P (exit 1 if not met or absent)")
     args = p.parse_args(argv)
     key = args.key
     rows = [r for r in load_rows(args.paths, args.replace) if key in r]
@@ -108,8 +109,9 @@ def main(argv=None) -> int:
                   key)
         ok = s is not None and s[0] >= want_median and s[1] >= want_min
         failed |= not ok
-        print(f"target P={P}: median >= {want_median}, min >= {want_min}: "
-              f"{'met' if ok else 'NOT met'}" + (f" ({s[0]:.3f} / {s[1]:.3f})" if s else ""))
+        print(f"target P={P} (bfloat16 rows): median >= {want_median}, min >= {want_min}: "
+              + (("met" if ok else "NOT met") + f" ({s[0]:.3f} / {s[1]:.3f})" if s
+                 else "no bfloat16 rows at this P"))
     return 1 if failed else 0
 
 
