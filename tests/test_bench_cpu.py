@@ -70,7 +70,8 @@ HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py"
               "bench_sm_sharing.py": ("--probes", "--max-registers"),
               "summarize_gemm.py": ("--replace", "--check", "--key"),
               "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize"),
-              "fit_gemm_model.py": ("--dtype", "paths")}
+              "fit_gemm_model.py": ("--dtype", "paths"),
+              "bench_all_gather.py": ("--plan-world-size", "--compare", "--sets")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):
@@ -85,6 +86,15 @@ def test_help_of_every_script_on_cpu(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_session.sh"), "--help"], capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0 and "gpu-tests.log" in proc.stdout and "summary.txt" in proc.stdout
+
+
+def test_bench_all_gather_parses_its_tile_variants():
+    """``--compare BMxBN:GROUP_M,...`` (group_m 8 when left out); ``''`` compares nothing."""
+    import bench_all_gather as bag
+
+    assert bag._parse_compare("128x256:8, 128x128:16,256x128") == [
+        (128, 256, 8), (128, 128, 16), (256, 128, 8)]
+    assert bag._parse_compare("") == []
 
 
 def test_torchrun_bench_overlap_cpu(tmp_path):
