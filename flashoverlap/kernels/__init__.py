@@ -260,10 +260,10 @@ def config_for_tile(config: GemmConfig, block_m: int, block_n: int) -> GemmConfi
 # per-SM rate grows when fewer CTAs run: fitted by scripts/fit_gemm_model.py to the acceptance
 # runs (7 runs x 26 bf16 shapes x P in {132, 116}, results/2026-12-02-h200), the fixed times
 # below taken off each row -- 710 TFLOP/s and 0.345, 2.0 % rms error in time (0.36 before the
-# split slowdown below).  The exponent is
-# the power cap's: the board runs these GEMMs at 700 W, so idle SMs leave the others power for
-# clock (clock-run3: +4.7-6.3 % MHz at 116 of 132); a GPU below its power limit has 0.  fp16
-# (676 TFLOP/s) is ~4 % slower than bf16, as is torch.matmul's.
+# split slowdown below).  The exponent is the power cap's: the board runs these GEMMs at 700 W,
+# so idle SMs leave the others power for clock (clock-run3: +4.7-6.3 % MHz at 116 of 132); a
+# GPU below its power limit has 0.  fp16 (676 TFLOP/s) is ~4 % slower than bf16, as is
+# torch.matmul's.
 # GEMM_LAUNCH_S: the first wave's start.  A split last wave: its longest part runs
 # 1 + SPLIT_SLOWDOWN times as long as its K steps take in a whole wave (alone at the end, a
 # part no longer shares its A and B K steps through L2 with CTAs walking K in step), and
@@ -328,8 +328,9 @@ def wave_times(tiles: int, num_ctas: int, K: int, block_m: int, block_n: int, *,
     at ``flops / ref_sms`` per SM, times ``(ref_sms / P) ** power_exponent`` (power-capped
     clocks), times the tile's :data:`TILE_RATES`; waves as :func:`wave_lengths`; a split last
     wave takes ``1 + split_slowdown`` times its longest part and adds ``split_fixup_s +
-    split_per_part_s * parts * area``; the first wave ``launch_s``.  The one GEMM model of the package: :func:`wave_tile` sums it, the tuner's
-    ``AnalyticModel.wave_times`` calls it with its own fields."""
+    split_per_part_s * parts * area``; the first wave ``launch_s``.  The one GEMM model of the
+    package: :func:`wave_tile` sums it, the tuner's ``AnalyticModel.wave_times`` calls it with
+    its own fields."""
     rates = TILE_RATES if tile_rates is None else tile_rates
     per_sm = flops / ref_sms * (ref_sms / num_ctas) ** power_exponent \
         * rates.get((block_m, block_n), 1.0)
