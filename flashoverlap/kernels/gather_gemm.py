@@ -286,9 +286,8 @@ def _choose_launch(a, b, out, step_table, flags, block_m, block_n, num_ctas, wai
     """``(kernel, jit_launch, grid, args, meta)``: the warp-specialized kernel (its loader
     waits on the flags) where the plan is whole tiles and :func:`ws_signal_gemm.eligible`
     allows it, else this module's kernel.  Checks are :func:`_validate`'s, done before."""
-    if uses_warp_specialized(a, b, out, block_m=block_m, block_n=block_n, config=config,
-                             full_tiles=full_tiles):
-        cfg = _ws_config(a, block_m, block_n, config)
+    cfg = _ws_config(a, block_m, block_n, config)  # uses_warp_specialized's test, inlined
+    if ws_signal_gemm.eligible(a, b, out, cfg, None, full_tiles):
         tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, cfg, a.device,
                           None)
         return (ws_signal_gemm.kernel(), _ws_jit_launch,
