@@ -66,7 +66,6 @@ import triton.language as tl
 from flashoverlap.kernels import (
     LAUNCH_OPTIONS,
     GemmConfig,
-    config_for_tile,
     default_config,
     direct_launch,
     ws_signal_gemm,
@@ -76,6 +75,7 @@ from flashoverlap.kernels.signal_gemm import (
     _ensure_tma_allocator,
     _is_row_major,
     _operand_strides,
+    _resolve_config,
     _row_stride,
     _tail_args,
     _ws_jit_launch,
@@ -262,13 +262,14 @@ def _launch_args(a, b, out, step_table, flags, block_m, block_n, num_ctas, wait_
 
 
 def _ws_config(a, block_m, block_n, config):
-    """The configuration the warp-specialized kernel would run: ``config``, or the device
-    default with the plan's tile and that tile's measured stages (``config_for_tile``)."""
-    if config is None:
-        return config_for_tile(default_config(a.device, a.dtype), block_m, block_n)
-    if (config.block_m, config.block_n) != (block_m, block_n):
-        return dataclasses.replace(config, block_m=block_m, block_n=block_n)
-    return config
+    """The configuration the warp-specialized kernel would run: the signal GEMM's
+    (:func:`~flashoverlap.kernels.signal_gemm._resolve_config`: ``config``, or the device
+    default with the plan's tile and that tile's measured stages), except that a ``config``
+    of another tile takes the plan's tile here, as :func:`_launch_args` does, instead of
+    being refused."""
+    if config is not None:
+        config = dataclasses.replace(config, block_m=block_m, block_n=block_n)
+    return _resolve_config(a, block_m, block_n, config)
 
 
 def uses_warp_specialized(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
