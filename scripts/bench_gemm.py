@@ -86,12 +86,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-tma", action="store_true")
     p.add_argument("--split-tail", type=int, choices=[0, 1],
                    help="split a partial last wave along K (GemmConfig.split_tail)")
-    p.add_argument("--fill-tail", type=int, choices=[0, 1],
-                   help="fill a last wave more than half full with K parts of its tiles "
-                        "(GemmConfig.fill_tail, the warp-specialized kernel)")
-    p.add_argument("--fill-min-saved", type=int, metavar="K_STEPS",
-                   help="fill only where it saves at least this many K steps "
-                        "(GemmConfig.fill_min_saved_k_tiles)")
     p.add_argument("--max-registers", type=int,
                    help="cap on registers per thread (GemmConfig.max_registers)")
     p.add_argument("--torch-sm-target", action="store_true",
@@ -232,10 +226,6 @@ def _config_from_args(args, base):
         overrides["use_tma"] = False
     if args.split_tail is not None:
         overrides["split_tail"] = bool(args.split_tail)
-    if args.fill_tail is not None:
-        overrides["fill_tail"] = bool(args.fill_tail)
-    if args.fill_min_saved is not None:
-        overrides["fill_min_saved_k_tiles"] = args.fill_min_saved
     if args.max_registers is not None:
         overrides["max_registers"] = args.max_registers
     if args.pipelined:

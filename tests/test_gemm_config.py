@@ -573,86 +573,6 @@ def test_tail_split_rule():
     assert tail_split(5, 1, 64) == (5, 1)
 
 
-def _fill_program_steps(T, P, k_tiles, num_main, fill_k):
-    """K steps each program runs in a filled last wave, as the warp-specialized kernel walks
-    it (the loader's and MMA partition's loops), and which parts each tail tile got."""
-    r = T - num_main
-    steps, parts = [0] * P, {}
-    for pid in range(P):
-        if pid < r:
-            steps[pid] += fill_k
-            parts.setdefault(pid, []).append((0, fill_k))
-        else:
-            for t in range(pid - r, r, P - r):
-                steps[pid] += k_tiles - fill_k
-                parts.setdefault(t, []).append((fill_k, k_tiles))
-    return steps, parts
-
-
-def test_tail_fill_rule():
-    """Which last waves are filled and where the tiles are cut (kernels.tail_fill), checked
-    against the kernel's walk: every tail tile gets exactly its long part [0, fill_k) and its
-    short part [fill_k, k_tiles), on two programs, and the wave's longest program runs the
-    predicted K steps, which saves at least the threshold."""
-    import random
-
-    from flashoverlap.kernels import TAIL_MIN_K_TILES, tail_fill, tail_split
-
-    # 4096 x 8192 in 128 x 256 tiles on 132 programs: 100 of 132 in the last wave, 32 idle
-    # programs take 100 short parts (4 or 3 each): cut at 103 of 128 K steps (longest 103)
-    assert tail_fill(1024, 132, 128, 0) == (924, 103)
-    assert tail_fill(1024, 132, 128, 25) == (924, 103)
-    assert tail_fill(1024, 132, 128, 26) == (1024, 0)
-    # 8192 x 8192: 68 of 132, 64 idle, 2 short parts max: cut at 86 (longest 86)
-    assert tail_fill(2048, 132, 128, 32) == (1980, 86)
-    # at most half full: tail_split's case, never filled; whole waves neither
-    assert tail_fill(576, 132, 128, 0) == (576, 0) and tail_fill(264, 132, 128, 0) == (264, 0)
-    # short parts under TAIL_MIN_K_TILES steps: not filled (131 of 132: 131 short parts on 1)
-    assert tail_fill(131, 132, 128, 0) == (131, 0)
-    assert tail_fill(1024, 132, 15, 0) == (1024, 0)  # c = 4: parts of 3 steps
-    rng = random.Random(7)
-    for _ in range(3000):
-        P = rng.choice([132, 116, 114, 66, 11, 8, 3])
-        T = rng.randint(1, 40 * P)
-        k_tiles = rng.randint(1, 300)
-        saved = rng.choice([0, 8, 32])
-        num_main, fill_k = tail_fill(T, P, k_tiles, saved)
-        r = T % P if T >= P else T
-        if not fill_k:
-            assert num_main == T
-            continue
-        assert 2 * r > P and r < P and num_main == T - r
-        assert tail_split(T, P, k_tiles, 0)[1] == 1  # the two never apply to one wave
-        assert TAIL_MIN_K_TILES <= k_tiles - fill_k < fill_k < k_tiles
-        steps, parts = _fill_program_steps(T, P, k_tiles, num_main, fill_k)
-        assert sorted(parts) == list(range(r))
-        assert all(sorted(p) == [(0, fill_k), (fill_k, k_tiles)] for p in parts.values())
-        c = -(-r // (P - r))
-        assert max(steps) == max(fill_k, c * (k_tiles - fill_k)) <= k_tiles - saved
-
-
-def test_fill_runs_only_on_the_warp_specialized_kernel():
-    """signal_gemm._tail_args fills a last wave only for the warp-specialized kernel (the
-    pipelined kernel's schedule never sees it) and only with ``fill_tail``; the scratch
-    (tail_scratch_for) has two fp32 parts and a ticket block per tail tile."""
-    from flashoverlap.kernels import TICKETS_PER_TILE
-    from flashoverlap.kernels import signal_gemm as sg
-
-    T, P, K = 1024, 132, 8192
-    table = torch.zeros(T, 7, dtype=torch.int32)
-    on = GemmConfig(fill_tail=True, fill_min_saved_k_tiles=0)
-    assert sg._tail_args(table, P, K, 128, 256, GemmConfig(), "cpu", None, fill=True)[4] == 0
-    assert sg._tail_args(table, P, K, 128, 256, on, "cpu", None, fill=False) == (
-        T, 1, table, table, 0)
-    num_main, parts, slots, tickets, fill_k = sg._tail_args(table, P, K, 128, 256, on, "cpu",
-                                                            None, fill=True)
-    assert (num_main, parts, fill_k) == (924, 2, 103)
-    assert slots.numel() == 100 * 2 * 128 * 256 and slots.dtype == torch.float32
-    assert tickets.numel() == 100 * TICKETS_PER_TILE and not tickets.any()
-    assert sg.tail_scratch_for(T, P, K, 128, 256, GemmConfig(), "cpu") is None
-    assert sg.tail_scratch_for(T, P, K, 128, 256, on, "cpu")[0].numel() == slots.numel()
-
-
 def test_launch_schedule_follows_the_configs_saving_threshold():
     """The kernels' schedule (signal_gemm._tail_schedule, what both GEMM kernels launch with)
     takes GemmConfig.split_min_saved_k_tiles: 2048 x 4096 tiles of 128 x 256 on 116 CTAs leave
@@ -739,7 +659,7 @@ def test_every_gemm_launch_names_fp_fusion():
         "pipelined": sg._launch_args(a, b, out, table, 32, 32, 2, None, None, 0, None,
                                      config)[2],
         "warp-specialized": ws.launch_args(a, b, out, table, 32, 32, 2, None, config,
-                                           (4, 1, table, table, 0))[2],
+                                           (4, 1, table, table))[2],
         "grouped": gsg._launch_args(a, w, out, out, table, 32, 32, 2, None, config)[2],
         "warp-specialized grouped": wsg.launch_args(a, w, (False, 64 * 64, 64), out, out, table,
                                                     32, 32, 2, None, config)[2],

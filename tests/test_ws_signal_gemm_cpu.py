@@ -69,13 +69,13 @@ def test_not_eligible_without_an_sm90_gpu():
 
 
 def _compile_sm90(b_trans: bool, counters: bool, parts: int = 1, split: bool = False,
-                  wait_flags: bool = False, fill: bool = False) -> str:
+                  wait_flags: bool = False) -> str:
     pytest.importorskip("triton")
     if not ws.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
     const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, STAGES=3 if parts == 1 else 4,
                  B_TRANS=b_trans, HAS_COUNTERS=counters, PART_N=256 // parts,
-                 SPLIT_TAIL=split, WAIT_FLAGS=wait_flags, FILL_TAIL=fill)
+                 SPLIT_TAIL=split, WAIT_FLAGS=wait_flags)
     ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
             "counter_ptr": "*i32", "part_ptr": "*fp32", "ticket_ptr": "*i32",
             "flag_ptr": "*i32"}
@@ -152,41 +152,6 @@ def test_compiled_split_tail_orders_each_warps_part_and_signal(b_trans):
     assert any("bar.warp.sync" in ln for ln in lines[max(tile_stores):count])
     assert any(re.search(r"st\.relaxed\.gpu\.global\.u32", ln)
                for ln in lines[max(tile_stores):count])  # the warp's ticket re-armed
-    assert not re.search(r"\bbar\.sync\s+0;", ptx)
-
-
-@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_compiled_filled_tail_orders_each_warps_part_and_signal(b_trans):
-    """The filled last wave (kernels.tail_fill): the long part (straight-line) and the loop of
-    short parts each compile to the split tail's per-warp protocol -- the fp32 part stores
-    (vectorized), ``bar.warp.sync``, lane 0's ``atom.acq_rel`` ticket, ``bar.warp.sync``;
-    then the other part's ``.cg`` loads, the tile's stores, ``bar.warp.sync``, the ticket
-    re-armed, the finished-warp count (``atom.acq_rel``) and a ``red.release``.  The whole
-    tiles keep their own signal (one more release)."""
-    ptx = _compile_sm90(b_trans, counters=True, fill=True)
-    lines = _lines(ptx)
-
-    def where(pattern, lo=0, hi=None):
-        return [i for i, ln in enumerate(lines[lo:hi], lo) if re.search(pattern, ln)]
-
-    tickets = where(r"atom\.acq_rel\.gpu\.global\.add")
-    releases = where(r"red\.release\.gpu")
-    assert len(tickets) == 4 and len(releases) == 3  # two parts' ticket + count, whole tiles
-    # each site: [previous site's count, its count]
-    for lo, ticket, count in ((0, tickets[0], tickets[1]), (tickets[1], tickets[2], tickets[3])):
-        part_stores = where(r"^st\.global\.v2\.b32", lo, ticket)
-        loads = where(r"ld\.global\.cg", ticket, count)
-        tile_stores = where(r"^st\.global\.b32", ticket, count)
-        assert len(part_stores) == 64 and len(tile_stores) == 64, (len(part_stores),
-                                                                   len(tile_stores))
-        assert len(loads) == 64  # the other part only: 128 x 256 fp32 over 256 threads, v2
-        assert max(loads) < min(tile_stores)
-        assert any("bar.warp.sync" in ln for ln in lines[max(part_stores):ticket])
-        assert any("bar.warp.sync" in ln for ln in lines[ticket:min(loads)])
-        assert any("bar.warp.sync" in ln for ln in lines[max(tile_stores):count])
-        assert any(re.search(r"st\.relaxed\.gpu\.global\.u32", ln)
-                   for ln in lines[max(tile_stores):count])
-        assert any(count < i for i in releases)
     assert not re.search(r"\bbar\.sync\s+0;", ptx)
 
 

@@ -38,7 +38,6 @@ __all__ = [
     "GROUPED_GEMM_RULES",
     "signal_gemm",
     "signal_gemm_ref",
-    "tail_fill",
     "tail_split",
     "tail_programs",
     "TAIL_SPLIT_MAX",
@@ -132,14 +131,6 @@ class GemmConfig:
             ``num_stages`` (capped by shared memory) and ``epilogue_subtile`` (a half-width
             C buffer: room for a fourth stage, measured slower), not ``num_warps``,
             ``flatten``, ``acc_multibuffer`` or ``split_tail``.
-        fill_tail: in the warp-specialized kernel, fill a last wave *more* than half full
-            (:func:`tail_fill`): each of its tiles is cut at one K step into a long part,
-            run by the tile's own program, and a short one, run by a program the wave
-            leaves idle (several short parts each); the part that finishes second adds the
-            other's fp32 partial and stores and signals the tile.  The pipelined kernel and
-            the gather GEMM ignore it.
-        fill_min_saved_k_tiles: fill only where that takes at least this many K steps off
-            the last wave.
     """
 
     block_m: int = 128
@@ -156,8 +147,6 @@ class GemmConfig:
     split_min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES
     max_registers: int | None = None
     warp_specialized_kernel: bool = True
-    fill_tail: bool = False
-    fill_min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -168,10 +157,10 @@ class GemmConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"GemmConfig.{name} must be a power of two, got {value}")
-        for name in ("split_min_saved_k_tiles", "fill_min_saved_k_tiles"):
-            saved = getattr(self, name)
-            if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
-                raise ValueError(f"GemmConfig.{name} must be an int >= 0, got {saved!r}")
+        saved = self.split_min_saved_k_tiles
+        if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
+            raise ValueError(f"GemmConfig.split_min_saved_k_tiles must be an int >= 0, "
+                             f"got {saved!r}")
         regs = self.max_registers
         if regs is not None and (not isinstance(regs, int) or isinstance(regs, bool)
                                  or not 24 <= regs <= 255):
@@ -425,44 +414,6 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int,
     if parts < 2 or k_tiles - -(-k_tiles // parts) < min_saved_k_tiles:
         return T, 1
     return T - r, parts
-
-
-def tail_fill(num_steps: int, num_ctas: int, k_tiles: int,
-              min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES) -> tuple[int, int]:
-    """``(num_main, fill_k)``: the warp-specialized kernel's filled last wave
-    (``GemmConfig.fill_tail``), or ``(num_steps, 0)`` where it does not apply.
-
-    A last wave of ``r`` tiles with ``P / 2 < r < P`` (what :func:`tail_split` leaves whole:
-    4096 x 8192 in 128 x 256 tiles is 1,024 tiles, 7.76 waves on 132 programs) idles
-    ``z = P - r`` programs for a whole tile time.  Each of its tiles is cut at K step
-    ``fill_k``: the long part ``[0, fill_k)`` runs on the tile's own program (tile ``t`` of
-    the wave on program ``t``), the short part ``[fill_k, k_tiles)`` on program ``r + t % z``,
-    which runs ``c = ceil(r / z)`` (or ``c - 1``) short parts back to back.  The short part
-    is ``s = k_tiles - fill_k ~ k_tiles / (c + 1)`` K steps, so the wave's longest program
-    takes ``max(k_tiles - s, c * s)`` steps instead of ``k_tiles``.  Why one cut point for
-    every tile (not stream-K's equal ranges): programs that walk the same K steps at the
-    same time share the operands' K slices through L2 -- the long parts all start at K step
-    0 together, the short parts all at ``fill_k`` -- while a stream-K tail, whose ranges
-    start at different K offsets, lost that and measured a tile time *slower*
-    (:mod:`flashoverlap.kernels.signal_gemm`).  Not applied (``fill_k = 0``) when the wave is
-    at most half full (:func:`tail_split`'s case), a short part would be under
-    :data:`TAIL_MIN_K_TILES` steps, or the wave saves fewer than ``min_saved_k_tiles``.
-    """
-    T, P = num_steps, num_ctas
-    r = T % P if T >= P else T
-    if r == 0 or 2 * r <= P:
-        return T, 0
-    c = -(-r // (P - r))
-    best = None
-    for s in {k_tiles // (c + 1), -(-k_tiles // (c + 1))}:
-        if s < TAIL_MIN_K_TILES or s >= k_tiles:
-            continue
-        longest = max(k_tiles - s, c * s)
-        if best is None or longest < best[0]:
-            best = (longest, s)
-    if best is None or k_tiles - best[0] < min_saved_k_tiles:
-        return T, 0
-    return T - r, k_tiles - best[1]
 
 
 def tail_programs(num_steps: int, num_ctas: int, num_main: int, parts: int) -> int:

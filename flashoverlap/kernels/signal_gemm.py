@@ -139,7 +139,6 @@ from flashoverlap.kernels import (
     config_for_tile,
     default_config,
     direct_launch,
-    tail_fill,
     tail_programs,
     tail_split,
     ws_signal_gemm,
@@ -617,11 +616,8 @@ def tail_scratch_for(num_steps: int, num_ctas: int, K: int, block_m: int, block_
     memory budget.  Both kernels split alike and can share them."""
     k_tiles = triton.cdiv(K, config.block_k)
     num_main, parts = _tail_schedule(num_steps, num_ctas, k_tiles, config)
-    if parts == 1:  # a filled last wave (the warp-specialized kernel only): 2 parts a tile
-        num_main, fill_k = _fill_schedule(num_steps, num_ctas, k_tiles, config)
-        if not fill_k:
-            return None
-        parts = 2
+    if parts == 1:
+        return None
     tail = num_steps - num_main
     slots = tail * parts
     return (torch.empty(slots * block_m * block_n, dtype=torch.float32, device=device),
@@ -637,39 +633,21 @@ def _tail_schedule(num_steps: int, num_ctas: int, k_tiles: int,
     return num_steps, 1
 
 
-def _fill_schedule(num_steps: int, num_ctas: int, k_tiles: int,
-                   config: GemmConfig) -> tuple[int, int]:
-    """``(num_main, fill_k)``: the filled last wave (:func:`~flashoverlap.kernels.tail_fill`)
-    where ``config.fill_tail`` asks for it and it applies, else ``(num_steps, 0)``."""
-    if config.fill_tail:
-        return tail_fill(num_steps, num_ctas, k_tiles, config.fill_min_saved_k_tiles)
-    return num_steps, 0
-
-
-def _tail_args(step_table, num_ctas, K, block_m, block_n, config, device, tail_scratch,
-               fill=False):
-    """``(num_main, parts, part slots, tickets, fill_k)`` of a launch: the split last wave's
-    schedule and scratch (``tail_scratch`` where given and large enough, else allocated; the
-    step table stands in for both, never touched, without a split).  ``fill``: the launch
-    runs the warp-specialized kernel, which can also fill a last wave more than half full
-    (``fill_k > 0``, ``parts`` 2: :func:`_fill_schedule`); the two never apply to the same
-    wave, so one scratch serves both kernels."""
+def _tail_args(step_table, num_ctas, K, block_m, block_n, config, device, tail_scratch):
+    """``(num_main, parts, part slots, tickets)`` of a launch: the split last wave's schedule
+    and scratch (``tail_scratch`` where given and large enough, else allocated; the step
+    table stands in for both, never touched, without a split)."""
     T = step_table.shape[0]
-    k_tiles = triton.cdiv(K, config.block_k)
-    num_main, parts = _tail_schedule(T, num_ctas, k_tiles, config)
-    fill_k = 0
-    if parts == 1 and fill:
-        num_main, fill_k = _fill_schedule(T, num_ctas, k_tiles, config)
-        parts = 2 if fill_k else 1
+    num_main, parts = _tail_schedule(T, num_ctas, triton.cdiv(K, config.block_k), config)
     if parts == 1:
-        return num_main, parts, step_table, step_table, 0
+        return num_main, parts, step_table, step_table
     # fp32 parts of the split tiles and their tickets: zero, and left zero by every launch
     # (the last piece of a tile re-arms its tickets; slots are overwritten).
     tail = T - num_main
     if (tail_scratch is None or tail_scratch[0].numel() < tail * parts * block_m * block_n
             or tail_scratch[1].numel() < tail * TICKETS_PER_TILE):
         tail_scratch = tail_scratch_for(T, num_ctas, K, block_m, block_n, config, device)
-    return num_main, parts, tail_scratch[0], tail_scratch[1], fill_k
+    return num_main, parts, tail_scratch[0], tail_scratch[1]
 
 
 def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, residual,
@@ -685,8 +663,8 @@ def _launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, re
     stride_rm = _row_stride(residual) if residual is not None else N
     use_tma = uses_tma(a, b, config)
     T = step_table.shape[0]
-    num_main, parts, part_arg, ticket_arg, _ = _tail_args(
-        step_table, num_ctas, K, block_m, block_n, config, a.device, tail_scratch)
+    num_main, parts, part_arg, ticket_arg = _tail_args(step_table, num_ctas, K, block_m,
+                                                       block_n, config, a.device, tail_scratch)
     programs = tail_programs(T, num_ctas, num_main, parts)
     counter_arg = counters if counters is not None else step_table  # never touched
     res_arg = residual if residual is not None else out  # never touched
@@ -735,7 +713,7 @@ def _choose_launch(a, b, out, step_table, block_m, block_n, num_ctas, counters, 
     config = _resolve_config(a, block_m, block_n, config)
     if ws_signal_gemm.eligible(a, b, out, config, residual, full_tiles):
         tail = _tail_args(step_table, num_ctas, a.shape[1], block_m, block_n, config,
-                          a.device, tail_scratch, fill=True)
+                          a.device, tail_scratch)
         return (ws_signal_gemm.kernel(), _ws_jit_launch,
                 *ws_signal_gemm.launch_args(a, b, out, step_table, block_m, block_n, num_ctas,
                                             counters, config, tail))
@@ -938,7 +916,7 @@ class SignalGemmLauncher:
                 self.tail_scratch = (args[17], args[18])
             use_tma, res_slot = bool(meta["USE_TMA"]), _RES
         else:  # the warp-specialized kernel: TMA descriptors, no residual
-            if meta["SPLIT_TAIL"] or meta["FILL_TAIL"]:
+            if meta["SPLIT_TAIL"]:
                 self.tail_scratch = (args[ws_signal_gemm.PARTS_ARG],
                                      args[ws_signal_gemm.PARTS_ARG + 1])
             use_tma, res_slot = True, None

@@ -14,7 +14,7 @@ What it shares with :mod:`flashoverlap.kernels.ws_signal_gemm`, and what differs
 The partitions are that kernel's: a 1-warp **loader** (TMA loads into ``STAGES`` stages), the
 8-warp **MMA** partition (two warpgroups of ``64 x BLOCK_N``, the accumulator handed to the
 storer through one shared-memory C buffer; its code is ``ws_signal_gemm._mma``, without the
-split or filled last wave) and a 1-warp **storer**.  Differences:
+split last wave) and a 1-warp **storer**.  Differences:
 
 * **Per-tile expert.**  ``w`` is read through one 2-D descriptor over all experts --
   ``[E * N, K]`` for the transposed view of ``[E, N, K]`` (a tile's columns past ``N`` read the
@@ -208,8 +208,8 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr,
                     counter_ptr, send_ptr, stride_cm, send_ptr, step_ptr, num_steps, num_progs,
-                    k_tiles, num_steps, 1, 0, BLOCK_M, BLOCK_N, STAGES, B_TRANS, 1,
-                    HAS_COUNTERS, False, False)),
+                    k_tiles, num_steps, 1, BLOCK_M, BLOCK_N, STAGES, B_TRANS, 1, HAS_COUNTERS,
+                    False)),
             (_grouped_loader, (a_desc, b_desc, step_ptr, a_bufs, b_bufs, ready, empty, N, K,
                                num_steps, num_progs, k_tiles, BLOCK_K, STAGES, B_TRANS)),
             (_grouped_storer, (send_desc, out_desc, send_ptr, step_ptr, counter_ptr, c_buf,

@@ -246,9 +246,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _loader(a_desc, b_desc, step_ptr, flag_ptr, a_bufs, b_bufs, ready, empty, num_steps,
-                num_progs, k_tiles, num_main, tail_parts, fill_k, BLOCK_K: gl.constexpr,
+                num_progs, k_tiles, num_main, tail_parts, BLOCK_K: gl.constexpr,
                 STAGES: gl.constexpr, B_TRANS: gl.constexpr, SPLIT_TAIL: gl.constexpr,
-                WAIT_FLAGS: gl.constexpr, FILL_TAIL: gl.constexpr):
+                WAIT_FLAGS: gl.constexpr):
         pid = gl.program_id(0)
         it = 0
         seen = pid * 0 - 1  # WAIT_FLAGS: the highest chunk slot this program has seen arrive
@@ -276,20 +276,6 @@ if HAVE_GLUON:
                 it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
                                  col_start, 0, q * k_tiles // tail_parts,
                                  (q + 1) * k_tiles // tail_parts, it, BLOCK_K, STAGES, B_TRANS)
-        if FILL_TAIL:  # (never with WAIT_FLAGS: the gather GEMM does not fill)
-            r = num_steps - num_main
-            if pid < r:  # the long part [0, fill_k) of tail tile pid
-                row_start = gl.load(step_ptr + (num_main + pid) * 7 + 0)
-                col_start = gl.load(step_ptr + (num_main + pid) * 7 + 2)
-                it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
-                                 col_start, 0, 0, fill_k, it, BLOCK_K, STAGES, B_TRANS)
-            else:  # short parts [fill_k, k_tiles) of tail tiles pid - r, pid - r + z, ...
-                for t in range(pid - r, r, num_progs - r):
-                    row_start = gl.load(step_ptr + (num_main + t) * 7 + 0)
-                    col_start = gl.load(step_ptr + (num_main + t) * 7 + 2)
-                    it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
-                                     col_start, 0, fill_k, k_tiles, it, BLOCK_K, STAGES,
-                                     B_TRANS)
 
     @gluon.jit
     def _release_group(counter):
@@ -392,51 +378,11 @@ if HAVE_GLUON:
                 "=r,l", [tickets], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _opaque_zero(x):
-        """0, computed by an asm block the compiler cannot see through, from a loop-varying
-        ``x``: a tile's row offsets built on it stay inside the loop (hoisted, its 128
-        per-thread offsets beside the accumulator would spill); the column offsets keep
-        their known contiguity, so the stores stay vectorized."""
-        return gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [x], dtype=gl.int32,
-                                         is_pure=False, pack=1)
-
-    @gluon.jit
-    def _fill_part(acc, t, q, part_ptr, ticket_ptr, step_ptr, counter_ptr, c_ptr, stride_cm,
-                   num_main, acc_layout: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, HAS_COUNTERS: gl.constexpr):
-        """Filled last wave: part ``q`` (0 long, 1 short) of tail tile ``t`` is in ``acc``.
-        Each warp stores its rows of the fp32 partial in slot ``2 t + q`` and takes its
-        ticket (as the split tail); the warp that draws the second adds the *other* slot's
-        rows to its own registers -- two terms, so the sum is the same bits whichever part
-        came second --, stores them and finishes the tile (:func:`_warp_finish`)."""
-        TILE: gl.constexpr = BLOCK_M * BLOCK_N
-        zero = _opaque_zero(t)
-        offs_i = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout)) + zero
-        offs_j = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-        offs_tile = offs_i[:, None] * BLOCK_N + offs_j[None, :]
-        slots = part_ptr + (t * 2).to(gl.int64) * TILE + offs_tile
-        gl.store(slots + q * TILE, acc)
-        tickets = ticket_ptr + t * _TICKETS
-        if _warp_ticket(tickets) == 1:
-            total = acc + gl.load(slots + (1 - q) * TILE, cache_modifier=".cg")
-            row = step_ptr + (num_main + t) * 7
-            col_start = gl.multiple_of(gl.load(row + 2), BLOCK_N)
-            dest_row = gl.load(row + 4)
-            stride_c = stride_cm // 8 * 8  # TMA-aligned rows (eligible)
-            gl.store(c_ptr + dest_row.to(gl.int64) * stride_c + col_start
-                     + (offs_i[:, None] * stride_c + offs_j[None, :]),
-                     total.to(c_ptr.dtype.element_ty))
-            if HAS_COUNTERS:
-                _warp_finish(tickets, counter_ptr + gl.load(row + 5), HAS_COUNTERS)
-            else:
-                _warp_finish(tickets, counter_ptr, HAS_COUNTERS)
-
-    @gluon.jit
     def _mma(a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr, counter_ptr,
              c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs, k_tiles, num_main,
-             tail_parts, fill_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, B_TRANS: gl.constexpr, C_PARTS: gl.constexpr,
-             HAS_COUNTERS: gl.constexpr, SPLIT_TAIL: gl.constexpr, FILL_TAIL: gl.constexpr):
+             tail_parts, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+             B_TRANS: gl.constexpr, C_PARTS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
+             SPLIT_TAIL: gl.constexpr):
         pid = gl.program_id(0)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[_MMA_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -501,37 +447,20 @@ if HAVE_GLUON:
                         _warp_finish(tickets, counter_ptr + gl.load(row + 5), HAS_COUNTERS)
                     else:
                         _warp_finish(tickets, counter_ptr, HAS_COUNTERS)
-        if FILL_TAIL:  # the loader's order: the long part, or the short parts one by one
-            r = num_steps - num_main
-            if pid < r:
-                acc, it = _mma_range(a_bufs, b_bufs, ready, empty, 0, fill_k, it, acc_layout,
-                                     BLOCK_M, BLOCK_N, STAGES, B_TRANS)
-                _fill_part(acc, pid, 0, part_ptr, ticket_ptr, step_ptr, counter_ptr, c_ptr,
-                           stride_cm, num_main, acc_layout, BLOCK_M, BLOCK_N, HAS_COUNTERS)
-            else:
-                for t in range(pid - r, r, num_progs - r):
-                    acc, it = _mma_range(a_bufs, b_bufs, ready, empty, fill_k, k_tiles, it,
-                                         acc_layout, BLOCK_M, BLOCK_N, STAGES, B_TRANS)
-                    _fill_part(acc, t, 1, part_ptr, ticket_ptr, step_ptr, counter_ptr, c_ptr,
-                               stride_cm, num_main, acc_layout, BLOCK_M, BLOCK_N,
-                               HAS_COUNTERS)
 
     @gluon.jit(do_not_specialize=["M", "N", "K", "stride_am", "stride_b", "stride_cm",
-                                  "num_steps", "num_progs", "num_main", "tail_parts",
-                                  "fill_k"])
+                                  "num_steps", "num_progs", "num_main", "tail_parts"])
     def _ws_signal_gemm_kernel(
         a_ptr, b_ptr, c_ptr, step_ptr, counter_ptr,
         part_ptr, ticket_ptr,  # split tail: fp32 [pieces, BM * BN] parts, int32 tickets
         flag_ptr,  # WAIT_FLAGS: int32 chunk flags, indexed by the step table's column 5
         M, N, K, stride_am, stride_b, stride_cm, num_steps, num_progs,
         num_main, tail_parts,  # steps run whole; K parts of each later step (SPLIT_TAIL)
-        fill_k,  # FILL_TAIL: the K step where a tail tile's short part starts (tail_fill)
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         STAGES: gl.constexpr, B_TRANS: gl.constexpr, HAS_COUNTERS: gl.constexpr,
         PART_N: gl.constexpr,  # C buffer width: BLOCK_N, or BLOCK_N / 2 (two stores a tile)
         SPLIT_TAIL: gl.constexpr,  # steps [num_main, num_steps) split along K (tail_split)
         WAIT_FLAGS: gl.constexpr,  # the gather GEMM: a tile's loads wait for its chunk's flag
-        FILL_TAIL: gl.constexpr,  # steps [num_main, num_steps) in a long and a short part
     ):
         dtype: gl.constexpr = c_ptr.dtype.element_ty
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], dtype)
@@ -558,11 +487,11 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_mma, (a_bufs, b_bufs, ready, empty, c_buf, c_ready, c_empty, step_ptr,
                     counter_ptr, c_ptr, stride_cm, part_ptr, ticket_ptr, num_steps, num_progs,
-                    k_tiles, num_main, tail_parts, fill_k, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
-                    BLOCK_N // PART_N, HAS_COUNTERS, SPLIT_TAIL, FILL_TAIL)),
+                    k_tiles, num_main, tail_parts, BLOCK_M, BLOCK_N, STAGES, B_TRANS,
+                    BLOCK_N // PART_N, HAS_COUNTERS, SPLIT_TAIL)),
             (_loader, (a_desc, b_desc, step_ptr, flag_ptr, a_bufs, b_bufs, ready, empty,
-                       num_steps, num_progs, k_tiles, num_main, tail_parts, fill_k, BLOCK_K,
-                       STAGES, B_TRANS, SPLIT_TAIL, WAIT_FLAGS, FILL_TAIL)),
+                       num_steps, num_progs, k_tiles, num_main, tail_parts, BLOCK_K, STAGES,
+                       B_TRANS, SPLIT_TAIL, WAIT_FLAGS)),
             (_storer, (c_desc, step_ptr, counter_ptr, c_buf, c_ready, c_empty, num_progs,
                        num_main, BLOCK_N // PART_N, HAS_COUNTERS)),
         ], [1, 1], [48, 48])  # one warpgroup holds both workers: the larger budget wins
@@ -618,29 +547,25 @@ PARTS_ARG = 5
 def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, config, tail,
                 flags=None):
     """``(grid, args, meta)`` of one launch (after :func:`eligible`); ``tail``: ``(num_main,
-    parts, part slots, tickets, fill_k)`` of the split or filled last wave
-    (``signal_gemm._tail_args``); ``flags``: the gather GEMM's chunk flags (each tile's loads
-    wait for ``flags[slot] >= 1``), or None (a filled wave needs None)."""
+    parts, part slots, tickets)`` of the split last wave (``signal_gemm._tail_args``);
+    ``flags``: the gather GEMM's chunk flags (each tile's loads wait for ``flags[slot] >=
+    1``), or None."""
     M, K = a.shape
     N = b.shape[1]
     b_trans = b.stride(0) == 1 and b.stride(1) != 1
     stride_b = b.stride(1) if b_trans else b.stride(0)
     T = step_table.shape[0]
-    num_main, parts, part_arg, ticket_arg, fill_k = tail
-    if fill_k and flags is not None:
-        raise ValueError("a filled last wave does not wait on gather flags")
-    # A filled wave runs on every program: the ones it leaves idle take the short parts.
-    programs = num_ctas if fill_k else tail_programs(T, num_ctas, num_main, parts)
+    num_main, parts, part_arg, ticket_arg = tail
+    programs = tail_programs(T, num_ctas, num_main, parts)
     counter_arg = counters if counters is not None else step_table  # never touched
     flag_arg = flags if flags is not None else step_table  # never touched
     args = (a, b, out, step_table, counter_arg, part_arg, ticket_arg, flag_arg, M, N, K,
-            a.stride(0), stride_b, out.stride(0), T, programs, num_main, parts, fill_k)
+            a.stride(0), stride_b, out.stride(0), T, programs, num_main, parts)
     meta = {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": config.block_k,
         "STAGES": stages_for(config, a.element_size()), "B_TRANS": b_trans,
         "HAS_COUNTERS": counters is not None, "PART_N": block_n // c_parts(config),
-        "SPLIT_TAIL": parts > 1 and not fill_k, "WAIT_FLAGS": flags is not None,
-        "FILL_TAIL": fill_k > 0, "num_warps": NUM_MMA_WARPS,
+        "SPLIT_TAIL": parts > 1, "WAIT_FLAGS": flags is not None, "num_warps": NUM_MMA_WARPS,
         **LAUNCH_OPTIONS,
     }
     return (programs, 1, 1), args, meta

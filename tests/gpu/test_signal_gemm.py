@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from flashoverlap.kernels import (config_for_tile, default_block_shape,  # noqa: E402
-                                  default_config, tail_fill, tail_split)
+                                  default_config, tail_split)
 from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.plan import PlanConfig, Problem, make_plan, num_bands_for  # noqa: E402
 
@@ -41,17 +41,15 @@ STRESS_ENV = "FLASHOVERLAP_STRESS_GROUPS"
 
 
 def _split_config(dtype=torch.bfloat16, **changes):
-    """The default configuration with the split (and, where asked, filled) last wave wherever
-    the wave allows it (``split_min_saved_k_tiles=0``, ``fill_min_saved_k_tiles=0``): the
-    product splits only long K, and these tests reach those paths with short K too."""
-    return dataclasses.replace(default_config(DEV, dtype), split_min_saved_k_tiles=0,
-                               fill_min_saved_k_tiles=0, **changes)
+    """The default configuration with the split last wave wherever the wave allows it
+    (``split_min_saved_k_tiles=0``): the product splits only long K, and these tests reach
+    the split path with short K too."""
+    return dataclasses.replace(default_config(DEV, dtype), split_min_saved_k_tiles=0, **changes)
 
 
-# The stress test's kernels: every split the wave allows, as before the saving threshold, and
-# the filled last wave (GemmConfig.fill_tail) where it applies;
+# The stress test's kernels: every split the wave allows, as before the saving threshold;
 # half of its whole-tile calls take 128 x 128 tiles (kernels.wave_tile's tile, 5 stages)
-STRESS_CONFIG = _split_config(fill_tail=True)
+STRESS_CONFIG = _split_config()
 STRESS_CONFIG_128 = config_for_tile(STRESS_CONFIG, 128, 128)
 
 
@@ -466,37 +464,6 @@ def test_ws_kernel_128x128_tiles_match_matmul(M, N, K, P, b_trans):
 
 
 @needs_ws
-@pytest.mark.parametrize("M,N,K,P,block_n", [
-    (4096, 8192, 2048, SMS, 256),  # 1,024 tiles: 100 in the last wave, 4 short parts max
-    (4096, 8192, 2056, SMS - 16, 256),  # 96 of 116, 5 short parts; a partial last K step
-    (1280, 2048, 1024, SMS, 256),  # one partial wave: 80 tiles on 132 programs
-    (1024, 1024, 4096, 11, 128),  # 128 x 128: 9 of 11, two programs take 5 and 4 parts
-], ids=["p132", "p116-partial-k", "single-wave", "128x128-p11"])
-@pytest.mark.parametrize("b_trans", [False, True], ids=["b_kn", "b_nk_T"])
-def test_filled_last_wave_matches_matmul_and_is_deterministic(M, N, K, P, block_n, b_trans):
-    """The filled last wave (``GemmConfig.fill_tail``, kernels.tail_fill: each tile of a
-    last wave more than half full in a long and a short K part, the short ones on the
-    programs the wave leaves idle): every element written, counters at 3x their targets,
-    bitwise the same over launches (two terms: the same sum whichever part is second), the
-    tickets left zero, within 1e-2 of fp32 matmul and of the same kernel without it."""
-    plan = _plan(M, N, K, num_ctas=P, group_m=8, block=(128, block_n))
-    assert plan.full_tiles
-    config = _split_config(fill_tail=True)
-    if block_n == 128:
-        config = config_for_tile(config, 128, 128)
-    T, k_tiles = plan.step_table.shape[0], -(-K // 64)
-    num_main, fill_k = tail_fill(T, P, k_tiles, 0)
-    assert fill_k > 0 and tail_split(T, P, k_tiles, 0)[1] == 1
-    fn, _, grid, _, meta = sg._choose_launch(*_operands(M, N, K, torch.bfloat16, b_trans),
-                                             _nan((M, N)), _table(plan), 128, block_n, P,
-                                             None, None, 0, None, config, True)
-    assert fn is ws.kernel() and meta["FILL_TAIL"] and not meta["SPLIT_TAIL"]
-    assert grid[0] == P
-    _three_launches_against_plain(plan, b_trans, config,
-                                  dataclasses.replace(config, fill_tail=False), True)
-
-
-@needs_ws
 def test_plan_tile_without_config_runs_its_measured_stages():
     """What the engine launches for a 128 x 128 plan (``config=None``: the device default with
     the plan's tile, kernels.config_for_tile): the warp-specialized kernel with 5 stages,
@@ -740,7 +707,6 @@ def test_signal_ordering_stress():
     spun = torch.zeros(max_calls, device=DEV, dtype=torch.int64)
     cases = []
     groups_checked = calls = split_calls = ws_calls = ws_split_calls = ws_128_calls = 0
-    ws_fill_calls = 0
     loaded: set = set()  # kernel variants launched once already (_load_variant_first)
     block_k = STRESS_CONFIG.block_k
     start = time.perf_counter()
@@ -779,7 +745,6 @@ def test_signal_ordering_stress():
         ws_128_calls += on_ws and bn == 128
         split_calls += split
         ws_split_calls += on_ws and split
-        ws_fill_calls += on_ws and not split and tail_fill(table.shape[0], P, k_tiles, 0)[1] > 0
         snap = torch.ones_like(dest)
         counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
         spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
@@ -822,11 +787,10 @@ def test_signal_ordering_stress():
     print(f"\nstress: {calls} calls, {groups_checked} group checks, 0 torn reads, "
           f"{waited} groups waited for their count, {split_calls} calls with a split last "
           f"wave, {ws_calls} on the warp-specialized kernel ({ws_split_calls} of them split, "
-          f"{ws_fill_calls} filled, {ws_128_calls} with 128 x 128 tiles) ({elapsed:.1f} s)")
+          f"{ws_128_calls} with 128 x 128 tiles) ({elapsed:.1f} s)")
     assert groups_checked >= target_groups
     assert waited >= calls // 10, "the consumer almost never waited: test too weak"
     assert split_calls >= calls // 10, "too few split last waves: test too weak"
     assert ws_split_calls >= ws_calls // 10, "too few split warp-specialized calls"
-    assert ws_fill_calls >= ws_calls // 25, "too few filled last waves"
     if ws_calls:
         assert ws_128_calls >= ws_calls // 3, "too few 128 x 128 warp-specialized calls"
