@@ -403,7 +403,8 @@ def tail_split(num_steps: int, num_ctas: int, k_tiles: int,
     other parts back (fp32, ``BLOCK_M x BLOCK_N`` each) and sums them in part order, so the
     result does not depend on timing; that read is what one program pays for the split.
     Last waves more than half full stay whole: a stream-K tail for them (the last two waves'
-    K steps cut into ``P`` equal ranges) was built and measured slower on one H200 (module
+    K steps cut into ``P`` equal ranges) and a filled last wave (each tile cut at one K step,
+    the short parts on the idle programs) were built and measured slower on one H200 (module
     docstring of :mod:`flashoverlap.kernels.signal_gemm`).
     """
     T, P = num_steps, num_ctas
