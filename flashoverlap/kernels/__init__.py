@@ -1,4 +1,5 @@
-"""Triton kernels of flashoverlap: the signal GEMM (plan-ordered persistent matmul with per-tile signals).
+"""Triton kernels of flashoverlap: the signal GEMM (a plan-ordered persistent matmul that
+signals each finished tile).
 
 This package's ``__init__`` needs only torch: it holds the kernel configuration
 (:class:`GemmConfig`, :func:`default_config`, :func:`default_block_shape`, which planners
