@@ -8,7 +8,10 @@ place of same-shape rows (same M, N, K, dtype, layout, P) -- how an A/B run's ro
 for the main run's (e.g. ``ws-run5``'s ``ab-gm8-*``).  ``--check P=MEDIAN/MIN`` exits 1 when
 the all-bf16 row of that P is below the target.  ``--key efficiency_vs_torch_sm_target``
 summarizes the ratio to cuBLASLt on the same SMs instead (``bench_gemm.py --torch-sm-target``;
-rows without it are left out).
+rows without it are left out).  ``--engine torch-sm-target`` summarizes another engine's rows:
+there, cuBLASLt told to use ``P`` SMs against ``torch.matmul`` on all of them -- what the
+signal GEMM's reduced-P rows are up against (its all-SM control rows, without a ``num_ctas``,
+are left out).
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ def _files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def load_rows(paths: list[Path], replace: list[Path] = ()) -> list[dict]:
-    """The signal GEMM rows (``engine == "flashoverlap"``) of the ``bench=gemm`` files."""
+ENGINE = "flashoverlap"
+
+
+def load_rows(paths: list[Path], replace: list[Path] = (), engine: str = ENGINE) -> list[dict]:
+    """The ``engine`` rows (default the signal GEMM's) of the ``bench=gemm`` files that name
+    their ``num_ctas``."""
     def rows_of(files):
         rows = []
         for f in files:
@@ -36,7 +43,7 @@ def load_rows(paths: list[Path], replace: list[Path] = ()) -> list[dict]:
             if not isinstance(data, list):
                 continue
             rows += [r for r in data if isinstance(r, dict) and r.get("bench") == "gemm"
-                     and r.get("engine") == "flashoverlap"]
+                     and r.get("engine") == engine and r.get("num_ctas") is not None]
         return rows
 
     def key(r):
@@ -87,16 +94,18 @@ def main(argv=None) -> int:
     p.add_argument("--key", default=KEY,
                    choices=[KEY, "efficiency_vs_torch_sm_target"],
                    help="which efficiency to summarize")
+    p.add_argument("--engine", default=ENGINE, choices=[ENGINE, "torch-sm-target"],
+                   help="whose rows: the signal GEMM's, or cuBLASLt's on P SMs")
     p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
     p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
                    help="target for the all-bf16 rows of P (exit 1 if not met or absent)")
     args = p.parse_args(argv)
     key = args.key
-    rows = [r for r in load_rows(args.paths, args.replace) if key in r]
+    rows = [r for r in load_rows(args.paths, args.replace, args.engine) if key in r]
     if not rows:
-        print(f"no bench=gemm signal GEMM rows with {key} found", file=sys.stderr)
+        print(f"no bench=gemm {args.engine} rows with {key} found", file=sys.stderr)
         return 2
-    print(f"{key}:")
+    print(f"{key}" + (f" of {args.engine}" if args.engine != ENGINE else "") + ":")
     print("\n".join(table(rows, key)))
     low = sorted(rows, key=lambda r: r[key])[:args.lowest]
     print("lowest: " + "; ".join(f"{r['M']}x{r['N']}x{r['K']} {r['dtype']} {r.get('b_layout')} "

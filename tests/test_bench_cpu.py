@@ -720,6 +720,29 @@ def test_summarize_gemm_reproduces_this_sessions_acceptance_runs():
             assert abs(med[0] / med[1] - 1) <= 0.02, P
 
 
+def test_summarize_gemm_reproduces_cublas_on_116_sms_in_the_readme():
+    """summarize_gemm --engine torch-sm-target: cuBLASLt told to use 116 SMs against
+    torch.matmul on all, over the 26 bf16 rows -- the README's "in z23 cuBLASLt 0.950 /
+    0.918", z24's 0.941 / 0.905 and z32's 0.947 / 0.907 -- and the signal GEMM against it
+    (--key efficiency_vs_torch_sm_target) 0.991 / 0.956, 0.995 / 0.975, 0.989 / 0.955."""
+    import summarize_gemm as sgm
+
+    run = ROOT / "results" / "2026-12-03-h200"
+    want = {"final-run27/z23": ([0.950, 0.918], [0.991, 0.956]),
+            "final-run27/z24": ([0.941, 0.905], [0.995, 0.975]),
+            "fill-run32/z0": ([0.947, 0.907], [0.989, 0.955])}
+    for name, (cublas, against) in want.items():
+        files = sorted((run / name).glob("gemm-bfloat16-*.json"))
+        rows = sgm.load_rows(files, engine="torch-sm-target")
+        assert len(rows) == 26 and {r["num_ctas"] for r in rows} == {116}
+        assert [round(x, 3) for x in sgm.stats(rows)] == cublas, name
+        ours = [r for r in sgm.load_rows(files) if r["num_ctas"] == 116]
+        assert [round(x, 3) for x in sgm.stats(ours, "efficiency_vs_torch_sm_target")] == \
+            against, name
+        assert sgm.main([*map(str, files), "--engine", "torch-sm-target",
+                         "--check", "116=0.95/0.90"]) == 1  # cuBLAS misses it too
+
+
 def test_filled_last_wave_rejection_matches_its_ab_run():
     """The README's case against the filled last wave (fill-run32, reverted): per shape, B
     layout and P, the median of three paired time ratios (filled / not) from bench_gemm's
