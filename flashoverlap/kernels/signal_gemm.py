@@ -98,14 +98,15 @@ Rejected, measured: a *filled* last wave in the warp-specialized kernel, which k
 sharing (commit ``f4996f0``, reverted): each tile of a last wave of ``r > P / 2`` tiles cut at
 one K step, the long parts on the tiles' own programs (all starting at K step 0 together), the
 short parts back to back on the ``P - r`` idle programs (all starting at the cut), the part
-finishing second adding the other's fp32 partial (two terms: the same bits either way).
-Right on the GPU (its tests and 104 filled calls in the stress test), but paired against the
-same kernel without it (one H200, bf16, both B layouts, 3 alternations,
-``results/2026-12-03-h200/fill-run32/``): 0.975-0.998 of the time at P = 132 with K >= 7168
-on 4096 and 8192 x 8192, 1.006-1.024x on 11008 x 3072 x 8192, 0.99-1.04x at P = 116 and
-1.01-1.17x at K = 2048 (medians of the pairs per shape and layout).  Under the power cap the partly idle last wave already runs at a
-higher clock (as in the rejected P-fit, :mod:`flashoverlap.kernels`), so the nominal fifth
-to third of a tile it saves is mostly not there to take, and the partials cost the rest.
+finishing second adding the other's fp32 partial (two terms: the same bits either way). Right
+on the GPU (its tests and 104 filled calls in the stress test), but paired against the same
+kernel without it (one H200, bf16, both B layouts, 3 alternations,
+``results/2026-12-03-h200/fill-run32/``): 0.975-0.998 of the time at P = 132 with K >= 7168 on
+4096 and 8192 x 8192, 1.006-1.024x on 11008 x 3072 x 8192, 0.99-1.04x at P = 116 and 1.01-1.17x
+at K = 2048 (medians of the pairs per shape and layout). Under the power cap the partly idle
+last wave already runs at a higher clock (as in the rejected P-fit,
+:mod:`flashoverlap.kernels`), so the nominal fifth to third of a tile it saves is mostly not
+there to take, and the partials cost the rest.
 Rejected, measured: TMA stores signalled one tile later (commit ``79d75d7``, reverted).  Whole
 tiles left as two ``BLOCK_M x BLOCK_N/2`` bulk stores and were released at the program's next
 epilogue after ``cp.async.bulk.wait_group 0``, ``fence.proxy.async.global`` and ``bar.sync``,
