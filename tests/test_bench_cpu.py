@@ -679,34 +679,27 @@ def test_summarize_gemm_reproduces_this_sessions_acceptance_runs():
                for P in (132, 116)}
         assert got == {132: p132, 116: p116}, name
         assert sgm.main([*map(str, files), *checks]) == rc, name
-    # z22 (final-run22, b235e25): misses the P = 132 median by 0.001 and the P = 116 min
-    files = sorted((ROOT / "results" / "2026-12-03-h200" / "final-run22").glob(
-        "gemm-bf16-*.json"))
-    rows = sgm.load_rows(files)
-    assert len(rows) == 52 and {r["commit"] for r in rows} == {"b235e25"}
-    assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
-            for P in (132, 116)} == {132: [0.999, 0.962], 116: [0.950, 0.894]}
-    assert sgm.main([*map(str, files), *checks]) == 1
+    # z22 (final-run22, b235e25): misses the P = 132 median by 0.001 and the P = 116 min;
     # z23 / z24 (final-run27, ffeaa0a): both miss the P = 132 and P = 116 medians and the
-    # P = 116 minimum (z24's by 0.0001)
-    final = ROOT / "results" / "2026-12-03-h200" / "final-run27"
-    for name, p132, p116 in (("z23", [0.993, 0.957], [0.940, 0.895]),
-                             ("z24", [0.994, 0.956], [0.935, 0.900])):
-        files = sorted((final / name).glob("gemm-bfloat16-*.json"))
+    # P = 116 minimum (z24's by 0.0001); z32 (fill-run32/z0, f4996f0: the filled last wave
+    # built in, off): misses the P = 132 median by 0.001 and the P = 116 median, meets the
+    # P = 116 minimum
+    later = ROOT / "results" / "2026-12-03-h200"
+    final = later / "final-run27"
+    for folder, pattern, commit, p132, p116 in (
+            ("final-run22", "gemm-bf16-*.json", "b235e25", [0.999, 0.962], [0.950, 0.894]),
+            ("final-run27/z23", "gemm-bfloat16-*.json", "ffeaa0a", [0.993, 0.957],
+             [0.940, 0.895]),
+            ("final-run27/z24", "gemm-bfloat16-*.json", "ffeaa0a", [0.994, 0.956],
+             [0.935, 0.900]),
+            ("fill-run32/z0", "gemm-bfloat16-*.json", "f4996f0", [0.999, 0.961],
+             [0.944, 0.909])):
+        files = sorted((later / folder).glob(pattern))
         rows = sgm.load_rows(files)
-        assert len(rows) == 52 and {r["commit"] for r in rows} == {"ffeaa0a"}
+        assert len(rows) == 52 and {r["commit"] for r in rows} == {commit}, folder
         assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
-                for P in (132, 116)} == {132: p132, 116: p116}, name
-        assert sgm.main([*map(str, files), *checks]) == 1, name
-    # z32 (fill-run32/z0, f4996f0: the filled last wave built in, off): misses the P = 132
-    # median by 0.001 and the P = 116 median; meets the P = 116 minimum
-    files = sorted((ROOT / "results" / "2026-12-03-h200" / "fill-run32" / "z0").glob(
-        "gemm-bfloat16-*.json"))
-    rows = sgm.load_rows(files)
-    assert len(rows) == 52 and {r["commit"] for r in rows} == {"f4996f0"}
-    assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
-            for P in (132, 116)} == {132: [0.999, 0.961], 116: [0.944, 0.909]}
-    assert sgm.main([*map(str, files), *checks]) == 1
+                for P in (132, 116)} == {132: p132, 116: p116}, folder
+        assert sgm.main([*map(str, files), *checks]) == 1, folder
     for fp16_files, bf16_files in (
             ((run / "fp16-run16").glob("gemm-fp16-*.json"),
              (run / "fp16-run16").glob("gemm-bf16-*.json")),

@@ -245,6 +245,16 @@ if HAVE_GLUON:
             "=r,l", [flag], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _await_chunk(row, flag_ptr, seen):
+        """The gather form's wait before a tile's loads: its chunk's slot is column 5 of the
+        step-table ``row``; a program's slots never decrease (gather_plan), so it waits only
+        for a slot above ``seen``, the highest it has seen arrive.  Returns the new ``seen``."""
+        slot = gl.load(row + 5)
+        if slot > seen:
+            _wait_flag(flag_ptr + slot)
+        return gl.maximum(seen, slot)
+
+    @gluon.jit
     def _loader(a_desc, b_desc, step_ptr, flag_ptr, a_bufs, b_bufs, ready, empty, num_steps,
                 num_progs, k_tiles, num_main, tail_parts, BLOCK_K: gl.constexpr,
                 STAGES: gl.constexpr, B_TRANS: gl.constexpr, SPLIT_TAIL: gl.constexpr,
@@ -255,11 +265,8 @@ if HAVE_GLUON:
         for step in range(pid, num_main, num_progs):
             row_start = gl.load(step_ptr + step * 7 + 0)
             col_start = gl.load(step_ptr + step * 7 + 2)
-            if WAIT_FLAGS:  # a program's slots never decrease (gather_plan): one wait each
-                slot = gl.load(step_ptr + step * 7 + 5)
-                if slot > seen:
-                    _wait_flag(flag_ptr + slot)
-                    seen = slot
+            if WAIT_FLAGS:
+                seen = _await_chunk(step_ptr + step * 7, flag_ptr, seen)
             it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
                              col_start, 0, 0, k_tiles, it, BLOCK_K, STAGES, B_TRANS)
         if SPLIT_TAIL:  # piece v = pid: part q of tail tile t (at most one per program)
@@ -270,9 +277,7 @@ if HAVE_GLUON:
                 row_start = gl.load(step_ptr + (num_main + t) * 7 + 0)
                 col_start = gl.load(step_ptr + (num_main + t) * 7 + 2)
                 if WAIT_FLAGS:
-                    slot = gl.load(step_ptr + (num_main + t) * 7 + 5)
-                    if slot > seen:
-                        _wait_flag(flag_ptr + slot)
+                    seen = _await_chunk(step_ptr + (num_main + t) * 7, flag_ptr, seen)
                 it = _load_range(a_desc, b_desc, a_bufs, b_bufs, ready, empty, row_start,
                                  col_start, 0, q * k_tiles // tail_parts,
                                  (q + 1) * k_tiles // tail_parts, it, BLOCK_K, STAGES, B_TRANS)
