@@ -1,0 +1,229 @@
+"""A Hopper GEMM in thread-block clusters with TMA multicast of B, in CUDA C (issue 14's probe).
+
+Role
+----
+Issue 14 asks the signal GEMM for cuBLAS's speed on 116 of 132 SMs.  Measured so far
+(README, "Signal GEMM vs cuBLAS"): under the H200's 700 W cap cuBLAS on 116 SMs runs a
+1.7-3.2 % higher clock than the signal GEMM at the same power, with kernels in clusters of
+2-8 CTAs -- TMA multicast reads a B tile from L2 once for the whole cluster.  Triton 3.6's
+Gluon cannot multicast and 3.9's lowering costs 27-33 % (``scripts/multicast_probe.py``),
+so this module measures the lever outside Gluon: ``csrc_gen/cluster_gemm.cu`` (the kernel
+and its design notes) rendered per :class:`ClusterGemmConfig`, compiled by NVRTC for
+``sm_90a`` and launched through ``cuda.bindings`` (no nvcc on the user's machine, no build
+step).  The same kernel runs without clusters (``cluster=1``), in clusters without multicast
+(the launch's own cost) and with multicast, so the three differ only in the lever.
+
+It is a plain GEMM (no per-group signal yet): whether it earns a place under the signal
+protocol is what ``scripts/cluster_gemm_probe.py`` measures.
+
+Why ``cuda.bindings`` and not CuPy (which :mod:`csrc_gen.generate` uses for the spin-wait
+kernel): the kernel needs ``-arch=sm_90a`` (wgmma, setmaxnreg), three 128-byte
+``CUtensorMap`` parameters passed by value and 200+ KB of dynamic shared memory -- all direct
+in the driver API.  GPU modules are imported lazily: on a CPU machine the source renders and,
+where NVRTC is installed, compiles (``tests/test_cluster_gemm_cpu.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+from typing import Any
+
+BM, BN, BK = 128, 256, 64
+NUM_THREADS = 384
+_A_STAGE, _B_STAGE, _C_STAGING = BM * BK * 2, BN * BK * 2, BM * BN * 2
+MAX_DYNAMIC_SMEM = 227 * 1024  # sm_90 per-block opt-in limit
+KERNEL_NAME = "flashoverlap_cluster_gemm"
+_PTX_TYPE = {"bfloat16": "bf16", "float16": "f16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterGemmConfig:
+    """One compiled variant.
+
+    ``cluster``: CTAs per cluster, stacked along M (they share every B tile); ``multicast``:
+    each CTA of a cluster loads ``1/cluster`` of the B tile and TMA writes it into all of
+    them; ``b_kmajor``: B given as ``weight.t()`` (K contiguous) rather than row-major
+    ``[K, N]``; ``group``: band height of the L2 swizzle in cluster rows."""
+
+    cluster: int = 2
+    multicast: bool = True
+    b_kmajor: bool = True
+    dtype: str = "bfloat16"
+    stages: int = 3
+    group: int = 8
+
+    def __post_init__(self) -> None:
+        if self.cluster not in (1, 2, 4):
+            raise ValueError(f"cluster must be 1, 2 or 4, got {self.cluster}")
+        if self.multicast and self.cluster == 1:
+            raise ValueError("multicast needs a cluster of 2 or 4")
+        if self.dtype not in _PTX_TYPE:
+            raise ValueError(f"dtype must be one of {sorted(_PTX_TYPE)}, got {self.dtype!r}")
+        if not 1 <= self.group <= 64:
+            raise ValueError(f"group must be in 1..64, got {self.group}")
+        if self.smem_bytes > MAX_DYNAMIC_SMEM:
+            raise ValueError(f"{self.stages} stages need {self.smem_bytes} bytes of shared "
+                             f"memory, more than {MAX_DYNAMIC_SMEM}")
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: the ring, C staging, barriers, 1 KB alignment slack."""
+        return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 1024
+
+    @property
+    def name(self) -> str:
+        kind = "multicast" if self.multicast else ("cluster" if self.cluster > 1 else "single")
+        return f"{kind}{self.cluster if self.cluster > 1 else ''}"
+
+
+def _wgmma_fn(ptx_type: str, trans_b: int) -> str:
+    """``wgmma_m64n256k16(acc, desc_a, desc_b, scale_d)``: 128 fp32 accumulators per thread."""
+    regs = ", ".join(f"%{i}" for i in range(128))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(128))
+    return (
+        "__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], u64 da, u64 db, "
+        "u32 scale_d) {\n"
+        '  asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, %130, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n256k16.f32.{ptx_type}.{ptx_type} "\n'
+        f'    "{{{regs}}}, %128, %129, p, 1, 1, 0, {trans_b};\\n}}\\n"\n'
+        f"    : {outs}\n"
+        '    : "l"(da), "l"(db), "r"(scale_d));\n'
+        "}\n")
+
+
+def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
+    """The CUDA C of ``config`` (``csrc_gen/cluster_gemm.cu`` with its placeholders filled)."""
+    from csrc_gen.generate import render
+
+    c = config
+    defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
+        ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
+        ("STAGES", c.stages), ("GROUP", c.group)))
+    ptx = _PTX_TYPE[c.dtype]
+    return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
+                  cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",
+                  cvt=f"cvt.rn.{ptx}x2.f32", wgmma_fn=_wgmma_fn(ptx, 0 if c.b_kmajor else 1))
+
+
+def _check(result: Any, what: str) -> Any:
+    """``cuda.bindings`` calls return ``(err, *values)``: raise on an error, return values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err!r}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+@functools.lru_cache(maxsize=None)
+def compile_cubin(config: ClusterGemmConfig, arch: str = "sm_90a") -> bytes:
+    """NVRTC-compiled cubin of ``config`` for ``arch`` (raises with NVRTC's log on error)."""
+    from cuda.bindings import nvrtc
+
+    src = source(config).encode()
+    prog = _check(nvrtc.nvrtcCreateProgram(src, b"cluster_gemm.cu", 0, [], []),
+                  "nvrtcCreateProgram")
+    opts = [f"-arch={arch}".encode(), b"-std=c++17", b"-default-device"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if int(err) != 0:
+        raise RuntimeError(f"NVRTC could not compile {config}:\n{log.decode(errors='replace')}")
+    size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+    cubin = b" " * size
+    _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    nvrtc.nvrtcDestroyProgram(prog)
+    return cubin
+
+
+def cluster_gemm_ref(a, b):
+    """The reference: ``a @ b`` in fp32, cast to ``a``'s dtype."""
+    return (a.float() @ b.float()).to(a.dtype)
+
+
+class ClusterGemm:
+    """A loaded variant on the current device: ``gemm(a, b, c, num_ctas)`` writes ``a @ b``
+    into ``c`` on the current stream.  ``a``: ``[M, K]`` row-major; ``b``: ``[K, N]``,
+    row-major or (``b_kmajor``) the transpose of a row-major ``[N, K]``; ``c``: ``[M, N]``
+    row-major, same dtype.  ``num_ctas`` is rounded down to a whole number of clusters."""
+
+    def __init__(self, config: ClusterGemmConfig) -> None:
+        import torch
+        from cuda.bindings import driver
+
+        self.config, self._driver, self._torch = config, driver, torch
+        torch.cuda.init()
+        torch.cuda.current_stream().synchronize()  # makes the primary context current
+        self._module = _check(driver.cuModuleLoadData(compile_cubin(config)), "cuModuleLoadData")
+        self._fn = _check(driver.cuModuleGetFunction(self._module, KERNEL_NAME.encode()),
+                          "cuModuleGetFunction")
+        _check(driver.cuFuncSetAttribute(
+            self._fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            config.smem_bytes), "cuFuncSetAttribute")
+        self._params: dict[tuple, Any] = {}
+
+    def max_active_clusters(self, num_ctas: int) -> int:
+        """How many clusters of this variant the device holds at once (the driver's count)."""
+        d = self._driver
+        cfg = d.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = num_ctas, 1, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = NUM_THREADS, 1, 1
+        cfg.sharedMemBytes = self.config.smem_bytes
+        cfg.numAttrs = 0
+        return int(_check(d.cuOccupancyMaxActiveClusters(self._fn, cfg),
+                          "cuOccupancyMaxActiveClusters"))
+
+    def _tensor_map(self, t, rows: int, cols: int, box_cols: int, box_rows: int):
+        d = self._driver
+        dtype = (d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                 if self.config.dtype == "bfloat16"
+                 else d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+        return _check(d.cuTensorMapEncodeTiled(
+            dtype, 2, t.data_ptr(), [d.cuuint64_t(cols), d.cuuint64_t(rows)],
+            [d.cuuint64_t(cols * 2)], [d.cuuint32_t(box_cols), d.cuuint32_t(box_rows)],
+            [d.cuuint32_t(1), d.cuuint32_t(1)],
+            d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+            d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
+
+    def _launch_params(self, a, b, c) -> Any:
+        M, K = a.shape
+        N = b.shape[1]
+        key = (a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K)
+        params = self._params.get(key)
+        if params is None:
+            if self.config.b_kmajor:
+                b_map = self._tensor_map(b.t(), N, K, 64, 64)   # weight [N, K]
+            else:
+                b_map = self._tensor_map(b, K, N, 64, 64)
+            maps = (self._tensor_map(a, M, K, 64, BM), b_map, self._tensor_map(c, M, N, 64, 64))
+            ints = [ctypes.c_int(v) for v in (M, N, K)]
+            ptrs = [m.getPtr() for m in maps] + [ctypes.addressof(v) for v in ints]
+            arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+            params = (maps, ints, arr)
+            self._params[key] = params
+        return params
+
+    def __call__(self, a, b, c, num_ctas: int) -> None:
+        cfg = self.config
+        M, K = a.shape
+        if (b.shape[0] != K or c.shape != (M, b.shape[1]) or
+                not a.dtype == b.dtype == c.dtype or K % 8 or b.shape[1] % 8):
+            raise ValueError(f"bad operands a {tuple(a.shape)} b {tuple(b.shape)} "
+                             f"c {tuple(c.shape)} (K and N multiples of 8, one dtype)")
+        if not a.is_contiguous() or not c.is_contiguous() or not (
+                b.t().is_contiguous() if cfg.b_kmajor else b.is_contiguous()):
+            raise ValueError("a and c must be row-major and b "
+                             + ("weight.t()" if cfg.b_kmajor else "row-major"))
+        grid = num_ctas - num_ctas % cfg.cluster
+        if grid <= 0:
+            raise ValueError(f"num_ctas {num_ctas} is less than one cluster of {cfg.cluster}")
+        maps, ints, arr = self._launch_params(a, b, c)
+        stream = self._driver.CUstream(self._torch.cuda.current_stream().cuda_stream)
+        _check(self._driver.cuLaunchKernel(self._fn, grid, 1, 1, NUM_THREADS, 1, 1,
+                                           cfg.smem_bytes, stream, ctypes.addressof(arr), 0),
+               "cuLaunchKernel")

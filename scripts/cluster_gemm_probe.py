@@ -1,0 +1,193 @@
+"""Does TMA multicast in clusters buy a CUDA C GEMM clock under the power cap? (issue 14)
+
+``flashoverlap.kernels.cluster_gemm`` (``csrc_gen/cluster_gemm.cu``) is one persistent
+warp-specialized sm_90a GEMM (a TMA producer warpgroup, two wgmma m64n256k16 consumer
+warpgroups, 128x256x64 tiles, 3 stages, swizzled TMA-store epilogue) compiled four ways:
+``single`` (no cluster), ``cluster2`` (clusters of two CTAs stacked along M, each loading its
+own B), ``multicast2`` / ``multicast4`` (the cluster's CTAs each load 1/2 or 1/4 of the shared
+B tile and TMA writes it into all of them).  Per shape and ``P`` it times, in clock-settled
+phases (``gemm_clock_probe._phase``: back-to-back calls for ``--seconds``, nvidia-smi's clock
+and power), torch.matmul on all SMs, cuBLASLt told to use ``P`` SMs, the product's signal
+GEMM (``gemm_config_for``'s choice) and the variants, on the rotating inputs of
+``bench_gemm.py`` in either B layout.  Every variant is first checked against an fp32
+``torch.matmul`` with its output poisoned (NaN); a wrong variant stops the run.
+
+    python scripts/cluster_gemm_probe.py --out DIR [--layouts nk,kn] [--shapes MxNxK,...]
+        [--ctas 116,132] [--variants single,cluster2,multicast2,multicast4] [--check-only]
+    python scripts/cluster_gemm_probe.py --summarize DIR/cluster-gemm-probe.json
+
+Writes ``DIR/<--name>.json`` (``bench="cluster_gemm_probe"`` rows, ``efficiency_vs_torch``
+per row: torch.matmul's time in the same round over the row's) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flashoverlap.kernels.cluster_gemm import ClusterGemmConfig  # noqa: E402
+
+VARIANTS = {
+    "single": dict(cluster=1, multicast=False),
+    "cluster2": dict(cluster=2, multicast=False),
+    "multicast2": dict(cluster=2, multicast=True),
+    "multicast4": dict(cluster=4, multicast=True),
+}
+SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
+
+
+def variant_config(name: str, layout: str, dtype: str = "bfloat16") -> ClusterGemmConfig:
+    """The kernel configuration of variant ``name`` for B layout ``layout`` (``nk``: w.t())."""
+    return ClusterGemmConfig(b_kmajor=layout == "nk", dtype=dtype, **VARIANTS[name])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="result folder")
+    p.add_argument("--name", default="cluster-gemm-probe")
+    p.add_argument("--shapes", default=SHAPES, help="MxNxK, comma-separated")
+    p.add_argument("--layouts", default="nk,kn", help="B layouts: nk (weight.t()), kn")
+    p.add_argument("--ctas", default="132,116", help="CTAs (P), comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seconds", type=float, default=1.2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--check-only", action="store_true", help="correctness checks, no timing")
+    p.add_argument("--no-signal", action="store_true", help="leave the signal GEMM out")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                   help="only print the table of result files (no GPU needed)")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    if args.summarize:
+        for f in args.summarize:
+            print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
+
+    import torch
+    import triton
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_common
+    from bench_gemm import _Bench
+    from gemm_clock_probe import _phase, _Sampler, write_rows
+
+    from flashoverlap.kernels import gemm_config_for
+    from flashoverlap.kernels import signal_gemm as sg
+    from flashoverlap.kernels.cluster_gemm import ClusterGemm
+    from flashoverlap.plan import PlanConfig, Problem, make_plan
+
+    if not torch.cuda.is_available():
+        print("cluster_gemm_probe.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    ctas = [int(x) for x in args.ctas.split(",")]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    dev = torch.device("cuda", 0)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    cap = torch.cuda.get_device_capability(dev)
+    bench_common.load_torch()
+    prov = bench_common.provenance(dev)
+    kernels = {(v, lay): ClusterGemm(variant_config(v, lay)) for v in variants for lay in layouts}
+    for (v, lay), k in kernels.items():
+        if k.config.cluster > 1:
+            for P in ctas:
+                print(f"{v} {lay}: {P} CTAs -> {P // k.config.cluster} clusters, the device "
+                      f"holds {k.max_active_clusters(P)} at once", flush=True)
+    sampler = None if args.check_only else _Sampler()
+    rows: list[dict] = []
+    try:
+        for lay in layouts:
+            for M, N, K in shapes:
+                bench = _Bench(torch, triton, sg, M, N, K, torch.bfloat16, lay, 4)
+                a, b = bench.sets[0]
+                want = a.float() @ b.float()
+                scale = want.abs().max().item()
+                c = bench.c[0]
+                for v in variants:
+                    for P in ctas:
+                        c.fill_(float("nan"))
+                        kernels[v, lay](a, b, c, P)
+                        torch.cuda.synchronize()
+                        err = (c.float() - want).abs().max().item() / scale
+                        print(f"check {lay} {M}x{N}x{K} {v} P={P}: max error {err:.2e} of max |c|",
+                              flush=True)
+                        if not err < 2e-2:  # NaN (unwritten) fails too
+                            raise SystemExit(f"{v} {lay} P={P} {M}x{N}x{K}: wrong, no timing")
+                del want
+                if args.check_only:
+                    continue
+
+                def variant_fn(v, P, bench=bench, lay=lay):
+                    k = kernels[v, lay]
+                    return bench._rotating(lambda i: k(*bench.sets[i], bench.c[i], P))
+
+                phases = [("torch", None, bench._rotating(bench._torch_run))]
+                for P in ctas:
+                    phases.append(("cublaslt", P, bench.torch_sm_target_fn(sms - P)))
+                    if not args.no_signal:
+                        choice = gemm_config_for(M, N, K, "bfloat16", P, cap)
+                        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                                         PlanConfig(block_m=choice.config.block_m,
+                                                    block_n=choice.config.block_n,
+                                                    num_ctas=P, group_m=choice.group_m))
+                        phases.append(("signal", P, bench.signal_fn(plan, choice.config)))
+                    phases += [(v, P, variant_fn(v, P)) for v in variants]
+                for rnd in range(args.rounds):
+                    t_torch = None
+                    for engine, P, fn in phases:
+                        r = _phase(torch, fn, sampler, args.seconds)
+                        if engine == "torch":
+                            t_torch = r["median_ms"]
+                        rows.append({**prov, "bench": "cluster_gemm_probe", "op": "matmul",
+                                     "dtype": "bfloat16", "world_size": 1, "b_layout": lay,
+                                     "M": M, "N": N, "K": K, "engine": engine, "num_ctas": P,
+                                     "sms": sms, "round": rnd,
+                                     "efficiency_vs_torch": t_torch / r["median_ms"], **r})
+                        print(f"{lay} {M}x{N}x{K} round {rnd} {engine:>10} P={P}: "
+                              f"{r['median_ms']:.4f} ms eff {t_torch / r['median_ms']:.3f} "
+                              f"{r['sm_clock_mhz'] or 0:.0f} MHz {r['power_w'] or 0:.0f} W",
+                              flush=True)
+                del bench
+                torch.cuda.empty_cache()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    if rows:
+        write_rows(args.out, args.name, rows, summarize,
+                   "efficiency vs torch.matmul on all SMs (mean of the rounds), clock ratio "
+                   "to the signal GEMM:")
+    return 0
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Per layout, shape and ``P``: each engine's efficiency against torch.matmul (mean over
+    rounds) and its clock relative to the signal GEMM's (or cuBLASLt's without one)."""
+    by: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["num_ctas"] is not None:
+            by.setdefault((r["b_layout"], r["M"], r["N"], r["K"], r["num_ctas"]), {}).setdefault(
+                r["engine"], []).append(r)
+    lines = []
+    for (lay, M, N, K, P), engines in sorted(by.items()):
+        ref = engines.get("signal") or engines.get("cublaslt")
+        c0 = statistics.mean(r["sm_clock_mhz"] or 0 for r in ref) if ref else 0
+        cells = [f"{lay} {M}x{N}x{K} P={P}:"]
+        for engine, rs in sorted(engines.items()):
+            eff = statistics.mean(r["efficiency_vs_torch"] for r in rs)
+            clk = statistics.mean(r["sm_clock_mhz"] or 0 for r in rs)
+            cells.append(f"{engine} {eff:.3f}" + (f" (clock {clk / c0:.3f})" if c0 else ""))
+        lines.append(" ".join(cells))
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
