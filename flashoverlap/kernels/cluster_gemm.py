@@ -139,6 +139,25 @@ def compile_cubin(config: ClusterGemmConfig, arch: str = "sm_90a") -> bytes:
     return cubin
 
 
+def tile_order_ref(M: int, N: int, num_ctas: int, config: ClusterGemmConfig) -> list[list]:
+    """The kernel's schedule in Python (``tile_of`` and the persistent loops of
+    ``cluster_gemm.cu``): per CTA of the launch, the ``(tile_m, tile_n)`` it computes in order
+    (tiles past ``M`` included: such a CTA loads zeros and stores nothing)."""
+    cl = config.cluster
+    grid = num_ctas - num_ctas % cl
+    tiles_m, tiles_n = -(-M // BM), -(-N // BN)
+    crows = -(-tiles_m // cl)
+    order: list[list] = [[] for _ in range(grid)]
+    for cta in range(grid):
+        cluster, rank = divmod(cta, cl)
+        for t in range(cluster, crows * tiles_n, grid // cl):
+            band, r = divmod(t, config.group * tiles_n)
+            first = band * config.group
+            rows = min(crows - first, config.group)
+            order[cta].append(((first + r % rows) * cl + rank, r // rows))
+    return order
+
+
 def cluster_gemm_ref(a, b):
     """The reference: ``a @ b`` in fp32, cast to ``a``'s dtype."""
     return (a.float() @ b.float()).to(a.dtype)
