@@ -84,7 +84,7 @@ __device__ __forceinline__ void mbar_arrive_rank(u32 bar, u32 rank) {
       "{\n"
       ".reg .b32 ra;\n"
       "mapa.shared::cluster.u32 ra, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [ra];\n"
       "}\n" ::"r"(bar),
       "r"(rank)
       : "memory");

@@ -97,11 +97,15 @@ def main(argv=None) -> int:
     bench_common.load_torch()
     prov = bench_common.provenance(dev)
     kernels = {(v, lay): ClusterGemm(variant_config(v, lay)) for v in variants for lay in layouts}
+    # a grid whose clusters the device cannot hold at once is not persistent: not timed
+    fits = {}
     for (v, lay), k in kernels.items():
-        if k.config.cluster > 1:
-            for P in ctas:
+        for P in ctas:
+            held = k.max_active_clusters(P) if k.config.cluster > 1 else P
+            fits[v, lay, P] = held * k.config.cluster >= P - P % k.config.cluster
+            if k.config.cluster > 1:
                 print(f"{v} {lay}: {P} CTAs -> {P // k.config.cluster} clusters, the device "
-                      f"holds {k.max_active_clusters(P)} at once", flush=True)
+                      f"holds {held} at once", flush=True)
     sampler = None if args.check_only else _Sampler()
     rows: list[dict] = []
     try:
@@ -140,7 +144,7 @@ def main(argv=None) -> int:
                                                     block_n=choice.config.block_n,
                                                     num_ctas=P, group_m=choice.group_m))
                         phases.append(("signal", P, bench.signal_fn(plan, choice.config)))
-                    phases += [(v, P, variant_fn(v, P)) for v in variants]
+                    phases += [(v, P, variant_fn(v, P)) for v in variants if fits[v, lay, P]]
                 for rnd in range(args.rounds):
                     t_torch = None
                     for engine, P, fn in phases:
