@@ -1,8 +1,12 @@
 // flashoverlap: persistent warp-specialized Hopper (sm_90a) GEMM in thread-block clusters,
 // with the shared B tile multicast by TMA (rendered by csrc_gen/generate.py, compiled by NVRTC).
 //
-// C[M, N] = A[M, K] @ B[K, N]; A row-major, B either K-major (B = weight.t(), weight [N, K]
-// row-major) or row-major [K, N]; fp32 accumulation; C row-major bf16 / fp16.
+// C = A[M, K] @ B[K, N] tile by tile in the order of a plan's step table (flashoverlap.plan:
+// int32 rows of (row_start, row_stop, col_start, col_stop, dest_row, group, block)): program p
+// of P runs steps p, p+P, ...; each 128x256 tile goes to row dest_row of a row-major
+// destination and then, with counters, adds one to counters[group] -- the signal GEMM's
+// contract (flashoverlap.kernels.signal_gemm).  A row-major, B either K-major (B =
+// weight.t()) or row-major [K, N]; fp32 accumulation; bf16 / fp16 out.
 //
 // Why this kernel exists (issue 14): cuBLAS's Hopper kernels run in clusters of 2-8 CTAs that
 // read each B tile from L2 once and multicast it into every CTA of the cluster; under the
@@ -11,7 +15,7 @@
 // so the lever is measured here in plain CUDA.
 //
 // Layout of one CTA (384 threads):
-//   warpgroup 0  -- producer: one thread issues the TMA loads of a STAGES-deep ring
+//   warpgroup 0  -- warp 0, one thread: the producer, issuing the TMA loads of a STAGES-deep ring
 //                   (A box 128x64 from its own tile row; B as four 64-wide boxes, of which a
 //                   CTA of a cluster of CL loads every CL-th and multicasts it to the whole
 //                   cluster when MULTICAST);
@@ -19,10 +23,22 @@
 //                   one wgmma group in flight; a slot is released (an arrive on the "empty"
 //                   barrier of every CTA that the slot's data was multicast to) when the group
 //                   after the one that read it has been issued and the older one retired.
-// Epilogue: each consumer warpgroup converts its 64x256 fp32 accumulator, writes it to its
-// own 32 KB of shared memory in the 128-byte-swizzled layout of the C tensor map (conflict-free
-// 4-byte stores), fences the async proxy and issues four 64x64 TMA stores; the next tile's
-// main loop overlaps them (the staging buffer is reused only after cp.async.bulk.wait_group.read).
+//   warpgroup 0  -- warp 1, one thread: the storer (below).
+// Epilogue: after c_empty, each consumer warpgroup converts its 64x256 fp32 accumulator and
+// writes it to its own 32 KB of shared memory in the 128-byte-swizzled layout of the C tensor
+// map (conflict-free 4-byte stores); every consumer thread fences the generic proxy against
+// the async one (fence.proxy.async.shared::cta) and arrives on c_ready, then starts the next
+// tile.  The storer waits for c_ready, issues eight 64x64 TMA stores, waits until they have
+// read shared memory (cp.async.bulk.wait_group.read) and arrives on c_empty; then, with
+// counters, the signal: cp.async.bulk.wait_group 0 (the stores' writes performed),
+// fence.proxy.async.global (async-proxy writes before the generic operations that follow),
+// red.release.gpu.global.add on the group's counter -- the protocol of the Gluon
+// warp-specialized kernel (flashoverlap.kernels.ws_signal_gemm), one thread doing all of it.
+//
+// Clusters over a step table: cluster c runs the CL consecutive steps c*CL + i*P + [0, CL),
+// which must share one tile column (the host checks the table: true when every band of the
+// swizzled order has a multiple of CL rows).  A CTA whose step is past the table's end still
+// loads (A rows past M: zeros) and multicasts its share of B for its peers, and stores nothing.
 //
 // Synchronisation in a cluster: the consumers of every CTA arrive on the empty barrier of
 // every CTA of the cluster (count 2 * CL), so a producer overwrites a slot -- its own and,
@@ -47,7 +63,7 @@ constexpr u32 B_STAGE = 4 * B_BOX;             // 32 KB
 constexpr u32 STAGE_BYTES = A_STAGE + B_STAGE; // bytes a full barrier expects per phase
 constexpr u32 C_WG = 64 * BN * 2;              // 32 KB of C staging per consumer warpgroup
 constexpr u32 RING = STAGES * STAGE_BYTES;
-constexpr u32 BARS = RING + 2 * C_WG;          // offset of the barriers (host: + 16 * STAGES + 1 KB slack)
+constexpr u32 BARS = RING + 2 * C_WG;          // offset of the barriers (host: + 16 * STAGES + 16 + 1 KB slack)
 constexpr u32 EMPTY_COUNT = MULTICAST ? 2 * CL : 2;
 
 __device__ __forceinline__ u64 desc_field(u32 x) { return (u64)((x & 0x3FFFF) >> 4); }
@@ -133,32 +149,36 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 
 ${wgmma_fn}
 
-// Tile t of a cluster -> (cluster tile row, tile column): bands of GROUP cluster rows,
-// column by column inside a band (the L2 swizzle of the signal GEMM, in cluster rows).
-__device__ __forceinline__ void tile_of(int t, int crows, int tiles_n, int& cm, int& tn) {
-  int band = t / (GROUP * tiles_n);
-  int first = band * GROUP;
-  int rows = min(crows - first, GROUP);
-  int r = t - band * GROUP * tiles_n;
-  cm = first + r % rows;
-  tn = r / rows;
+// give a ring slot back: an arrive on its empty barrier in every CTA that its data was
+// multicast to (a plain arrive: the .release.cluster form compiles to MEMBAR.ALL.GPU)
+__device__ __forceinline__ void release_slot(u32 bar, int tid, u32 rank) {
+  if (MULTICAST) {
+    if (tid < CL) mbar_arrive_rank(bar, (u32)tid);
+  } else if (tid == 0) {
+    mbar_arrive_rank(bar, rank);
+  }
+}
+
+__device__ __forceinline__ int step_field(const int* steps, int s, int f) {
+  return __ldg(steps + 7 * s + f);
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1) ${cluster_attr}
 ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ TmaDesc b_desc,
-               const __grid_constant__ TmaDesc c_desc, int M, int N, int K) {
+               const __grid_constant__ TmaDesc c_desc, const int* __restrict__ steps,
+               int num_steps, unsigned int* __restrict__ counters, int M, int K) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
   const u32 base = (raw + 1023u) & ~1023u;  // 128-byte swizzle wants 1 KB alignment
   const u32 full = base + BARS;
   const u32 empty = full + 8 * STAGES;
+  const u32 c_ready = empty + 8 * STAGES;
+  const u32 c_empty = c_ready + 8;
 
   u32 rank = 0;
   if (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  const int cluster = blockIdx.x / CL, clusters = gridDim.x / CL;
-  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
-  const int crows = (tiles_m + CL - 1) / CL;
-  const int ctiles = crows * tiles_n;
+  const int first = blockIdx.x - (int)rank;  // the cluster's first program
+  const int P = gridDim.x;
   const int nk = (K + BK - 1) / BK;
   const int wg = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
@@ -168,25 +188,27 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       mbar_init(full + 8 * s, 1);
       mbar_init(empty + 8 * s, EMPTY_COUNT);
     }
+    mbar_init(c_ready, 256);
+    mbar_init(c_empty, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid == 0) {
+    if (tid == 0) {  // producer
       u32 it = 0;
-      for (int t = cluster; t < ctiles; t += clusters) {
-        int cm, tn;
-        tile_of(t, crows, tiles_n, cm, tn);
-        const int m0 = (cm * CL + (int)rank) * BM, n0 = tn * BN;
+      for (int s0 = first; s0 < num_steps; s0 += P) {
+        const int s = s0 + (int)rank;
+        const int row = s < num_steps ? step_field(steps, s, 0) : M;  // past the end: zeros
+        const int n0 = step_field(steps, s0, 2);
         for (int kk = 0; kk < nk; ++kk, ++it) {
-          const u32 s = it % STAGES;
-          mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
-          const u32 bar = full + 8 * s;
+          const u32 st = it % STAGES;
+          mbar_wait(empty + 8 * st, ((it / STAGES) & 1) ^ 1);
+          const u32 bar = full + 8 * st;
           mbar_expect_tx(bar, STAGE_BYTES);
-          const u32 sa = base + s * STAGE_BYTES, sb = sa + A_STAGE;
-          tma_load(sa, &a_desc, bar, kk * BK, m0);
+          const u32 sa = base + st * STAGE_BYTES, sb = sa + A_STAGE;
+          tma_load(sa, &a_desc, bar, kk * BK, row);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             // K-major B: box j = rows n0+64j.. of weight [N, K]; row-major B: columns n0+64j..
@@ -202,6 +224,31 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
           }
         }
       }
+    } else if (tid == 32) {  // storer
+      u32 n = 0;
+      for (int s0 = first; s0 < num_steps; s0 += P, ++n) {
+        const int s = s0 + (int)rank;
+        mbar_wait(c_ready, n & 1);
+        if (s < num_steps) {
+          const int dest = step_field(steps, s, 4), n0 = step_field(steps, s0, 2);
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              tma_store(&c_desc, base + RING + h * C_WG + j * B_BOX, n0 + 64 * j, dest + 64 * h);
+          asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        }
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_empty) : "memory");
+        if (s < num_steps && counters != nullptr) {
+          asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+          asm volatile("fence.proxy.async.global;" ::: "memory");
+          asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(
+                           counters + step_field(steps, s, 5))
+                       : "memory");
+        }
+      }
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
@@ -210,15 +257,14 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
     const int warp = tid / 32, lane = tid % 32;
     const int row = warp * 16 + lane / 4;  // and row + 8
     float acc[128];
-    u32 it = 0;
-    for (int t = cluster; t < ctiles; t += clusters) {
-      int cm, tn;
-      tile_of(t, crows, tiles_n, cm, tn);
-      const int m0 = (cm * CL + (int)rank) * BM, n0 = tn * BN;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    u32 it = 0, n = 0;
+    for (int s0 = first; s0 < num_steps; s0 += P, ++n) {
       for (int kk = 0; kk < nk; ++kk, ++it) {
-        const u32 s = it % STAGES;
-        mbar_wait(full + 8 * s, (it / STAGES) & 1);
-        const u32 sa = base + s * STAGE_BYTES + cw * (64 * 128), sb = base + s * STAGE_BYTES + A_STAGE;
+        const u32 st = it % STAGES;
+        mbar_wait(full + 8 * st, (it / STAGES) & 1);
+        const u32 sa = base + st * STAGE_BYTES + cw * (64 * 128), sb = base + st * STAGE_BYTES + A_STAGE;
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int k = 0; k < BK / 16; ++k) {
@@ -229,27 +275,12 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-        if (kk > 0) {
-          const u32 ps = (it + STAGES - 1) % STAGES;
-          if (MULTICAST) {
-            if (tid < CL) mbar_arrive_rank(empty + 8 * ps, tid);
-          } else if (tid == 0) {
-            mbar_arrive_rank(empty + 8 * ps, rank);
-          }
-        }
+        if (kk > 0) release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-      {
-        const u32 ps = (it + STAGES - 1) % STAGES;
-        if (MULTICAST) {
-          if (tid < CL) mbar_arrive_rank(empty + 8 * ps, tid);
-        } else if (tid == 0) {
-          mbar_arrive_rank(empty + 8 * ps, rank);
-        }
-      }
-      // epilogue: registers -> swizzled shared staging -> four 64x64 TMA stores
-      if (tid == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      named_barrier(1 + cw, 128);
+      release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
+      // epilogue: registers -> swizzled shared staging; the storer takes it from there
+      mbar_wait(c_empty, (n & 1) ^ 1);
 #pragma unroll
       for (int j8 = 0; j8 < BN / 8; ++j8) {
         const u32 off = (j8 / 8) * B_BOX + (((j8 % 8) ^ (row % 8)) * 16) + (lane % 4) * 4;
@@ -260,15 +291,8 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
                      : "memory");
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      named_barrier(1 + cw, 128);
-      if (tid == 0 && m0 + 64 * cw < M) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (n0 + 64 * j < N) tma_store(&c_desc, cbuf + j * B_BOX, n0 + 64 * j, m0 + 64 * cw);
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-      }
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_ready) : "memory");
     }
-    if (tid == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
   cluster_sync();
 }

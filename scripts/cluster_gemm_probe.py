@@ -1,16 +1,20 @@
 """Does TMA multicast in clusters buy a CUDA C GEMM clock under the power cap? (issue 14)
 
 ``flashoverlap.kernels.cluster_gemm`` (``csrc_gen/cluster_gemm.cu``) is one persistent
-warp-specialized sm_90a GEMM (a TMA producer warpgroup, two wgmma m64n256k16 consumer
-warpgroups, 128x256x64 tiles, 3 stages, swizzled TMA-store epilogue) compiled four ways:
+warp-specialized sm_90a signal GEMM (a TMA producer thread, a storer thread that TMA-stores
+each tile and releases its group counter, two wgmma m64n256k16 consumer warpgroups, 128x256x64
+tiles, 3 stages) that runs a plan's step table, compiled four ways:
 ``single`` (no cluster), ``cluster2`` (clusters of two CTAs stacked along M, each loading its
 own B), ``multicast2`` / ``multicast4`` (the cluster's CTAs each load 1/2 or 1/4 of the shared
 B tile and TMA writes it into all of them).  Per shape and ``P`` it times, in clock-settled
 phases (``gemm_clock_probe._phase``: back-to-back calls for ``--seconds``, nvidia-smi's clock
 and power), torch.matmul on all SMs, cuBLASLt told to use ``P`` SMs, the product's signal
-GEMM (``gemm_config_for``'s choice) and the variants, on the rotating inputs of
-``bench_gemm.py`` in either B layout.  Every variant is first checked against an fp32
-``torch.matmul`` with its output poisoned (NaN); a wrong variant stops the run.
+GEMM (``gemm_config_for``'s choice) and the variants -- on an AllReduce plan at world size 1
+with 128 x 256 tiles and the tuner's band height, counters on, as ``bench_gemm.py`` times the
+signal GEMM -- on the rotating inputs of ``bench_gemm.py`` in either B layout.  Every variant is
+first checked against an fp32 ``torch.matmul`` with its output poisoned (NaN) and its counters
+against the plan's tiles per group; a wrong variant stops the run.  A cluster variant runs
+only where the plan's step table lets a cluster share B tiles (``shares_b_tiles``).
 
     python scripts/cluster_gemm_probe.py --out DIR [--layouts nk,kn] [--shapes MxNxK,...]
         [--ctas 116,132] [--variants single,cluster2,multicast2,multicast4] [--check-only]
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
 
     from flashoverlap.kernels import gemm_config_for
     from flashoverlap.kernels import signal_gemm as sg
-    from flashoverlap.kernels.cluster_gemm import ClusterGemm
+    from flashoverlap.kernels.cluster_gemm import ClusterGemm, shares_b_tiles
     from flashoverlap.plan import PlanConfig, Problem, make_plan
 
     if not torch.cuda.is_available():
@@ -116,35 +120,55 @@ def main(argv=None) -> int:
                 want = a.float() @ b.float()
                 scale = want.abs().max().item()
                 c = bench.c[0]
-                for v in variants:
-                    for P in ctas:
+                plans = {}
+                for P in ctas:
+                    choice = gemm_config_for(M, N, K, "bfloat16", P, cap)
+                    plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                                     PlanConfig(block_m=128, block_n=256, num_ctas=P,
+                                                group_m=choice.group_m))
+                    steps = torch.from_numpy(plan.step_table.copy()).to(dev)
+                    per_group = torch.bincount(steps[:, 5].long(), minlength=plan.num_groups)
+                    counters = torch.zeros(plan.num_groups, device=dev, dtype=torch.int32)
+                    plans[P] = (choice, plan, steps, per_group, counters)
+                    for v in variants:
+                        k = kernels[v, lay]
+                        if not shares_b_tiles(plan.step_table, P, k.config.cluster):
+                            fits[v, lay, P, M, N, K] = False
+                            print(f"check {lay} {M}x{N}x{K} {v} P={P}: the plan's step "
+                                  f"table does not pair tiles by column, skipped", flush=True)
+                            continue
                         c.fill_(float("nan"))
-                        kernels[v, lay](a, b, c, P)
+                        counters.zero_()
+                        k(a, b, c, steps, counters, P)
                         torch.cuda.synchronize()
                         err = (c.float() - want).abs().max().item() / scale
-                        print(f"check {lay} {M}x{N}x{K} {v} P={P}: max error {err:.2e} of max |c|",
-                              flush=True)
-                        if not err < 2e-2:  # NaN (unwritten) fails too
+                        sig = bool((counters.long() == per_group).all())
+                        print(f"check {lay} {M}x{N}x{K} {v} P={P}: max error {err:.2e} of max "
+                              f"|c|, counters {'right' if sig else 'WRONG'}", flush=True)
+                        if not err < 2e-2 or not sig:  # NaN (unwritten) fails too
                             raise SystemExit(f"{v} {lay} P={P} {M}x{N}x{K}: wrong, no timing")
                 del want
                 if args.check_only:
                     continue
 
-                def variant_fn(v, P, bench=bench, lay=lay):
+                def variant_fn(v, P, bench=bench, lay=lay, plans=plans):
                     k = kernels[v, lay]
-                    return bench._rotating(lambda i: k(*bench.sets[i], bench.c[i], P))
+                    _, _, steps, _, counters = plans[P]
+                    return bench._rotating(lambda i: k(*bench.sets[i], bench.c[i], steps,
+                                                       counters, P))
 
                 phases = [("torch", None, bench._rotating(bench._torch_run))]
                 for P in ctas:
                     phases.append(("cublaslt", P, bench.torch_sm_target_fn(sms - P)))
                     if not args.no_signal:
-                        choice = gemm_config_for(M, N, K, "bfloat16", P, cap)
+                        choice = plans[P][0]
                         plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
                                          PlanConfig(block_m=choice.config.block_m,
                                                     block_n=choice.config.block_n,
                                                     num_ctas=P, group_m=choice.group_m))
                         phases.append(("signal", P, bench.signal_fn(plan, choice.config)))
-                    phases += [(v, P, variant_fn(v, P)) for v in variants if fits[v, lay, P]]
+                    phases += [(v, P, variant_fn(v, P)) for v in variants
+                               if fits[v, lay, P] and fits.get((v, lay, P, M, N, K), True)]
                 for rnd in range(args.rounds):
                     t_torch = None
                     for engine, P, fn in phases:

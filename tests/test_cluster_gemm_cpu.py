@@ -1,7 +1,8 @@
 """The CUDA C cluster GEMM (``flashoverlap.kernels.cluster_gemm``) on a CPU: its configuration
-checks, the rendered source, its tile schedule, and -- where NVRTC is installed -- an sm_90a
-compile whose machine code is checked (no spills; multicast TMA loads exactly in the
-multicast variants).  Correctness and speed on a GPU: ``scripts/cluster_gemm_probe.py``."""
+checks, the rendered source, which plans let a cluster share B tiles, and -- where NVRTC is
+installed -- an sm_90a compile whose machine code is checked (no spills; multicast TMA loads
+exactly in the multicast variants; no GPU-scope fence in the main loop).  Correctness and speed
+on a GPU: ``scripts/cluster_gemm_probe.py``."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ from collections import Counter
 
 import pytest
 
-from flashoverlap.kernels.cluster_gemm import (
-    BM,
-    BN,
-    ClusterGemmConfig,
-    source,
-    tile_order_ref,
-)
+import numpy as np
+
+from flashoverlap.kernels.cluster_gemm import ClusterGemmConfig, shares_b_tiles, source
+from flashoverlap.plan import PlanConfig, Problem, make_plan
 
 VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(cluster=2, multicast=False),
             ClusterGemmConfig(cluster=2), ClusterGemmConfig(cluster=4),
@@ -30,7 +28,6 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
     (dict(cluster=1, multicast=True), "multicast needs"),
     (dict(dtype="float32"), "dtype must be"),
     (dict(stages=4), "shared memory"),
-    (dict(group=0), "group must be"),
 ])
 def test_bad_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -48,19 +45,45 @@ def test_source_is_specialized():
     assert "__cluster_dims__" not in single and "p, 1, 1, 0, 0;" in single
 
 
-@pytest.mark.parametrize("cfg", VARIANTS[:4], ids=lambda c: c.name)
-@pytest.mark.parametrize("M, N, P", [(4096, 8192, 132), (11008, 3072, 116), (1000, 776, 132),
-                                     (16384, 8192, 116), (384, 256, 8)])
-def test_schedule_covers_every_tile_once(cfg, M, N, P):
-    order = tile_order_ref(M, N, P, cfg)
-    tiles_m, tiles_n = -(-M // BM), -(-N // BN)
-    real = Counter(t for cta in order for t in cta if t[0] < tiles_m)
-    assert set(real) == {(m, n) for m in range(tiles_m) for n in range(tiles_n)}
-    assert set(real.values()) == {1}
-    # the CTAs of a cluster walk the same tile columns in step (they share each B tile)
-    for c0 in range(0, len(order), cfg.cluster):
-        cols = {tuple(n for _, n in order[c0 + r]) for r in range(cfg.cluster)}
-        assert len(cols) == 1
+def _table(M, N, P, group_m, op="all_reduce", world=1):
+    plan = make_plan(Problem(M, N, 1024, "bfloat16", world, op),
+                     PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
+    return plan.step_table
+
+
+def _shares_by_brute_force(table, P, cl):
+    """Program p runs steps p, p+P, ...; the cluster of programs [c*cl, c*cl+cl) runs its
+    i-th steps together, past-the-end steps taking their cluster's first step's column."""
+    T = len(table)
+    for first in range(0, P, cl):
+        for s0 in range(first, T, P):
+            cols = {int(table[s, 2]) for s in range(s0, min(s0 + cl, T))}
+            if len(cols) != 1:
+                return False
+    return P % cl == 0
+
+
+@pytest.mark.parametrize("M, N, P, group_m, op, world", [
+    (4096, 8192, 132, 8, "all_reduce", 1), (11008, 3072, 116, 8, "all_reduce", 1),
+    (16384, 8192, 116, 16, "all_reduce", 1), (1000, 776, 132, 8, "all_reduce", 1),
+    (8192, 8192, 116, 8, "reduce_scatter", 4), (6144, 5120, 132, 6, "all_reduce", 1),
+    (6144, 5120, 132, 5, "all_reduce", 1), (2304, 4096, 130, 8, "all_reduce", 1),
+])
+@pytest.mark.parametrize("cl", [2, 4])
+def test_shares_b_tiles_matches_the_schedule(M, N, P, group_m, op, world, cl):
+    table = _table(M, N, P, group_m, op, world)
+    assert shares_b_tiles(table, P, cl) == _shares_by_brute_force(table, P, cl)
+
+
+def test_shares_b_tiles_examples():
+    assert shares_b_tiles(_table(8192, 8192, 132, 8), 132, 2)
+    assert shares_b_tiles(_table(8192, 8192, 116, 8), 116, 4)
+    # 86 tile rows in bands of 8: the last band has 6 rows -- pairs yes, fours no
+    assert shares_b_tiles(_table(11008, 3072, 116, 8), 116, 2)
+    assert not shares_b_tiles(_table(11008, 3072, 116, 8), 116, 4)
+    assert not shares_b_tiles(_table(6144, 5120, 132, 5), 132, 2)  # bands of 5 rows
+    assert not shares_b_tiles(_table(8192, 8192, 130, 8), 130, 4)  # P not a multiple
+    assert not shares_b_tiles(np.array([[0, 128, 0, 256, 0, 0, 0], [128, 256, 256, 512, 128, 0, 0]]), 2, 2)
 
 
 def _nvrtc():
@@ -101,5 +124,7 @@ def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     assert "UTMASTG.2D" in sass
     assert "USETMAXREG" in sass
     # a release at cluster scope compiles to MEMBAR.ALL.GPU: only the two cluster barriers
-    # (start, end) may carry one, never the per-K-step slot release (run36: 25 % slower)
-    assert sass.count("MEMBAR.ALL.GPU") == (2 if cfg.cluster > 1 else 0)
+    # (start, end) and the signal may carry one, never the per-K-step slot release (run36:
+    # 25 % slower)
+    # + the storer's one red.release.gpu per tile
+    assert sass.count("MEMBAR.ALL.GPU") == (2 if cfg.cluster > 1 else 0) + 1

@@ -45,14 +45,13 @@ class ClusterGemmConfig:
     ``cluster``: CTAs per cluster, stacked along M (they share every B tile); ``multicast``:
     each CTA of a cluster loads ``1/cluster`` of the B tile and TMA writes it into all of
     them; ``b_kmajor``: B given as ``weight.t()`` (K contiguous) rather than row-major
-    ``[K, N]``; ``group``: band height of the L2 swizzle in cluster rows."""
+    ``[K, N]``.  The tile order (and the L2 swizzle) is the plan's step table."""
 
     cluster: int = 2
     multicast: bool = True
     b_kmajor: bool = True
     dtype: str = "bfloat16"
     stages: int = 3
-    group: int = 8
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -61,8 +60,6 @@ class ClusterGemmConfig:
             raise ValueError("multicast needs a cluster of 2 or 4")
         if self.dtype not in _PTX_TYPE:
             raise ValueError(f"dtype must be one of {sorted(_PTX_TYPE)}, got {self.dtype!r}")
-        if not 1 <= self.group <= 64:
-            raise ValueError(f"group must be in 1..64, got {self.group}")
         if self.smem_bytes > MAX_DYNAMIC_SMEM:
             raise ValueError(f"{self.stages} stages need {self.smem_bytes} bytes of shared "
                              f"memory, more than {MAX_DYNAMIC_SMEM}")
@@ -70,7 +67,7 @@ class ClusterGemmConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory: the ring, C staging, barriers, 1 KB alignment slack."""
-        return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 1024
+        return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 16 + 1024
 
     @property
     def name(self) -> str:
@@ -100,7 +97,7 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     c = config
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
-        ("STAGES", c.stages), ("GROUP", c.group)))
+        ("STAGES", c.stages)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",
@@ -139,23 +136,20 @@ def compile_cubin(config: ClusterGemmConfig, arch: str = "sm_90a") -> bytes:
     return cubin
 
 
-def tile_order_ref(M: int, N: int, num_ctas: int, config: ClusterGemmConfig) -> list[list]:
-    """The kernel's schedule in Python (``tile_of`` and the persistent loops of
-    ``cluster_gemm.cu``): per CTA of the launch, the ``(tile_m, tile_n)`` it computes in order
-    (tiles past ``M`` included: such a CTA loads zeros and stores nothing)."""
-    cl = config.cluster
-    grid = num_ctas - num_ctas % cl
-    tiles_m, tiles_n = -(-M // BM), -(-N // BN)
-    crows = -(-tiles_m // cl)
-    order: list[list] = [[] for _ in range(grid)]
-    for cta in range(grid):
-        cluster, rank = divmod(cta, cl)
-        for t in range(cluster, crows * tiles_n, grid // cl):
-            band, r = divmod(t, config.group * tiles_n)
-            first = band * config.group
-            rows = min(crows - first, config.group)
-            order[cta].append(((first + r % rows) * cl + rank, r // rows))
-    return order
+def shares_b_tiles(step_table, num_ctas: int, cluster: int) -> bool:
+    """Whether a cluster of ``cluster`` programs can share B tiles on this step table: the
+    kernel's cluster ``c`` runs steps ``c * cluster + i * P + [0, cluster)`` together, so every
+    aligned run of ``cluster`` steps must have one tile column (true when every band of the
+    swizzled order has a multiple of ``cluster`` rows).  ``step_table``: ``[T, 7]`` (numpy)."""
+    import numpy as np
+
+    if num_ctas % cluster:
+        return False
+    cols = np.asarray(step_table)[:, 2]
+    pad = (-len(cols)) % cluster  # steps past the end follow their cluster's first step
+    runs = np.concatenate([cols, np.full(pad, -1)]).reshape(-1, cluster)
+    first = runs[:, :1]
+    return bool(((runs == first) | (runs == -1)).all())
 
 
 def cluster_gemm_ref(a, b):
@@ -209,40 +203,52 @@ class ClusterGemm:
             d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
 
-    def _launch_params(self, a, b, c) -> Any:
+    def _launch_params(self, a, b, out, steps, counters) -> Any:
         M, K = a.shape
         N = b.shape[1]
-        key = (a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K)
+        key = (a.data_ptr(), b.data_ptr(), out.data_ptr(), steps.data_ptr(),
+               0 if counters is None else counters.data_ptr(), M, N, K, out.shape[0])
         params = self._params.get(key)
         if params is None:
             if self.config.b_kmajor:
                 b_map = self._tensor_map(b.t(), N, K, 64, 64)   # weight [N, K]
             else:
                 b_map = self._tensor_map(b, K, N, 64, 64)
-            maps = (self._tensor_map(a, M, K, 64, BM), b_map, self._tensor_map(c, M, N, 64, 64))
-            ints = [ctypes.c_int(v) for v in (M, N, K)]
-            ptrs = [m.getPtr() for m in maps] + [ctypes.addressof(v) for v in ints]
+            maps = (self._tensor_map(a, M, K, 64, BM), b_map,
+                    self._tensor_map(out, out.shape[0], N, 64, 64))
+            scalars = [ctypes.c_void_p(steps.data_ptr()), ctypes.c_int(steps.shape[0]),
+                       ctypes.c_void_p(0 if counters is None else counters.data_ptr()),
+                       ctypes.c_int(M), ctypes.c_int(K)]
+            ptrs = [m.getPtr() for m in maps] + [ctypes.addressof(v) for v in scalars]
             arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
-            params = (maps, ints, arr)
+            params = (maps, scalars, arr)
             self._params[key] = params
         return params
 
-    def __call__(self, a, b, c, num_ctas: int) -> None:
+    def __call__(self, a, b, out, steps, counters, num_ctas: int) -> None:
+        """Run the steps of ``steps`` (a plan's int32 ``[T, 7]`` step table on the GPU) on
+        ``num_ctas`` programs: tile ``a[row_start:, :] @ b[:, col_start:]`` stored at
+        ``out[dest_row:, col_start:]``; with ``counters`` (int32, one per group) each stored
+        tile adds one to its group's counter (release, after the stores are performed).
+        Every step must be a whole 128 x 256 tile of ``out`` (TMA writes whole boxes) and the
+        table must pass :func:`shares_b_tiles` for this cluster size (checked by the caller:
+        once per plan, not per call)."""
         cfg = self.config
         M, K = a.shape
-        if (b.shape[0] != K or c.shape != (M, b.shape[1]) or
-                not a.dtype == b.dtype == c.dtype or K % 8 or b.shape[1] % 8):
+        N = b.shape[1]
+        if (b.shape[0] != K or out.shape[1] != N or not a.dtype == b.dtype == out.dtype
+                or K % 8 or N % 8):
             raise ValueError(f"bad operands a {tuple(a.shape)} b {tuple(b.shape)} "
-                             f"c {tuple(c.shape)} (K and N multiples of 8, one dtype)")
-        if not a.is_contiguous() or not c.is_contiguous() or not (
+                             f"out {tuple(out.shape)} (K and N multiples of 8, one dtype)")
+        if not a.is_contiguous() or not out.is_contiguous() or not (
                 b.t().is_contiguous() if cfg.b_kmajor else b.is_contiguous()):
-            raise ValueError("a and c must be row-major and b "
+            raise ValueError("a and out must be row-major and b "
                              + ("weight.t()" if cfg.b_kmajor else "row-major"))
-        grid = num_ctas - num_ctas % cfg.cluster
-        if grid <= 0:
-            raise ValueError(f"num_ctas {num_ctas} is less than one cluster of {cfg.cluster}")
-        maps, ints, arr = self._launch_params(a, b, c)
+        if num_ctas % cfg.cluster:
+            raise ValueError(f"num_ctas {num_ctas} is not a multiple of the cluster "
+                             f"{cfg.cluster}")
+        maps, scalars, arr = self._launch_params(a, b, out, steps, counters)
         stream = self._driver.CUstream(self._torch.cuda.current_stream().cuda_stream)
-        _check(self._driver.cuLaunchKernel(self._fn, grid, 1, 1, NUM_THREADS, 1, 1,
+        _check(self._driver.cuLaunchKernel(self._fn, num_ctas, 1, 1, NUM_THREADS, 1, 1,
                                            cfg.smem_bytes, stream, ctypes.addressof(arr), 0),
                "cuLaunchKernel")
