@@ -128,3 +128,35 @@ def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     # 25 % slower)
     # + the storer's one red.release.gpu per tile
     assert sass.count("MEMBAR.ALL.GPU") == (2 if cfg.cluster > 1 else 0) + 1
+
+
+def _probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "cluster_gemm_probe.py"
+    spec = importlib.util.spec_from_file_location("cluster_gemm_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_summary_is_efficiency_and_clock_against_the_signal_gemm():
+    mod = _probe()
+    row = dict(b_layout="nk", M=8192, N=8192, K=8192, round=0)
+    rows = [dict(row, engine=e, num_ctas=116, efficiency_vs_torch=eff, sm_clock_mhz=clk)
+            for e, eff, clk in (("signal", 0.95, 1500.0), ("multicast4", 0.96, 1530.0))]
+    rows += [dict(r, round=1, efficiency_vs_torch=r["efficiency_vs_torch"] + 0.01) for r in rows]
+    rows.append(dict(row, engine="torch", num_ctas=None, efficiency_vs_torch=1.0,
+                     sm_clock_mhz=1450.0))
+    (line,) = mod.summarize(rows)
+    assert line.startswith("nk 8192x8192x8192 P=116:")
+    assert "multicast4 0.965 (clock 1.020)" in line and "signal 0.955 (clock 1.000)" in line
+
+
+def test_probe_variants_are_the_configs_they_name():
+    mod = _probe()
+    for name in mod.VARIANTS:
+        cfg = mod.variant_config(name, "kn")
+        assert cfg.name == name and not cfg.b_kmajor
+    assert mod.variant_config("multicast4", "nk") == ClusterGemmConfig(cluster=4, b_kmajor=True)
