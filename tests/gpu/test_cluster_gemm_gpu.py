@@ -1,0 +1,155 @@
+"""The CUDA C cluster GEMM (``flashoverlap.kernels.cluster_gemm``) on an sm_90 GPU: every
+variant against the signal GEMM's reference (``signal_gemm_ref``: the plan's tiles at their
+``dest_row``), NaN-poisoned destinations, counters against the plan's tiles per group; packed
+ReduceScatter layouts; steps past the table's end in a cluster; and the signal protocol under
+a spinning consumer (the stress test's consumer, fewer calls)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    pytest.skip("needs an sm_90 GPU", allow_module_level=True)
+pytest.importorskip("cuda.bindings")
+pytest.importorskip("triton")
+
+from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
+from flashoverlap.kernels.cluster_gemm import (  # noqa: E402
+    ClusterGemm,
+    ClusterGemmConfig,
+    shares_b_tiles,
+)
+from flashoverlap.plan import PlanConfig, Problem, make_plan  # noqa: E402
+
+from stress_consumer import wait_and_snapshot  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+_KERNELS: dict = {}
+
+
+def _kernel(cluster, multicast, b_kmajor, dtype=torch.bfloat16):
+    cfg = ClusterGemmConfig(cluster=cluster, multicast=multicast, b_kmajor=b_kmajor,
+                            dtype="bfloat16" if dtype == torch.bfloat16 else "float16")
+    if cfg not in _KERNELS:
+        _KERNELS[cfg] = ClusterGemm(cfg)
+    return _KERNELS[cfg]
+
+
+def _operands(M, N, K, dtype, b_kmajor, gen=None):
+    a = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
+    if b_kmajor:
+        b = torch.randn(N, K, device=DEV, generator=gen).to(dtype).T
+    else:
+        b = torch.randn(K, N, device=DEV, generator=gen).to(dtype)
+    return a, b
+
+
+def _run(kernel, M, N, K, P, *, world=1, op="all_reduce", group_m=8, dtype=torch.bfloat16,
+         gen=None):
+    plan = make_plan(Problem(M, N, K, "bfloat16", world, op),
+                     PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
+    assert shares_b_tiles(plan.step_table, P, kernel.config.cluster)
+    a, b = _operands(M, N, K, dtype, kernel.config.b_kmajor, gen)
+    table = torch.from_numpy(plan.step_table.copy()).to(DEV)
+    out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+    ref = out.clone()
+    cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+    kernel(a, b, out, table, cnt, P)
+    sg.signal_gemm_ref(a, b, ref, table, rows_per_block=plan.problem.rows_per_block)
+    torch.cuda.synchronize()
+    return plan, out, ref, cnt
+
+
+def _check(plan, out, ref, cnt, what):
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: written elements differ"
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= 1e-2, f"{what}: relative error {err}"
+    want = torch.tensor(plan.group_tile_counts, dtype=torch.int32, device=DEV)
+    assert torch.equal(cnt, want), f"{what}: counters {cnt.tolist()} != {want.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
+@pytest.mark.parametrize("cluster,multicast", [(1, False), (2, False), (2, True), (4, True)])
+@pytest.mark.parametrize("M,N,K,P", [(2048, 2048, 1024, 132), (4096, 1536, 3000, 116),
+                                     (1024, 256, 64, 8), (1000, 776, 136, 132)])
+def test_matches_reference(dtype, b_kmajor, cluster, multicast, M, N, K, P):
+    kernel = _kernel(cluster, multicast, b_kmajor, dtype)
+    plan, out, ref, cnt = _run(kernel, M, N, K, P, dtype=dtype)
+    _check(plan, out, ref, cnt, f"{kernel.config.name} {M}x{N}x{K} P={P}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("cluster", [2, 4])
+def test_packed_reduce_scatter_layout(world, cluster):
+    kernel = _kernel(cluster, True, True)
+    plan, out, ref, cnt = _run(kernel, 2048 * world, 1024, 512, 116, world=world,
+                               op="reduce_scatter")
+    _check(plan, out, ref, cnt, f"reduce_scatter W={world} cluster {cluster}")
+
+
+def test_steps_past_the_end_of_the_table():
+    # 3 tiles on one cluster of 4: the fourth CTA loads zeros and multicasts its share of B
+    kernel = _kernel(4, True, False)
+    plan, out, ref, cnt = _run(kernel, 384, 256, 640, 4, group_m=3)
+    assert len(plan.step_table) == 3
+    _check(plan, out, ref, cnt, "3 steps, cluster of 4")
+
+
+@pytest.mark.parametrize("cluster,multicast", [(1, False), (4, True)])
+def test_signal_ordering_under_a_spinning_consumer(cluster, multicast):
+    """A consumer on a high-priority stream spins on each group's counter (acquire) and
+    snapshots the group's rows when the count is complete; a snapshot that differs from the
+    final buffer is a torn read."""
+    rng = random.Random(7)
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    consumer = torch.cuda.Stream(priority=min(torch.cuda.Stream.priority_range()))
+    compute = torch.cuda.current_stream()
+    checked = torn_total = waited = 0
+    for call in range(120):
+        b_kmajor = call % 2 == 1
+        kernel = _kernel(cluster, multicast, b_kmajor)
+        M = rng.randint(1, 24) * 128 * 4
+        N, K = rng.choice([256, 512, 1024]), rng.randrange(64, 1025, 64)
+        # the consumer holds one SM, which no GEMM CTA can share (64 K registers each): a
+        # persistent grid must leave it free (and clusters of 4 fit 30 at once on an H200)
+        P = rng.choice([128 if cluster == 4 else 130, 116, 64, 8])
+        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                         PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=4))
+        a, b = _operands(M, N, K, torch.bfloat16, b_kmajor, gen)
+        table = torch.from_numpy(plan.step_table.copy()).to(DEV)
+        targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32, device=DEV)
+        spans = plan.spans()
+        bounds = torch.tensor([s.send_lo for s in spans] + [spans[-1].send_hi],
+                              dtype=torch.int64, device=DEV)
+        dest = torch.full((M, N), float("nan"), device=DEV, dtype=torch.bfloat16)
+        snap = torch.ones_like(dest)
+        counters = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+        spins = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+        if call == 0:  # both kernels loaded before anything spins
+            kernel(a, b, dest, table, torch.zeros_like(counters), P)
+            wait_and_snapshot[(1,)](targets, targets, bounds[:-1], bounds[1:], dest, snap,
+                                    spins, plan.num_groups, N, 1, BLOCK=4096, num_warps=8)
+            torch.cuda.synchronize()
+            dest.fill_(float("nan"))
+        ready = torch.cuda.Event()
+        ready.record(compute)
+        with torch.cuda.stream(consumer):  # launched first, so it really waits
+            consumer.wait_event(ready)
+            wait_and_snapshot[(1,)](counters, targets, bounds[:-1], bounds[1:], dest, snap,
+                                    spins, plan.num_groups, N, 1 << 22, BLOCK=4096,
+                                    num_warps=8)
+        kernel(a, b, dest, table, counters, P)
+        compute.wait_stream(consumer)
+        torch.cuda.synchronize()
+        assert not bool((spins < 0).any()), f"call {call}: a wait timed out"
+        assert torch.equal(counters, targets), f"call {call}: counters off target"
+        torn_total += int((snap.view(torch.int16) != dest.view(torch.int16)).sum())
+        waited += int((spins > 0).sum())
+        checked += plan.num_groups
+    assert torn_total == 0, f"{torn_total} elements read before they were final"
+    assert waited >= checked // 20, "the consumer almost never waited: test too weak"
