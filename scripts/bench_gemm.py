@@ -88,6 +88,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="split a partial last wave along K (GemmConfig.split_tail)")
     p.add_argument("--max-registers", type=int,
                    help="cap on registers per thread (GemmConfig.max_registers)")
+    p.add_argument("--cluster-ctas", type=int, choices=[0, 2, 4],
+                   help="run the CUDA C cluster GEMM in clusters of this many CTAs where it "
+                        "can run (GemmConfig.cluster_ctas)")
     p.add_argument("--torch-sm-target", action="store_true",
                    help="also time torch.matmul via cuBLASLt with an SM count target of P "
                         "(the same-SM reference for reduced P)")
@@ -230,6 +233,8 @@ def _config_from_args(args, base):
         overrides["max_registers"] = args.max_registers
     if args.pipelined:
         overrides["warp_specialized_kernel"] = False
+    if args.cluster_ctas is not None:
+        overrides["cluster_ctas"] = args.cluster_ctas
     return dataclasses.replace(base, **overrides)
 
 
@@ -361,8 +366,11 @@ def main(argv=None) -> int:
                         row.setdefault(("target", P), []).append(t_target)
                         row.setdefault(("eff_target", P), []).append(t_target / t)
                     a0, b0 = bench.sets[0]
-                    row[("kernel", P)] = ("warp_specialized" if sg.ws_signal_gemm.eligible(
-                        a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
+                    row[("kernel", P)] = (
+                        f"cluster{cfg.cluster_ctas}" if sg.cluster_gemm.eligible(
+                            a0, b0, bench.c[0], cfg, None, plan.full_tiles, plan.step_table, P)
+                        else "warp_specialized" if sg.ws_signal_gemm.eligible(
+                            a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
                     row[("config", P)] = (cfg, group_m)
                     t_before = t_after
                 del bench

@@ -132,6 +132,12 @@ class GemmConfig:
             ``num_stages`` (capped by shared memory) and ``epilogue_subtile`` (a half-width
             C buffer: room for a fourth stage, measured slower), not ``num_warps``,
             ``flatten``, ``acc_multibuffer`` or ``split_tail``.
+        cluster_ctas: on sm_90, run the CUDA C cluster GEMM
+            (:mod:`flashoverlap.kernels.cluster_gemm`: thread-block clusters of this many
+            CTAs that TMA-multicast each B tile) where it can run -- through
+            :class:`~flashoverlap.kernels.signal_gemm.SignalGemmLauncher`, for 128 x 256 x 64
+            tiles of a plan whose clusters share B tiles, whole tiles, no residual, no split
+            last wave, NVRTC installed; 0 (the default) never.
     """
 
     block_m: int = 128
@@ -148,6 +154,7 @@ class GemmConfig:
     split_min_saved_k_tiles: int = TAIL_MIN_SAVED_K_TILES
     max_registers: int | None = None
     warp_specialized_kernel: bool = True
+    cluster_ctas: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
@@ -167,6 +174,9 @@ class GemmConfig:
                                  or not 24 <= regs <= 255):
             raise ValueError(f"GemmConfig.max_registers must be None or an int in [24, 255], "
                              f"got {regs!r}")
+        if self.cluster_ctas not in (0, 2, 4):
+            raise ValueError(f"GemmConfig.cluster_ctas must be 0, 2 or 4, got "
+                             f"{self.cluster_ctas!r}")
         if self.block_m < 16 or self.block_n < 16 or self.block_k < 16:
             raise ValueError("GemmConfig blocks must be at least 16 (tl.dot minimum)")
 

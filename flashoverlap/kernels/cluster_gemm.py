@@ -25,6 +25,7 @@ where NVRTC is installed, compiles (``tests/test_cluster_gemm_cpu.py``).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ NUM_THREADS = 384
 _A_STAGE, _B_STAGE, _C_STAGING = BM * BK * 2, BN * BK * 2, BM * BN * 2
 MAX_DYNAMIC_SMEM = 227 * 1024  # sm_90 per-block opt-in limit
 KERNEL_NAME = "flashoverlap_cluster_gemm"
+_PARAM_CACHE = 16  # operand sets whose tensor maps a loaded kernel keeps
 _PTX_TYPE = {"bfloat16": "bf16", "float16": "f16"}
 
 
@@ -152,6 +154,66 @@ def shares_b_tiles(step_table, num_ctas: int, cluster: int) -> bool:
     return bool(((runs == first) | (runs == -1)).all())
 
 
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """``cuda.bindings`` with a loadable NVRTC (what compiling this kernel needs)."""
+    try:
+        import importlib
+
+        importlib.import_module("cuda.bindings.driver")
+        from cuda.bindings import nvrtc
+
+        return int(nvrtc.nvrtcVersion()[0]) == 0
+    except Exception:  # not installed, or no NVRTC library to load
+        return False
+
+
+def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
+             num_ctas: int) -> bool:
+    """Whether a signal-GEMM launch can run this kernel (no device work, no sync).
+
+    ``config``: the launch's :class:`~flashoverlap.kernels.GemmConfig` (its
+    ``cluster_ctas``); ``host_table``: the plan's step table on the host (numpy), or None.
+    Assumes the signal GEMM's own checks passed (shapes, devices, layouts)."""
+    import torch
+
+    from . import tail_split
+
+    cl = config.cluster_ctas
+    if (cl not in (2, 4) or not full_tiles or residual is not None or host_table is None
+            or num_ctas % cl or (config.block_m, config.block_n, config.block_k) != (BM, BN, BK)
+            or a.dtype not in (torch.bfloat16, torch.float16)
+            or torch.cuda.get_device_capability(a.device) != (9, 0)):
+        return False
+    b_rows = b.T if (b.stride(0) == 1 and b.stride(1) != 1) else b
+    for t in (a, b_rows, out):
+        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    k_tiles = -(-a.shape[1] // BK)
+    if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
+                                        config.split_min_saved_k_tiles)[1] > 1:
+        return False  # the Gluon kernel splits this last wave; this one cannot
+    return shares_b_tiles(host_table, num_ctas, cl) and available()
+
+
+_LOADED: dict = {}
+
+
+def kernel_for(a, b, config) -> "ClusterGemm":
+    """The loaded kernel of a launch that :func:`eligible` accepted (one per variant and
+    device, loaded at first use)."""
+    import torch
+
+    cfg = ClusterGemmConfig(cluster=config.cluster_ctas, multicast=True,
+                            b_kmajor=b.stride(0) == 1 and b.stride(1) != 1,
+                            dtype="bfloat16" if a.dtype == torch.bfloat16 else "float16")
+    key = (cfg, a.device.index)
+    if key not in _LOADED:
+        with torch.cuda.device(a.device):
+            _LOADED[key] = ClusterGemm(cfg)
+    return _LOADED[key]
+
+
 def cluster_gemm_ref(a, b):
     """The reference: ``a @ b`` in fp32, cast to ``a``'s dtype."""
     return (a.float() @ b.float()).to(a.dtype)
@@ -176,7 +238,8 @@ class ClusterGemm:
         _check(driver.cuFuncSetAttribute(
             self._fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             config.smem_bytes), "cuFuncSetAttribute")
-        self._params: dict[tuple, Any] = {}
+        # launch parameters (three tensor maps) per operand set, the most recent few kept
+        self._params: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 
     def max_active_clusters(self, num_ctas: int) -> int:
         """How many clusters of this variant the device holds at once (the driver's count)."""
@@ -209,7 +272,9 @@ class ClusterGemm:
         key = (a.data_ptr(), b.data_ptr(), out.data_ptr(), steps.data_ptr(),
                0 if counters is None else counters.data_ptr(), M, N, K, out.shape[0])
         params = self._params.get(key)
-        if params is None:
+        if params is not None:
+            self._params.move_to_end(key)
+        else:
             if self.config.b_kmajor:
                 b_map = self._tensor_map(b.t(), N, K, 64, 64)   # weight [N, K]
             else:
@@ -223,16 +288,20 @@ class ClusterGemm:
             arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
             params = (maps, scalars, arr)
             self._params[key] = params
+            if len(self._params) > _PARAM_CACHE:
+                self._params.popitem(last=False)
         return params
 
-    def __call__(self, a, b, out, steps, counters, num_ctas: int) -> None:
+    def __call__(self, a, b, out, steps, counters, num_ctas: int,
+                 stream: int | None = None) -> None:
         """Run the steps of ``steps`` (a plan's int32 ``[T, 7]`` step table on the GPU) on
         ``num_ctas`` programs: tile ``a[row_start:, :] @ b[:, col_start:]`` stored at
         ``out[dest_row:, col_start:]``; with ``counters`` (int32, one per group) each stored
         tile adds one to its group's counter (release, after the stores are performed).
         Every step must be a whole 128 x 256 tile of ``out`` (TMA writes whole boxes) and the
         table must pass :func:`shares_b_tiles` for this cluster size (checked by the caller:
-        once per plan, not per call)."""
+        once per plan, not per call).  ``stream``: a raw stream handle (default: the
+        current stream)."""
         cfg = self.config
         M, K = a.shape
         N = b.shape[1]
@@ -248,7 +317,9 @@ class ClusterGemm:
             raise ValueError(f"num_ctas {num_ctas} is not a multiple of the cluster "
                              f"{cfg.cluster}")
         maps, scalars, arr = self._launch_params(a, b, out, steps, counters)
-        stream = self._driver.CUstream(self._torch.cuda.current_stream().cuda_stream)
+        if stream is None:
+            stream = self._torch.cuda.current_stream().cuda_stream
+        stream = self._driver.CUstream(stream)
         _check(self._driver.cuLaunchKernel(self._fn, num_ctas, 1, 1, NUM_THREADS, 1, 1,
                                            cfg.smem_bytes, stream, ctypes.addressof(arr), 0),
                "cuLaunchKernel")

@@ -88,5 +88,7 @@ class KernelCache:
         return self._kernels.get(key)
 
     def remember(self, key: Any, compiled: Any, entry: Any = None) -> None:
-        if ENABLED and compiled is not None and hasattr(compiled, "run"):
+        """``compiled``: the kernel a JIT launch returned (the interpreter's None is not
+        kept), or a launcher the caller calls itself (a callable: the cluster GEMM)."""
+        if ENABLED and compiled is not None and (hasattr(compiled, "run") or callable(compiled)):
             self._kernels[key] = compiled if entry is None else entry

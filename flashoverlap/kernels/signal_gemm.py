@@ -149,6 +149,7 @@ from flashoverlap.kernels import (
     LAUNCH_OPTIONS,
     TICKETS_PER_TILE,
     GemmConfig,
+    cluster_gemm,
     config_for_tile,
     default_config,
     direct_launch,
@@ -859,8 +860,10 @@ class SignalGemmLauncher:
         self.block_m, self.block_n, self.num_ctas = block_m, block_n, num_ctas
         self.residual_block, self.rows_per_block = residual_block, rows_per_block
         self.config = config
-        # key -> (compiled kernel, grid, all arguments, uses TMA, residual's position or None)
+        # key -> (compiled kernel, grid, all arguments, uses TMA, residual's position or None);
+        # (cluster kernel, None, ...) where GemmConfig.cluster_ctas runs cluster_gemm's
         self._entries = direct_launch.KernelCache()
+        self._host_table = None  # the step table on the host, for cluster_gemm.eligible
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
                  residual: torch.Tensor | None = None,
@@ -889,13 +892,13 @@ class SignalGemmLauncher:
             self._first(key, a, b, out, residual, stream, counters)
             return
         kernel, grid, args, use_tma, res_slot = entry
+        if grid is None:  # the CUDA C cluster kernel (cluster_gemm)
+            kernel(a, b, out, self.step_table, counters if counters is not None
+                   else self.counters, self.num_ctas, stream=_stream_handle(stream, a))
+            return
         if use_tma:
             _ensure_tma_allocator()  # per thread: Triton keeps the allocator in a ContextVar
-        if isinstance(stream, int):
-            handle = stream
-        else:
-            handle = (stream if stream is not None
-                      else torch.cuda.current_stream(a.device)).cuda_stream
+        handle = _stream_handle(stream, a)
         args[_A], args[_B], args[_OUT] = a, b, out
         if res_slot is not None:
             args[res_slot] = residual if residual is not None else out
@@ -920,6 +923,17 @@ class SignalGemmLauncher:
         bumped = self.counters if counters is None else counters
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
                   bumped, residual, self.rows_per_block)
+        config = _resolve_config(a, self.block_m, self.block_n, self.config)
+        if config.cluster_ctas and self._host_table is None and a.is_cuda \
+                and not torch.cuda.is_current_stream_capturing():
+            self._host_table = self.step_table.cpu().numpy()  # once per launcher
+        if cluster_gemm.eligible(a, b, out, config, residual, self.full_tiles,
+                                 self._host_table, self.num_ctas):
+            kernel = cluster_gemm.kernel_for(a, b, config)
+            kernel(a, b, out, self.step_table, bumped, self.num_ctas,
+                   stream=_stream_handle(stream, a))
+            self._entries.remember(key, kernel, (kernel, None, None, False, None))
+            return
         fn, jit, grid, args, meta = _choose_launch(
             a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas, bumped,
             residual, self.residual_block, self.rows_per_block, self.config, self.full_tiles,
@@ -943,6 +957,13 @@ class SignalGemmLauncher:
             every[res_slot] = None
         every[_CNT] = self.counters if self.counters is not None else self.step_table
         self._entries.remember(key, compiled, (compiled, grid, every, use_tma, res_slot))
+
+
+def _stream_handle(stream: torch.cuda.Stream | int | None, a: torch.Tensor) -> int:
+    """The raw handle of a launcher call's ``stream`` (None: the current stream)."""
+    if isinstance(stream, int):
+        return stream
+    return (stream if stream is not None else torch.cuda.current_stream(a.device)).cuda_stream
 
 
 def signal_gemm_ref(

@@ -153,3 +153,42 @@ def test_signal_ordering_under_a_spinning_consumer(cluster, multicast):
         checked += plan.num_groups
     assert torn_total == 0, f"{torn_total} elements read before they were final"
     assert waited >= checked // 20, "the consumer almost never waited: test too weak"
+
+
+@pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
+def test_launcher_runs_the_cluster_kernel_where_configured(b_kmajor):
+    """GemmConfig.cluster_ctas through SignalGemmLauncher: the first call picks the cluster
+    kernel, later calls reuse it; a CUDA graph replays it; a plan whose bands do not pair
+    tiles (bands of 5 rows) falls back to the Gluon kernel and is right too."""
+    import dataclasses
+
+    from flashoverlap.kernels import default_config
+
+    config = dataclasses.replace(default_config(DEV), cluster_ctas=4)
+    for group_m, cluster in ((8, True), (5, False)):
+        M, N, K, P = 5120, 2048, 1024, 116
+        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                         PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
+        table = torch.from_numpy(plan.step_table.copy()).to(DEV)
+        cnt = torch.zeros(plan.num_groups, device=DEV, dtype=torch.int32)
+        launcher = sg.SignalGemmLauncher(table, cnt, block_m=128, block_n=256, num_ctas=P,
+                                         config=config, full_tiles=plan.full_tiles)
+        a, b = _operands(M, N, K, torch.bfloat16, b_kmajor)
+        ref = torch.full((M, N), float("nan"), device=DEV, dtype=torch.bfloat16)
+        sg.signal_gemm_ref(a, b, ref, table)
+        for call in range(3):
+            out = torch.full_like(ref, float("nan"))
+            cnt.zero_()
+            launcher(a, b, out)
+            torch.cuda.synchronize()
+            _check(plan, out, ref, cnt, f"group_m {group_m} call {call}")
+        (entry,) = launcher._entries._kernels.values()
+        assert isinstance(entry[0], ClusterGemm) == cluster
+        out = torch.full_like(ref, float("nan"))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launcher(a, b, out)
+        cnt.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(plan, out, ref, cnt, f"group_m {group_m} graph replay")
