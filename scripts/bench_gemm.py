@@ -366,9 +366,11 @@ def main(argv=None) -> int:
                         row.setdefault(("target", P), []).append(t_target)
                         row.setdefault(("eff_target", P), []).append(t_target / t)
                     a0, b0 = bench.sets[0]
+                    on_cluster = sg.cluster_gemm.eligible(
+                        a0, b0, bench.c[0], cfg, None, plan.full_tiles, plan.step_table, P) \
+                        and sg.cluster_gemm.kernel_for(a0, b0, cfg, P) is not None
                     row[("kernel", P)] = (
-                        f"cluster{cfg.cluster_ctas}" if sg.cluster_gemm.eligible(
-                            a0, b0, bench.c[0], cfg, None, plan.full_tiles, plan.step_table, P)
+                        f"cluster{cfg.cluster_ctas}" if on_cluster
                         else "warp_specialized" if sg.ws_signal_gemm.eligible(
                             a0, b0, bench.c[0], cfg, None, plan.full_tiles) else "pipelined")
                     row[("config", P)] = (cfg, group_m)

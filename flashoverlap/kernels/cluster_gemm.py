@@ -199,9 +199,10 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
 _LOADED: dict = {}
 
 
-def kernel_for(a, b, config) -> "ClusterGemm":
+def kernel_for(a, b, config, num_ctas: int) -> "ClusterGemm | None":
     """The loaded kernel of a launch that :func:`eligible` accepted (one per variant and
-    device, loaded at first use)."""
+    device, loaded at first use), or None where the device cannot hold ``num_ctas`` CTAs in
+    such clusters at once."""
     import torch
 
     cfg = ClusterGemmConfig(cluster=config.cluster_ctas, multicast=True,
@@ -211,7 +212,8 @@ def kernel_for(a, b, config) -> "ClusterGemm":
     if key not in _LOADED:
         with torch.cuda.device(a.device):
             _LOADED[key] = ClusterGemm(cfg)
-    return _LOADED[key]
+    kernel = _LOADED[key]
+    return kernel if kernel.fits(num_ctas) else None
 
 
 def cluster_gemm_ref(a, b):
@@ -240,6 +242,7 @@ class ClusterGemm:
             config.smem_bytes), "cuFuncSetAttribute")
         # launch parameters (three tensor maps) per operand set, the most recent few kept
         self._params: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._fits: dict[int, bool] = {}
 
     def max_active_clusters(self, num_ctas: int) -> int:
         """How many clusters of this variant the device holds at once (the driver's count)."""
@@ -251,6 +254,16 @@ class ClusterGemm:
         cfg.numAttrs = 0
         return int(_check(d.cuOccupancyMaxActiveClusters(self._fn, cfg),
                           "cuOccupancyMaxActiveClusters"))
+
+    def fits(self, num_ctas: int) -> bool:
+        """Whether the device holds all ``num_ctas // cluster`` clusters at once (a
+        persistent grid must be co-resident; an H200 holds 66 clusters of 2, 30 of 4)."""
+        if self.config.cluster == 1:
+            return True
+        if num_ctas not in self._fits:
+            self._fits[num_ctas] = (self.max_active_clusters(num_ctas) * self.config.cluster
+                                    >= num_ctas)
+        return self._fits[num_ctas]
 
     def _tensor_map(self, t, rows: int, cols: int, box_cols: int, box_rows: int):
         d = self._driver

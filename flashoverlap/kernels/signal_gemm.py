@@ -927,9 +927,10 @@ class SignalGemmLauncher:
         if config.cluster_ctas and self._host_table is None and a.is_cuda \
                 and not torch.cuda.is_current_stream_capturing():
             self._host_table = self.step_table.cpu().numpy()  # once per launcher
-        if cluster_gemm.eligible(a, b, out, config, residual, self.full_tiles,
-                                 self._host_table, self.num_ctas):
-            kernel = cluster_gemm.kernel_for(a, b, config)
+        kernel = (cluster_gemm.kernel_for(a, b, config, self.num_ctas)
+                  if cluster_gemm.eligible(a, b, out, config, residual, self.full_tiles,
+                                           self._host_table, self.num_ctas) else None)
+        if kernel is not None:
             kernel(a, b, out, self.step_table, bumped, self.num_ctas,
                    stream=_stream_handle(stream, a))
             self._entries.remember(key, kernel, (kernel, None, None, False, None))
