@@ -210,16 +210,17 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
           const u32 sa = base + st * STAGE_BYTES, sb = sa + A_STAGE;
           tma_load(sa, &a_desc, bar, kk * BK, row);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            // K-major B: box j = rows n0+64j.. of weight [N, K]; row-major B: columns n0+64j..
+          for (int j = 0; j < B_BOXES; ++j) {
+            // K-major B: box j = rows n0 + j*BN/B_BOXES.. of weight [N, K]; row-major B:
+            // columns n0+64j.. (B_BOXES = 4: a 128-byte-swizzled box is at most 64 wide)
             const int c0 = B_KMAJOR ? kk * BK : n0 + 64 * j;
-            const int c1 = B_KMAJOR ? n0 + 64 * j : kk * BK;
+            const int c1 = B_KMAJOR ? n0 + (BN / B_BOXES) * j : kk * BK;
+            const u32 dst = sb + j * (B_STAGE / B_BOXES);
             if (MULTICAST) {
               if (j % CL == (int)rank)
-                tma_load_multicast(sb + j * B_BOX, &b_desc, bar, c0, c1,
-                                   (unsigned short)((1u << CL) - 1));
+                tma_load_multicast(dst, &b_desc, bar, c0, c1, (unsigned short)((1u << CL) - 1));
             } else {
-              tma_load(sb + j * B_BOX, &b_desc, bar, c0, c1);
+              tma_load(dst, &b_desc, bar, c0, c1);
             }
           }
         }

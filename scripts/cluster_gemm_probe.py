@@ -41,6 +41,10 @@ VARIANTS = {
     "cluster2": dict(cluster=2, multicast=False),
     "multicast2": dict(cluster=2, multicast=True),
     "multicast4": dict(cluster=4, multicast=True),
+    # base-kernel knobs (K-major B only for the one-box variants)
+    "single-l2none": dict(cluster=1, multicast=False, l2_promotion=0),
+    "single-1box": dict(cluster=1, multicast=False, b_one_box=True),
+    "multicast2-1box": dict(cluster=2, multicast=True, b_one_box=True),
 }
 SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
 
@@ -48,6 +52,11 @@ SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x307
 def variant_config(name: str, layout: str, dtype: str = "bfloat16") -> ClusterGemmConfig:
     """The kernel configuration of variant ``name`` for B layout ``layout`` (``nk``: w.t())."""
     return ClusterGemmConfig(b_kmajor=layout == "nk", dtype=dtype, **VARIANTS[name])
+
+
+def runs_on(name: str, layout: str) -> bool:
+    """Whether variant ``name`` exists for B layout ``layout`` (one-box: K-major B only)."""
+    return layout == "nk" or not VARIANTS[name].get("b_one_box")
 
 
 def main(argv=None) -> int:
@@ -100,7 +109,8 @@ def main(argv=None) -> int:
     cap = torch.cuda.get_device_capability(dev)
     bench_common.load_torch()
     prov = bench_common.provenance(dev)
-    kernels = {(v, lay): ClusterGemm(variant_config(v, lay)) for v in variants for lay in layouts}
+    kernels = {(v, lay): ClusterGemm(variant_config(v, lay)) for v in variants for lay in layouts
+               if runs_on(v, lay)}
     # a grid whose clusters the device cannot hold at once is not persistent: not timed
     fits = {}
     for (v, lay), k in kernels.items():
@@ -131,6 +141,8 @@ def main(argv=None) -> int:
                     counters = torch.zeros(plan.num_groups, device=dev, dtype=torch.int32)
                     plans[P] = (choice, plan, steps, per_group, counters)
                     for v in variants:
+                        if (v, lay) not in kernels:
+                            continue
                         k = kernels[v, lay]
                         if not shares_b_tiles(plan.step_table, P, k.config.cluster):
                             fits[v, lay, P, M, N, K] = False
@@ -168,7 +180,8 @@ def main(argv=None) -> int:
                                                     num_ctas=P, group_m=choice.group_m))
                         phases.append(("signal", P, bench.signal_fn(plan, choice.config)))
                     phases += [(v, P, variant_fn(v, P)) for v in variants
-                               if fits[v, lay, P] and fits.get((v, lay, P, M, N, K), True)]
+                               if (v, lay) in kernels and fits[v, lay, P]
+                               and fits.get((v, lay, P, M, N, K), True)]
                 for rnd in range(args.rounds):
                     t_torch = None
                     for engine, P, fn in phases:

@@ -47,19 +47,29 @@ class ClusterGemmConfig:
     ``cluster``: CTAs per cluster, stacked along M (they share every B tile); ``multicast``:
     each CTA of a cluster loads ``1/cluster`` of the B tile and TMA writes it into all of
     them; ``b_kmajor``: B given as ``weight.t()`` (K contiguous) rather than row-major
-    ``[K, N]``.  The tile order (and the L2 swizzle) is the plan's step table."""
+    ``[K, N]``.  The tile order (and the L2 swizzle) is the plan's step table.
+    ``b_one_box`` (K-major B only): a CTA loads its share of the B tile as one TMA box (one
+    256-row box without multicast) instead of 64-row boxes; ``l2_promotion``: the tensor
+    maps' L2 promotion in bytes (0: none)."""
 
     cluster: int = 2
     multicast: bool = True
     b_kmajor: bool = True
     dtype: str = "bfloat16"
     stages: int = 3
+    b_one_box: bool = False
+    l2_promotion: int = 256
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
             raise ValueError(f"cluster must be 1, 2 or 4, got {self.cluster}")
         if self.multicast and self.cluster == 1:
             raise ValueError("multicast needs a cluster of 2 or 4")
+        if self.b_one_box and not self.b_kmajor:
+            raise ValueError("b_one_box needs a K-major B (a row-major B tile is four "
+                             "64-wide boxes under the 128-byte swizzle)")
+        if self.l2_promotion not in (0, 64, 128, 256):
+            raise ValueError(f"l2_promotion must be 0, 64, 128 or 256, got {self.l2_promotion}")
         if self.dtype not in _PTX_TYPE:
             raise ValueError(f"dtype must be one of {sorted(_PTX_TYPE)}, got {self.dtype!r}")
         if self.smem_bytes > MAX_DYNAMIC_SMEM:
@@ -70,6 +80,11 @@ class ClusterGemmConfig:
     def smem_bytes(self) -> int:
         """Dynamic shared memory: the ring, C staging, barriers, 1 KB alignment slack."""
         return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 16 + 1024
+
+    @property
+    def b_boxes(self) -> int:
+        """TMA boxes per B tile (a cluster's CTAs load every ``cluster``-th one)."""
+        return (self.cluster if self.multicast else 1) if self.b_one_box else 4
 
     @property
     def name(self) -> str:
@@ -99,7 +114,7 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     c = config
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
-        ("STAGES", c.stages)))
+        ("STAGES", c.stages), ("B_BOXES", c.b_boxes)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",
@@ -276,7 +291,8 @@ class ClusterGemm:
             [d.cuuint32_t(1), d.cuuint32_t(1)],
             d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
             d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
-            d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            getattr(d.CUtensorMapL2promotion, "CU_TENSOR_MAP_L2_PROMOTION_" + (
+                f"L2_{self.config.l2_promotion}B" if self.config.l2_promotion else "NONE")),
             d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
 
     def _launch_params(self, a, b, out, steps, counters) -> Any:
@@ -288,8 +304,8 @@ class ClusterGemm:
         if params is not None:
             self._params.move_to_end(key)
         else:
-            if self.config.b_kmajor:
-                b_map = self._tensor_map(b.t(), N, K, 64, 64)   # weight [N, K]
+            if self.config.b_kmajor:  # weight [N, K]
+                b_map = self._tensor_map(b.t(), N, K, 64, BN // self.config.b_boxes)
             else:
                 b_map = self._tensor_map(b, K, N, 64, 64)
             maps = (self._tensor_map(a, M, K, 64, BM), b_map,
