@@ -166,3 +166,37 @@ def test_probe_variants_are_the_configs_they_name():
         cfg = mod.variant_config(name, "kn")
         assert name.startswith(cfg.name) and not cfg.b_kmajor
     assert mod.variant_config("multicast4", "nk") == ClusterGemmConfig(cluster=4, b_kmajor=True)
+
+
+def test_readme_quotes_the_committed_cluster_runs():
+    """The README's numbers for the cluster GEMM's product-path A/B (cluster-run38): medians
+    and minima of both passes, and the per-row ratio on the rows the cluster kernel took."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = root / "results" / "2026-12-03-h200" / "cluster-run38"
+    eff = {}
+    for v in ("default", "cluster4"):
+        for f in sorted((run / v).glob("*.json")):
+            for r in json.loads(f.read_text()):
+                if r.get("engine") == "flashoverlap" and r.get("num_ctas") == 116:
+                    eff[v, r["b_layout"], r["M"], r["N"], r["K"]] = (r["efficiency_vs_torch"],
+                                                                       r["kernel"])
+    for v, med, low in (("default", 0.951, 0.911), ("cluster4", 0.946, 0.892)):
+        xs = [e for (w, *_), (e, _) in eff.items() if w == v]
+        assert len(xs) == 26
+        assert round(statistics.median(xs), 3) == med and round(min(xs), 3) == low
+    took, other = [], []
+    for (v, *shape), (e, kernel) in eff.items():
+        if v == "cluster4":
+            (took if kernel == "cluster4" else other).append(e / eff[("default", *shape)][0])
+    assert len(took) == 16 and len(other) == 10
+    assert round(statistics.median(took), 3) == 0.989
+    assert (round(min(took), 3), round(max(took), 3)) == (0.979, 1.018)
+    assert (round(min(other), 3), round(max(other), 3)) == (0.952, 1.047)
+    readme = (root / "README.md").read_text()
+    for quoted in ("**0.946 / 0.892**", "0.951 / 0.911", "0.979–1.018", "median 0.989",
+                   "0.952–1.047"):
+        assert quoted in readme, quoted
