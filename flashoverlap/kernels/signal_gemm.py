@@ -16,7 +16,12 @@ operands runs the warp-specialized Gluon kernel of :mod:`flashoverlap.kernels.ws
 (a loader warp, two MMA warpgroups, a TMA-store + signal warp: 1.006-1.027x this kernel's
 efficiency in the medians on one H200, up to 1.12x on short K with 116 CTAs).  Everything else
 runs the pipelined kernel below, which handles partial tiles, the residual epilogue,
-unaligned operands (pointer loads) and sm_80/sm_89.  Both split the last wave alike.  :func:`signal_gemm` and
+unaligned operands (pointer loads) and sm_80/sm_89.  Both split the last wave alike.  A third,
+opt-in (``GemmConfig.cluster_ctas``, default off): :class:`SignalGemmLauncher` runs the CUDA C
+cluster GEMM of :mod:`flashoverlap.kernels.cluster_gemm` (thread-block clusters sharing each B
+tile through TMA multicast) where that module's ``eligible`` and the device's cluster capacity
+allow -- measured at 0.989 of the Gluon kernel's efficiency, so nothing turns it on by default;
+:func:`signal_gemm` never takes it (it would need the step table on the host: a sync per call).  :func:`signal_gemm` and
 :class:`SignalGemmLauncher` choose once per argument signature; the choice depends on the
 plan, the tensors' layout, the device and whether this launch adds a residual.  Ranks of one
 collective therefore choose alike, except for an AllReduce with a replicated residual, where
