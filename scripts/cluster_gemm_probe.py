@@ -27,21 +27,23 @@ per row: torch.matmul's time in the same round over the row's) and prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flashoverlap.kernels.cluster_gemm import ClusterGemmConfig  # noqa: E402
+from gemm_clock_probe import chosen_variants, print_summaries  # noqa: E402
 
 VARIANTS = {
     "single": dict(cluster=1, multicast=False),
     "cluster2": dict(cluster=2, multicast=False),
     "multicast2": dict(cluster=2, multicast=True),
     "multicast4": dict(cluster=4, multicast=True),
-    # base-kernel knobs (K-major B only for the one-box variants)
+    # base-kernel knobs for the 1-2 % the kernel trails the Gluon one (K-major B only for the
+    # one-box variants); compiled and checked on the CPU, not yet run on a GPU
     "single-l2none": dict(cluster=1, multicast=False, l2_promotion=0),
     "single-1box": dict(cluster=1, multicast=False, b_one_box=True),
     "multicast2-1box": dict(cluster=2, multicast=True, b_one_box=True),
@@ -74,21 +76,15 @@ def main(argv=None) -> int:
     p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                    help="only print the table of result files (no GPU needed)")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    variants = chosen_variants(p, args.variants, VARIANTS)
     if args.summarize:
-        for f in args.summarize:
-            print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
-        return 0
+        return print_summaries(args.summarize, summarize)
     if args.out is None:
         p.error("--out is required")
 
     import torch
     import triton
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_common
     from bench_gemm import _Bench
     from gemm_clock_probe import _phase, _Sampler, write_rows

@@ -101,6 +101,23 @@ def _phase(torch, fn, sampler: _Sampler, seconds: float) -> dict:
             "clock_reasons": sorted({s[3] for s in window}), "samples": len(window)}
 
 
+def chosen_variants(parser: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """The comma-separated ``--variants`` of a probe, each one of ``known`` (else a usage
+    error): the multicast and cluster-GEMM probes share it."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in variants if v not in known]
+    if bad:
+        parser.error(f"unknown variants {bad}; choose from {list(known)}")
+    return variants
+
+
+def print_summaries(files: list[Path], summarize: Callable[[list[dict]], list[str]]) -> int:
+    """A probe's ``--summarize``: each result file's table (no GPU needed); returns 0."""
+    for f in files:
+        print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
+    return 0
+
+
 def write_rows(out: Path, name: str, rows: list[dict],
                summarize: Callable[[list[dict]], list[str]], heading: str) -> None:
     """Write ``out/<name>.json`` (the folder made if missing), then print ``heading`` and

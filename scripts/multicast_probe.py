@@ -56,7 +56,6 @@ Writes ``DIR/<--name>.json`` (``bench="multicast_probe"`` rows) and prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -74,6 +73,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from flashoverlap.kernels import LAUNCH_OPTIONS
 from flashoverlap.kernels.offline_compile import compile_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm_clock_probe import chosen_variants, print_summaries  # noqa: E402
 
 VARIANTS = {"single": (1, False), "cluster": (2, False), "multicast": (2, True)}
 BM, BN, BK, STAGES, GROUP = 128, 256, 64, 3, 8
@@ -241,14 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
                    help="only print the ratio table of result files (no GPU needed)")
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    variants = chosen_variants(p, args.variants, VARIANTS)
     if args.summarize:
-        for f in args.summarize:
-            print(f"{f}:\n" + "\n".join(summarize(json.loads(f.read_text()))))
-        return 0
+        return print_summaries(args.summarize, summarize)
     if not have_multicast():
         p.error(f"Triton {triton.__version__}'s Gluon has no multicast TMA load")
     if args.ptx:
