@@ -200,3 +200,40 @@ def test_readme_quotes_the_committed_cluster_runs():
     for quoted in ("**0.946 / 0.892**", "0.951 / 0.911", "0.979–1.018", "median 0.989",
                    "0.952–1.047"):
         assert quoted in readme, quoted
+
+
+def test_eligible_takes_only_what_the_kernel_can_run(monkeypatch):
+    """cluster_gemm.eligible's rules, on CPU tensors with the device checks stubbed: the
+    config must ask for clusters, the plan must be whole tiles that pair by column, and no
+    split last wave may be wanted."""
+    import dataclasses
+
+    import torch
+
+    from flashoverlap.kernels import cluster_gemm, default_config
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cluster_gemm, "available", lambda: True)
+    base = dataclasses.replace(default_config(None, torch.bfloat16), cluster_ctas=4)
+
+    def check(M=8192, N=8192, K=1024, P=116, group_m=8, config=base, b_t=False,
+              full_tiles=True, residual=None, table=True):
+        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                         PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
+        a = torch.empty(M, K, dtype=torch.bfloat16)
+        b = torch.empty(N, K, dtype=torch.bfloat16).T if b_t else torch.empty(K, N, dtype=torch.bfloat16)
+        out = torch.empty(M, N, dtype=torch.bfloat16)
+        return cluster_gemm.eligible(a, b, out, config, residual, full_tiles and plan.full_tiles,
+                                     plan.step_table if table else None, P)
+
+    assert check() and check(b_t=True)
+    assert not check(config=dataclasses.replace(base, cluster_ctas=0))
+    assert not check(group_m=5)                # bands of 5 rows: no column pairs
+    assert not check(P=118)                    # not a whole number of clusters of 4
+    assert not check(full_tiles=False)
+    assert not check(table=False)              # no host copy of the table (capturing)
+    assert not check(residual=torch.empty(8192, 8192, dtype=torch.bfloat16))
+    assert not check(config=dataclasses.replace(base, block_n=128))
+    # 16384 x 8192 at P = 116 has a last wave the Gluon kernel splits in 3 (K = 8192)
+    assert not check(M=16384, K=8192)
+    assert check(M=16384, K=8192, config=dataclasses.replace(base, split_tail=False))
