@@ -16,13 +16,15 @@
 //
 // Layout of one CTA (384 threads):
 //   warpgroup 0  -- warp 0, one thread: the producer, issuing the TMA loads of a STAGES-deep ring
-//                   (A box 128x64 from its own tile row; B as four 64-wide boxes, of which a
-//                   CTA of a cluster of CL loads every CL-th and multicasts it to the whole
-//                   cluster when MULTICAST);
+//                   (A box 128x64 from its own tile row; B as B_BOXES boxes -- four 64-wide
+//                   ones, or for a K-major B one per CTA -- of which a CTA of a cluster of CL
+//                   loads every CL-th and multicasts it to the whole cluster when MULTICAST);
 //   warpgroups 1, 2 -- consumers: each owns 64 rows of the 128x256 tile, wgmma m64n256k16,
-//                   one wgmma group in flight; a slot is released (an arrive on the "empty"
-//                   barrier of every CTA that the slot's data was multicast to) when the group
-//                   after the one that read it has been issued and the older one retired.
+//                   one wgmma group in flight; a slot is released (a plain arrive on the
+//                   "empty" barrier of every CTA that the slot's data was multicast to: the
+//                   .release.cluster form compiles to MEMBAR.ALL.GPU, 20-30 % slower) when
+//                   the group after the one that read it has been issued and the older one
+//                   retired.
 //   warpgroup 0  -- warp 1, one thread: the storer (below).
 // Epilogue: after c_empty, each consumer warpgroup converts its 64x256 fp32 accumulator and
 // writes it to its own 32 KB of shared memory in the 128-byte-swizzled layout of the C tensor

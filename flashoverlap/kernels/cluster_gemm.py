@@ -1,20 +1,28 @@
-"""A Hopper GEMM in thread-block clusters with TMA multicast of B, in CUDA C (issue 14's probe).
+"""A Hopper signal GEMM in thread-block clusters with TMA multicast of B, in CUDA C (opt-in).
 
 Role
 ----
-Issue 14 asks the signal GEMM for cuBLAS's speed on 116 of 132 SMs.  Measured so far
-(README, "Signal GEMM vs cuBLAS"): under the H200's 700 W cap cuBLAS on 116 SMs runs a
-1.7-3.2 % higher clock than the signal GEMM at the same power, with kernels in clusters of
-2-8 CTAs -- TMA multicast reads a B tile from L2 once for the whole cluster.  Triton 3.6's
-Gluon cannot multicast and 3.9's lowering costs 27-33 % (``scripts/multicast_probe.py``),
-so this module measures the lever outside Gluon: ``csrc_gen/cluster_gemm.cu`` (the kernel
-and its design notes) rendered per :class:`ClusterGemmConfig`, compiled by NVRTC for
-``sm_90a`` and launched through ``cuda.bindings`` (no nvcc on the user's machine, no build
-step).  The same kernel runs without clusters (``cluster=1``), in clusters without multicast
-(the launch's own cost) and with multicast, so the three differ only in the lever.
+Issue 14 asks the signal GEMM for cuBLAS's speed on 116 of 132 SMs.  Measured before (README,
+"Signal GEMM vs cuBLAS"): under the H200's 700 W cap cuBLAS on 116 SMs runs a 1.7-3.2 %
+higher clock than the signal GEMM at the same power, with kernels in clusters of 2-8 CTAs --
+TMA multicast reads a B tile from L2 once for the whole cluster.  Triton 3.6's Gluon cannot
+multicast and 3.9's lowering costs 27-33 % (``scripts/multicast_probe.py``), so the lever is
+built here, outside Gluon: ``csrc_gen/cluster_gemm.cu`` (the kernel and its protocol notes)
+rendered per :class:`ClusterGemmConfig`, compiled by NVRTC for ``sm_90a`` and launched
+through ``cuda.bindings`` (no nvcc on the user's machine, no build step).  It keeps the
+signal GEMM's contract -- a plan's step table, tiles at ``dest_row``, one release per tile on
+its group's counter -- so :class:`~flashoverlap.kernels.signal_gemm.SignalGemmLauncher` can
+run it where ``GemmConfig.cluster_ctas`` asks (:func:`eligible`, :func:`kernel_for`).
 
-It is a plain GEMM (no per-group signal yet): whether it earns a place under the signal
-protocol is what ``scripts/cluster_gemm_probe.py`` measures.
+Measured on one H200 (``results/2026-12-03-h200/cluster-run36..38``): clusters of 4 with
+multicast take 1.5-2.7 % less time than the same kernel without clusters at P = 116 on large
+shapes (clusters of 2: 0.2-1.2 %), but the kernel itself trails the Gluon warp-specialized
+one by 1-2 %, so through the product path it ran at 0.989 of the Gluon kernel's efficiency
+(median of 16 rows): ``cluster_ctas`` stays 0 by default.  A release at cluster scope
+(``mbarrier.arrive.release.cluster``) compiles to ``MEMBAR.ALL.GPU`` and made the first
+version 20-30 % slower; the slot release is a plain remote arrive.  An H200 holds 30
+clusters of 4 at once (66 of 2): :meth:`ClusterGemm.fits` keeps a persistent grid
+co-resident.
 
 Why ``cuda.bindings`` and not CuPy (which :mod:`csrc_gen.generate` uses for the spin-wait
 kernel): the kernel needs ``-arch=sm_90a`` (wgmma, setmaxnreg), three 128-byte
