@@ -109,6 +109,7 @@ def main(argv=None) -> int:
                if runs_on(v, lay)}
     # a grid whose clusters the device cannot hold at once is not persistent: not timed
     fits = {}
+    unpaired: set[tuple] = set()  # (variant, layout, P, shape) whose plan pairs no tiles
     for (v, lay), k in kernels.items():
         for P in ctas:
             held = k.max_active_clusters(P) if k.config.cluster > 1 else P
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                             continue
                         k = kernels[v, lay]
                         if not shares_b_tiles(plan.step_table, P, k.config.cluster):
-                            fits[v, lay, P, M, N, K] = False
+                            unpaired.add((v, lay, P, M, N, K))
                             print(f"check {lay} {M}x{N}x{K} {v} P={P}: the plan's step "
                                   f"table does not pair tiles by column, skipped", flush=True)
                             continue
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
                         phases.append(("signal", P, bench.signal_fn(plan, choice.config)))
                     phases += [(v, P, variant_fn(v, P)) for v in variants
                                if (v, lay) in kernels and fits[v, lay, P]
-                               and fits.get((v, lay, P, M, N, K), True)]
+                               and (v, lay, P, M, N, K) not in unpaired]
                 for rnd in range(args.rounds):
                     t_torch = None
                     for engine, P, fn in phases:

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 import numpy as np
+from launch_utils import load_script
 
 from flashoverlap.kernels.cluster_gemm import ClusterGemmConfig, shares_b_tiles, source
 from flashoverlap.plan import PlanConfig, Problem, make_plan
@@ -134,14 +135,7 @@ def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
 
 
 def _probe():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "cluster_gemm_probe.py"
-    spec = importlib.util.spec_from_file_location("cluster_gemm_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cluster_gemm_probe")
 
 
 def test_probe_summary_is_efficiency_and_clock_against_the_signal_gemm():

@@ -6,22 +6,17 @@ warp-specialized partition).  Skipped where Triton's Gluon has no multicast load
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from launch_utils import load_script
 from sm90_ptx import sm90_ptx
 
 pytest.importorskip("triton.experimental.gluon")
 
 
 def _load():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "multicast_probe.py"
-    spec = importlib.util.spec_from_file_location("multicast_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("multicast_probe")
 
 
 def _probe():

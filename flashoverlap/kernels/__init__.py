@@ -56,6 +56,8 @@ __all__ = [
     "wave_lengths",
     "wave_times",
     "wave_tile",
+    "b_transposed",
+    "tma_addressable",
     "WAVE_TILE_MIN_GAIN",
 ]
 
@@ -179,6 +181,19 @@ class GemmConfig:
                              f"{self.cluster_ctas!r}")
         if self.block_m < 16 or self.block_n < 16 or self.block_k < 16:
             raise ValueError("GemmConfig blocks must be at least 16 (tl.dot minimum)")
+
+
+def b_transposed(b: torch.Tensor) -> bool:
+    """``b`` ([K, N]) is the transposed view of a row-major ``[N, K]`` weight (K-major)."""
+    return b.stride(0) == 1 and b.stride(1) != 1
+
+
+def tma_addressable(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+    """TMA can address ``a``, ``b`` (either layout) and ``out``: unit inner stride,
+    16-byte aligned bases and row strides (the sm_90 kernels' condition)."""
+    b_rows = b.T if b_transposed(b) else b
+    return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in (a, b_rows, out))
 
 
 def _capability(device: torch.device | str | None) -> tuple[int, int] | None:

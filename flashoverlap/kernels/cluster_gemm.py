@@ -200,7 +200,7 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
     Assumes the signal GEMM's own checks passed (shapes, devices, layouts)."""
     import torch
 
-    from . import tail_split
+    from . import tail_split, tma_addressable
 
     cl = config.cluster_ctas
     if (cl not in (2, 4) or not full_tiles or residual is not None or host_table is None
@@ -208,10 +208,8 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
             or a.dtype not in (torch.bfloat16, torch.float16)
             or torch.cuda.get_device_capability(a.device) != (9, 0)):
         return False
-    b_rows = b.T if (b.stride(0) == 1 and b.stride(1) != 1) else b
-    for t in (a, b_rows, out):
-        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return False
+    if not tma_addressable(a, b, out):
+        return False
     k_tiles = -(-a.shape[1] // BK)
     if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
                                         config.split_min_saved_k_tiles)[1] > 1:
@@ -228,8 +226,10 @@ def kernel_for(a, b, config, num_ctas: int) -> "ClusterGemm | None":
     such clusters at once."""
     import torch
 
+    from . import b_transposed
+
     cfg = ClusterGemmConfig(cluster=config.cluster_ctas, multicast=True,
-                            b_kmajor=b.stride(0) == 1 and b.stride(1) != 1,
+                            b_kmajor=b_transposed(b),
                             dtype="bfloat16" if a.dtype == torch.bfloat16 else "float16")
     key = (cfg, a.device.index)
     if key not in _LOADED:

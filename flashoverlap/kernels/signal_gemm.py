@@ -942,7 +942,7 @@ class SignalGemmLauncher:
             return
         fn, jit, grid, args, meta = _choose_launch(
             a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas, bumped,
-            residual, self.residual_block, self.rows_per_block, self.config, self.full_tiles,
+            residual, self.residual_block, self.rows_per_block, config, self.full_tiles,
             self.tail_scratch)
         if fn is _signal_gemm_kernel:
             if meta["SPLIT_TAIL"]:

@@ -147,7 +147,9 @@ from flashoverlap.kernels import (
     WARP_SPECIALIZED_TILES,
     GemmConfig,
     _capability,
+    b_transposed,
     tail_programs,
+    tma_addressable,
 )
 
 try:  # Gluon ships with Triton >= 3.5; the pipelined kernel covers everything without it
@@ -537,12 +539,7 @@ def eligible(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, config: GemmCo
         return False
     if stages_for(config, a.element_size()) < 2:
         return False
-    # TMA: 16-byte aligned bases and row strides, unit inner stride.
-    b_rows = b.T if (b.stride(0) == 1 and b.stride(1) != 1) else b
-    for t in (a, b_rows, out):
-        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
-            return False
-    return True
+    return tma_addressable(a, b, out)
 
 
 # Position of the split tail's part slots in the kernel's parameters (the tickets follow).
@@ -557,7 +554,7 @@ def launch_args(a, b, out, step_table, block_m, block_n, num_ctas, counters, con
     1``), or None."""
     M, K = a.shape
     N = b.shape[1]
-    b_trans = b.stride(0) == 1 and b.stride(1) != 1
+    b_trans = b_transposed(b)
     stride_b = b.stride(1) if b_trans else b.stride(0)
     T = step_table.shape[0]
     num_main, parts, part_arg, ticket_arg = tail
