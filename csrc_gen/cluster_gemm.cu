@@ -284,14 +284,33 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
       // epilogue: registers -> swizzled shared staging; the storer takes it from there
       mbar_wait(c_empty, (n & 1) ^ 1);
+      if (STMATRIX) {
+        // stmatrix x4: the wgmma accumulator of an 8x8 block (rows 16*warp + 8*h.., columns
+        // 8*j8..) is the fragment layout of stmatrix (thread l: row l/4, columns 2*(l%4)+0,1),
+        // so one instruction stores n8 blocks j8 = 2q, 2q+1, top and bottom; lane l gives the
+        // address of row l%8 of matrix l/8 (h = (l/8)%2, j8 = 2q + l/16) -- 16 STSM a thread
+        // instead of 64 4-byte stores, each 8-lane phase one 128-byte swizzled row set
+        const u32 srow = warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const u32 hi = (u32)lane >> 4;
 #pragma unroll
-      for (int j8 = 0; j8 < BN / 8; ++j8) {
-        const u32 off = (j8 / 8) * B_BOX + (((j8 % 8) ^ (row % 8)) * 16) + (lane % 4) * 4;
-        const u32 v0 = pack2(acc[4 * j8 + 0], acc[4 * j8 + 1]);
-        const u32 v1 = pack2(acc[4 * j8 + 2], acc[4 * j8 + 3]);
-        asm volatile("st.shared.u32 [%0], %1;" ::"r"(cbuf + row * 128 + off), "r"(v0) : "memory");
-        asm volatile("st.shared.u32 [%0], %1;" ::"r"(cbuf + (row + 8) * 128 + off), "r"(v1)
-                     : "memory");
+        for (int q = 0; q < BN / 16; ++q) {
+          const u32 chunk = ((u32)(2 * (q % 4)) + hi) ^ (srow % 8);
+          const u32 addr = cbuf + (q / 4) * B_BOX + srow * 128 + chunk * 16;
+          asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+                       "r"(pack2(acc[8 * q + 0], acc[8 * q + 1])), "r"(pack2(acc[8 * q + 2], acc[8 * q + 3])),
+                       "r"(pack2(acc[8 * q + 4], acc[8 * q + 5])), "r"(pack2(acc[8 * q + 6], acc[8 * q + 7]))
+                       : "memory");
+        }
+      } else {
+#pragma unroll
+        for (int j8 = 0; j8 < BN / 8; ++j8) {
+          const u32 off = (j8 / 8) * B_BOX + (((j8 % 8) ^ (row % 8)) * 16) + (lane % 4) * 4;
+          const u32 v0 = pack2(acc[4 * j8 + 0], acc[4 * j8 + 1]);
+          const u32 v1 = pack2(acc[4 * j8 + 2], acc[4 * j8 + 3]);
+          asm volatile("st.shared.u32 [%0], %1;" ::"r"(cbuf + row * 128 + off), "r"(v0) : "memory");
+          asm volatile("st.shared.u32 [%0], %1;" ::"r"(cbuf + (row + 8) * 128 + off), "r"(v1)
+                       : "memory");
+        }
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_ready) : "memory");

@@ -43,10 +43,14 @@ VARIANTS = {
     "multicast2": dict(cluster=2, multicast=True),
     "multicast4": dict(cluster=4, multicast=True),
     # base-kernel knobs for the 1-2 % the kernel trails the Gluon one (K-major B only for the
-    # one-box variants); compiled and checked on the CPU, not yet run on a GPU
+    # one-box variants); verify-run40: l2none and 1box within +-0.5 % of single (noise)
     "single-l2none": dict(cluster=1, multicast=False, l2_promotion=0),
     "single-1box": dict(cluster=1, multicast=False, b_one_box=True),
     "multicast2-1box": dict(cluster=2, multicast=True, b_one_box=True),
+    # the epilogue through stmatrix (16 STSM a thread, as the Gluon kernel) instead of 64 STS
+    "single-stsm": dict(cluster=1, multicast=False, stmatrix=True),
+    "multicast2-stsm": dict(cluster=2, multicast=True, stmatrix=True),
+    "multicast4-stsm": dict(cluster=4, multicast=True, stmatrix=True),
 }
 SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
 

@@ -22,7 +22,9 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
             ClusterGemmConfig(cluster=2), ClusterGemmConfig(cluster=4),
             ClusterGemmConfig(cluster=2, b_kmajor=False), ClusterGemmConfig(cluster=2, dtype="float16"),
             ClusterGemmConfig(cluster=1, multicast=False, b_one_box=True),
-            ClusterGemmConfig(cluster=4, b_one_box=True)]
+            ClusterGemmConfig(cluster=4, b_one_box=True),
+            ClusterGemmConfig(cluster=1, multicast=False, stmatrix=True),
+            ClusterGemmConfig(cluster=4, b_kmajor=False, dtype="float16", stmatrix=True)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -109,7 +111,7 @@ def _cuobjdump():
     return path
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}")
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}")
 def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     _nvrtc()
     tool = _cuobjdump()
@@ -127,6 +129,8 @@ def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     assert ("UTMALDG.2D.MULTICAST" in sass) == cfg.multicast
     assert "UTMASTG.2D" in sass
     assert "USETMAXREG" in sass
+    # the epilogue: 16 stmatrix x4 a consumer thread, or 64 4-byte shared stores
+    assert sass.count("STSM.16.M88.4") == (16 if cfg.stmatrix else 0)
     # a release at cluster scope compiles to MEMBAR.ALL.GPU: only the two cluster barriers
     # (start, end) and the signal may carry one, never the per-K-step slot release (run36:
     # 25 % slower)

@@ -58,7 +58,8 @@ class ClusterGemmConfig:
     ``[K, N]``.  The tile order (and the L2 swizzle) is the plan's step table.
     ``b_one_box`` (K-major B only): a CTA loads its share of the B tile as one TMA box (one
     256-row box without multicast) instead of 64-row boxes; ``l2_promotion``: the tensor
-    maps' L2 promotion in bytes (0: none)."""
+    maps' L2 promotion in bytes (0: none); ``stmatrix``: the epilogue writes the C staging
+    with ``stmatrix`` (16 a thread, as the Gluon kernel's) instead of 64 4-byte stores."""
 
     cluster: int = 2
     multicast: bool = True
@@ -67,6 +68,7 @@ class ClusterGemmConfig:
     stages: int = 3
     b_one_box: bool = False
     l2_promotion: int = 256
+    stmatrix: bool = False
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -122,7 +124,7 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     c = config
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
-        ("STAGES", c.stages), ("B_BOXES", c.b_boxes)))
+        ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",
