@@ -235,3 +235,30 @@ def test_eligible_takes_only_what_the_kernel_can_run(monkeypatch):
     # 16384 x 8192 at P = 116 has a last wave the Gluon kernel splits in 3 (K = 8192)
     assert not check(M=16384, K=8192)
     assert check(M=16384, K=8192, config=dataclasses.replace(base, split_tail=False))
+
+
+def test_readme_quotes_the_knob_rounds():
+    """The README's ratios for the base-kernel knobs (verify-run40, stsm-run41): per row, a
+    variant's efficiency over the same kernel's without the knob; median (min-max)."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    for run, a, b, n, quoted in (
+            ("verify-run40", "single-l2none", "single", 16, "1.000 (0.989–1.015, 16 rows)"),
+            ("verify-run40", "single-1box", "single", 8, "1.003 (0.997–1.007, 8 rows)"),
+            ("stsm-run41", "single-stsm", "single", 20, "1.003 (0.996–1.009, 20 rows)"),
+            ("stsm-run41", "multicast4-stsm", "single-stsm", 8, "1.008 of the kernel\n  without "
+             "clusters (0.994–1.017, 8 rows)"),
+            ("stsm-run41", "multicast2-stsm", "single-stsm", 20, "0.986 (0.976–0.997, 20 rows)")):
+        rows = json.loads((root / "results" / "2026-12-03-h200" / run / "probe" /
+                           "cluster-gemm-probe.json").read_text())
+        eff = {(r["engine"], r["b_layout"], r["M"], r["N"], r["K"], r["num_ctas"]):
+               r["efficiency_vs_torch"] for r in rows}
+        ratios = [e / eff[(b, *k[1:])] for k, e in eff.items() if k[0] == a]
+        assert len(ratios) == n
+        med, lo, hi = (f"{x:.3f}" for x in (statistics.median(ratios), min(ratios), max(ratios)))
+        assert quoted.startswith(med) and f"({lo}–{hi}, {n} rows)" in quoted, (a, med, lo, hi)
+        assert quoted in readme, quoted
