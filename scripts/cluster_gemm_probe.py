@@ -51,6 +51,10 @@ VARIANTS = {
     "single-stsm": dict(cluster=1, multicast=False, stmatrix=True),
     "multicast2-stsm": dict(cluster=2, multicast=True, stmatrix=True),
     "multicast4-stsm": dict(cluster=4, multicast=True, stmatrix=True),
+    # try_wait with a suspend-time hint (counters-run42: 1.67x the Gluon kernel's instructions)
+    "single-stsm-hint": dict(cluster=1, multicast=False, stmatrix=True, wait_hint_ns=10_000_000),
+    "multicast4-stsm-hint": dict(cluster=4, multicast=True, stmatrix=True,
+                                 wait_hint_ns=10_000_000),
 }
 SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
 

@@ -24,7 +24,8 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
             ClusterGemmConfig(cluster=1, multicast=False, b_one_box=True),
             ClusterGemmConfig(cluster=4, b_one_box=True),
             ClusterGemmConfig(cluster=1, multicast=False, stmatrix=True),
-            ClusterGemmConfig(cluster=4, b_kmajor=False, dtype="float16", stmatrix=True)]
+            ClusterGemmConfig(cluster=4, b_kmajor=False, dtype="float16", stmatrix=True),
+            ClusterGemmConfig(cluster=4, stmatrix=True, wait_hint_ns=10_000_000)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -34,6 +35,7 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
     (dict(stages=4), "shared memory"),
     (dict(b_kmajor=False, b_one_box=True), "K-major"),
     (dict(l2_promotion=32), "l2_promotion"),
+    (dict(wait_hint_ns=-1), "wait_hint_ns"),
 ])
 def test_bad_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -59,7 +59,8 @@ class ClusterGemmConfig:
     ``b_one_box`` (K-major B only): a CTA loads its share of the B tile as one TMA box (one
     256-row box without multicast) instead of 64-row boxes; ``l2_promotion``: the tensor
     maps' L2 promotion in bytes (0: none); ``stmatrix``: the epilogue writes the C staging
-    with ``stmatrix`` (16 a thread, as the Gluon kernel's) instead of 64 4-byte stores."""
+    with ``stmatrix`` (16 a thread, as the Gluon kernel's) instead of 64 4-byte stores;
+    ``wait_hint_ns``: the suspend-time hint of every ``mbarrier.try_wait`` (0: none)."""
 
     cluster: int = 2
     multicast: bool = True
@@ -69,6 +70,7 @@ class ClusterGemmConfig:
     b_one_box: bool = False
     l2_promotion: int = 256
     stmatrix: bool = False
+    wait_hint_ns: int = 0
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -80,6 +82,8 @@ class ClusterGemmConfig:
                              "64-wide boxes under the 128-byte swizzle)")
         if self.l2_promotion not in (0, 64, 128, 256):
             raise ValueError(f"l2_promotion must be 0, 64, 128 or 256, got {self.l2_promotion}")
+        if not 0 <= self.wait_hint_ns < 2**31:
+            raise ValueError(f"wait_hint_ns must be in [0, 2**31), got {self.wait_hint_ns}")
         if self.dtype not in _PTX_TYPE:
             raise ValueError(f"dtype must be one of {sorted(_PTX_TYPE)}, got {self.dtype!r}")
         if self.smem_bytes > MAX_DYNAMIC_SMEM:
@@ -124,7 +128,8 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     c = config
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
-        ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix)))
+        ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix),
+        ("WAIT_HINT_NS", c.wait_hint_ns)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",

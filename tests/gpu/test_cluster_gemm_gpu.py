@@ -31,10 +31,10 @@ DEV = torch.device("cuda")
 _KERNELS: dict = {}
 
 
-def _kernel(cluster, multicast, b_kmajor, dtype=torch.bfloat16, stmatrix=False):
+def _kernel(cluster, multicast, b_kmajor, dtype=torch.bfloat16, stmatrix=False, hint=0):
     cfg = ClusterGemmConfig(cluster=cluster, multicast=multicast, b_kmajor=b_kmajor,
                             dtype="bfloat16" if dtype == torch.bfloat16 else "float16",
-                            stmatrix=stmatrix)
+                            stmatrix=stmatrix, wait_hint_ns=hint)
     if cfg not in _KERNELS:
         _KERNELS[cfg] = ClusterGemm(cfg)
     return _KERNELS[cfg]
@@ -75,13 +75,14 @@ def _check(plan, out, ref, cnt, what):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
-@pytest.mark.parametrize("cluster,multicast,stmatrix", [
-    (1, False, False), (2, False, False), (2, True, False), (4, True, False), (1, False, True),
-    (4, True, True)])
+@pytest.mark.parametrize("cluster,multicast,stmatrix,hint", [
+    (1, False, False, 0), (2, False, False, 0), (2, True, False, 0), (4, True, False, 0),
+    (1, False, True, 0), (4, True, True, 0), (1, False, True, 10_000_000),
+    (4, True, True, 10_000_000)])
 @pytest.mark.parametrize("M,N,K,P", [(2048, 2048, 1024, 132), (4096, 1536, 3000, 116),
                                      (1024, 256, 64, 8), (1000, 776, 136, 132)])
-def test_matches_reference(dtype, b_kmajor, cluster, multicast, stmatrix, M, N, K, P):
-    kernel = _kernel(cluster, multicast, b_kmajor, dtype, stmatrix)
+def test_matches_reference(dtype, b_kmajor, cluster, multicast, stmatrix, hint, M, N, K, P):
+    kernel = _kernel(cluster, multicast, b_kmajor, dtype, stmatrix, hint)
     plan, out, ref, cnt = _run(kernel, M, N, K, P, dtype=dtype)
     _check(plan, out, ref, cnt, f"{kernel.config.name} {M}x{N}x{K} P={P}")
 
@@ -103,9 +104,9 @@ def test_steps_past_the_end_of_the_table():
     _check(plan, out, ref, cnt, "3 steps, cluster of 4")
 
 
-@pytest.mark.parametrize("cluster,multicast,stmatrix", [(1, False, False), (4, True, False),
-                                                        (4, True, True)])
-def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, stmatrix):
+@pytest.mark.parametrize("cluster,multicast,stmatrix,hint", [
+    (1, False, False, 0), (4, True, False, 0), (4, True, True, 0), (4, True, True, 10_000_000)])
+def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, stmatrix, hint):
     """A consumer on a high-priority stream spins on each group's counter (acquire) and
     snapshots the group's rows when the count is complete; a snapshot that differs from the
     final buffer is a torn read."""
@@ -116,7 +117,7 @@ def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, stmatrix)
     checked = torn_total = waited = 0
     for call in range(120):
         b_kmajor = call % 2 == 1
-        kernel = _kernel(cluster, multicast, b_kmajor, stmatrix=stmatrix)
+        kernel = _kernel(cluster, multicast, b_kmajor, stmatrix=stmatrix, hint=hint)
         M = rng.randint(1, 24) * 128 * 4
         N, K = rng.choice([256, 512, 1024]), rng.randrange(64, 1025, 64)
         # the consumer holds one SM, which no GEMM CTA can share (64 K registers each): a
