@@ -20,7 +20,8 @@ clocks alone) and read the CSV with ``--parse``::
     python scripts/gemm_counters.py --parse counters.csv
 
 Engines: ``torch`` (torch.matmul, all SMs), ``cublaslt`` (cuBLASLt told to use ``P`` SMs),
-``signal`` (the product's signal GEMM, ``gemm_config_for``'s choice), and cluster-kernel
+``signal`` (the product's signal GEMM, ``gemm_config_for``'s choice; ``--group-m``: the same
+kernel on plans with other band heights), and cluster-kernel
 variants named as in ``cluster_gemm_probe.py``.  A kernel's counters under replay are counts,
 not a timing: ncu serializes kernels and replays each one per metric pass.
 """
@@ -43,7 +44,7 @@ ENGINE_LINE = "gemm_counters engine:"
 # what the table prints per engine, as (column, metric name, scale)
 COLUMNS = [
     ("ms", "gpu__time_duration.sum", 1e-6),
-    ("MHz", "sm__cycles_elapsed.avg.per_second", 1e-6),
+    ("MHz", "gpc__cycles_elapsed.avg.per_second", 1e-6),
     ("HBM rd GB", "dram__bytes_read.sum", 1e-9),
     ("HBM wr GB", "dram__bytes_write.sum", 1e-9),
     ("L2 GB", "lts__t_bytes.sum", 1e-9),
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--ctas", default="116", help="P values, comma-separated")
     p.add_argument("--variants", default="single,multicast4-stsm",
                    help="cluster-kernel variants (cluster_gemm_probe.py's names)")
+    p.add_argument("--group-m", default="",
+                   help="extra signal-GEMM engines with these band heights (tile rows), e.g. "
+                        "4,16,32 -- the L2 swizzle decides how often A and B come from HBM")
     p.add_argument("--reps", type=int, default=2, help="profiled launches per engine")
     p.add_argument("--parse", type=Path, help="only read an ncu CSV (+ this script's lines)")
     args = p.parse_args(argv)
@@ -149,6 +153,12 @@ def main(argv=None) -> int:
                          PlanConfig(block_m=choice.config.block_m, block_n=choice.config.block_n,
                                     num_ctas=P, group_m=choice.group_m))
         engines.append((f"signal P={P}", bench.signal_fn(plan, choice.config)))
+        for gm in (int(x) for x in args.group_m.split(",") if x):
+            plan_gm = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                                PlanConfig(block_m=choice.config.block_m,
+                                           block_n=choice.config.block_n, num_ctas=P,
+                                           group_m=gm))
+            engines.append((f"signal gm{gm} P={P}", bench.signal_fn(plan_gm, choice.config)))
         plan256 = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
                             PlanConfig(block_m=128, block_n=256, num_ctas=P,
                                        group_m=choice.group_m))
