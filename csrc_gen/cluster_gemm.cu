@@ -85,9 +85,11 @@ __device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
 }
 
 // WAIT_HINT_NS > 0: try_wait's suspend-time hint (CUTLASS's barrier wait passes one) -- the
-// thread may sleep in the instruction up to that long instead of re-polling; counters-run42
-// saw this kernel issue 1.67x the Gluon kernel's instructions, 3.4 % of peak on the branch
-// unit against 0.02 %, which points at the wait loops
+// retry path sleeps (NANOSLEEP.SYNCS) instead of re-polling.  counters-run42 saw this kernel
+// issue 1.67x the Gluon kernel's instructions (3.4 % of peak on the branch unit against
+// 0.02 %); with the hint 3 % fewer (hint-run43), so the wait loops are not where they go --
+// the main loop is ~90 SASS instructions per K step per consumer warp (descriptors rebuilt
+// through R2UR, modulo-3 stage indices) -- and its time moved +0.3 % (median of 8 rows)
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
   asm volatile(
       "{\n"

@@ -18,7 +18,13 @@ Measured on one H200 (``results/2026-12-03-h200/cluster-run36..38``): clusters o
 multicast take 1.5-2.7 % less time than the same kernel without clusters at P = 116 on large
 shapes (clusters of 2: 0.2-1.2 %), but the kernel itself trails the Gluon warp-specialized
 one by 1-2 %, so through the product path it ran at 0.989 of the Gluon kernel's efficiency
-(median of 16 rows): ``cluster_ctas`` stays 0 by default.  A release at cluster scope
+(median of 16 rows): ``cluster_ctas`` stays 0 by default.  Knobs for that 1-2 %, each measured
+against the same kernel without it (``results/2026-12-03-h200/verify-run40``, ``stsm-run41``,
+``hint-run43``; medians over 8-20 rows): no L2 promotion (``l2_promotion=0``) 1.000, B in one box
+(``b_one_box``) 1.003, a ``stmatrix`` epilogue 1.003, a try_wait suspend-time hint
+(``wait_hint_ns``) 1.003 -- all off by default.  Nsight Compute (``counters-run42``, 8192^3)
+sees this kernel issue 1.67x the Gluon kernel's instructions and move 25 % more L2 bytes at
+the same HBM bytes; where the extra L2 bytes come from is not known.  A release at cluster scope
 (``mbarrier.arrive.release.cluster``) compiles to ``MEMBAR.ALL.GPU`` and made the first
 version 20-30 % slower; the slot release is a plain remote arrive.  An H200 holds 30
 clusters of 4 at once (66 of 2): :meth:`ClusterGemm.fits` keeps a persistent grid
