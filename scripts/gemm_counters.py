@@ -146,22 +146,21 @@ def main(argv=None) -> int:
     M, N, K = (int(x) for x in args.shape.split("x"))
     bench = _Bench(torch, triton, sg, M, N, K, torch.bfloat16, args.layout, 2)
     engines = [("torch", bench._rotating(bench._torch_run))]
+    def plan_for(P, group_m, block_m=128, block_n=256):  # an AllReduce plan at world size 1
+        return make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
+                         PlanConfig(block_m=block_m, block_n=block_n, num_ctas=P,
+                                    group_m=group_m))
+
     for P in (int(x) for x in args.ctas.split(",")):
         engines.append((f"cublaslt P={P}", bench.torch_sm_target_fn(sms - P)))
         choice = gemm_config_for(M, N, K, "bfloat16", P, cap)
-        plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
-                         PlanConfig(block_m=choice.config.block_m, block_n=choice.config.block_n,
-                                    num_ctas=P, group_m=choice.group_m))
-        engines.append((f"signal P={P}", bench.signal_fn(plan, choice.config)))
+        tile = (choice.config.block_m, choice.config.block_n)
+        engines.append((f"signal P={P}",
+                        bench.signal_fn(plan_for(P, choice.group_m, *tile), choice.config)))
         for gm in (int(x) for x in args.group_m.split(",") if x):
-            plan_gm = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
-                                PlanConfig(block_m=choice.config.block_m,
-                                           block_n=choice.config.block_n, num_ctas=P,
-                                           group_m=gm))
-            engines.append((f"signal gm{gm} P={P}", bench.signal_fn(plan_gm, choice.config)))
-        plan256 = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
-                            PlanConfig(block_m=128, block_n=256, num_ctas=P,
-                                       group_m=choice.group_m))
+            engines.append((f"signal gm{gm} P={P}",
+                            bench.signal_fn(plan_for(P, gm, *tile), choice.config)))
+        plan256 = plan_for(P, choice.group_m)  # the cluster kernel's 128 x 256 tiles
         steps = torch.from_numpy(plan256.step_table.copy()).to(dev)
         counters = torch.zeros(plan256.num_groups, device=dev, dtype=torch.int32)
         for v in (x for x in args.variants.split(",") if x):
