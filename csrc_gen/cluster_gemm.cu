@@ -209,14 +209,21 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {  // producer
-      u32 it = 0;
+      u32 it = 0, st = 0, phase = 0;
       for (int s0 = first; s0 < num_steps; s0 += P) {
         const int s = s0 + (int)rank;
         const int row = s < num_steps ? step_field(steps, s, 0) : M;  // past the end: zeros
         const int n0 = step_field(steps, s0, 2);
         for (int kk = 0; kk < nk; ++kk, ++it) {
-          const u32 st = it % STAGES;
-          mbar_wait(empty + 8 * st, ((it / STAGES) & 1) ^ 1);
+#if LEAN_LOOP
+          if (it > 0) {  // the ring position moves on by one slot a K step
+            if (++st == STAGES) { st = 0; phase ^= 1; }
+          }
+#else
+          st = it % STAGES;
+          phase = (it / STAGES) & 1;
+#endif
+          mbar_wait(empty + 8 * st, phase ^ 1);
           const u32 bar = full + 8 * st;
           mbar_expect_tx(bar, STAGE_BYTES);
           const u32 sa = base + st * STAGE_BYTES, sb = sa + A_STAGE;
@@ -265,7 +272,13 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#if LEAN_LOOP
+    // the same value, but warp-uniform to the compiler (a shuffle from lane 0, as CUTLASS's
+    // canonical_warp_group_idx): the descriptors below then live in uniform registers
+    const int cw = __shfl_sync(0xffffffffu, wg, 0) - 1;
+#else
     const int cw = wg - 1;  // consumer warpgroup: rows 64*cw.. of the tile
+#endif
     const u32 cbuf = base + RING + cw * C_WG;
     const int warp = tid / 32, lane = tid % 32;
     const int row = warp * 16 + lane / 4;  // and row + 8
@@ -273,8 +286,32 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.f;
     u32 it = 0, n = 0;
+#if LEAN_LOOP
+    // LEAN_LOOP: the ring position (slot, phase, previous slot) moves on incrementally instead
+    // of it % STAGES, and a descriptor is the stage-0 one plus the slot's and the K slice's
+    // offset (the 14-bit address field holds addr >> 4 of a shared address below 256 KB, so
+    // adding (bytes >> 4) to the 64-bit descriptor is the descriptor of the moved address)
+    const u64 da0 = smem_desc(base + cw * (64 * 128), 16, 1024);
+    const u64 db0 = B_KMAJOR ? smem_desc(base + A_STAGE, 16, 1024)
+                             : smem_desc(base + A_STAGE, B_BOX, 1024);
+    u32 st = 0, phase = 0, prev = STAGES - 1;
+#endif
     for (int s0 = first; s0 < num_steps; s0 += P, ++n) {
       for (int kk = 0; kk < nk; ++kk, ++it) {
+#if LEAN_LOOP
+        mbar_wait(full + 8 * st, phase);
+        const u64 off = (u64)((st * STAGE_BYTES) >> 4);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int k = 0; k < BK / 16; ++k)
+          wgmma_m64n256k16(acc, da0 + off + 2 * k, db0 + off + (B_KMAJOR ? 2 * k : (2048 >> 4) * k),
+                           (kk > 0 || k > 0) ? 1u : 0u);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        if (kk > 0) release_slot(empty + 8 * prev, tid, rank);
+        prev = st;
+        if (++st == STAGES) { st = 0; phase ^= 1; }
+#else
         const u32 st = it % STAGES;
         mbar_wait(full + 8 * st, (it / STAGES) & 1);
         const u32 sa = base + st * STAGE_BYTES + cw * (64 * 128), sb = base + st * STAGE_BYTES + A_STAGE;
@@ -289,9 +326,14 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
         if (kk > 0) release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
+#endif
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#if LEAN_LOOP
+      release_slot(empty + 8 * prev, tid, rank);
+#else
       release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
+#endif
       // epilogue: registers -> swizzled shared staging; the storer takes it from there
       mbar_wait(c_empty, (n & 1) ^ 1);
       if (STMATRIX) {

@@ -25,7 +25,10 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
             ClusterGemmConfig(cluster=4, b_one_box=True),
             ClusterGemmConfig(cluster=1, multicast=False, stmatrix=True),
             ClusterGemmConfig(cluster=4, b_kmajor=False, dtype="float16", stmatrix=True),
-            ClusterGemmConfig(cluster=4, stmatrix=True, wait_hint_ns=10_000_000)]
+            ClusterGemmConfig(cluster=4, stmatrix=True, wait_hint_ns=10_000_000),
+            ClusterGemmConfig(cluster=1, multicast=False, lean_loop=True),
+            ClusterGemmConfig(cluster=4, stmatrix=True, lean_loop=True),
+            ClusterGemmConfig(cluster=2, b_kmajor=False, dtype="float16", lean_loop=True)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -113,7 +116,7 @@ def _cuobjdump():
     return path
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}")
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}-{c.lean_loop}")
 def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     _nvrtc()
     tool = _cuobjdump()
@@ -138,6 +141,13 @@ def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     # 25 % slower)
     # + the storer's one red.release.gpu per tile
     assert sass.count("MEMBAR.ALL.GPU") == (2 if cfg.cluster > 1 else 0) + 1
+    # lean_loop: the wgmma descriptors are built in uniform registers -- no R2UR (a vector
+    # register moved to a uniform one) among the instructions that feed an HGMMA; the
+    # original loop rebuilds the A descriptor from the thread's warpgroup index every K step
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    fed = [i for i, ln in enumerate(lines) if "HGMMA" in ln]
+    r2ur = sum("R2UR" in lines[j] for i in fed for j in range(max(i - 8, 0), i))
+    assert (r2ur == 0) == cfg.lean_loop, r2ur
 
 
 def _probe():

@@ -77,6 +77,7 @@ class ClusterGemmConfig:
     l2_promotion: int = 256
     stmatrix: bool = False
     wait_hint_ns: int = 0
+    lean_loop: bool = False
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -135,7 +136,7 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
         ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix),
-        ("WAIT_HINT_NS", c.wait_hint_ns)))
+        ("WAIT_HINT_NS", c.wait_hint_ns), ("LEAN_LOOP", c.lean_loop)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",

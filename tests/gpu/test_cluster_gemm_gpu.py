@@ -31,10 +31,11 @@ DEV = torch.device("cuda")
 _KERNELS: dict = {}
 
 
-def _kernel(cluster, multicast, b_kmajor, dtype=torch.bfloat16, stmatrix=False, hint=0):
+def _kernel(cluster, multicast, b_kmajor, dtype=torch.bfloat16, **knobs):
+    """The loaded variant; ``knobs``: ClusterGemmConfig's base-kernel knobs (stmatrix,
+    wait_hint_ns, lean_loop)."""
     cfg = ClusterGemmConfig(cluster=cluster, multicast=multicast, b_kmajor=b_kmajor,
-                            dtype="bfloat16" if dtype == torch.bfloat16 else "float16",
-                            stmatrix=stmatrix, wait_hint_ns=hint)
+                            dtype="bfloat16" if dtype == torch.bfloat16 else "float16", **knobs)
     if cfg not in _KERNELS:
         _KERNELS[cfg] = ClusterGemm(cfg)
     return _KERNELS[cfg]
@@ -73,16 +74,20 @@ def _check(plan, out, ref, cnt, what):
     assert torch.equal(cnt, want), f"{what}: counters {cnt.tolist()} != {want.tolist()}"
 
 
+STSM, HINT, LEAN = dict(stmatrix=True), dict(wait_hint_ns=10_000_000), dict(lean_loop=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
-@pytest.mark.parametrize("cluster,multicast,stmatrix,hint", [
-    (1, False, False, 0), (2, False, False, 0), (2, True, False, 0), (4, True, False, 0),
-    (1, False, True, 0), (4, True, True, 0), (1, False, True, 10_000_000),
-    (4, True, True, 10_000_000)])
+@pytest.mark.parametrize("cluster,multicast,knobs", [
+    (1, False, {}), (2, False, {}), (2, True, {}), (4, True, {}),
+    (1, False, STSM), (4, True, STSM), (1, False, STSM | HINT), (4, True, STSM | HINT),
+    (1, False, LEAN), (2, False, LEAN), (2, True, STSM | LEAN), (4, True, STSM | LEAN)],
+    ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
 @pytest.mark.parametrize("M,N,K,P", [(2048, 2048, 1024, 132), (4096, 1536, 3000, 116),
                                      (1024, 256, 64, 8), (1000, 776, 136, 132)])
-def test_matches_reference(dtype, b_kmajor, cluster, multicast, stmatrix, hint, M, N, K, P):
-    kernel = _kernel(cluster, multicast, b_kmajor, dtype, stmatrix, hint)
+def test_matches_reference(dtype, b_kmajor, cluster, multicast, knobs, M, N, K, P):
+    kernel = _kernel(cluster, multicast, b_kmajor, dtype, **knobs)
     plan, out, ref, cnt = _run(kernel, M, N, K, P, dtype=dtype)
     _check(plan, out, ref, cnt, f"{kernel.config.name} {M}x{N}x{K} P={P}")
 
@@ -104,9 +109,10 @@ def test_steps_past_the_end_of_the_table():
     _check(plan, out, ref, cnt, "3 steps, cluster of 4")
 
 
-@pytest.mark.parametrize("cluster,multicast,stmatrix,hint", [
-    (1, False, False, 0), (4, True, False, 0), (4, True, True, 0), (4, True, True, 10_000_000)])
-def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, stmatrix, hint):
+@pytest.mark.parametrize("cluster,multicast,knobs", [
+    (1, False, {}), (4, True, {}), (4, True, STSM), (4, True, STSM | HINT), (1, False, LEAN),
+    (4, True, STSM | LEAN)], ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
+def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, knobs):
     """A consumer on a high-priority stream spins on each group's counter (acquire) and
     snapshots the group's rows when the count is complete; a snapshot that differs from the
     final buffer is a torn read."""
@@ -117,7 +123,7 @@ def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, stmatrix,
     checked = torn_total = waited = 0
     for call in range(120):
         b_kmajor = call % 2 == 1
-        kernel = _kernel(cluster, multicast, b_kmajor, stmatrix=stmatrix, hint=hint)
+        kernel = _kernel(cluster, multicast, b_kmajor, **knobs)
         M = rng.randint(1, 24) * 128 * 4
         N, K = rng.choice([256, 512, 1024]), rng.randrange(64, 1025, 64)
         # the consumer holds one SM, which no GEMM CTA can share (64 K registers each): a
