@@ -90,7 +90,7 @@ CANDIDATES = (
 QUICK_CANDIDATES = ("default", "s4", "256x128", "ws_128x128_w4")
 CONFIG_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "use_tma",
                  "flatten", "epilogue_subtile", "acc_multibuffer", "warp_specialize",
-                 "split_tail")
+                 "split_tail", "cluster_ctas")
 
 
 def _parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
@@ -232,7 +232,7 @@ class Sweep:
     def candidates_for(self, M, N, K, dtype, ps):
         """The candidate list, plus the table's choice for each P in ``ps`` when it differs
         from every candidate (``rule``, or ``rule@P`` where the choice depends on P: the
-        wave-tile rule)."""
+        wave-tile rule, clusters of 4 at P in [112, 121))."""
         cands = list(self.args.candidate_list)
         known = {self.candidate(c, dtype) for c in cands}
         choices = {}
@@ -243,7 +243,8 @@ class Sweep:
         for i, ((config, group_m), where) in enumerate(choices.items()):
             overrides = {f: getattr(config, f) for f in CONFIG_FIELDS
                          if getattr(config, f) != getattr(self.base_config(dtype), f)}
-            name = "rule" if len(choices) == 1 else "rule@" + "/".join(map(str, where))
+            name = ("rule" if len(choices) == 1 and where == list(ps)
+                    else "rule@" + "/".join(map(str, where)))
             cands.insert(1 + i, (name, overrides, group_m))
         return cands
 

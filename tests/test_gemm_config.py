@@ -54,12 +54,17 @@ if not _INTERPRET_SESSION:
     def test_default_table_reproduces_default_config(cap, dtype, shape):
         M, N, K = shape
         tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        # The table's one rule (sm_90, K < 4096) changes the band height only.
-        band_rule = (cap is None or cap[0] == 9) and K < 4096
-        for P in (132, 116, 1):
+        # The table's rules on sm_90: bands of 16 below K = 4096; clusters of 4 (the CUDA C
+        # cluster kernel where it can run) for P in [112, 121).
+        sm90 = cap is None or cap[0] == 9
+        band_rule = sm90 and K < 4096
+        for P in (132, 120, 116, 112, 111, 1):
             choice = gemm_config_for(M, N, K, dtype, P, cap, wave_tiles=False)
             assert isinstance(choice, GemmChoice)
-            assert choice.config == config_for_capability(cap, tdtype)
+            want = config_for_capability(cap, tdtype)
+            if sm90 and 112 <= P <= 120:
+                want = dataclasses.replace(want, cluster_ctas=4)
+            assert choice.config == want
             assert choice.group_m == (16 if band_rule else DEFAULT_GROUP_M)
             assert DEFAULT_GROUP_M == PlanConfig().group_m
 
@@ -228,10 +233,17 @@ if not _INTERPRET_SESSION:
         fake.candidate = lambda cand, dtype: sweep.Sweep.candidate(fake, cand, dtype)
         names = lambda M, N, K: [c[0] for c in sweep.Sweep.candidates_for(  # noqa: E731
             fake, M, N, K, torch.bfloat16, [132, 116])]
-        # K = 8192: default everywhere (a listed candidate) -> nothing added
-        assert names(8192, 8192, 8192) == ["default", "s4"]
-        # K = 2048: group_m 16 at both P (the band rule) -> one "rule"
-        assert names(8192, 8192, 2048) == ["default", "rule", "s4"]
+        # K = 8192: default at 132 (a listed candidate), clusters of 4 at 116
+        cands = sweep.Sweep.candidates_for(fake, 8192, 8192, 8192, torch.bfloat16, [132, 116])
+        assert [c[0] for c in cands] == ["default", "rule@116", "s4"]
+        assert cands[1][1] == {"cluster_ctas": 4} and cands[1][2] == 8
+        assert names(8192, 8192, 8192)[:1] == ["default"]
+        c132 = sweep.Sweep.candidates_for(fake, 8192, 8192, 8192, torch.bfloat16, [132])
+        assert [c[0] for c in c132] == ["default", "s4"]
+        # K = 2048: group_m 16 at both P (the band rule) -> one "rule" where only it applies
+        c132 = sweep.Sweep.candidates_for(fake, 8192, 8192, 2048, torch.bfloat16, [132])
+        assert [c[0] for c in c132] == ["default", "rule", "s4"]
+        assert names(8192, 8192, 2048) == ["default", "rule@132", "rule@116", "s4"]
         # 2048 x 4096 x 1024: 128 x 256 (gm 16) at 132, 128 x 128 at 116
         cands = sweep.Sweep.candidates_for(fake, 2048, 4096, 1024, torch.bfloat16, [132, 116])
         assert [c[0] for c in cands] == ["default", "rule@132", "rule@116", "s4"]
@@ -486,8 +498,9 @@ def test_wave_tile_switches_only_where_the_last_wave_is_poor():
     assert wave_tile(2048, 4096, 1024, 116, no_tma) is no_tma
     assert gemm_config_for(2048, 4096, 1024, "bfloat16", 116, (8, 0)).config \
         == config_for_capability((8, 0), torch.bfloat16)
+    # without the wave-tile rule: the table's choice at P = 116 (clusters of 4)
     assert gemm_config_for(2048, 4096, 1024, "bfloat16", 116, (9, 0),
-                           wave_tiles=False).config == base
+                           wave_tiles=False).config == dataclasses.replace(base, cluster_ctas=4)
     assert gemm_config_for(2048, 4096, 1024, torch.float32, 116, (9, 0)).config \
         == config_for_capability((9, 0), torch.float32)
     # The grouped GEMM keeps its own table (rows per expert are not the wave's rows)
@@ -689,7 +702,9 @@ def test_wave_tile_properties():
            st.integers(1, 132))
     def check(M, N, K, P):
         cfg = gemm_config_for(M, N, K, "bfloat16", P, (9, 0)).config
-        assert cfg in (base, small)
+        # P in [112, 121): the table asks for clusters of 4, which only 128 x 256 tiles run
+        clustered = dataclasses.replace(base, cluster_ctas=4) if 112 <= P <= 120 else base
+        assert cfg in (clustered, small)
         assert (cfg == small) == (signal_gemm_time(M, N, K, P, small) <= (
             1 - WAVE_TILE_MIN_GAIN) * signal_gemm_time(M, N, K, P, base))
         for c in (base, small):  # waves only add to the work spread evenly over P CTAs

@@ -408,7 +408,8 @@ def wave_tile(M: int, N: int, K: int, num_ctas: int, config: GemmConfig,
     """
     if (config.block_m, config.block_n, config.block_k) != (128, 256, 64) or not config.use_tma:
         return config
-    small = config_for_tile(config, 128, 128)
+    # the cluster kernel runs 128 x 256 tiles only: the finer tile is the Gluon kernel's
+    small = dataclasses.replace(config_for_tile(config, 128, 128), cluster_ctas=0)
     if signal_gemm_time(M, N, K, num_ctas, small, dtype) <= (1 - WAVE_TILE_MIN_GAIN) * \
             signal_gemm_time(M, N, K, num_ctas, config, dtype):
         return small
@@ -550,7 +551,24 @@ class GemmRule:
 # (6144x5120, 11008x5120) group_m 16 was within -1.1/+0.6 % and 32 up to 1.4 % slower:
 # hence the rule stops below K = 4096.  group_m is the planners' upper bound
 # (flashoverlap.defaults.band_group_m lowers it to keep MIN_BANDS bands for the overlap).
+#
+# Clusters of 4 with TMA multicast at reduced P (2026-12-03, results/2026-12-03-h200/ab-run47,
+# bench_gemm.py, issue 14's 13 bf16 shapes x both B layouts, 3 repeats, the default and
+# ``--cluster-ctas 4`` alternated per layout and shape set): at P = 116 the CUDA C cluster
+# kernel (:mod:`flashoverlap.kernels.cluster_gemm`, with its lean main loop) took the 16 rows it
+# can run (bands of a multiple of 4 tile rows, no split last wave) at 1.012x the Gluon
+# kernel's efficiency (median, 0.985-1.044), the 10 it cannot run falling back to the Gluon
+# kernel (0.974-1.023 between the two passes: the noise of one row); the 26 rows' median went
+# 0.946 -> 0.958.  Clusters of 2 at P = 132 (4 cannot be co-resident: 30 clusters of 4 on an
+# H200) 0.999 (16 rows, 0.941-1.023), at P = 116 1.003: not added.  Measured at P = 116 only,
+# hence the narrow num_ctas range (a P that is not a multiple of 4 runs the Gluon kernel).
+_CLUSTER4 = (("cluster_ctas", 4),)
+_CLUSTER4_NOTE = ("H200 bench_gemm A/B, 2026-12-03: clusters of 4 with multicast at P = 116 "
+                  "1.012x the Gluon kernel on the 16 rows they run (ab-run47)")
 GEMM_RULES: tuple[GemmRule, ...] = (
+    GemmRule(overrides=_CLUSTER4, group_m=16, k=(1, 4096), num_ctas=(112, 121),
+             note=_CLUSTER4_NOTE + "; group_m 16 at K = 2048 as below"),
+    GemmRule(overrides=_CLUSTER4, num_ctas=(112, 121), note=_CLUSTER4_NOTE),
     GemmRule(group_m=16, k=(1, 4096),
              note="H200 gemm_clock_probe, 2026-12-02: group_m 16 over 8 at K = 2048, "
                   "1.0-1.8 % less time on 11 of 12 means (clock-gm-run4/5)"),
