@@ -101,14 +101,15 @@ def table(engines: list[str], kernels: list[dict], reps: int) -> list[str]:
     if len(kernels) != reps * len(engines):
         return [f"expected {reps} GEMM kernels for each of {len(engines)} engines, ncu "
                 f"profiled {len(kernels)}: {[k['_name'][:40] for k in kernels]}"]
-    lines = [f"{'engine':<22}" + "".join(f"{c:>11}" for c, _, _ in COLUMNS)]
+    width = max([22] + [len(e) + 1 for e in engines])  # the engine column fits every name
+    lines = [f"{'engine':<{width}}" + "".join(f"{c:>11}" for c, _, _ in COLUMNS)]
     for i, engine in enumerate(engines):
         ks = kernels[i * reps:(i + 1) * reps]
         cells = []
         for _, metric, scale in COLUMNS:
             vals = [k[metric] for k in ks if metric in k]
             cells.append(f"{sum(vals) / len(vals) * scale:>11.3f}" if vals else f"{'-':>11}")
-        lines.append(f"{engine:<22}" + "".join(cells))
+        lines.append(f"{engine:<{width}}" + "".join(cells))
     return lines
 
 
