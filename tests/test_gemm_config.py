@@ -719,3 +719,29 @@ def test_wave_tile_properties():
             assert plan.num_tiles == -(-M // cfg.block_m) * -(-N // cfg.block_n)
 
     check()
+
+
+def test_plan_gemm_config_is_the_tables_choice_with_the_plans_tile():
+    """What an engine's signal-GEMM launcher runs (kernels.plan_gemm_config): the table's
+    choice for the shape and P with the plan's tile -- clusters of 4 at P in [112, 121) on
+    sm_90 for 128 x 256 tiles, none for another tile, on another GPU or at another P."""
+    from flashoverlap.kernels import plan_gemm_config
+
+    base = config_for_capability((9, 0), torch.bfloat16)
+    clustered = dataclasses.replace(base, cluster_ctas=4)
+    small = kernels.config_for_tile(base, 128, 128)
+    for P, want in ((116, clustered), (112, clustered), (120, clustered), (132, base),
+                    (111, base), (121, base)):
+        assert plan_gemm_config(8192, 8192, 8192, "bfloat16", P, 128, 256, (9, 0)) == want, P
+        half = config_for_capability((9, 0), torch.float16)
+        assert plan_gemm_config(8192, 8192, 2048, torch.float16, P, 128, 256, (9, 0)) \
+            == dataclasses.replace(half, cluster_ctas=want.cluster_ctas), P
+        # the plan's own 128 x 128 tile: its stages, no clusters
+        assert plan_gemm_config(8192, 8192, 8192, "bfloat16", P, 128, 128, (9, 0)) == small
+    # no GPU is sm_90 (plans made on a CPU match the GPU's); sm_80 takes no rule
+    assert plan_gemm_config(4096, 8192, 4096, "bfloat16", 116, 128, 256) == clustered
+    ampere = config_for_capability((8, 0), torch.bfloat16)
+    assert plan_gemm_config(4096, 8192, 4096, "bfloat16", 100, ampere.block_m, ampere.block_n,
+                            (8, 0)) == ampere
+    # fp32 (tests only) never takes a rule
+    assert plan_gemm_config(256, 256, 256, "float32", 116, 128, 256, (9, 0)).cluster_ctas == 0

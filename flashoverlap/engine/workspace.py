@@ -114,14 +114,20 @@ class Workspace:
         launchers share the workspace's split-tail scratch (their launches are ordered)."""
         launcher = self._launchers.get(residual_block)
         if launcher is None:
+            from ..kernels import plan_gemm_config
             from ..kernels.signal_gemm import SignalGemmLauncher
 
-            cfg = self.plan.config
+            cfg, problem = self.plan.config, self.plan.problem
+            # the table's kernel options for this shape and P (the cluster kernel at reduced
+            # P on sm_90), as bench_gemm measures them
+            config = plan_gemm_config(problem.M, problem.N, problem.K, problem.dtype,
+                                      cfg.num_ctas, cfg.block_m, cfg.block_n,
+                                      torch.cuda.get_device_capability(self.step_table.device))
             launcher = self._launchers[residual_block] = SignalGemmLauncher(
                 self.step_table, self.counters, block_m=cfg.block_m, block_n=cfg.block_n,
                 num_ctas=cfg.num_ctas, residual_block=residual_block or 0,
                 rows_per_block=self.plan.problem.rows_per_block, tail_scratch=self.tail_scratch,
-                full_tiles=self.plan.full_tiles)
+                full_tiles=self.plan.full_tiles, config=config)
         return launcher
 
 

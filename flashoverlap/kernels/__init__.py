@@ -35,6 +35,7 @@ __all__ = [
     "default_block_shape",
     "default_config",
     "gemm_config_for",
+    "plan_gemm_config",
     "grouped_gemm_config_for",
     "GROUPED_GEMM_RULES",
     "signal_gemm",
@@ -626,6 +627,21 @@ def gemm_config_for(M: int, N: int, K: int, dtype: torch.dtype | str = torch.bfl
     if wave_tiles and major == 9:
         choice = choice._replace(config=wave_tile(M, N, K, num_ctas, choice.config, name))
     return choice
+
+
+def plan_gemm_config(M: int, N: int, K: int, dtype: torch.dtype | str, num_ctas: int,
+                     block_m: int, block_n: int,
+                     capability: tuple[int, int] | None = None) -> GemmConfig:
+    """The kernel configuration an engine runs a plan's signal GEMM with: the table's choice
+    for the shape and ``P`` (:func:`gemm_config_for` without the wave-tile rule, which chose
+    the plan's tile already) with the plan's tile -- so the engines get what the benchmarks
+    measure, e.g. the cluster kernel at P in [112, 121) on sm_90.  A tile other than the
+    table's (a plan made with its own tile) takes that tile's stages and no clusters (the
+    cluster kernel runs 128 x 256 tiles only)."""
+    config = gemm_config_for(M, N, K, dtype, num_ctas, capability, wave_tiles=False).config
+    if (config.block_m, config.block_n) != (block_m, block_n):
+        config = dataclasses.replace(config_for_tile(config, block_m, block_n), cluster_ctas=0)
+    return config
 
 
 # The grouped signal GEMM (MoE experts, :mod:`flashoverlap.kernels.grouped_signal_gemm`) takes

@@ -99,6 +99,37 @@ def test_overlap_with_128x128_tiles_w1(world1, M, N, K):
         assert _workspace(M, N, K, op, config).plan.config.block_n == 128
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_overlap_runs_the_cluster_kernel_at_reduced_p_w1(world1, transposed):
+    """At P = SMs - 16 in [112, 121) on sm_90 the engine's signal GEMM takes the table's
+    choice (kernels.plan_gemm_config): the CUDA C cluster kernel in clusters of 4 where the
+    plan lets it (bands of 8 tile rows, no split last wave) -- every element written and
+    within 1e-2 of fp32 matmul, for both ops, over repeated calls."""
+    from flashoverlap.kernels import cluster_gemm
+
+    if torch.cuda.get_device_capability() != (9, 0) or not cluster_gemm.available() \
+            or not 112 <= _sms() - 16 <= 120:
+        pytest.skip("needs an sm_90 GPU with 128-136 SMs and NVRTC")
+    M, N, K = 4096, 8192, 1024
+    torch.manual_seed(11)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t() if transposed
+         else torch.randn(K, N, device="cuda", dtype=torch.bfloat16))
+    ref = a.float() @ b.float()
+    for op in OPS:
+        config = _config(M, N, 1, op)
+        for call in range(3):
+            out = _nan(_result_rows(op, M), N)
+            _call(op, a, b, out=out, engine="overlap", config=config)
+            torch.cuda.synchronize()
+            assert not out.isnan().any(), f"{op} call {call}: unwritten elements"
+            assert _rel(out, ref) <= 1e-2, f"{op} call {call}"
+        launcher = _workspace(M, N, K, op, config)._launchers[None]
+        assert launcher.config.cluster_ctas == 4
+        kernels = [entry[0] for entry in launcher._entries._kernels.values()]
+        assert kernels and all(isinstance(k, cluster_gemm.ClusterGemm) for k in kernels), op
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("transposed", [False, True])
