@@ -268,7 +268,8 @@ class ClusterGemm:
     """A loaded variant on the current device: ``gemm(a, b, c, num_ctas)`` writes ``a @ b``
     into ``c`` on the current stream.  ``a``: ``[M, K]`` row-major; ``b``: ``[K, N]``,
     row-major or (``b_kmajor``) the transpose of a row-major ``[N, K]``; ``c``: ``[M, N]``
-    row-major, same dtype.  ``num_ctas`` is rounded down to a whole number of clusters."""
+    row-major, same dtype; rows may be strided (16-byte aligned bases and row strides,
+    :func:`~flashoverlap.kernels.tma_addressable`).  ``num_ctas`` is rounded down to a whole number of clusters."""
 
     def __init__(self, config: ClusterGemmConfig) -> None:
         import torch
@@ -309,13 +310,15 @@ class ClusterGemm:
         return self._fits[num_ctas]
 
     def _tensor_map(self, t, rows: int, cols: int, box_cols: int, box_rows: int):
+        """The 2-D tensor map of ``t`` (``rows x cols``, unit inner stride, its own row
+        stride: a row-strided view is addressed in place, as TMA allows)."""
         d = self._driver
         dtype = (d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                  if self.config.dtype == "bfloat16"
                  else d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
         return _check(d.cuTensorMapEncodeTiled(
             dtype, 2, t.data_ptr(), [d.cuuint64_t(cols), d.cuuint64_t(rows)],
-            [d.cuuint64_t(cols * 2)], [d.cuuint32_t(box_cols), d.cuuint32_t(box_rows)],
+            [d.cuuint64_t(t.stride(0) * t.element_size())], [d.cuuint32_t(box_cols), d.cuuint32_t(box_rows)],
             [d.cuuint32_t(1), d.cuuint32_t(1)],
             d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
             d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
@@ -327,7 +330,8 @@ class ClusterGemm:
         M, K = a.shape
         N = b.shape[1]
         key = (a.data_ptr(), b.data_ptr(), out.data_ptr(), steps.data_ptr(),
-               0 if counters is None else counters.data_ptr(), M, N, K, out.shape[0])
+               0 if counters is None else counters.data_ptr(), M, N, K, out.shape[0],
+               a.stride(0), b.stride(1) if self.config.b_kmajor else b.stride(0), out.stride(0))
         params = self._params.get(key)
         if params is not None:
             self._params.move_to_end(key)
@@ -366,10 +370,12 @@ class ClusterGemm:
                 or K % 8 or N % 8):
             raise ValueError(f"bad operands a {tuple(a.shape)} b {tuple(b.shape)} "
                              f"out {tuple(out.shape)} (K and N multiples of 8, one dtype)")
-        if not a.is_contiguous() or not out.is_contiguous() or not (
-                b.t().is_contiguous() if cfg.b_kmajor else b.is_contiguous()):
+        b_rows = b.t() if cfg.b_kmajor else b
+        if not all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                   and t.data_ptr() % 16 == 0 for t in (a, b_rows, out)):
             raise ValueError("a and out must be row-major and b "
-                             + ("weight.t()" if cfg.b_kmajor else "row-major"))
+                             + ("weight.t()" if cfg.b_kmajor else "row-major")
+                             + ", with 16-byte aligned bases and row strides (TMA)")
         if num_ctas % cfg.cluster:
             raise ValueError(f"num_ctas {num_ctas} is not a multiple of the cluster "
                              f"{cfg.cluster}")
