@@ -88,8 +88,9 @@ __device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
 // retry path sleeps (NANOSLEEP.SYNCS) instead of re-polling.  counters-run42 saw this kernel
 // issue 1.67x the Gluon kernel's instructions (3.4 % of peak on the branch unit against
 // 0.02 %); with the hint 3 % fewer (hint-run43), so the wait loops are not where they go --
-// the main loop is ~90 SASS instructions per K step per consumer warp (descriptors rebuilt
-// through R2UR, modulo-3 stage indices) -- and its time moved +0.3 % (median of 8 rows)
+// the main loop was ~70-90 SASS instructions per K step per consumer warp (descriptors
+// rebuilt through R2UR, modulo-3 stage indices; LEAN_LOOP below: ~40) -- and its time moved
+// +0.3 % (median of 8 rows)
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
   asm volatile(
       "{\n"

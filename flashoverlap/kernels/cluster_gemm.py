@@ -16,15 +16,22 @@ run it where ``GemmConfig.cluster_ctas`` asks (:func:`eligible`, :func:`kernel_f
 
 Measured on one H200 (``results/2026-12-03-h200/cluster-run36..38``): clusters of 4 with
 multicast take 1.5-2.7 % less time than the same kernel without clusters at P = 116 on large
-shapes (clusters of 2: 0.2-1.2 %), but the kernel itself trails the Gluon warp-specialized
-one by 1-2 %, so through the product path it ran at 0.989 of the Gluon kernel's efficiency
-(median of 16 rows): ``cluster_ctas`` stays 0 by default.  Knobs for that 1-2 %, each measured
-against the same kernel without it (``results/2026-12-03-h200/verify-run40``, ``stsm-run41``,
-``hint-run43``; medians over 8-20 rows): no L2 promotion (``l2_promotion=0``) 1.000, B in one box
-(``b_one_box``) 1.003, a ``stmatrix`` epilogue 1.003, a try_wait suspend-time hint
-(``wait_hint_ns``) 1.003 -- all off by default.  Nsight Compute (``counters-run42``, 8192^3)
-sees this kernel issue 1.67x the Gluon kernel's instructions and move 25 % more L2 bytes at
-the same HBM bytes; where the extra L2 bytes come from is not known.  A release at cluster scope
+shapes (clusters of 2: 0.2-1.2 %), but the first kernel trailed the Gluon warp-specialized one
+by 1-2 %.  Nsight Compute (``counters-run42``, 8192^3) found it issuing 1.67x the Gluon
+kernel's instructions: the consumers rebuilt both wgmma descriptors every K step from the
+thread's warpgroup index (a vector value, moved to uniform registers by ``R2UR`` before every
+``HGMMA``) and took ring slots as ``it % 3``.  ``lean_loop`` (``lean-run46``) derives the
+warpgroup index through a lane-0 shuffle (warp-uniform to the compiler), moves the ring position
+on incrementally and adds offsets to the stage-0 descriptors -- ~40 SASS a K step instead of
+~70 --: 1.017x the kernel without it (median of 20 rows), 0.995 of the Gluon kernel without
+clusters.  Through the product path (``ab-run47``) clusters of 4 then ran 1.012x the Gluon
+kernel's efficiency on the 16 of issue 14's 26 rows they can take at P = 116, so
+``kernels.GEMM_RULES`` asks for them at P in [112, 121) on sm_90 and :func:`kernel_for`
+compiles :data:`PRODUCT_KNOBS`.  Knobs measured against the same kernel without them and left
+off (``verify-run40``, ``stsm-run41``, ``hint-run43``; medians over 8-20 rows): no L2 promotion
+(``l2_promotion=0``) 1.000 -- it removes most of the extra L2 bytes the counters saw (9.6 ->
+8.2 GB on 8192^3, the Gluon kernel 7.9), at no change in time --, B in one box (``b_one_box``) 1.003, a try_wait suspend-time hint (``wait_hint_ns``)
+1.003; ``stmatrix`` (1.003) is on in the product.  A release at cluster scope
 (``mbarrier.arrive.release.cluster``) compiles to ``MEMBAR.ALL.GPU`` and made the first
 version 20-30 % slower; the slot release is a plain remote arrive.  An H200 holds 30
 clusters of 4 at once (66 of 2): :meth:`ClusterGemm.fits` keeps a persistent grid
@@ -214,7 +221,7 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
     Assumes the signal GEMM's own checks passed (shapes, devices, layouts)."""
     import torch
 
-    from . import tail_split, tma_addressable
+    from . import b_transposed, tail_split, tma_addressable
 
     cl = config.cluster_ctas
     if (cl not in (2, 4) or not full_tiles or residual is not None or host_table is None
@@ -223,6 +230,13 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
             or torch.cuda.get_device_capability(a.device) != (9, 0)):
         return False
     if not tma_addressable(a, b, out):
+        return False
+    # densely packed rows only: the kernel's tensor maps take row strides since engine-run49
+    # (a row-strided A view reached it and was refused), but strided views have not run on a
+    # GPU yet (tests/gpu/test_cluster_gemm_gpu.py::test_row_strided_operands) -- until then
+    # they take the Gluon kernel, as before the cluster kernel was the default
+    b_rows = b.t() if b_transposed(b) else b
+    if not (a.is_contiguous() and out.is_contiguous() and b_rows.is_contiguous()):
         return False
     k_tiles = -(-a.shape[1] // BK)
     if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
