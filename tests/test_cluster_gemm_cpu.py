@@ -290,3 +290,35 @@ def test_readme_quotes_the_knob_rounds():
         med, lo, hi = (f"{x:.3f}" for x in (statistics.median(ratios), min(ratios), max(ratios)))
         assert quoted.startswith(med) and f"({lo}–{hi}, {n} rows)" in quoted, (a, med, lo, hi)
         assert " ".join(quoted.replace("**", "").split()) in readme, quoted
+
+
+def test_kernel_for_loads_nothing_when_told_not_to(monkeypatch):
+    """Under a stream capture the launcher asks kernel_for with may_load off: a variant not
+    loaded yet is None (the Gluon kernel runs; loading would compile, load a module and
+    synchronize the capturing stream), a loaded one is returned."""
+    import dataclasses
+
+    import torch
+
+    from flashoverlap.kernels import cluster_gemm, default_config
+
+    config = dataclasses.replace(default_config(None, torch.bfloat16), cluster_ctas=4)
+    a = torch.empty(1024, 512, dtype=torch.bfloat16)
+    b = torch.empty(512, 1024, dtype=torch.bfloat16)
+    monkeypatch.setattr(cluster_gemm, "_LOADED", {})
+    built = []
+    monkeypatch.setattr(cluster_gemm, "ClusterGemm", lambda cfg: built.append(cfg))
+    assert cluster_gemm.kernel_for(a, b, config, 116, may_load=False) is None
+    assert built == []
+
+    class Loaded:
+        def fits(self, num_ctas):
+            return num_ctas <= 120
+
+    cfg = cluster_gemm.ClusterGemmConfig(cluster=4, multicast=True, b_kmajor=False,
+                                         dtype="bfloat16", **cluster_gemm.PRODUCT_KNOBS)
+    loaded = Loaded()
+    cluster_gemm._LOADED[(cfg, a.device.index)] = loaded
+    assert cluster_gemm.kernel_for(a, b, config, 116, may_load=False) is loaded
+    assert cluster_gemm.kernel_for(a, b, config, 124, may_load=False) is None  # cannot fit
+    assert built == []

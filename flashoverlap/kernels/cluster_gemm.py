@@ -253,10 +253,11 @@ PRODUCT_KNOBS = dict(stmatrix=True, lean_loop=True)
 _LOADED: dict = {}
 
 
-def kernel_for(a, b, config, num_ctas: int) -> "ClusterGemm | None":
+def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGemm | None":
     """The loaded kernel of a launch that :func:`eligible` accepted (one per variant and
     device, loaded at first use), or None where the device cannot hold ``num_ctas`` CTAs in
-    such clusters at once."""
+    such clusters at once -- or, with ``may_load`` off (a stream capture: loading compiles,
+    loads a module and synchronizes), where this variant is not loaded yet."""
     import torch
 
     from . import b_transposed
@@ -267,6 +268,8 @@ def kernel_for(a, b, config, num_ctas: int) -> "ClusterGemm | None":
                             **PRODUCT_KNOBS)
     key = (cfg, a.device.index)
     if key not in _LOADED:
+        if not may_load:
+            return None
         with torch.cuda.device(a.device):
             _LOADED[key] = ClusterGemm(cfg)
     kernel = _LOADED[key]

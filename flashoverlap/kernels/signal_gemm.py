@@ -929,10 +929,11 @@ class SignalGemmLauncher:
         _validate(a, b, out, self.step_table, self.block_m, self.block_n, self.num_ctas,
                   bumped, residual, self.rows_per_block)
         config = _resolve_config(a, self.block_m, self.block_n, self.config)
-        if config.cluster_ctas and self._host_table is None and a.is_cuda \
-                and not torch.cuda.is_current_stream_capturing():
+        capturing = a.is_cuda and torch.cuda.is_current_stream_capturing()
+        if config.cluster_ctas and self._host_table is None and a.is_cuda and not capturing:
             self._host_table = self.step_table.cpu().numpy()  # once per launcher
-        kernel = (cluster_gemm.kernel_for(a, b, config, self.num_ctas)
+        # under capture only a variant loaded before (loading synchronizes the stream)
+        kernel = (cluster_gemm.kernel_for(a, b, config, self.num_ctas, may_load=not capturing)
                   if cluster_gemm.eligible(a, b, out, config, residual, self.full_tiles,
                                            self._host_table, self.num_ctas) else None)
         if kernel is not None:
