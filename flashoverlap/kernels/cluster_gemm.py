@@ -1,4 +1,4 @@
-"""A Hopper signal GEMM in thread-block clusters with TMA multicast of B, in CUDA C (opt-in).
+"""A Hopper signal GEMM in thread-block clusters with TMA multicast of B, in CUDA C (sm_90).
 
 Role
 ----

@@ -17,11 +17,14 @@ operands runs the warp-specialized Gluon kernel of :mod:`flashoverlap.kernels.ws
 efficiency in the medians on one H200, up to 1.12x on short K with 116 CTAs).  Everything else
 runs the pipelined kernel below, which handles partial tiles, the residual epilogue,
 unaligned operands (pointer loads) and sm_80/sm_89.  Both split the last wave alike.  A third,
-opt-in (``GemmConfig.cluster_ctas``, default off): :class:`SignalGemmLauncher` runs the CUDA C
-cluster GEMM of :mod:`flashoverlap.kernels.cluster_gemm` (thread-block clusters sharing each B
-tile through TMA multicast) where that module's ``eligible`` and the device's cluster capacity
-allow -- measured at 0.989 of the Gluon kernel's efficiency, so nothing turns it on by default;
-:func:`signal_gemm` never takes it (it would need the step table on the host: a sync per call).  :func:`signal_gemm` and
+where ``GemmConfig.cluster_ctas`` asks (the table, ``kernels.GEMM_RULES``, does at P in [112,
+121) on sm_90): :class:`SignalGemmLauncher` runs the CUDA C cluster GEMM of
+:mod:`flashoverlap.kernels.cluster_gemm` (thread-block clusters sharing each B tile through TMA
+multicast) where that module's ``eligible`` and the device's cluster capacity allow --
+measured at 1.012x the Gluon kernel's efficiency on the rows it took at P = 116
+(``results/2026-12-03-h200/ab-run47``); under a stream capture only a variant loaded before
+(loading synchronizes the stream).  :func:`signal_gemm` never takes it (it would need the step
+table on the host: a sync per call).  :func:`signal_gemm` and
 :class:`SignalGemmLauncher` choose once per argument signature; the choice depends on the
 plan, the tensors' layout, the device and whether this launch adds a residual.  Ranks of one
 collective therefore choose alike, except for an AllReduce with a replicated residual, where
