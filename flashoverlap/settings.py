@@ -8,7 +8,9 @@
                                 kernel); default: driver where the device supports it
 ``FLASHOVERLAP_DIRECT_LAUNCH``  ``0`` relaunches compiled kernels through Triton's JIT
                                 instead of directly (read when the kernels are imported)
-``FLASHOVERLAP_CACHE``          directory of the tuning cache (``flashoverlap.tuning.cache``)
+``FLASHOVERLAP_CACHE``          flashoverlap's cache directory: tuned configurations
+                                (``tuning/``, ``flashoverlap.tuning.cache``) and NVRTC-compiled
+                                CUDA C kernels (``cubin/``, ``flashoverlap.kernels.cluster_gemm``)
 ``FLASHOVERLAP_NCCL_LIBRARY``   path of ``libnccl.so`` to load (``flashoverlap.nccl_lib``)
 ``FLASHOVERLAP_NCCL4PY``        ``0`` enqueues NCCL calls through the ctypes binding even
                                 where nccl4py is usable (``flashoverlap.nccl_enqueue``)
@@ -39,6 +41,20 @@ ALL = (WORKSPACE_MB_ENV, WAIT_ENV, DIRECT_LAUNCH_ENV, CACHE_ENV, NCCL_LIBRARY_EN
 CTA_POLICIES = {"default": 0, "efficiency": 1, "zero": 2}
 
 _DEFAULT_WORKSPACE_MB = 1024
+
+
+def cache_root() -> str:
+    """``$FLASHOVERLAP_CACHE``, else platformdirs' user cache directory for flashoverlap
+    (the XDG default where platformdirs is not installed, e.g. a tree run uninstalled)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return root
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return os.path.join(base, "flashoverlap")
+    return platformdirs.user_cache_dir("flashoverlap")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -322,3 +322,39 @@ def test_kernel_for_loads_nothing_when_told_not_to(monkeypatch):
     assert cluster_gemm.kernel_for(a, b, config, 116, may_load=False) is loaded
     assert cluster_gemm.kernel_for(a, b, config, 124, may_load=False) is None  # cannot fit
     assert built == []
+
+
+def test_cubins_are_kept_on_disk(tmp_path, monkeypatch):
+    """compile_cubin keeps each cubin under $FLASHOVERLAP_CACHE/cubin, named by a hash of the
+    source, options and NVRTC version: a second process (here: the in-memory cache cleared)
+    reads it instead of compiling; another variant is another file; an unwritable cache is
+    skipped."""
+    _nvrtc()
+    from cuda.bindings import nvrtc
+
+    from flashoverlap.kernels import cluster_gemm
+
+    monkeypatch.setenv("FLASHOVERLAP_CACHE", str(tmp_path))
+    cfg = ClusterGemmConfig(cluster=1, multicast=False, lean_loop=True)
+    cluster_gemm.compile_cubin.cache_clear()
+    first = cluster_gemm.compile_cubin(cfg)
+    (path,) = (tmp_path / "cubin").glob("*.cubin")
+    assert path.read_bytes() == first and len(first) > 10_000
+    assert not list((tmp_path / "cubin").glob(".*.tmp"))
+
+    def no_compile(*args):
+        raise AssertionError("compiled although the cubin is on disk")
+
+    cluster_gemm.compile_cubin.cache_clear()
+    monkeypatch.setattr(nvrtc, "nvrtcCompileProgram", no_compile)
+    assert cluster_gemm.compile_cubin(cfg) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("FLASHOVERLAP_CACHE", str(tmp_path))
+    cluster_gemm.compile_cubin(ClusterGemmConfig(cluster=4, lean_loop=True))
+    assert len(list((tmp_path / "cubin").glob("*.cubin"))) == 2
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("FLASHOVERLAP_CACHE", str(blocked))
+    cluster_gemm.compile_cubin.cache_clear()
+    assert cluster_gemm.compile_cubin(cfg) == first  # compiled, not kept
+    cluster_gemm.compile_cubin.cache_clear()

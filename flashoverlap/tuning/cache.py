@@ -59,7 +59,7 @@ from flashoverlap.plan import PLAN_FORMAT_VERSION, PlanConfig, Problem, num_band
 
 # 2: groups are runs of row bands (``group_bands``); 1 grouped waves (``group_waves``).
 SCHEMA_VERSION: Literal[2] = 2
-CACHE_ENV = "FLASHOVERLAP_CACHE"
+from ..settings import CACHE_ENV  # noqa: E402  (one name for the variable)
 # NCCL variables that change which transport or algorithm a collective uses, hence its speed.
 INTERCONNECT_ENV = (
     "NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE",
@@ -172,20 +172,11 @@ class CacheEntry(BaseModel):
         return self.config.to_config()
 
 
-def _user_cache_dir() -> str:
-    """platformdirs' answer where installed (a core dependency), else the XDG default."""
-    try:
-        import platformdirs
-    except ImportError:  # e.g. a GPU image that runs the tree without installing it
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        return os.path.join(base, "flashoverlap")
-    return platformdirs.user_cache_dir("flashoverlap")
-
-
 def cache_dir() -> Path:
     """Directory of the tuning entries (see the module docstring)."""
-    root = os.environ.get(CACHE_ENV) or _user_cache_dir()
-    return Path(root) / "tuning"
+    from ..settings import cache_root
+
+    return Path(cache_root()) / "tuning"
 
 
 def entry_path(key: CacheKey, directory: Path | None = None) -> Path:
