@@ -6,6 +6,7 @@ on a GPU: ``scripts/cluster_gemm_probe.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -358,3 +359,34 @@ def test_cubins_are_kept_on_disk(tmp_path, monkeypatch):
     cluster_gemm.compile_cubin.cache_clear()
     assert cluster_gemm.compile_cubin(cfg) == first  # compiled, not kept
     cluster_gemm.compile_cubin.cache_clear()
+
+
+def test_a_variant_that_cannot_load_falls_back_once_with_a_warning(monkeypatch):
+    """kernel_for: where compiling or loading raises (an old NVRTC, a driver error), the
+    launch gets None -- the Gluon kernel runs --, with one RuntimeWarning, not an error in the
+    user's GEMM call; the variant is not tried again."""
+    import dataclasses
+    import warnings
+
+    import torch
+
+    from flashoverlap.kernels import cluster_gemm, default_config
+
+    config = dataclasses.replace(default_config(None, torch.bfloat16), cluster_ctas=4)
+    a = torch.empty(1024, 512, dtype=torch.bfloat16)
+    b = torch.empty(512, 1024, dtype=torch.bfloat16)
+    monkeypatch.setattr(cluster_gemm, "_LOADED", {})
+    tries = []
+
+    def broken(cfg):
+        tries.append(cfg)
+        raise RuntimeError("NVRTC could not compile")
+
+    monkeypatch.setattr(cluster_gemm, "ClusterGemm", broken)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        assert cluster_gemm.kernel_for(a, b, config, 116) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cluster_gemm.kernel_for(a, b, config, 116) is None
+    assert len(tries) == 1

@@ -53,6 +53,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +303,8 @@ def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGe
     """The loaded kernel of a launch that :func:`eligible` accepted (one per variant and
     device, loaded at first use), or None where the device cannot hold ``num_ctas`` CTAs in
     such clusters at once -- or, with ``may_load`` off (a stream capture: loading compiles,
-    loads a module and synchronizes), where this variant is not loaded yet."""
+    loads a module and synchronizes), where this variant is not loaded yet -- or where it
+    could not be loaded (an NVRTC or driver error: warned once, then the Gluon kernel)."""
     import torch
 
     from . import b_transposed
@@ -315,10 +317,16 @@ def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGe
     if key not in _LOADED:
         if not may_load:
             return None
-        with torch.cuda.device(a.device):
-            _LOADED[key] = ClusterGemm(cfg)
+        try:
+            with torch.cuda.device(a.device):
+                _LOADED[key] = ClusterGemm(cfg)
+        except RuntimeError as exc:  # NVRTC or the driver refused it: the Gluon kernel runs
+            _LOADED[key] = None
+            warnings.warn(f"flashoverlap: the cluster GEMM {cfg.name} could not be loaded on "
+                          f"{a.device} ({exc}); the warp-specialized Gluon kernel runs instead",
+                          RuntimeWarning, stacklevel=2)
     kernel = _LOADED[key]
-    return kernel if kernel.fits(num_ctas) else None
+    return kernel if kernel is not None and kernel.fits(num_ctas) else None
 
 
 def cluster_gemm_ref(a, b):
