@@ -90,7 +90,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="cap on registers per thread (GemmConfig.max_registers)")
     p.add_argument("--cluster-ctas", type=int, choices=[0, 2, 4],
                    help="run the CUDA C cluster GEMM in clusters of this many CTAs where it "
-                        "can run (GemmConfig.cluster_ctas)")
+                        "can run, 0 never (GemmConfig.cluster_ctas; default: the table's "
+                        "choice -- clusters of 4 at P in [112, 121) on sm_90)")
     p.add_argument("--torch-sm-target", action="store_true",
                    help="also time torch.matmul via cuBLASLt with an SM count target of P "
                         "(the same-SM reference for reduced P)")
