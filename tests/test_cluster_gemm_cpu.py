@@ -351,6 +351,9 @@ def test_cubins_are_kept_on_disk(tmp_path, monkeypatch):
     assert cluster_gemm.compile_cubin(cfg) == first
     monkeypatch.undo()
     monkeypatch.setenv("FLASHOVERLAP_CACHE", str(tmp_path))
+    path.write_bytes(b"not a cubin")  # a stray file is compiled over
+    cluster_gemm.compile_cubin.cache_clear()
+    assert cluster_gemm.compile_cubin(cfg) == first and path.read_bytes() == first
     cluster_gemm.compile_cubin(ClusterGemmConfig(cluster=4, lean_loop=True))
     assert len(list((tmp_path / "cubin").glob("*.cubin"))) == 2
     blocked = tmp_path / "file"

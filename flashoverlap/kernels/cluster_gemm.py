@@ -184,8 +184,8 @@ def compile_cubin(config: ClusterGemmConfig, arch: str = "sm_90a") -> bytes:
 
     Kept on disk (:func:`cubin_path`): NVRTC takes 1.1-1.4 s a variant (a 2-core CPU), which
     every process -- every rank of every job -- would pay at its first launch.  Written
-    atomically (a temporary file, ``os.replace``); a cache that cannot be read or written is
-    skipped, never an error."""
+    atomically (a temporary file, ``os.replace``); a file that is not an ELF image is compiled
+    over, and a cache that cannot be read or written is skipped, never an error."""
     from cuda.bindings import nvrtc
 
     src = source(config).encode()
@@ -193,7 +193,7 @@ def compile_cubin(config: ClusterGemmConfig, arch: str = "sm_90a") -> bytes:
     path = cubin_path(src, opts)
     try:
         cubin = path.read_bytes()
-        if cubin:
+        if cubin.startswith(b"\x7fELF"):  # anything else (a stray file) is compiled over
             return cubin
     except OSError:
         pass
