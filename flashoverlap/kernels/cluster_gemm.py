@@ -30,8 +30,9 @@ kernel's efficiency on the 16 of issue 14's 26 rows they can take at P = 116, so
 compiles :data:`PRODUCT_KNOBS`.  Knobs measured against the same kernel without them and left
 off (``verify-run40``, ``stsm-run41``, ``hint-run43``; medians over 8-20 rows): no L2 promotion
 (``l2_promotion=0``) 1.000 -- it removes most of the extra L2 bytes the counters saw (9.6 ->
-8.2 GB on 8192^3, the Gluon kernel 7.9), at no change in time --, B in one box (``b_one_box``) 1.003, a try_wait suspend-time hint (``wait_hint_ns``)
-1.003; ``stmatrix`` (1.003) is on in the product.  A release at cluster scope
+8.2 GB on 8192^3, the Gluon kernel 7.9), at no change in time --, B in one box
+(``b_one_box``) 1.003, a try_wait suspend-time hint (``wait_hint_ns``) 1.003; ``stmatrix``
+(1.003) is on in the product.  A release at cluster scope
 (``mbarrier.arrive.release.cluster``) compiles to ``MEMBAR.ALL.GPU`` and made the first
 version 20-30 % slower; the slot release is a plain remote arrive.  An H200 holds 30
 clusters of 4 at once (66 of 2): :meth:`ClusterGemm.fits` keeps a persistent grid
@@ -339,7 +340,8 @@ class ClusterGemm:
     into ``c`` on the current stream.  ``a``: ``[M, K]`` row-major; ``b``: ``[K, N]``,
     row-major or (``b_kmajor``) the transpose of a row-major ``[N, K]``; ``c``: ``[M, N]``
     row-major, same dtype; rows may be strided (16-byte aligned bases and row strides,
-    :func:`~flashoverlap.kernels.tma_addressable`).  ``num_ctas`` is rounded down to a whole number of clusters."""
+    :func:`~flashoverlap.kernels.tma_addressable`).  ``num_ctas`` must be a whole number of
+    clusters."""
 
     def __init__(self, config: ClusterGemmConfig) -> None:
         import torch
@@ -388,7 +390,8 @@ class ClusterGemm:
                  else d.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
         return _check(d.cuTensorMapEncodeTiled(
             dtype, 2, t.data_ptr(), [d.cuuint64_t(cols), d.cuuint64_t(rows)],
-            [d.cuuint64_t(t.stride(0) * t.element_size())], [d.cuuint32_t(box_cols), d.cuuint32_t(box_rows)],
+            [d.cuuint64_t(t.stride(0) * t.element_size())],
+            [d.cuuint32_t(box_cols), d.cuuint32_t(box_rows)],
             [d.cuuint32_t(1), d.cuuint32_t(1)],
             d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
             d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
