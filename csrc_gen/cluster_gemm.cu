@@ -39,7 +39,8 @@
 //
 // Clusters over a step table: cluster c runs the CL consecutive steps c*CL + i*P + [0, CL),
 // which must share one tile column (the host checks the table: true when every band of the
-// swizzled order has a multiple of CL rows).  A CTA whose step is past the table's end still
+// swizzled order has a multiple of CL rows) -- or, with MIXED_COLUMNS, may stand in different
+// columns: the CTAs of each column then share that column's B tile among themselves.  A CTA whose step is past the table's end still
 // loads (A rows past M: zeros) and multicasts its share of B for its peers, and stores nothing.
 //
 // Synchronisation in a cluster: the consumers of every CTA arrive on the empty barrier of
@@ -214,7 +215,29 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       for (int s0 = first; s0 < num_steps; s0 += P) {
         const int s = s0 + (int)rank;
         const int row = s < num_steps ? step_field(steps, s, 0) : M;  // past the end: zeros
+#if MIXED_COLUMNS
+        // the cluster's CTAs may stand in different tile columns (a band whose height is not a
+        // multiple of CL): the CTAs of one column share its B tile -- member `idx` of a group
+        // of `g` loads the boxes j with j % g == idx and multicasts them to the group's mask;
+        // a CTA past the table's end takes the cluster's first column (it loads zeros for A
+        // and its share of that column's B, and stores nothing)
+        int n0 = step_field(steps, s0, 2);
+        if (s < num_steps) n0 = step_field(steps, s, 2);
+        unsigned short mask = 0;
+        int g = 0, idx = 0;
+#pragma unroll
+        for (int r = 0; r < CL; ++r) {
+          const int sr = s0 + r;
+          const int cr = step_field(steps, sr < num_steps ? sr : s0, 2);
+          if (cr == n0) {
+            mask |= (unsigned short)(1u << r);
+            idx += r < (int)rank;
+            ++g;
+          }
+        }
+#else
         const int n0 = step_field(steps, s0, 2);
+#endif
         for (int kk = 0; kk < nk; ++kk, ++it) {
 #if LEAN_LOOP
           if (it > 0) {  // the ring position moves on by one slot a K step
@@ -236,12 +259,20 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
             const int c0 = B_KMAJOR ? kk * BK : n0 + 64 * j;
             const int c1 = B_KMAJOR ? n0 + (BN / B_BOXES) * j : kk * BK;
             const u32 dst = sb + j * (B_STAGE / B_BOXES);
+#if MIXED_COLUMNS
+            if (g == 1) {
+              tma_load(dst, &b_desc, bar, c0, c1);
+            } else if (j % g == idx) {
+              tma_load_multicast(dst, &b_desc, bar, c0, c1, mask);
+            }
+#else
             if (MULTICAST) {
               if (j % CL == (int)rank)
                 tma_load_multicast(dst, &b_desc, bar, c0, c1, (unsigned short)((1u << CL) - 1));
             } else {
               tma_load(dst, &b_desc, bar, c0, c1);
             }
+#endif
           }
         }
       }
@@ -251,7 +282,11 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
         const int s = s0 + (int)rank;
         mbar_wait(c_ready, n & 1);
         if (s < num_steps) {
+#if MIXED_COLUMNS
+          const int dest = step_field(steps, s, 4), n0 = step_field(steps, s, 2);
+#else
           const int dest = step_field(steps, s, 4), n0 = step_field(steps, s0, 2);
+#endif
 #pragma unroll
           for (int h = 0; h < 2; ++h)
 #pragma unroll

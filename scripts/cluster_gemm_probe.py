@@ -14,7 +14,8 @@ with 128 x 256 tiles and the tuner's band height, counters on, as ``bench_gemm.p
 signal GEMM -- on the rotating inputs of ``bench_gemm.py`` in either B layout.  Every variant is
 first checked against an fp32 ``torch.matmul`` with its output poisoned (NaN) and its counters
 against the plan's tiles per group; a wrong variant stops the run.  A cluster variant runs
-only where the plan's step table lets a cluster share B tiles (``shares_b_tiles``).
+only where the plan's step table lets a cluster share B tiles (``runs_table``; any table for
+the ``-mixed`` variants).
 
     python scripts/cluster_gemm_probe.py --out DIR [--layouts nk,kn] [--shapes MxNxK,...]
         [--ctas 116,132] [--variants single,cluster2,multicast2,multicast4] [--check-only]
@@ -62,6 +63,12 @@ VARIANTS = {
     "single-stsm-lean": dict(cluster=1, multicast=False, stmatrix=True, lean_loop=True),
     "multicast2-stsm-lean": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True),
     "multicast4-stsm-lean": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True),
+    # the product's kernel on any band height: a cluster's CTAs may stand in different columns
+    # (11008-row shapes: bands of 6 tile rows); not measured yet
+    "multicast4-mixed": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,
+                             mixed_columns=True),
+    "multicast2-mixed": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True,
+                             mixed_columns=True),
 }
 SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
 
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
 
     from flashoverlap.kernels import gemm_config_for
     from flashoverlap.kernels import signal_gemm as sg
-    from flashoverlap.kernels.cluster_gemm import ClusterGemm, shares_b_tiles
+    from flashoverlap.kernels.cluster_gemm import ClusterGemm, runs_table
     from flashoverlap.plan import PlanConfig, Problem, make_plan
 
     if not torch.cuda.is_available():
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
                         if (v, lay) not in kernels:
                             continue
                         k = kernels[v, lay]
-                        if not shares_b_tiles(plan.step_table, P, k.config.cluster):
+                        if not runs_table(k.config, plan.step_table, P):
                             unpaired.add((v, lay, P, M, N, K))
                             print(f"check {lay} {M}x{N}x{K} {v} P={P}: the plan's step "
                                   f"table does not pair tiles by column, skipped", flush=True)

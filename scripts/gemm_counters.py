@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from cluster_gemm_probe import variant_config
     from flashoverlap.kernels import gemm_config_for
     from flashoverlap.kernels import signal_gemm as sg
-    from flashoverlap.kernels.cluster_gemm import ClusterGemm, shares_b_tiles
+    from flashoverlap.kernels.cluster_gemm import ClusterGemm, runs_table
     from flashoverlap.plan import PlanConfig, Problem, make_plan
 
     dev = torch.device("cuda")
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         counters = torch.zeros(plan256.num_groups, device=dev, dtype=torch.int32)
         for v in (x for x in args.variants.split(",") if x):
             k = ClusterGemm(variant_config(v, args.layout))
-            if not (shares_b_tiles(plan256.step_table, P, k.config.cluster) and k.fits(P)):
+            if not (runs_table(k.config, plan256.step_table, P) and k.fits(P)):
                 print(f"{v} P={P}: not runnable on this plan/device, skipped", flush=True)
                 continue
             engines.append((f"{v} P={P}", bench._rotating(

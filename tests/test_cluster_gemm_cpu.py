@@ -29,7 +29,10 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
             ClusterGemmConfig(cluster=4, stmatrix=True, wait_hint_ns=10_000_000),
             ClusterGemmConfig(cluster=1, multicast=False, lean_loop=True),
             ClusterGemmConfig(cluster=4, stmatrix=True, lean_loop=True),
-            ClusterGemmConfig(cluster=2, b_kmajor=False, dtype="float16", lean_loop=True)]
+            ClusterGemmConfig(cluster=2, b_kmajor=False, dtype="float16", lean_loop=True),
+            ClusterGemmConfig(cluster=4, stmatrix=True, lean_loop=True, mixed_columns=True),
+            ClusterGemmConfig(cluster=2, b_kmajor=False, stmatrix=True, lean_loop=True,
+                              mixed_columns=True)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -40,6 +43,8 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
     (dict(b_kmajor=False, b_one_box=True), "K-major"),
     (dict(l2_promotion=32), "l2_promotion"),
     (dict(wait_hint_ns=-1), "wait_hint_ns"),
+    (dict(cluster=2, multicast=False, mixed_columns=True), "mixed_columns needs"),
+    (dict(cluster=4, b_one_box=True, mixed_columns=True), "mixed_columns needs"),
 ])
 def test_bad_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -117,7 +122,8 @@ def _cuobjdump():
     return path
 
 
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}-{c.lean_loop}")
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}-{c.lean_loop}-"
+                         f"{c.mixed_columns}")
 def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     _nvrtc()
     tool = _cuobjdump()
@@ -393,3 +399,17 @@ def test_a_variant_that_cannot_load_falls_back_once_with_a_warning(monkeypatch):
         warnings.simplefilter("error")
         assert cluster_gemm.kernel_for(a, b, config, 116) is None
     assert len(tries) == 1
+
+
+def test_runs_table_takes_any_band_height_with_mixed_columns():
+    """runs_table: whole clusters always; one column per cluster (shares_b_tiles) unless the
+    variant takes mixed_columns."""
+    from flashoverlap.kernels.cluster_gemm import runs_table
+
+    plain = ClusterGemmConfig(cluster=4, lean_loop=True)
+    mixed = ClusterGemmConfig(cluster=4, lean_loop=True, mixed_columns=True)
+    odd = _table(11008, 3072, 116, 8)  # 86 tile rows: a band of 6
+    even = _table(8192, 8192, 116, 8)
+    assert runs_table(plain, even, 116) and runs_table(mixed, even, 116)
+    assert not runs_table(plain, odd, 116) and runs_table(mixed, odd, 116)
+    assert not runs_table(mixed, odd, 118)  # not whole clusters of 4

@@ -79,7 +79,11 @@ class ClusterGemmConfig:
     256-row box without multicast) instead of 64-row boxes; ``l2_promotion``: the tensor
     maps' L2 promotion in bytes (0: none); ``stmatrix``: the epilogue writes the C staging
     with ``stmatrix`` (16 a thread, as the Gluon kernel's) instead of 64 4-byte stores;
-    ``wait_hint_ns``: the suspend-time hint of every ``mbarrier.try_wait`` (0: none)."""
+    ``wait_hint_ns``: the suspend-time hint of every ``mbarrier.try_wait`` (0: none);
+    ``lean_loop``: the consumers' main loop with incremental ring positions and descriptors in
+    uniform registers; ``mixed_columns``: a cluster's CTAs may stand in different tile
+    columns (any band height), the CTAs of each column multicasting its B tile among
+    themselves -- not measured on a GPU yet, so not in :data:`PRODUCT_KNOBS`."""
 
     cluster: int = 2
     multicast: bool = True
@@ -91,6 +95,7 @@ class ClusterGemmConfig:
     stmatrix: bool = False
     wait_hint_ns: int = 0
     lean_loop: bool = False
+    mixed_columns: bool = False
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -100,6 +105,9 @@ class ClusterGemmConfig:
         if self.b_one_box and not self.b_kmajor:
             raise ValueError("b_one_box needs a K-major B (a row-major B tile is four "
                              "64-wide boxes under the 128-byte swizzle)")
+        if self.mixed_columns and (not self.multicast or self.b_one_box):
+            raise ValueError("mixed_columns needs multicast and B in 64-wide boxes "
+                             "(b_one_box off)")
         if self.l2_promotion not in (0, 64, 128, 256):
             raise ValueError(f"l2_promotion must be 0, 64, 128 or 256, got {self.l2_promotion}")
         if not 0 <= self.wait_hint_ns < 2**31:
@@ -149,7 +157,8 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
     defines = "\n".join(f"#define {k} {int(v)}" for k, v in (
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
         ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix),
-        ("WAIT_HINT_NS", c.wait_hint_ns), ("LEAN_LOOP", c.lean_loop)))
+        ("WAIT_HINT_NS", c.wait_hint_ns), ("LEAN_LOOP", c.lean_loop),
+        ("MIXED_COLUMNS", c.mixed_columns)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",
@@ -243,6 +252,15 @@ def shares_b_tiles(step_table, num_ctas: int, cluster: int) -> bool:
     runs = np.concatenate([cols, np.full(pad, -1)]).reshape(-1, cluster)
     first = runs[:, :1]
     return bool(((runs == first) | (runs == -1)).all())
+
+
+def runs_table(config: ClusterGemmConfig, step_table, num_ctas: int) -> bool:
+    """Whether variant ``config`` can run this step table on ``num_ctas`` programs: whole
+    clusters, and a cluster's steps in one tile column (:func:`shares_b_tiles`) unless the
+    variant takes ``mixed_columns``."""
+    if num_ctas % config.cluster:
+        return False
+    return config.mixed_columns or shares_b_tiles(step_table, num_ctas, config.cluster)
 
 
 @functools.lru_cache(maxsize=None)
@@ -433,7 +451,7 @@ class ClusterGemm:
         ``out[dest_row:, col_start:]``; with ``counters`` (int32, one per group) each stored
         tile adds one to its group's counter (release, after the stores are performed).
         Every step must be a whole 128 x 256 tile of ``out`` (TMA writes whole boxes) and the
-        table must pass :func:`shares_b_tiles` for this cluster size (checked by the caller:
+        table must pass :func:`runs_table` for this variant (checked by the caller:
         once per plan, not per call).  ``stream``: a raw stream handle (default: the
         current stream)."""
         cfg = self.config

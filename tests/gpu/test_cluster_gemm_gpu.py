@@ -20,7 +20,7 @@ from flashoverlap.kernels import signal_gemm as sg  # noqa: E402
 from flashoverlap.kernels.cluster_gemm import (  # noqa: E402
     ClusterGemm,
     ClusterGemmConfig,
-    shares_b_tiles,
+    runs_table,
 )
 from flashoverlap.plan import PlanConfig, Problem, make_plan  # noqa: E402
 
@@ -54,7 +54,7 @@ def _run(kernel, M, N, K, P, *, world=1, op="all_reduce", group_m=8, dtype=torch
          gen=None):
     plan = make_plan(Problem(M, N, K, "bfloat16", world, op),
                      PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
-    assert shares_b_tiles(plan.step_table, P, kernel.config.cluster)
+    assert runs_table(kernel.config, plan.step_table, P)
     a, b = _operands(M, N, K, dtype, kernel.config.b_kmajor, gen)
     table = torch.from_numpy(plan.step_table.copy()).to(DEV)
     out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
@@ -75,6 +75,7 @@ def _check(plan, out, ref, cnt, what):
 
 
 STSM, HINT, LEAN = dict(stmatrix=True), dict(wait_hint_ns=10_000_000), dict(lean_loop=True)
+MIXED = dict(mixed_columns=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -124,6 +125,26 @@ def test_row_strided_operands(b_kmajor):
     assert store[:, N:].isnan().all()  # nothing written past the view's columns
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
+@pytest.mark.parametrize("cluster", [2, 4])
+@pytest.mark.parametrize("M,N,K,P,group_m", [
+    (11008, 3072, 1024, 116, 8),   # 86 tile rows: the last band has 6
+    (2304, 2048, 512, 116, 3),     # bands of 3: every cluster of 4 spans two columns
+    (1920, 1280, 320, 8, 5),       # bands of 5, few programs: many steps per program
+    (640, 768, 192, 12, 5)])       # 15 tiles: a cluster past the table's end
+def test_mixed_columns_match_the_reference(dtype, b_kmajor, cluster, M, N, K, P, group_m):
+    """mixed_columns: a cluster's CTAs in different tile columns (band heights that are not a
+    multiple of the cluster) -- each column's CTAs multicast its B tile among themselves."""
+    kernel = _kernel(cluster, True, b_kmajor, dtype, **(STSM | LEAN | MIXED))
+    plan, out, ref, cnt = _run(kernel, M, N, K, P, group_m=group_m, dtype=dtype)
+    from flashoverlap.kernels.cluster_gemm import shares_b_tiles
+
+    if group_m in (3, 5) or (M == 11008 and cluster == 4):
+        assert not shares_b_tiles(plan.step_table, P, cluster)  # really mixed
+    _check(plan, out, ref, cnt, f"mixed {kernel.config.name} {M}x{N}x{K} P={P} gm{group_m}")
+
+
 def test_steps_past_the_end_of_the_table():
     # 3 tiles on one cluster of 4: the fourth CTA loads zeros and multicasts its share of B
     kernel = _kernel(4, True, False)
@@ -134,7 +155,8 @@ def test_steps_past_the_end_of_the_table():
 
 @pytest.mark.parametrize("cluster,multicast,knobs", [
     (1, False, {}), (4, True, {}), (4, True, STSM), (4, True, STSM | HINT), (1, False, LEAN),
-    (4, True, STSM | LEAN)], ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
+    (4, True, STSM | LEAN), (4, True, STSM | LEAN | MIXED)],
+    ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
 def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, knobs):
     """A consumer on a high-priority stream spins on each group's counter (acquire) and
     snapshots the group's rows when the count is complete; a snapshot that differs from the
@@ -152,8 +174,10 @@ def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, knobs):
         # the consumer holds one SM, which no GEMM CTA can share (64 K registers each): a
         # persistent grid must leave it free (and clusters of 4 fit 30 at once on an H200)
         P = rng.choice([128 if cluster == 4 else 130, 116, 64, 8])
+        # bands of 3 tile rows put a cluster of 4 across two columns (mixed_columns)
+        group_m = 3 if knobs.get("mixed_columns") else 4
         plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
-                         PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=4))
+                         PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=group_m))
         a, b = _operands(M, N, K, torch.bfloat16, b_kmajor, gen)
         table = torch.from_numpy(plan.step_table.copy()).to(DEV)
         targets = torch.tensor(plan.group_tile_counts, dtype=torch.int32, device=DEV)
