@@ -246,6 +246,13 @@ def test_eligible_takes_only_what_the_kernel_can_run(monkeypatch):
     assert check() and check(b_t=True)
     assert not check(config=dataclasses.replace(base, cluster_ctas=0))
     assert not check(group_m=5)                # bands of 5 rows: no column pairs
+    # ... which the product's variant would take once mixed_columns is in its knobs
+    monkeypatch.setattr(cluster_gemm, "PRODUCT_KNOBS",
+                        dict(cluster_gemm.PRODUCT_KNOBS, mixed_columns=True))
+    assert check(group_m=5) and not check(P=118)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cluster_gemm, "available", lambda: True)
     assert not check(P=118)                    # not a whole number of clusters of 4
     assert not check(full_tiles=False)
     assert not check(table=False)              # no host copy of the table (capturing)

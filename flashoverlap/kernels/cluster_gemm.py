@@ -307,7 +307,8 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
     if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
                                         config.split_min_saved_k_tiles)[1] > 1:
         return False  # the Gluon kernel splits this last wave; this one cannot
-    return shares_b_tiles(host_table, num_ctas, cl) and available()
+    return runs_table(product_variant(cl, b_transposed(b), a.dtype), host_table,
+                      num_ctas) and available()
 
 
 # the base-kernel knobs the product path compiles (kernel_for): lean-run46 measured lean_loop
@@ -316,6 +317,16 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
 PRODUCT_KNOBS = dict(stmatrix=True, lean_loop=True)
 
 _LOADED: dict = {}
+
+
+def product_variant(cluster: int, b_kmajor: bool, dtype) -> ClusterGemmConfig:
+    """The variant the product path runs for clusters of ``cluster``, a B layout and a torch
+    dtype (bf16 / fp16): multicast with :data:`PRODUCT_KNOBS`."""
+    import torch
+
+    return ClusterGemmConfig(cluster=cluster, multicast=True, b_kmajor=b_kmajor,
+                             dtype="bfloat16" if dtype == torch.bfloat16 else "float16",
+                             **PRODUCT_KNOBS)
 
 
 def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGemm | None":
@@ -328,10 +339,7 @@ def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGe
 
     from . import b_transposed
 
-    cfg = ClusterGemmConfig(cluster=config.cluster_ctas, multicast=True,
-                            b_kmajor=b_transposed(b),
-                            dtype="bfloat16" if a.dtype == torch.bfloat16 else "float16",
-                            **PRODUCT_KNOBS)
+    cfg = product_variant(config.cluster_ctas, b_transposed(b), a.dtype)
     key = (cfg, a.device.index)
     if key not in _LOADED:
         if not may_load:
