@@ -111,8 +111,11 @@ def test_row_strided_operands(b_kmajor):
     plan = make_plan(Problem(M, N, K, "bfloat16", 1, "all_reduce"),
                      PlanConfig(block_m=128, block_n=256, num_ctas=P, group_m=8))
     a = torch.randn(M, K + 24, device=DEV).to(torch.bfloat16)[:, 8:8 + K]
-    w = torch.randn(N + 8, K + 40, device=DEV).to(torch.bfloat16)
-    b = w[:N, 16:16 + K].T if b_kmajor else w[:K, 16:16 + N]
+    if b_kmajor:  # weight [N, K] rows strided, B = its transpose
+        b = torch.randn(N + 8, K + 40, device=DEV).to(torch.bfloat16)[:N, 16:16 + K].T
+    else:
+        b = torch.randn(K + 8, N + 40, device=DEV).to(torch.bfloat16)[:K, 16:16 + N]
+    assert not (b.T if b_kmajor else b).is_contiguous() and not a.is_contiguous()
     store = torch.full((M, N + 64), float("nan"), device=DEV, dtype=torch.bfloat16)
     out = store[:, :N]
     table = torch.from_numpy(plan.step_table.copy()).to(DEV)
