@@ -258,9 +258,9 @@ def runs_table(config: ClusterGemmConfig, step_table, num_ctas: int) -> bool:
     """Whether variant ``config`` can run this step table on ``num_ctas`` programs: whole
     clusters, and a cluster's steps in one tile column (:func:`shares_b_tiles`) unless the
     variant takes ``mixed_columns``."""
-    if num_ctas % config.cluster:
-        return False
-    return config.mixed_columns or shares_b_tiles(step_table, num_ctas, config.cluster)
+    if config.mixed_columns:
+        return num_ctas % config.cluster == 0
+    return shares_b_tiles(step_table, num_ctas, config.cluster)  # checks whole clusters too
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,7 +290,7 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
 
     cl = config.cluster_ctas
     if (cl not in (2, 4) or not full_tiles or residual is not None or host_table is None
-            or num_ctas % cl or (config.block_m, config.block_n, config.block_k) != (BM, BN, BK)
+            or (config.block_m, config.block_n, config.block_k) != (BM, BN, BK)
             or a.dtype not in (torch.bfloat16, torch.float16)
             or torch.cuda.get_device_capability(a.device) != (9, 0)):
         return False
@@ -300,15 +300,17 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
     # (a row-strided A view reached it and was refused), but strided views have not run on a
     # GPU yet (tests/gpu/test_cluster_gemm_gpu.py::test_row_strided_operands) -- until then
     # they take the Gluon kernel, as before the cluster kernel was the default
-    b_rows = b.t() if b_transposed(b) else b
-    if not (a.is_contiguous() and out.is_contiguous() and b_rows.is_contiguous()):
+    b_kmajor = b_transposed(b)
+    if not (a.is_contiguous() and out.is_contiguous()
+            and (b.t() if b_kmajor else b).is_contiguous()):
         return False
     k_tiles = -(-a.shape[1] // BK)
     if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
                                         config.split_min_saved_k_tiles)[1] > 1:
         return False  # the Gluon kernel splits this last wave; this one cannot
-    return runs_table(product_variant(cl, b_transposed(b), a.dtype), host_table,
-                      num_ctas) and available()
+    # whole clusters and a pairing of tiles by column, as the product's variant needs
+    return runs_table(product_variant(cl, b_kmajor, a.dtype), host_table, num_ctas) \
+        and available()
 
 
 # the base-kernel knobs the product path compiles (kernel_for): lean-run46 measured lean_loop

@@ -56,10 +56,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flashoverlap.plan import PLAN_FORMAT_VERSION, PlanConfig, Problem, num_bands_for
+from flashoverlap.settings import CACHE_ENV, cache_root
 
 # 2: groups are runs of row bands (``group_bands``); 1 grouped waves (``group_waves``).
 SCHEMA_VERSION: Literal[2] = 2
-from ..settings import CACHE_ENV  # noqa: E402  (one name for the variable)
 # NCCL variables that change which transport or algorithm a collective uses, hence its speed.
 INTERCONNECT_ENV = (
     "NCCL_P2P_DISABLE", "NCCL_P2P_LEVEL", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE",
@@ -174,8 +174,6 @@ class CacheEntry(BaseModel):
 
 def cache_dir() -> Path:
     """Directory of the tuning entries (see the module docstring)."""
-    from ..settings import cache_root
-
     return Path(cache_root()) / "tuning"
 
 

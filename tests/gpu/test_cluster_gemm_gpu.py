@@ -78,13 +78,18 @@ STSM, HINT, LEAN = dict(stmatrix=True), dict(wait_hint_ns=10_000_000), dict(lean
 MIXED = dict(mixed_columns=True)
 
 
+def _knob_ids(value):
+    """Test ids: a knob dict as its names ("base" for none), other values pytest's way."""
+    return ("-".join(value) or "base") if isinstance(value, dict) else None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("b_kmajor", [False, True], ids=["b_kn", "b_nk_T"])
 @pytest.mark.parametrize("cluster,multicast,knobs", [
     (1, False, {}), (2, False, {}), (2, True, {}), (4, True, {}),
     (1, False, STSM), (4, True, STSM), (1, False, STSM | HINT), (4, True, STSM | HINT),
     (1, False, LEAN), (2, False, LEAN), (2, True, STSM | LEAN), (4, True, STSM | LEAN)],
-    ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
+    ids=_knob_ids)
 @pytest.mark.parametrize("M,N,K,P", [(2048, 2048, 1024, 132), (4096, 1536, 3000, 116),
                                      (1024, 256, 64, 8), (1000, 776, 136, 132)])
 def test_matches_reference(dtype, b_kmajor, cluster, multicast, knobs, M, N, K, P):
@@ -159,7 +164,7 @@ def test_steps_past_the_end_of_the_table():
 @pytest.mark.parametrize("cluster,multicast,knobs", [
     (1, False, {}), (4, True, {}), (4, True, STSM), (4, True, STSM | HINT), (1, False, LEAN),
     (4, True, STSM | LEAN), (4, True, STSM | LEAN | MIXED)],
-    ids=lambda v: "-".join(v) or "base" if isinstance(v, dict) else None)
+    ids=_knob_ids)
 def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, knobs):
     """A consumer on a high-priority stream spins on each group's counter (acquire) and
     snapshots the group's rows when the count is complete; a snapshot that differs from the
