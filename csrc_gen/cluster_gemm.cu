@@ -36,6 +36,14 @@
 // fence.proxy.async.global (async-proxy writes before the generic operations that follow),
 // red.release.gpu.global.add on the group's counter -- the protocol of the Gluon
 // warp-specialized kernel (flashoverlap.kernels.ws_signal_gemm), one thread doing all of it.
+// HALF_EPILOGUE: each warpgroup stages its 64x256 in two 64x128 halves through 16 KB of its
+// own (a c_ready / c_empty pair per warpgroup; the storer takes the halves in the order they
+// are written and gives a buffer back once its two boxes have been read), which frees the
+// 32 KB that a fourth ring stage needs (4 x 48 + 2 x 16 KB = 224 KB).  Why a fourth stage: a
+// slot goes back one K step after it was read (one wgmma group stays in flight) and, with
+// multicast, only when every CTA of the cluster has read it; three stages leave about two K
+// steps (~1.3 us at 1.5 GHz) for the release, the slowest peer, the TMA read from L2 and
+// the multicast write.
 //
 // Clusters over a step table: cluster c runs the CL consecutive steps c*CL + i*P + [0, CL),
 // which must share one tile column (the host checks the table: true when every band of the
@@ -64,9 +72,13 @@ constexpr u32 A_STAGE = BM * BK * 2;           // 16 KB
 constexpr u32 B_BOX = 64 * 64 * 2;             // 8 KB: one 64x64 box of B
 constexpr u32 B_STAGE = 4 * B_BOX;             // 32 KB
 constexpr u32 STAGE_BYTES = A_STAGE + B_STAGE; // bytes a full barrier expects per phase
+#if HALF_EPILOGUE
+constexpr u32 C_WG = 64 * (BN / 2) * 2;        // 16 KB: half a consumer warpgroup's 64x256 at a time
+#else
 constexpr u32 C_WG = 64 * BN * 2;              // 32 KB of C staging per consumer warpgroup
+#endif
 constexpr u32 RING = STAGES * STAGE_BYTES;
-constexpr u32 BARS = RING + 2 * C_WG;          // offset of the barriers (host: + 16 * STAGES + 16 + 1 KB slack)
+constexpr u32 BARS = RING + 2 * C_WG;          // offset of the barriers (host: + 16 * STAGES + 16 or 32 + 1 KB slack)
 constexpr u32 EMPTY_COUNT = MULTICAST ? 2 * CL : 2;
 
 __device__ __forceinline__ u64 desc_field(u32 x) { return (u64)((x & 0x3FFFF) >> 4); }
@@ -186,8 +198,8 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
   const u32 base = (raw + 1023u) & ~1023u;  // 128-byte swizzle wants 1 KB alignment
   const u32 full = base + BARS;
   const u32 empty = full + 8 * STAGES;
-  const u32 c_ready = empty + 8 * STAGES;
-  const u32 c_empty = c_ready + 8;
+  const u32 c_ready = empty + 8 * STAGES;  // HALF_EPILOGUE: c_ready / c_empty of warpgroup w
+  const u32 c_empty = c_ready + 8;          // at c_ready + 16 * w and c_ready + 16 * w + 8
 
   u32 rank = 0;
   if (CL > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -202,8 +214,15 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       mbar_init(full + 8 * s, 1);
       mbar_init(empty + 8 * s, EMPTY_COUNT);
     }
+#if HALF_EPILOGUE
+    for (int w = 0; w < 2; ++w) {  // one staging buffer, and one pair, per consumer warpgroup
+      mbar_init(c_ready + 16 * w, 128);
+      mbar_init(c_ready + 16 * w + 8, 1);
+    }
+#else
     mbar_init(c_ready, 256);
     mbar_init(c_empty, 1);
+#endif
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();
@@ -280,6 +299,32 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       u32 n = 0;
       for (int s0 = first; s0 < num_steps; s0 += P, ++n) {
         const int s = s0 + (int)rank;
+#if HALF_EPILOGUE
+        // column halves h = 0, 1 of each warpgroup's 64 rows, in the order the consumers
+        // write them; a buffer goes back as soon as its two boxes have been read
+        const int dest = s < num_steps ? step_field(steps, s, 4) : 0;
+#if MIXED_COLUMNS
+        const int n0 = s < num_steps ? step_field(steps, s, 2) : 0;
+#else
+        const int n0 = step_field(steps, s0, 2);
+#endif
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int w = 0; w < 2; ++w) {
+            mbar_wait(c_ready + 16 * w, h);  // two phases a tile: the parity is the half
+            if (s < num_steps) {
+#pragma unroll
+              for (int j = 0; j < 2; ++j)
+                tma_store(&c_desc, base + RING + w * C_WG + j * B_BOX, n0 + 128 * h + 64 * j,
+                          dest + 64 * w);
+              asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+              asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            }
+            asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_ready + 16 * w + 8)
+                         : "memory");
+          }
+#else
         mbar_wait(c_ready, n & 1);
         if (s < num_steps) {
 #if MIXED_COLUMNS
@@ -296,6 +341,7 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
           asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         }
         asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_empty) : "memory");
+#endif
         if (s < num_steps && counters != nullptr) {
           asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
           asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -371,6 +417,30 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       release_slot(empty + 8 * ((it + STAGES - 1) % STAGES), tid, rank);
 #endif
       // epilogue: registers -> swizzled shared staging; the storer takes it from there
+#if HALF_EPILOGUE
+      // (stmatrix as below) columns 128h.. into this warpgroup's 16 KB, h = 0 then 1: two
+      // phases of its own pair of barriers a tile, so the parities are the half's
+      {
+        const u32 srow = warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const u32 hi = (u32)lane >> 4;
+        const u32 ready = c_ready + 16 * cw;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mbar_wait(ready + 8, h ^ 1);
+#pragma unroll
+          for (int q = 8 * h; q < 8 * h + 8; ++q) {
+            const u32 chunk = ((u32)(2 * (q % 4)) + hi) ^ (srow % 8);
+            const u32 addr = cbuf + (q / 4 - 2 * h) * B_BOX + srow * 128 + chunk * 16;
+            asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+                         "r"(pack2(acc[8 * q + 0], acc[8 * q + 1])), "r"(pack2(acc[8 * q + 2], acc[8 * q + 3])),
+                         "r"(pack2(acc[8 * q + 4], acc[8 * q + 5])), "r"(pack2(acc[8 * q + 6], acc[8 * q + 7]))
+                         : "memory");
+          }
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+          asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(ready) : "memory");
+        }
+      }
+#else
       mbar_wait(c_empty, (n & 1) ^ 1);
       if (STMATRIX) {
         // stmatrix x4: the wgmma accumulator of an 8x8 block (rows 16*warp + 8*h.., columns
@@ -402,6 +472,7 @@ ${kernel_name}(const __grid_constant__ TmaDesc a_desc, const __grid_constant__ T
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(c_ready) : "memory");
+#endif
     }
   }
   cluster_sync();

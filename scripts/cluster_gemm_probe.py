@@ -69,6 +69,16 @@ VARIANTS = {
                              mixed_columns=True),
     "multicast2-mixed": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True,
                              mixed_columns=True),
+    # the C staging in 16 KB halves per consumer warpgroup (-half), and the fourth ring stage
+    # that frees (-s4): a slot has ~2 K steps between its release and its next use with 3
+    "multicast4-half": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,
+                            half_epilogue=True),
+    "multicast4-s4": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,
+                          half_epilogue=True, stages=4),
+    "single-s4": dict(cluster=1, multicast=False, stmatrix=True, lean_loop=True,
+                      half_epilogue=True, stages=4),
+    "multicast2-s4": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True,
+                          half_epilogue=True, stages=4),
 }
 SHAPES = "4096x8192x2048,8192x8192x8192,16384x8192x7168,6144x5120x4096,11008x3072x8192"
 

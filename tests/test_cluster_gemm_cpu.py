@@ -32,7 +32,13 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
             ClusterGemmConfig(cluster=2, b_kmajor=False, dtype="float16", lean_loop=True),
             ClusterGemmConfig(cluster=4, stmatrix=True, lean_loop=True, mixed_columns=True),
             ClusterGemmConfig(cluster=2, b_kmajor=False, stmatrix=True, lean_loop=True,
-                              mixed_columns=True)]
+                              mixed_columns=True),
+            ClusterGemmConfig(cluster=4, stmatrix=True, lean_loop=True, half_epilogue=True,
+                              stages=4),
+            ClusterGemmConfig(cluster=1, multicast=False, b_kmajor=False, dtype="float16",
+                              stmatrix=True, lean_loop=True, half_epilogue=True, stages=4),
+            ClusterGemmConfig(cluster=4, b_kmajor=False, stmatrix=True, lean_loop=True,
+                              mixed_columns=True, half_epilogue=True)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -40,6 +46,8 @@ VARIANTS = [ClusterGemmConfig(cluster=1, multicast=False), ClusterGemmConfig(clu
     (dict(cluster=1, multicast=True), "multicast needs"),
     (dict(dtype="float32"), "dtype must be"),
     (dict(stages=4), "shared memory"),
+    (dict(stages=5, stmatrix=True, half_epilogue=True), "shared memory"),
+    (dict(half_epilogue=True), "half_epilogue needs stmatrix"),
     (dict(b_kmajor=False, b_one_box=True), "K-major"),
     (dict(l2_promotion=32), "l2_promotion"),
     (dict(wait_hint_ns=-1), "wait_hint_ns"),
@@ -123,7 +131,7 @@ def _cuobjdump():
 
 
 @pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"{c.name}-{c.b_kmajor}-{c.dtype}-{c.b_one_box}-{c.stmatrix}-{c.lean_loop}-"
-                         f"{c.mixed_columns}")
+                         f"{c.mixed_columns}-{c.half_epilogue}-{c.stages}")
 def test_compiles_for_sm90a_without_spills(cfg, tmp_path):
     _nvrtc()
     tool = _cuobjdump()

@@ -83,7 +83,9 @@ class ClusterGemmConfig:
     ``lean_loop``: the consumers' main loop with incremental ring positions and descriptors in
     uniform registers; ``mixed_columns``: a cluster's CTAs may stand in different tile
     columns (any band height), the CTAs of each column multicasting its B tile among
-    themselves -- not measured on a GPU yet, so not in :data:`PRODUCT_KNOBS`."""
+    themselves -- measured slower (``valid-run50``), so not in :data:`PRODUCT_KNOBS`;
+    ``half_epilogue`` (needs ``stmatrix``): the C staging in 16 KB halves per consumer
+    warpgroup, which leaves room for ``stages=4``."""
 
     cluster: int = 2
     multicast: bool = True
@@ -96,6 +98,7 @@ class ClusterGemmConfig:
     wait_hint_ns: int = 0
     lean_loop: bool = False
     mixed_columns: bool = False
+    half_epilogue: bool = False
 
     def __post_init__(self) -> None:
         if self.cluster not in (1, 2, 4):
@@ -108,6 +111,8 @@ class ClusterGemmConfig:
         if self.mixed_columns and (not self.multicast or self.b_one_box):
             raise ValueError("mixed_columns needs multicast and B in 64-wide boxes "
                              "(b_one_box off)")
+        if self.half_epilogue and not self.stmatrix:
+            raise ValueError("half_epilogue needs stmatrix (its stores are written that way)")
         if self.l2_promotion not in (0, 64, 128, 256):
             raise ValueError(f"l2_promotion must be 0, 64, 128 or 256, got {self.l2_promotion}")
         if not 0 <= self.wait_hint_ns < 2**31:
@@ -121,6 +126,9 @@ class ClusterGemmConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory: the ring, C staging, barriers, 1 KB alignment slack."""
+        if self.half_epilogue:  # 16 KB a consumer warpgroup, a barrier pair each
+            return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING // 2 + 16 * self.stages \
+                + 32 + 1024
         return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 16 + 1024
 
     @property
@@ -158,7 +166,7 @@ def source(config: ClusterGemmConfig, kernel_name: str = KERNEL_NAME) -> str:
         ("CL", c.cluster), ("MULTICAST", c.multicast), ("B_KMAJOR", c.b_kmajor),
         ("STAGES", c.stages), ("B_BOXES", c.b_boxes), ("STMATRIX", c.stmatrix),
         ("WAIT_HINT_NS", c.wait_hint_ns), ("LEAN_LOOP", c.lean_loop),
-        ("MIXED_COLUMNS", c.mixed_columns)))
+        ("MIXED_COLUMNS", c.mixed_columns), ("HALF_EPILOGUE", c.half_epilogue)))
     ptx = _PTX_TYPE[c.dtype]
     return render("cluster_gemm", defines=defines, kernel_name=kernel_name,
                   cluster_attr=f"__cluster_dims__({c.cluster}, 1, 1)" if c.cluster > 1 else "",

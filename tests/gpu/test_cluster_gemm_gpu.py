@@ -76,6 +76,7 @@ def _check(plan, out, ref, cnt, what):
 
 STSM, HINT, LEAN = dict(stmatrix=True), dict(wait_hint_ns=10_000_000), dict(lean_loop=True)
 MIXED = dict(mixed_columns=True)
+HALF4 = dict(half_epilogue=True, stages=4)  # C staged in halves, a fourth ring stage
 
 
 def _knob_ids(value):
@@ -88,7 +89,9 @@ def _knob_ids(value):
 @pytest.mark.parametrize("cluster,multicast,knobs", [
     (1, False, {}), (2, False, {}), (2, True, {}), (4, True, {}),
     (1, False, STSM), (4, True, STSM), (1, False, STSM | HINT), (4, True, STSM | HINT),
-    (1, False, LEAN), (2, False, LEAN), (2, True, STSM | LEAN), (4, True, STSM | LEAN)],
+    (1, False, LEAN), (2, False, LEAN), (2, True, STSM | LEAN), (4, True, STSM | LEAN),
+    (1, False, STSM | LEAN | HALF4), (2, True, STSM | LEAN | HALF4),
+    (4, True, STSM | LEAN | HALF4), (4, True, STSM | LEAN | dict(half_epilogue=True))],
     ids=_knob_ids)
 @pytest.mark.parametrize("M,N,K,P", [(2048, 2048, 1024, 132), (4096, 1536, 3000, 116),
                                      (1024, 256, 64, 8), (1000, 776, 136, 132)])
@@ -153,9 +156,10 @@ def test_mixed_columns_match_the_reference(dtype, b_kmajor, cluster, M, N, K, P,
     _check(plan, out, ref, cnt, f"mixed {kernel.config.name} {M}x{N}x{K} P={P} gm{group_m}")
 
 
-def test_steps_past_the_end_of_the_table():
+@pytest.mark.parametrize("knobs", [{}, STSM | LEAN | HALF4], ids=_knob_ids)
+def test_steps_past_the_end_of_the_table(knobs):
     # 3 tiles on one cluster of 4: the fourth CTA loads zeros and multicasts its share of B
-    kernel = _kernel(4, True, False)
+    kernel = _kernel(4, True, False, **knobs)
     plan, out, ref, cnt = _run(kernel, 384, 256, 640, 4, group_m=3)
     assert len(plan.step_table) == 3
     _check(plan, out, ref, cnt, "3 steps, cluster of 4")
@@ -163,7 +167,8 @@ def test_steps_past_the_end_of_the_table():
 
 @pytest.mark.parametrize("cluster,multicast,knobs", [
     (1, False, {}), (4, True, {}), (4, True, STSM), (4, True, STSM | HINT), (1, False, LEAN),
-    (4, True, STSM | LEAN), (4, True, STSM | LEAN | MIXED)],
+    (4, True, STSM | LEAN), (4, True, STSM | LEAN | MIXED), (1, False, STSM | LEAN | HALF4),
+    (4, True, STSM | LEAN | HALF4), (4, True, STSM | LEAN | MIXED | HALF4)],
     ids=_knob_ids)
 def test_signal_ordering_under_a_spinning_consumer(cluster, multicast, knobs):
     """A consumer on a high-priority stream spins on each group's counter (acquire) and
