@@ -266,16 +266,19 @@ def test_eligible_takes_only_what_the_kernel_can_run(monkeypatch):
     assert not check(table=False)              # no host copy of the table (capturing)
     assert not check(residual=torch.empty(8192, 8192, dtype=torch.bfloat16))
     assert not check(config=dataclasses.replace(base, block_n=128))
-    # row-strided views (TMA-addressable, e.g. a column slice of a wider activation): the
-    # Gluon kernel until the cluster kernel's strided tensor maps have run on a GPU
+    # row-strided views (TMA-addressable, e.g. a column slice of a wider activation) take
+    # the cluster kernel too: its tensor maps carry each operand's row stride (valid-run50)
     plan = make_plan(Problem(8192, 8192, 1024, "bfloat16", 1, "all_reduce"),
                      PlanConfig(block_m=128, block_n=256, num_ctas=116, group_m=8))
     wide = torch.empty(8192, 1024 + 64, dtype=torch.bfloat16)
     b = torch.empty(1024, 8192, dtype=torch.bfloat16)
     out = torch.empty(8192, 8192, dtype=torch.bfloat16)
     args = (base, None, plan.full_tiles, plan.step_table, 116)
-    assert cluster_gemm.eligible(wide[:, :1024], b, out, *args) is False
+    assert cluster_gemm.eligible(wide[:, :1024], b, out, *args)
     assert cluster_gemm.eligible(wide[:, :1024].contiguous(), b, out, *args)
+    # ... but not a view TMA cannot address (a row stride that is not 16-byte aligned)
+    odd = torch.empty(8192, 1024 + 3, dtype=torch.bfloat16)
+    assert cluster_gemm.eligible(odd[:, :1024], b, out, *args) is False
     # 16384 x 8192 at P = 116 has a last wave the Gluon kernel splits in 3 (K = 8192)
     assert not check(M=16384, K=8192)
     assert check(M=16384, K=8192, config=dataclasses.replace(base, split_tail=False))

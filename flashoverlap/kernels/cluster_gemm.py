@@ -302,16 +302,11 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
             or a.dtype not in (torch.bfloat16, torch.float16)
             or torch.cuda.get_device_capability(a.device) != (9, 0)):
         return False
+    # row-strided views are fine: the tensor maps carry each operand's row stride
+    # (engine-run49 sent a row-strided A here before they did; test_row_strided_operands)
     if not tma_addressable(a, b, out):
         return False
-    # densely packed rows only: the kernel's tensor maps take row strides since engine-run49
-    # (a row-strided A view reached it and was refused), but strided views have not run on a
-    # GPU yet (tests/gpu/test_cluster_gemm_gpu.py::test_row_strided_operands) -- until then
-    # they take the Gluon kernel, as before the cluster kernel was the default
     b_kmajor = b_transposed(b)
-    if not (a.is_contiguous() and out.is_contiguous()
-            and (b.t() if b_kmajor else b).is_contiguous()):
-        return False
     k_tiles = -(-a.shape[1] // BK)
     if config.split_tail and tail_split(len(host_table), num_ctas, k_tiles,
                                         config.split_min_saved_k_tiles)[1] > 1:
