@@ -64,13 +64,14 @@ VARIANTS = {
     "multicast2-stsm-lean": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True),
     "multicast4-stsm-lean": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True),
     # the product's kernel on any band height: a cluster's CTAs may stand in different columns
-    # (11008-row shapes: bands of 6 tile rows); not measured yet
+    # (11008-row shapes: bands of 6 tile rows); valid-run50: 1.4-3.6 % slower
     "multicast4-mixed": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,
                              mixed_columns=True),
     "multicast2-mixed": dict(cluster=2, multicast=True, stmatrix=True, lean_loop=True,
                              mixed_columns=True),
     # the C staging in 16 KB halves per consumer warpgroup (-half), and the fourth ring stage
-    # that frees (-s4): a slot has ~2 K steps between its release and its next use with 3
+    # that frees (-s4): a slot has ~2 K steps between its release and its next use with 3;
+    # stages-run51: -0.5..+0.5 % in clusters of 4, 1.6-2.6 % slower without
     "multicast4-half": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,
                             half_epilogue=True),
     "multicast4-s4": dict(cluster=4, multicast=True, stmatrix=True, lean_loop=True,

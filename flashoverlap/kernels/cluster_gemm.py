@@ -32,7 +32,13 @@ off (``verify-run40``, ``stsm-run41``, ``hint-run43``; medians over 8-20 rows): 
 (``l2_promotion=0``) 1.000 -- it removes most of the extra L2 bytes the counters saw (9.6 ->
 8.2 GB on 8192^3, the Gluon kernel 7.9), at no change in time --, B in one box
 (``b_one_box``) 1.003, a try_wait suspend-time hint (``wait_hint_ns``) 1.003; ``stmatrix``
-(1.003) is on in the product.  A release at cluster scope
+(1.003) is on in the product.  Also left off (one H200, P = 116, ``valid-run50`` and
+``stages-run51``): ``mixed_columns`` 1.4-3.6 % slower than the product's variant on every shape
+both run (the consumers' SASS is identical; its producer chooses boxes by a runtime modulo),
+and no better than the Gluon kernel on the 11008-row shapes only it can run; a fourth ring
+stage (``stages=4`` with ``half_epilogue``) -0.5 to +0.5 % row by row in clusters of 4 and
+1.6-2.6 % slower without clusters -- with three stages a slot has about two K steps between
+its release and its next use, and that is not what limits the kernel.  A release at cluster scope
 (``mbarrier.arrive.release.cluster``) compiles to ``MEMBAR.ALL.GPU`` and made the first
 version 20-30 % slower; the slot release is a plain remote arrive.  An H200 holds 30
 clusters of 4 at once (66 of 2): :meth:`ClusterGemm.fits` keeps a persistent grid
