@@ -23,8 +23,6 @@ traces them as single nodes).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -34,6 +32,7 @@ from . import library_ops
 from .collectives import ALL_REDUCE
 from .dist_utils import resolve_group
 from .gather_ops import all_gather_gemm_op
+from .nn import ShardedLinear, check_engine
 
 __all__ = ["ColumnParallelLinear", "column_parallel_linear", "column_parallel_matmul_op"]
 
@@ -96,7 +95,7 @@ def column_parallel_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group
     return y
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(ShardedLinear):
     """``nn.Linear`` whose output features are sharded over ``group``.
 
     Args:
@@ -117,8 +116,6 @@ class ColumnParallelLinear(nn.Module):
                  engine: str | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        from .nn import check_engine
-
         check_engine(engine)
         group = resolve_group(group)
         self.world_size = dist.get_world_size(group)
@@ -128,30 +125,8 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.out_features_per_rank = out_features // self.world_size
-        self.sequence_parallel = sequence_parallel
-        self.engine = engine
-        self.group_name: str = group.group_name
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.out_features_per_rank, in_features,
-                                               **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features_per_rank, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    @property
-    def group(self) -> ProcessGroup:
-        return library_ops.resolve_group_name(self.group_name)
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's distribution (bound ``1/sqrt(in_features)``) for weight and bias."""
-        if self.weight.is_meta:
-            return
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._make_parameters(group, sequence_parallel, engine,
+                              (self.out_features_per_rank, in_features), bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return column_parallel_linear(x, self.weight, self.bias, self.group_name,

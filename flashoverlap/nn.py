@@ -49,6 +49,51 @@ def check_engine(engine: str | None) -> None:
         raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}")
 
 
+class ShardedLinear(nn.Module):
+    """What :class:`RowParallelLinear` and :class:`~flashoverlap.ColumnParallelLinear` share:
+    the process group kept by name, the engine, the sharded weight and bias parameters and
+    ``nn.Linear``'s initialization of the full layer (bound ``1/sqrt(in_features)``).
+
+    The group is kept as its name, not the object: what the custom ops take, what Dynamo
+    traces freely, and what deepcopy / pickle of the module survive.  ``ZERO_BIAS``: the bias
+    starts at zero (a replicated bias added after a reduction: every rank starts with the
+    same one, as Megatron does) instead of nn.Linear's distribution."""
+
+    ZERO_BIAS = False
+    in_features: int
+
+    def _make_parameters(self, group: ProcessGroup, sequence_parallel: bool, engine: str | None,
+                         weight_shape: tuple[int, int], bias: bool,
+                         device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.sequence_parallel = sequence_parallel
+        self.engine = engine
+        self.group_name: str = group.group_name
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(*weight_shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(weight_shape[0], **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def group(self) -> ProcessGroup:
+        """The tensor-parallel process group."""
+        return library_ops.resolve_group_name(self.group_name)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's distribution for the full layer; the bias too, or zero (``ZERO_BIAS``)."""
+        if self.weight.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            if self.ZERO_BIAS:
+                nn.init.zeros_(self.bias)
+            else:
+                nn.init.uniform_(self.bias, -bound, bound)
+
+
 def row_parallel_linear(
     x: Tensor,
     weight: Tensor,
@@ -134,7 +179,7 @@ def _check_residual_shape(residual: Tensor, shape: tuple[int, ...]) -> None:
                          f"{tuple(shape)}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ShardedLinear):
     """``nn.Linear`` whose input features are sharded over ``group``; GEMM and collective overlap.
 
     Args:
@@ -149,6 +194,8 @@ class RowParallelLinear(nn.Module):
     Shapes: input ``[..., K/W]``; weight ``[N, K/W]``; output ``[..., N]``, or with
     ``sequence_parallel`` ``[S/W, ..., N]`` for an input ``[S, ..., K/W]``.
     """
+
+    ZERO_BIAS = True
 
     def __init__(
         self,
@@ -172,32 +219,8 @@ class RowParallelLinear(nn.Module):
         self.in_features = in_features
         self.in_features_per_rank = in_features // self.world_size
         self.out_features = out_features
-        self.sequence_parallel = sequence_parallel
-        self.engine = engine
-        # A string, not the group object: what the custom op takes, what Dynamo traces freely,
-        # and what deepcopy/pickle of the module survive.
-        self.group_name: str = group.group_name
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_rank, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    @property
-    def group(self) -> ProcessGroup:
-        """The tensor-parallel process group."""
-        return library_ops.resolve_group_name(self.group_name)
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's distribution for the full layer (bound ``1/sqrt(in_features)``); zero bias."""
-        if self.weight.is_meta:
-            return
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._make_parameters(group, sequence_parallel, engine,
+                              (out_features, self.in_features_per_rank), bias, device, dtype)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The layer's output, plus ``residual`` (output-shaped) when given, fused."""

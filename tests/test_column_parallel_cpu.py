@@ -141,6 +141,14 @@ def _check_compile_and_api(rank: int, W: int) -> None:
         ColumnParallelLinear(4, 2 * W, engine="fast")
     with pytest.raises(ValueError, match="features"):
         ColumnParallelLinear(4, 2 * W)(torch.randn(3, 5))
+    # nn.Linear's initialization of the full layer: weight and bias uniform in +-1/sqrt(K)
+    # (a sharded bias, unlike the row-parallel layer's replicated zero one)
+    fresh = ColumnParallelLinear(64, 16 * W)
+    bound = 1 / 64 ** 0.5
+    for p in (fresh.weight, fresh.bias):
+        assert p.abs().max() <= bound and torch.count_nonzero(p) == p.numel()
+    assert fresh.bias.std() > bound / 4  # spread over the range, not a constant
+    assert fresh.group.size() == W and copy.deepcopy(fresh).group_name == fresh.group_name
 
 
 def _check_colwise_patch(rank: int, W: int) -> None:
