@@ -726,6 +726,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-registers", default="168,128",
                    help="GemmConfig.max_registers caps to measure besides the default "
                         "(comma-separated; empty: none)")
+    p.add_argument("--cluster-ctas", default="",
+                   help="GemmConfig.cluster_ctas values to measure besides the default (the "
+                        "CUDA C cluster kernel; comma-separated; empty: none)")
     p.add_argument("--probes", default=None,
                    help="comma-separated probe names (default: all of "
                         f"{','.join(s.name for s in default_probe_shapes())}, nccl-measured)")
@@ -758,6 +761,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.offsets = _int_list(args.cta_offsets)
         args.caps = _int_list(args.max_registers)
+        args.clusters = _int_list(args.cluster_ctas)
         args.extra_probes = [parse_probe_spec(s) for s in args.probe_add]
     except ValueError as exc:
         p.error(str(exc))
@@ -839,24 +843,31 @@ class GemmUnderTest:
 
 
 def gemm_config_label(config: Any) -> str:
+    cluster = getattr(config, "cluster_ctas", 0)
+    if cluster:
+        return f"cluster{cluster}"
     cap = getattr(config, "max_registers", None)
     return "default" if cap is None else f"maxreg{cap}"
 
 
-def gemm_configs(base: Any, caps: Iterable[int]) -> tuple[list[tuple[str, Any]], list[str]]:
-    """The default configuration and one per register cap; notes for caps that cannot be
-    applied (no ``GemmConfig.max_registers`` field, or a value it rejects)."""
+def gemm_configs(base: Any, caps: Iterable[int],
+                 clusters: Iterable[int] = ()) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The default configuration, one per register cap and one per cluster size (the CUDA C
+    cluster kernel, ``GemmConfig.cluster_ctas``: the product's GEMM at P = 112-120 on sm_90);
+    notes for what cannot be applied (no such ``GemmConfig`` field, or a value it rejects)."""
     configs, notes = [("default", base)], []
-    caps = list(caps)
-    if caps and "max_registers" not in {f.name for f in dataclasses.fields(base)}:
-        return configs, [f"GemmConfig has no max_registers field: skipping caps {caps}"]
-    for cap in caps:
-        try:
-            cfg = dataclasses.replace(base, max_registers=cap)
-        except (TypeError, ValueError) as exc:
-            notes.append(f"max_registers={cap}: {exc}")
+    fields = {f.name for f in dataclasses.fields(base)}
+    for field, values in (("max_registers", list(caps)), ("cluster_ctas", list(clusters))):
+        if values and field not in fields:
+            notes.append(f"GemmConfig has no {field} field: skipping {values}")
             continue
-        configs.append((gemm_config_label(cfg), cfg))
+        for value in values:
+            try:
+                cfg = dataclasses.replace(base, **{field: value})
+            except (TypeError, ValueError) as exc:
+                notes.append(f"{field}={value}: {exc}")
+                continue
+            configs.append((gemm_config_label(cfg), cfg))
     return configs, notes
 
 
@@ -877,6 +888,20 @@ def build_gemm(torch: Any, sg: Any, plan_api: tuple, operands: tuple, M: int, N:
                                      rows_per_block=plan.problem.rows_per_block,
                                      full_tiles=plan.full_tiles)
     gemm = GemmUnderTest(label, cfg, P, launcher, None, None)
+    cluster = getattr(cfg, "cluster_ctas", 0)
+    if cluster:
+        cg = sg.cluster_gemm
+        kernel = (cg.kernel_for(a, b, cfg, P) if cg.eligible(
+            a, b, c, cfg, None, plan.full_tiles, plan.step_table, P) else None)
+        if kernel is not None:  # what the launcher will run: its CTA from the cubin
+            gemm.kernel = f"cluster{cluster}"
+            gemm.cta = CtaShape(cg.NUM_THREADS, kernel.num_regs, kernel.config.smem_bytes,
+                                reallocates_registers=True)
+            gemm.spills = 0
+            with torch.cuda.stream(stream):
+                launcher(a, b, c, stream=stream)
+            return gemm
+        gemm.note = f"clusters of {cluster} cannot run this plan: the Gluon kernel runs"
     with torch.cuda.stream(stream):
         try:  # as scripts/bench_gemm.py's _compiled: one launch through the JIT
             fn, jit, grid, args, meta = sg._choose_launch(
@@ -1162,7 +1187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_notes[shape.name] = f"probe failed: {type(exc).__name__}: {exc}"[:200]
             print(f"probe {shape.name}: {probe_notes[shape.name]}")
 
-    configs, notes = gemm_configs(default_config(dev, torch.bfloat16), args.caps)
+    configs, notes = gemm_configs(default_config(dev, torch.bfloat16), args.caps,
+                                  args.clusters)
     for note in notes:
         print(f"note: {note}")
     rows: list[dict[str, Any]] = []

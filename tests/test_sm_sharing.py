@@ -405,7 +405,7 @@ def test_gemm_configs_with_and_without_max_registers():
 
     configs, notes = bss.gemm_configs(Old(), [168])
     assert [label for label, _ in configs] == ["default"]
-    assert notes == ["GemmConfig has no max_registers field: skipping caps [168]"]
+    assert notes == ["GemmConfig has no max_registers field: skipping [168]"]
 
     @dataclasses.dataclass(frozen=True)
     class New:
@@ -419,6 +419,22 @@ def test_gemm_configs_with_and_without_max_registers():
     assert [label for label, _ in configs] == ["default", "maxreg168", "maxreg128"]
     assert configs[1][1].max_registers == 168 and notes == ["max_registers=8: too few"]
     assert bss.gemm_configs(New(), [])[0] == [("default", New())]
+    assert bss.gemm_configs(New(), [], [4])[1] == ["GemmConfig has no cluster_ctas field: "
+                                                   "skipping [4]"]
+
+
+def test_gemm_configs_with_the_cluster_kernel():
+    """--cluster-ctas adds the product's GemmConfig with cluster_ctas set (the CUDA C cluster
+    kernel), labelled by its cluster size; values GemmConfig refuses become notes."""
+    from flashoverlap.kernels import GemmConfig
+
+    base = GemmConfig()
+    configs, notes = bss.gemm_configs(base, [168], [4, 3])
+    assert [label for label, _ in configs] == ["default", "maxreg168", "cluster4"]
+    assert configs[2][1] == dataclasses.replace(base, cluster_ctas=4) and len(notes) == 1
+    assert notes[0].startswith("cluster_ctas=3: ")
+    assert bss.parse_args(["--cluster-ctas", "4,2"]).clusters == [4, 2]
+    assert bss.parse_args([]).clusters == []
 
 
 def _row(**extra):

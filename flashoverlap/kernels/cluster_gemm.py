@@ -397,6 +397,14 @@ class ClusterGemm:
         self._params: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._fits: dict[int, bool] = {}
 
+    @property
+    def num_regs(self) -> int:
+        """Registers per thread of the loaded kernel (the driver's count; the consumers'
+        ``setmaxnreg`` moves them between warpgroups at run time)."""
+        d = self._driver
+        return int(_check(d.cuFuncGetAttribute(
+            d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, self._fn), "cuFuncGetAttribute"))
+
     def max_active_clusters(self, num_ctas: int) -> int:
         """How many clusters of this variant the device holds at once (the driver's count)."""
         d = self._driver
