@@ -939,8 +939,13 @@ class Bench:
         low, high = self.priorities(torch)
         self.gemm_stream = torch.cuda.Stream(priority=low)
         self.probe_stream = torch.cuda.Stream(priority=high)
-        self.cp_gemm = cp.cuda.ExternalStream(self.gemm_stream.cuda_stream)
-        self.cp_probe = cp.cuda.ExternalStream(self.probe_stream.cuda_stream)
+        # CuPy's wrappers of the torch streams (flashoverlap.stream_wait's: CuPy 14 deprecates
+        # ExternalStream, which every supported CuPy still has; its warning silenced there)
+        from flashoverlap.stream_wait import _cupy_stream
+
+        index = torch.cuda.current_device()
+        self.cp_gemm = _cupy_stream(self.gemm_stream.cuda_stream, index)
+        self.cp_probe = _cupy_stream(self.probe_stream.cuda_stream, index)
         self.events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         self.marker = cp.RawKernel(marker_source(), "gemm_marker", backend="nvrtc")
         self.slots = cp.zeros(4, dtype=cp.uint64)
