@@ -431,3 +431,24 @@ def test_runs_table_takes_any_band_height_with_mixed_columns():
     assert runs_table(plain, even, 116) and runs_table(mixed, even, 116)
     assert not runs_table(plain, odd, 116) and runs_table(mixed, odd, 116)
     assert not runs_table(mixed, odd, 118)  # not whole clusters of 4
+
+
+def test_launch_refuses_operands_tma_cannot_address():
+    """ClusterGemm's launch checks (before any driver call, so a bare instance on the CPU):
+    B must have the variant's layout, and every operand unit inner stride with 16-byte
+    aligned bases and row strides; row-strided views pass the check."""
+    import torch
+
+    from flashoverlap.kernels.cluster_gemm import ClusterGemm
+
+    kernel = ClusterGemm.__new__(ClusterGemm)
+    kernel.config = ClusterGemmConfig(cluster=4, b_kmajor=True)
+    a = torch.empty(256, 128, dtype=torch.bfloat16)
+    out = torch.empty(256, 512, dtype=torch.bfloat16)
+    w = torch.empty(512, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight.t"):
+        kernel(a, w.t().contiguous(), out, None, None, 4)  # row-major B for a K-major variant
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        kernel(torch.empty(256, 131, dtype=torch.bfloat16)[:, :128], w.t(), out, None, None, 4)
+    with pytest.raises(ValueError, match="multiple of the cluster"):  # the operands passed
+        kernel(torch.empty(256, 136, dtype=torch.bfloat16)[:, :128], w.t(), out, None, None, 6)

@@ -140,7 +140,7 @@ class GemmConfig:
             CTAs that TMA-multicast each B tile) where it can run -- through
             :class:`~flashoverlap.kernels.signal_gemm.SignalGemmLauncher`, for 128 x 256 x 64
             tiles of a plan whose clusters share B tiles, whole tiles, no residual, no split
-            last wave, densely packed operand rows, NVRTC installed; 0 (the field's default)
+            last wave, TMA-addressable operands, NVRTC installed; 0 (the field's default)
             never.  :data:`GEMM_RULES` sets 4 at P in [112, 121) on sm_90, and the engines
             take the table's choice (:func:`plan_gemm_config`).
     """

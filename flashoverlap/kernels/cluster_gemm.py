@@ -64,6 +64,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import b_transposed, tail_split, tma_addressable
+
 BM, BN, BK = 128, 256, 64
 NUM_THREADS = 384
 _A_STAGE, _B_STAGE, _C_STAGING = BM * BK * 2, BN * BK * 2, BM * BN * 2
@@ -132,10 +134,10 @@ class ClusterGemmConfig:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory: the ring, C staging, barriers, 1 KB alignment slack."""
-        if self.half_epilogue:  # 16 KB a consumer warpgroup, a barrier pair each
-            return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING // 2 + 16 * self.stages \
-                + 32 + 1024
-        return self.stages * (_A_STAGE + _B_STAGE) + _C_STAGING + 16 * self.stages + 16 + 1024
+        # half_epilogue: 16 KB of staging a consumer warpgroup and a barrier pair each
+        staging = _C_STAGING // 2 if self.half_epilogue else _C_STAGING
+        barriers = 16 * self.stages + (32 if self.half_epilogue else 16)
+        return self.stages * (_A_STAGE + _B_STAGE) + staging + barriers + 1024
 
     @property
     def b_boxes(self) -> int:
@@ -300,8 +302,6 @@ def eligible(a, b, out, config, residual, full_tiles: bool, host_table,
     Assumes the signal GEMM's own checks passed (shapes, devices, layouts)."""
     import torch
 
-    from . import b_transposed, tail_split, tma_addressable
-
     cl = config.cluster_ctas
     if (cl not in (2, 4) or not full_tiles or residual is not None or host_table is None
             or (config.block_m, config.block_n, config.block_k) != (BM, BN, BK)
@@ -347,8 +347,6 @@ def kernel_for(a, b, config, num_ctas: int, may_load: bool = True) -> "ClusterGe
     loads a module and synchronizes), where this variant is not loaded yet -- or where it
     could not be loaded (an NVRTC or driver error: warned once, then the Gluon kernel)."""
     import torch
-
-    from . import b_transposed
 
     cfg = product_variant(config.cluster_ctas, b_transposed(b), a.dtype)
     key = (cfg, a.device.index)
@@ -488,9 +486,7 @@ class ClusterGemm:
                 or K % 8 or N % 8):
             raise ValueError(f"bad operands a {tuple(a.shape)} b {tuple(b.shape)} "
                              f"out {tuple(out.shape)} (K and N multiples of 8, one dtype)")
-        b_rows = b.t() if cfg.b_kmajor else b
-        if not all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-                   and t.data_ptr() % 16 == 0 for t in (a, b_rows, out)):
+        if b_transposed(b) != cfg.b_kmajor or not tma_addressable(a, b, out):
             raise ValueError("a and out must be row-major and b "
                              + ("weight.t()" if cfg.b_kmajor else "row-major")
                              + ", with 16-byte aligned bases and row strides (TMA)")
