@@ -391,9 +391,12 @@ def main(argv=None) -> int:
         t_torch = statistics.median(row["torch"])
         print(f"{M:>6} {N:>6} {K:>6} {'torch':>12} {'':>4} {t_torch:8.3f} "
               f"{flops / t_torch / 1e9:8.1f} {1.0:6.3f}")
+        # samples_ms: every torch.matmul timing of the shape in order -- per repeat the one
+        # before the first signal-GEMM timing, then one after each P (so offline analysis can
+        # see clock drift, e.g. whether a shape's first timing runs faster)
         rows.append(dict(common, M=M, N=N, K=K, engine="torch", num_ctas=None,
                          median_ms=t_torch, tflops=flops / t_torch / 1e9,
-                         efficiency_vs_torch=1.0))
+                         efficiency_vs_torch=1.0, samples_ms=list(row["torch"])))
         for key, times in row.items():
             if isinstance(key, tuple) and key[0] == "target":
                 P, t = key[1], statistics.median(times)
@@ -402,7 +405,8 @@ def main(argv=None) -> int:
                       f"{flops / t / 1e9:8.1f} {t_torch / t:6.3f}")
                 rows.append(dict(common, M=M, N=N, K=K, engine="torch-sm-target",
                                  num_ctas=None if P == sms else P, sms=sms, median_ms=t,
-                                 tflops=flops / t / 1e9, efficiency_vs_torch=t_torch / t))
+                                 tflops=flops / t / 1e9, efficiency_vs_torch=t_torch / t,
+                                 samples_ms=list(times)))
         for P, times in row.items():
             if not isinstance(P, int):
                 continue
@@ -420,7 +424,8 @@ def main(argv=None) -> int:
             rows.append(dict(common, M=M, N=N, K=K, engine="flashoverlap", num_ctas=P,
                              median_ms=t, tflops=flops / t / 1e9, efficiency_vs_torch=eff,
                              sms=sms, group_m=group_m, kernel=kernel,
-                             config=dataclasses.asdict(cfg), **extra))
+                             config=dataclasses.asdict(cfg), samples_ms=list(times),
+                             efficiency_samples=list(row[("eff", P)]), **extra))
 
     for off in offsets:
         effs = [r["efficiency_vs_torch"] for r in rows
