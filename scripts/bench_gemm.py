@@ -63,6 +63,13 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sets", type=int, default=4, help="input sets rotated per call (>= 4)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
+    p.add_argument("--settle-ms", type=int, default=0,
+                   help="after setting up a shape, run torch.matmul this long and discard "
+                        "the timing before the first measured one (0: none).  valid-run55: "
+                        "a shape's first torch.matmul timing ran 0.4 %% faster than its later "
+                        "ones (median of 130; mean 1 %%) -- the board clocks up while the "
+                        "previous shape is torn down and this one set up -- and it is half "
+                        "of the P = all-SMs efficiency's torch reference")
     p.add_argument("--m", type=int, nargs="*", default=list(SHAPES_M), help="M values")
     p.add_argument("--kn", default=",".join(f"{k}x{n}" for k, n in SHAPES_KN),
                    help="comma-separated KxN pairs")
@@ -340,6 +347,8 @@ def main(argv=None) -> int:
             for K, N in kn:
                 bench = _Bench(torch, triton, sg, M, N, K, dtype, args.b_layout, args.sets)
                 row = measurements.setdefault((M, N, K), {"torch": []})
+                if args.settle_ms:
+                    bench.torch_ms(0, args.settle_ms)
                 t_before = bench.torch_ms(args.warmup, args.rep)
                 row["torch"].append(t_before)
                 if args.torch_sm_target:
