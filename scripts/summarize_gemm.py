@@ -11,13 +11,18 @@ summarizes the ratio to cuBLASLt on the same SMs instead (``bench_gemm.py --torc
 rows without it are left out).  ``--engine torch-sm-target`` summarizes another engine's rows:
 there, cuBLASLt told to use ``P`` SMs against ``torch.matmul`` on all of them -- what the
 signal GEMM's reduced-P rows are up against (its all-SM control rows, without a ``num_ctas``,
-are left out).
+are left out).  ``--noise`` adds what the files' kept timings (``samples_ms``, written since
+``valid-run55``) say about the measurement itself: how much two ``torch.matmul`` timings of one
+shape in one repeat differ, how a shape's first timing of a repeat (right after the previous
+shape's teardown and this one's setup) compares with its last, and how far apart a row's
+paired efficiency ratios lie.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -86,6 +91,44 @@ def table(rows: list[dict], key: str = KEY) -> list[str]:
     return lines
 
 
+def _robust_sd(xs: list[float]) -> float:
+    """1.4826 x the median absolute deviation: the sd of a normal sample, unmoved by outliers."""
+    m = statistics.median(xs)
+    return 1.4826 * statistics.median(abs(x - m) for x in xs)
+
+
+def timing_noise(paths: list[Path]) -> dict | None:
+    """From the ``torch`` rows' ``samples_ms`` (per repeat: the timing before the first
+    signal-GEMM timing, then one after each P) and the signal rows' ``efficiency_samples``:
+    ``first_over_last`` (median, mean; the first timing of a repeat over its last),
+    ``later_log_sd`` (robust sd, sd of the log ratio of consecutive later timings),
+    ``pairs``, and ``efficiency_spread`` (median over rows of (max - min) / median of a row's
+    paired ratios).  None where no row kept its timings."""
+    first, later, spread = [], [], []
+    for f in _files(paths):
+        data = json.loads(f.read_text())
+        for r in data if isinstance(data, list) else []:
+            if not isinstance(r, dict) or r.get("bench") != "gemm":
+                continue
+            if r.get("engine") == "torch" and r.get("samples_ms") and r.get("repeats"):
+                s, reps = r["samples_ms"], r["repeats"]
+                per = len(s) // reps
+                for i in range(0, per * reps, per):
+                    group = s[i:i + per]
+                    first.append(group[0] / group[-1])
+                    later += [math.log(a / b) for a, b in zip(group[1:], group[2:])]
+            elif r.get("engine") == ENGINE and len(r.get("efficiency_samples") or ()) > 1:
+                e = r["efficiency_samples"]
+                spread.append((max(e) - min(e)) / statistics.median(e))
+    if not first:
+        return None
+    return {"first_over_last": (statistics.median(first), statistics.mean(first)),
+            "later_log_sd": ((_robust_sd(later), statistics.pstdev(later)) if len(later) > 1
+                             else None),
+            "pairs": len(later), "timings": len(first),
+            "efficiency_spread": statistics.median(spread) if spread else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="JSON files or folders of them")
@@ -97,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default=ENGINE, choices=[ENGINE, "torch-sm-target"],
                    help="whose rows: the signal GEMM's, or cuBLASLt's on P SMs")
     p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
+    p.add_argument("--noise", action="store_true",
+                   help="also summarize the kept timings (samples_ms): the measurement's noise")
     p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
                    help="target for the all-bf16 rows of P (exit 1 if not met or absent)")
     args = p.parse_args(argv)
@@ -110,6 +155,20 @@ def main(argv=None) -> int:
     low = sorted(rows, key=lambda r: r[key])[:args.lowest]
     print("lowest: " + "; ".join(f"{r['M']}x{r['N']}x{r['K']} {r['dtype']} {r.get('b_layout')} "
                                  f"P={r['num_ctas']} {r[key]:.3f}" for r in low))
+    if args.noise:
+        n = timing_noise(args.paths)
+        if n is None:
+            print("noise: no row kept its timings (samples_ms)")
+        else:
+            print(f"noise: a repeat's first torch.matmul timing over its last: median "
+                  f"{n['first_over_last'][0]:.4f}, mean {n['first_over_last'][1]:.4f} "
+                  f"({n['timings']} repeats x shapes)"
+                  + (f"; consecutive later timings, log ratio: robust sd "
+                     f"{n['later_log_sd'][0]:.4f}, sd {n['later_log_sd'][1]:.4f} "
+                     f"({n['pairs']} pairs)" if n["later_log_sd"] else "")
+                  + (f"; a row's paired ratios span {n['efficiency_spread']:.3f} of their "
+                     f"median (median over rows)" if n["efficiency_spread"] is not None
+                     else ""))
     failed = False
     for target in args.check:
         P, _, bounds = target.partition("=")

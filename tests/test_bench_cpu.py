@@ -966,3 +966,32 @@ def test_analytic_split_cost_is_what_the_committed_pairs_say():
     for parts, values in extra.items():
         line = model.split_fixup_s + model.split_per_part_s * parts
         assert all(abs(v - line) <= 2e-6 for v in values), (parts, values)
+
+
+def test_summarize_gemm_timing_noise(tmp_path):
+    """--noise: a synthetic file whose first timings are 2 % fast and whose later pairs differ
+    by exactly +-1 %, then valid-run55's z55 -- the numbers NOTES.md quotes."""
+    import math
+
+    import summarize_gemm as sgm
+
+    common = {"bench": "gemm", "M": 64, "N": 64, "K": 64, "dtype": "bfloat16",
+              "b_layout": "kn", "repeats": 2}
+    rows = [dict(common, engine="torch", num_ctas=None,
+                 samples_ms=[0.98, 1.0, 1.0 * math.exp(0.01), 0.98, 1.0, 1.0 * math.exp(-0.01)]),
+            dict(common, engine="flashoverlap", num_ctas=132, efficiency_vs_torch=1.0,
+                 efficiency_samples=[0.95, 1.0])]
+    (tmp_path / "g.json").write_text(json.dumps(rows))
+    n = sgm.timing_noise([tmp_path])
+    assert n["timings"] == 2 and n["pairs"] == 2
+    assert [round(x, 4) for x in n["first_over_last"]] == [round(0.98 / math.exp(0.01) / 2
+                                                                 + 0.98 / math.exp(-0.01) / 2, 4)] * 2
+    assert round(n["later_log_sd"][1], 6) == 0.01
+    assert n["efficiency_spread"] == pytest.approx(0.05 / 0.975)
+    (tmp_path / "g.json").write_text(json.dumps([dict(r, samples_ms=None) for r in rows[:1]]))
+    assert sgm.timing_noise([tmp_path]) is None
+
+    z55 = sgm.timing_noise([ROOT / "results" / "2026-12-03-h200" / "valid-run55" / "z55"])
+    assert z55["timings"] == z55["pairs"] == 130
+    assert [round(x, 4) for x in (*z55["first_over_last"], *z55["later_log_sd"])] == \
+        [0.9956, 0.9903, 0.0141, 0.0201]
