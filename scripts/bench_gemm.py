@@ -7,7 +7,10 @@ stored at its own row of the ``[M, N]`` result, one group -- one counter -- per 
 input sets in rotation so the L2 cache does not hold the operands.  torch.matmul is timed
 before and after each signal-GEMM timing; a row's efficiency is the median, over
 ``--repeats`` repetitions of the whole measurement, of ``mean(T_torch before, after) /
-T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).
+T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).  Each timing is a
+300-ms window and each shape first runs torch.matmul for 200 ms untimed (``--rep``,
+``--settle-ms``; README "How noisy a row is"), and every timing is kept in the JSON rows
+(``samples_ms``, ``efficiency_samples``; ``summarize_gemm.py --noise``).
 
 ``--torch-sm-target`` adds the reference a reduced ``P`` should be held to: torch.matmul
 through cuBLASLt told to use ``P`` SMs (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``, which torch
@@ -62,8 +65,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
                    help="B as row-major [K,N] (kn) or the transposed view of [N,K] (nk)")
     p.add_argument("--sets", type=int, default=4, help="input sets rotated per call (>= 4)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
-    p.add_argument("--settle-ms", type=int, default=0,
+    p.add_argument("--rep", type=int, default=300,
+                   help="do_bench measuring time (ms); 300 since window-run56: two torch "
+                        "timings of one shape differ by 0.8-1.0 %% (robust sd) against 1.4 %% "
+                        "with 100 ms")
+    p.add_argument("--settle-ms", type=int, default=200,
                    help="after setting up a shape, run torch.matmul this long and discard "
                         "the timing before the first measured one (0: none).  valid-run55: "
                         "a shape's first torch.matmul timing ran 0.4 %% faster than its later "
