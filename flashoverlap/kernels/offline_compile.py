@@ -7,7 +7,9 @@ decides that order.  The PTX-order tests (``tests/test_signal_gemm_ptx_cpu.py``,
 ``scripts/multicast_probe.py --ptx`` read the PTX the compiler emits for sm_90 on the CPU
 (Triton ships ``ptxas``; no driver is needed).  One recipe serves all of them: pointer
 arguments typed and marked 16-byte divisible (what the host's launch checks guarantee),
-constexprs bound, every other argument an ``i32`` (shapes and strides are never specialized).
+constexprs bound, every other argument an ``i32`` (shapes and strides are never specialized),
+and the compile options every product launch names (:data:`flashoverlap.kernels.LAUNCH_OPTIONS`,
+so the PTX read is the PTX launched -- and Triton 3.9 does not warn about the fp-fusion default).
 """
 
 from __future__ import annotations
@@ -38,4 +40,7 @@ def compile_for(fn: Any, ptrs: dict[str, str], const: dict[str, Any], *, arch: i
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs}
     src = source(fn=fn, signature=sig, attrs=attrs,
                  constexprs={(names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    from . import LAUNCH_OPTIONS
+
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={**LAUNCH_OPTIONS, **options})
