@@ -7,10 +7,10 @@ stored at its own row of the ``[M, N]`` result, one group -- one counter -- per 
 input sets in rotation so the L2 cache does not hold the operands.  torch.matmul is timed
 before and after each signal-GEMM timing; a row's efficiency is the median, over
 ``--repeats`` repetitions of the whole measurement, of ``mean(T_torch before, after) /
-T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).  Each timing is a
-300-ms window and each shape first runs torch.matmul for 200 ms untimed (``--rep``,
-``--settle-ms``; README "How noisy a row is"), and every timing is kept in the JSON rows
-(``samples_ms``, ``efficiency_samples``; ``summarize_gemm.py --noise``).
+T_signal_gemm`` (GPU clocks drift under sustained load, so neighbours are compared).
+Each timing is a 300-ms window, each shape first runs torch.matmul for 200 ms (timed and
+discarded; ``--rep``, ``--settle-ms``; README "How noisy a row is"), and every timing is kept
+in the JSON rows (``samples_ms``, ``efficiency_samples``; ``summarize_gemm.py --noise``).
 
 ``--torch-sm-target`` adds the reference a reduced ``P`` should be held to: torch.matmul
 through cuBLASLt told to use ``P`` SMs (``CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET``, which torch
