@@ -8,7 +8,10 @@ usage() {
 Usage (repo root):  OUT=/tmp/out bash scripts/gpu_checks.sh [tests|bench|all]
 
   tests   the GPU test suite (pytest -m "gpu or multigpu" tests/gpu)
-  bench   bench_gemm.py, and bench_overlap.py under torchrun when there are 2+ GPUs
+  bench   the signal GEMM's acceptance set (bench_gemm.py: 13 shapes x both B layouts x
+          P = all SMs and SMs-16, cuBLASLt on P SMs beside it, dtypes $GEMM_DTYPES, default
+          bfloat16) summarized in $OUT/gemm-summary.txt; bench_overlap.py under torchrun
+          when there are 2+ GPUs
   all     both (default)
 
 Logs and result JSON go under $OUT (default ./gpu-out).  Exits non-zero if a test fails.
@@ -33,7 +36,24 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 scripts/bench_gemm.py --repeats 3 --out "$OUT/results" 2>&1 | tee "$OUT/bench-gemm.log"
+  # the README's table: nine shapes with N = 8192 and four with N != 8192, M not a power of 2
+  for dtype in ${GEMM_DTYPES:-bfloat16}; do
+    for layout in kn nk; do
+      for set in main extra; do
+        shapes=()
+        [ "$set" = extra ] && shapes=(--m 6144 11008 --kn 4096x5120,8192x3072)
+        python3 scripts/bench_gemm.py --repeats 3 --cta-offsets 0,16 --torch-sm-target \
+          --dtype "$dtype" --b-layout "$layout" "${shapes[@]}" --out "$OUT/gemm" \
+          --name "gemm-$dtype-$layout-$set" 2>&1 | tee -a "$OUT/bench-gemm.log"
+      done
+    done
+  done
+  # speed is reported, never asserted: the targets' verdict goes to the summary only
+  { python3 scripts/summarize_gemm.py "$OUT/gemm" --noise --check 132=1.0/0.95 --check 116=0.95/0.90
+    python3 scripts/summarize_gemm.py "$OUT/gemm" --key efficiency_vs_torch_sm_target
+    python3 scripts/summarize_gemm.py "$OUT/gemm" --engine torch-sm-target; } \
+    > "$OUT/gemm-summary.txt" 2>&1
+  cat "$OUT/gemm-summary.txt"
   if [ "$ngpu" -ge 2 ]; then
     torchrun --nproc-per-node "$ngpu" scripts/bench_overlap.py --preset design --op both \
       --out "$OUT/results" --timeline "$OUT/timeline.png" 2>&1 | tee "$OUT/bench-overlap.log"
