@@ -78,6 +78,7 @@ from flashoverlap.kernels.signal_gemm import (
     _resolve_config,
     _row_stride,
     _tail_args,
+    _tma_operands,
     _ws_jit_launch,
     uses_tma,
 )
@@ -112,14 +113,8 @@ def _gather_gemm_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
 
     if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        if B_TRANS:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
+        a_desc, b_desc = _tma_operands(a_ptr, b_ptr, M, N, K, 1, stride_am, stride_b,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, B_TRANS)
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_N)

@@ -39,7 +39,7 @@ from flashoverlap.kernels import (
     default_config,
     ws_grouped_signal_gemm,
 )
-from flashoverlap.kernels.signal_gemm import _k_range_ptr
+from flashoverlap.kernels.signal_gemm import _k_range_ptr, _tma_operands
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _COLS = 9
@@ -70,14 +70,8 @@ def _grouped_signal_gemm_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
 
     if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        if W_TRANS:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * N, K], strides=[stride_w, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * K, N], strides=[stride_w, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
+        a_desc, w_desc = _tma_operands(a_ptr, w_ptr, M, N, K, E, stride_am, stride_w,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, W_TRANS)
 
     offs_i = tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_N)
