@@ -71,7 +71,8 @@ HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py"
               "summarize_gemm.py": ("--replace", "--check", "--key"),
               "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize"),
               "fit_gemm_model.py": ("--dtype", "paths"),
-              "bench_all_gather.py": ("--plan-world-size", "--compare", "--sets")}
+              "bench_all_gather.py": ("--plan-world-size", "--compare", "--sets"),
+              "kernel_ptx.py": ("dump", "compare")}
 
 
 def test_help_of_every_script_on_cpu(tmp_path):
@@ -1014,3 +1015,29 @@ def test_summarize_gemm_timing_noise(tmp_path):
         n = sgm.timing_noise([ROOT / "results" / "2026-12-03-h200" / folder])
         assert n["timings"] == n["pairs"] == 78, folder
         assert [round(x, 4) for x in (*n["first_over_last"], *n["later_log_sd"])] == want, folder
+
+
+def test_kernel_ptx_dump_and_compare(tmp_path):
+    """kernel_ptx.py: clean() drops only what does not reach the GPU; one variant dumped twice
+    compares identical; an edited instruction, or a variant one dump lacks, is a difference."""
+    import kernel_ptx
+
+    ptx = ("//\n// comment\n.version 8.7\n.file 1 \"x.py\"\n$L__tmp0:\n\tld.param.b32 %r1;\n"
+           "\t.loc 1 2 3\n\tret;\n\t.section\t.debug_abbrev\n\t{ .b8 1 }\n")
+    assert kernel_ptx.clean(ptx) == ".version 8.7\n\tld.param.b32 %r1;\n\tret;\n"
+    pytest.importorskip("triton")
+    only = "signal_tma1_split1_btrans1_res0"
+    try:
+        (first,) = kernel_ptx.dump(tmp_path / "a", only)
+    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    (second,) = kernel_ptx.dump(tmp_path / "b", only)
+    text = first.read_text()
+    assert "tensormap" in text or "cp.async.bulk.tensor" in text  # the TMA variant
+    assert "red.release.gpu" in text or "atom.release.gpu" in text or ".release." in text
+    assert kernel_ptx.compare(tmp_path / "a", tmp_path / "b") == []
+    assert kernel_ptx.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    second.write_text(text.replace("bar.sync", "bar.arrive", 1))
+    assert kernel_ptx.compare(tmp_path / "a", tmp_path / "b") == [first.name]
+    (tmp_path / "b" / "extra.ptx").write_text("x")
+    assert kernel_ptx.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
