@@ -39,7 +39,7 @@ from flashoverlap.kernels import (
     default_config,
     ws_grouped_signal_gemm,
 )
-from flashoverlap.kernels.signal_gemm import _k_range_ptr, _tma_operands
+from flashoverlap.kernels.signal_gemm import _k_range_ptr, _release_tile, _tma_operands
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _COLS = 9
@@ -114,14 +114,7 @@ def _grouped_signal_gemm_kernel(
         mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
         tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
         if HAS_COUNTERS:
-            group = tl.load(row + 5)
-            if ASM_BARRIER:
-                group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
-                                                  [group], dtype=tl.int32, is_pure=False,
-                                                  pack=1)
-            else:
-                tl.debug_barrier()
-            tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+            _release_tile(counter_ptr, row, ASM_BARRIER)
 
 
 def _ensure_tma_allocator() -> None:

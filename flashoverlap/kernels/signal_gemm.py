@@ -280,18 +280,7 @@ def _signal_gemm_kernel(
             mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
             tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
         if HAS_COUNTERS:
-            # All threads' stores -> CTA barrier -> one release at GPU scope (module doc).
-            group = tl.load(row + 5)
-            if ASM_BARRIER:
-                # bar.sync as side-effecting inline asm: same barrier as tl.debug_barrier,
-                # which however stops Triton from pipelining the flattened loop.  The
-                # atomic's address depends on its result, so it cannot move above it.
-                group = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r",
-                                                  [group], dtype=tl.int32, is_pure=False,
-                                                  pack=1)
-            else:
-                tl.debug_barrier()
-            tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+            _release_tile(counter_ptr, row, ASM_BARRIER)
 
     if SPLIT_TAIL:
         # ---- the last wave's tiles, each split into tail_parts K ranges ---------------
@@ -353,9 +342,21 @@ def _add_part(acc, own_slot, t, parts, part_ptr, ticket_ptr, offs_tile, row,
 
 
 @triton.jit
+def _release_tile(counter_ptr, row, ASM_BARRIER: tl.constexpr):
+    """The tile's release (module doc, steps 2-3): after every thread's stores, a CTA barrier,
+    then one ``atom.add.release.gpu`` on the counter of the step's group (column 5 of its
+    table ``row``).  The atomic's address depends on the barrier's result, so the compiler
+    cannot move it above the barrier.  The signal and grouped kernels' one copy of it."""
+    group = _cta_barrier(tl.load(row + 5), ASM_BARRIER)
+    tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _cta_barrier(x, ASM_BARRIER: tl.constexpr):
     """``bar.sync 0`` (inline PTX, returning ``x`` so later code depends on it) or
-    ``tl.debug_barrier()`` in the interpreter."""
+    ``tl.debug_barrier()`` in the interpreter.  As side-effecting inline asm it is the same
+    barrier as ``tl.debug_barrier()``, which however stops Triton from software-pipelining
+    the flattened persistent loop."""
     if ASM_BARRIER:
         x = tl.inline_asm_elementwise("bar.sync 0;\n\tmov.u32 $0, $1;", "=r,r", [x],
                                       dtype=tl.int32, is_pure=False, pack=1)
@@ -465,8 +466,7 @@ def _store_and_signal(acc, row, col_start, c_ptr, res_ptr, counter_ptr, stride_c
     mask_c = (offs_i < c_rows)[:, None] & (offs_j < c_cols)[None, :]
     tl.store(c_ptrs, acc.to(dtype), mask=mask_c)
     if HAS_COUNTERS:
-        group = _cta_barrier(tl.load(row + 5), ASM_BARRIER)
-        tl.atomic_add(counter_ptr + group, 1, sem="release", scope="gpu")
+        _release_tile(counter_ptr, row, ASM_BARRIER)
 
 
 # --------------------------------------------------------------------------------------
