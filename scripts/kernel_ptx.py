@@ -13,8 +13,7 @@ the ``$L__tmpN`` labels debug info hangs on, which an inlined helper adds).  ``c
 lists the variants whose PTX differs (exit 1) -- run the dump before and after a change, under
 every Triton the product supports (the GPU image's 3.6 and PyPI's 3.9 so far:
 ``PYTHONPATH=<a Triton 3.6 install>:$PWD``).  Used for ``signal_gemm._tma_operands`` and
-``_release_tile``
-(28 variants identical under both).  The Gluon (warp-specialized) kernels are not dumped:
+``_release_tile`` (28 variants identical under both).  The Gluon (warp-specialized) kernels are not dumped:
 their PTX-order tests compile them the same way.
 
     python scripts/kernel_ptx.py dump /tmp/before
