@@ -45,39 +45,55 @@ def clean(ptx: str) -> str:
     return "\n".join(keep) + "\n"
 
 
-def variants():
-    """``(name, kernel, pointer types, constexprs, options)`` of every dumped variant."""
-    from flashoverlap.kernels import gather_gemm as gg
-    from flashoverlap.kernels import grouped_signal_gemm as gsg
+def signal_variant(tma: bool, split: bool, b_trans: bool, residual: bool = False):
+    """``(kernel, pointer types, constexprs, options)`` of the pipelined signal GEMM (128 x 256
+    tiles, counters on, bf16), as the product compiles it for sm_90."""
     from flashoverlap.kernels import signal_gemm as sg
 
+    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=b_trans, HAS_COUNTERS=True,
+                 HAS_RESIDUAL=residual, USE_TMA=tma, FLATTEN=True, EPILOGUE_SUBTILE=False,
+                 ACC_MULTIBUFFER=True, WARP_SPECIALIZE=False, ALIGN=8, ASM_BARRIER=True,
+                 INPUT_PRECISION=None, DOT_FP32=False, SPLIT_TAIL=split)
+    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "counter_ptr": "*i32", "res_ptr": "*bf16", "part_ptr": "*fp32",
+            "ticket_ptr": "*i32"}
+    return sg._signal_gemm_kernel, ptrs, const, dict(num_warps=8, num_stages=3)
+
+
+def grouped_variant(tma: bool, w_trans: bool):
+    """The same for the pipelined grouped GEMM (128 x 128 tiles, 5 stages)."""
+    from flashoverlap.kernels import grouped_signal_gemm as gsg
+
+    const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_TRANS=w_trans, HAS_COUNTERS=True,
+                 USE_TMA=tma, FLATTEN=True, ACC_MULTIBUFFER=True, ALIGN=8,
+                 ASM_BARRIER=True, INPUT_PRECISION=None, DOT_FP32=False)
+    ptrs = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "counter_ptr": "*i32"}
+    return gsg._grouped_signal_gemm_kernel, ptrs, const, dict(num_warps=8, num_stages=5)
+
+
+def gather_variant(tma: bool, b_trans: bool, wait_flags: bool):
+    """The same for the pipelined gather GEMM (128 x 256 tiles, 3 stages)."""
+    from flashoverlap.kernels import gather_gemm as gg
+
+    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=b_trans, WAIT_FLAGS=wait_flags,
+                 USE_TMA=tma, ALIGN=8, POLL_ASM=True, PROXY_FENCE=True,
+                 INPUT_PRECISION=None, DOT_FP32=False)
+    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
+            "flag_ptr": "*i32"}
+    return gg._gather_gemm_kernel, ptrs, const, dict(num_warps=8, num_stages=3)
+
+
+def variants():
+    """``(name, kernel, pointer types, constexprs, options)`` of every dumped variant."""
     on_off = (True, False)
     for tma, split, bt, res in itertools.product(on_off, on_off, on_off, on_off):
-        const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=bt, HAS_COUNTERS=True,
-                     HAS_RESIDUAL=res, USE_TMA=tma, FLATTEN=True, EPILOGUE_SUBTILE=False,
-                     ACC_MULTIBUFFER=True, WARP_SPECIALIZE=False, ALIGN=8, ASM_BARRIER=True,
-                     INPUT_PRECISION=None, DOT_FP32=False, SPLIT_TAIL=split)
-        ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-                "counter_ptr": "*i32", "res_ptr": "*bf16", "part_ptr": "*fp32",
-                "ticket_ptr": "*i32"}
         yield (f"signal_tma{tma:d}_split{split:d}_btrans{bt:d}_res{res:d}",
-               sg._signal_gemm_kernel, ptrs, const, dict(num_warps=8, num_stages=3))
+               *signal_variant(tma, split, bt, res))
     for tma, wt in itertools.product(on_off, on_off):
-        const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_TRANS=wt, HAS_COUNTERS=True,
-                     USE_TMA=tma, FLATTEN=True, ACC_MULTIBUFFER=True, ALIGN=8,
-                     ASM_BARRIER=True, INPUT_PRECISION=None, DOT_FP32=False)
-        ptrs = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-                "counter_ptr": "*i32"}
-        yield (f"grouped_tma{tma:d}_wtrans{wt:d}", gsg._grouped_signal_gemm_kernel, ptrs,
-               const, dict(num_warps=8, num_stages=5))
+        yield f"grouped_tma{tma:d}_wtrans{wt:d}", *grouped_variant(tma, wt)
     for tma, bt, wait in itertools.product(on_off, on_off, on_off):
-        const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=bt, WAIT_FLAGS=wait,
-                     USE_TMA=tma, ALIGN=8, POLL_ASM=True, PROXY_FENCE=True,
-                     INPUT_PRECISION=None, DOT_FP32=False)
-        ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-                "flag_ptr": "*i32"}
-        yield (f"gather_tma{tma:d}_btrans{bt:d}_wait{wait:d}", gg._gather_gemm_kernel, ptrs,
-               const, dict(num_warps=8, num_stages=3))
+        yield f"gather_tma{tma:d}_btrans{bt:d}_wait{wait:d}", *gather_variant(tma, bt, wait)
 
 
 def dump(directory: Path, only: str | None = None) -> list[Path]:

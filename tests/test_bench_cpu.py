@@ -1021,16 +1021,14 @@ def test_kernel_ptx_dump_and_compare(tmp_path):
     """kernel_ptx.py: clean() drops only what does not reach the GPU; one variant dumped twice
     compares identical; an edited instruction, or a variant one dump lacks, is a difference."""
     import kernel_ptx
+    from sm90_ptx import skip_unless_sm90_compiles
 
     ptx = ("//\n// comment\n.version 8.7\n.file 1 \"x.py\"\n$L__tmp0:\n\tld.param.b32 %r1;\n"
            "\t.loc 1 2 3\n\tret;\n\t.section\t.debug_abbrev\n\t{ .b8 1 }\n")
     assert kernel_ptx.clean(ptx) == ".version 8.7\n\tld.param.b32 %r1;\n\tret;\n"
-    pytest.importorskip("triton")
     only = "signal_tma1_split1_btrans1_res0"
-    try:
+    with skip_unless_sm90_compiles():
         (first,) = kernel_ptx.dump(tmp_path / "a", only)
-    except Exception as exc:  # noqa: BLE001 - a Triton without the CUDA backend / ptxas
-        pytest.skip(f"cannot compile for sm_90 here: {exc}")
     (second,) = kernel_ptx.dump(tmp_path / "b", only)
     text = first.read_text()
     assert "tensormap" in text or "cp.async.bulk.tensor" in text  # the TMA variant

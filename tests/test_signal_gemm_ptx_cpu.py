@@ -12,38 +12,30 @@ are not releases of a tile.
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
-from flashoverlap.kernels import grouped_signal_gemm as gsg
-from flashoverlap.kernels import signal_gemm as sg
+from launch_utils import ROOT
 from sm90_ptx import sm90_ptx
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import kernel_ptx  # noqa: E402 -- scripts/kernel_ptx.py: the variants' compile specs
 
 _RELEASE = re.compile(r"\b(red|atom)\.global\.gpu\.release\.")
 
 
-def _compile(k, ptrs: dict, const: dict, num_stages: int) -> str:
-    return sm90_ptx(k, ptrs, const, num_warps=8, num_stages=num_stages)
+def _compile(variant) -> str:
+    fn, ptrs, const, options = variant
+    return sm90_ptx(fn, ptrs, const, **options)
 
 
 def _compile_grouped_sm90(use_tma: bool, w_trans: bool) -> str:
-    const = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, W_TRANS=w_trans, HAS_COUNTERS=True,
-                 USE_TMA=use_tma, FLATTEN=True, ACC_MULTIBUFFER=True, ALIGN=8,
-                 ASM_BARRIER=True, INPUT_PRECISION=None, DOT_FP32=False)
-    ptrs = {"a_ptr": "*bf16", "w_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-            "counter_ptr": "*i32"}
-    return _compile(gsg._grouped_signal_gemm_kernel, ptrs, const, num_stages=5)
+    return _compile(kernel_ptx.grouped_variant(use_tma, w_trans))
 
 
 def _compile_sm90(use_tma: bool, split: bool, b_trans: bool = False) -> str:
-    const = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, B_TRANS=b_trans, HAS_COUNTERS=True,
-                 HAS_RESIDUAL=False, USE_TMA=use_tma, FLATTEN=True, EPILOGUE_SUBTILE=False,
-                 ACC_MULTIBUFFER=True, WARP_SPECIALIZE=False, ALIGN=8, ASM_BARRIER=True,
-                 INPUT_PRECISION=None, DOT_FP32=False, SPLIT_TAIL=split)
-    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "step_ptr": "*i32",
-            "counter_ptr": "*i32", "res_ptr": "*bf16", "part_ptr": "*fp32",
-            "ticket_ptr": "*i32"}
-    return _compile(sg._signal_gemm_kernel, ptrs, const, num_stages=3)
+    return _compile(kernel_ptx.signal_variant(use_tma, split, b_trans))
 
 
 def _check_release_order(lines: list[str]) -> None:
