@@ -15,7 +15,11 @@ are left out).  ``--noise`` adds what the files' kept timings (``samples_ms``, w
 ``valid-run55``) say about the measurement itself: how much two ``torch.matmul`` timings of one
 shape in one repeat differ, how a shape's first timing of a repeat (right after the previous
 shape's teardown and this one's setup) compares with its last, and how far apart a row's
-paired efficiency ratios lie.
+paired efficiency ratios lie.  ``--pool`` treats all the files given as one longer run: the
+rows of one shape (M, N, K, dtype, layout, P) from several runs become one row whose efficiency
+is the median of all their paired ratios (``efficiency_samples``; the median of the runs' own
+values where a row kept none) -- issue 14's "median of >= 3 repeats" over every repeat of the
+runs pooled.
 """
 
 from __future__ import annotations
@@ -51,14 +55,36 @@ def load_rows(paths: list[Path], replace: list[Path] = (), engine: str = ENGINE)
                      and r.get("engine") == engine and r.get("num_ctas") is not None]
         return rows
 
-    def key(r):
-        return r["M"], r["N"], r["K"], r["dtype"], r.get("b_layout"), r["num_ctas"]
-
-    subs = {key(r): r for r in rows_of(_files(list(replace)))}
-    return [subs.get(key(r), r) for r in rows_of(_files(paths))]
+    subs = {_shape_key(r): r for r in rows_of(_files(list(replace)))}
+    return [subs.get(_shape_key(r), r) for r in rows_of(_files(paths))]
 
 
 KEY = "efficiency_vs_torch"
+
+
+def _shape_key(r: dict) -> tuple:
+    return r["M"], r["N"], r["K"], r["dtype"], r.get("b_layout"), r["num_ctas"]
+
+
+def pool_rows(rows: list[dict], key: str = KEY) -> list[dict]:
+    """One row per shape (M, N, K, dtype, layout, P): its ``key`` the median of every paired
+    ratio its rows kept (``efficiency_samples``, for ``efficiency_vs_torch``), or of the rows'
+    own values where any row kept none; ``pooled_rows`` how many rows went in, ``commit`` the
+    sorted distinct commits joined by ``+``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_shape_key(r), []).append(r)
+    out = []
+    for group in groups.values():
+        samples = [r.get("efficiency_samples") for r in group]
+        if key == KEY and all(samples):
+            value = statistics.median(x for s in samples for x in s)
+        else:
+            value = statistics.median(r[key] for r in group)
+        commits = sorted({str(r.get("commit")) for r in group})
+        out.append(dict(group[0], **{key: value}, pooled_rows=len(group),
+                        commit="+".join(commits)))
+    return out
 
 
 def stats(rows: list[dict], key: str = KEY) -> tuple[float, float] | None:
@@ -142,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--lowest", type=int, default=5, help="lowest rows to list")
     p.add_argument("--noise", action="store_true",
                    help="also summarize the kept timings (samples_ms): the measurement's noise")
+    p.add_argument("--pool", action="store_true",
+                   help="one row per shape over all the files: the median of every paired "
+                        "ratio of its rows (several runs as one)")
     p.add_argument("--check", action="append", default=[], metavar="P=MEDIAN/MIN",
                    help="target for the all-bf16 rows of P (exit 1 if not met or absent)")
     args = p.parse_args(argv)
@@ -150,7 +179,12 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no bench=gemm {args.engine} rows with {key} found", file=sys.stderr)
         return 2
-    print(f"{key}" + (f" of {args.engine}" if args.engine != ENGINE else "") + ":")
+    pooled = ""
+    if args.pool:
+        n = len(rows)
+        rows = pool_rows(rows, key)
+        pooled = f" (pooled: {n} rows as {len(rows)})"
+    print(f"{key}" + (f" of {args.engine}" if args.engine != ENGINE else "") + pooled + ":")
     print("\n".join(table(rows, key)))
     low = sorted(rows, key=lambda r: r[key])[:args.lowest]
     print("lowest: " + "; ".join(f"{r['M']}x{r['N']}x{r['K']} {r['dtype']} {r.get('b_layout')} "

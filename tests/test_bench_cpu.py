@@ -68,7 +68,7 @@ HELP_FLAGS = {"bench_overlap.py": ("--timeline", "--no-p2p"), "bench_scaling.py"
               "bench_overhead.py": ("--host-iters", "--groups"), "soak.py": ("--calls", "--watchdog"),
               "host_overhead.py": ("--group-m", "--json"),
               "bench_sm_sharing.py": ("--probes", "--max-registers"),
-              "summarize_gemm.py": ("--replace", "--check", "--key"),
+              "summarize_gemm.py": ("--replace", "--check", "--key", "--pool"),
               "gemm_clock_probe.py": ("--seconds", "--ctas", "--summarize"),
               "fit_gemm_model.py": ("--dtype", "paths"),
               "bench_all_gather.py": ("--plan-world-size", "--compare", "--sets"),
@@ -1015,6 +1015,46 @@ def test_summarize_gemm_timing_noise(tmp_path):
         n = sgm.timing_noise([ROOT / "results" / "2026-12-03-h200" / folder])
         assert n["timings"] == n["pairs"] == 78, folder
         assert [round(x, 4) for x in (*n["first_over_last"], *n["later_log_sd"])] == want, folder
+
+
+def test_summarize_gemm_pool(tmp_path):
+    """--pool: the rows of one shape from several runs become one row, the median of all their
+    paired ratios (or of the rows' values where one kept none); then the settled runs of the
+    product's kernels, z56 + z57 + z58, pooled -- the numbers the README quotes."""
+    import summarize_gemm as sgm
+
+    common = {"bench": "gemm", "M": 64, "N": 64, "K": 64, "dtype": "bfloat16",
+              "b_layout": "kn", "engine": "flashoverlap", "num_ctas": 132}
+    a = dict(common, efficiency_vs_torch=0.99, efficiency_samples=[0.90, 0.99, 1.00],
+             commit="b")
+    b = dict(common, efficiency_vs_torch=1.02, efficiency_samples=[1.01, 1.02, 1.05],
+             commit="a")
+    other = dict(common, num_ctas=116, efficiency_vs_torch=0.95, efficiency_samples=[0.95])
+    pooled = {r["num_ctas"]: r for r in sgm.pool_rows([a, b, other])}
+    assert pooled[132]["efficiency_vs_torch"] == pytest.approx(1.005)  # median of six
+    assert pooled[132]["pooled_rows"] == 2 and pooled[132]["commit"] == "a+b"
+    assert pooled[116]["efficiency_vs_torch"] == 0.95 and pooled[116]["pooled_rows"] == 1
+    bare = dict(b, efficiency_samples=None)
+    assert sgm.pool_rows([a, bare])[0]["efficiency_vs_torch"] == pytest.approx(1.005)
+    # another key pools the rows' own values: the median of 0.97, 0.99, 1.04
+    t = [dict(a, efficiency_vs_torch_sm_target=v) for v in (1.04, 0.97, 0.99)]
+    assert sgm.pool_rows(t, "efficiency_vs_torch_sm_target")[0][
+        "efficiency_vs_torch_sm_target"] == 0.99
+    (tmp_path / "a.json").write_text(json.dumps([a]))
+    (tmp_path / "b.json").write_text(json.dumps([b]))
+    assert sgm.main([str(tmp_path), "--pool", "--check", "132=1.0/1.0"]) == 0
+    assert sgm.main([str(tmp_path), "--check", "132=1.0/1.0"]) == 1  # unpooled: 0.99 a row
+
+    run = ROOT / "results" / "2026-12-03-h200"
+    folders = [run / "window-run56" / "z56", run / "tail-run57" / "z57",
+               run / "check-run58" / "g" / "gemm"]
+    rows = sgm.pool_rows(sgm.load_rows(folders))
+    assert len(rows) == 52 and {r["pooled_rows"] for r in rows} == {3}
+    assert {len(sgm.load_rows([f])) for f in folders} == {52}
+    assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
+            for P in (132, 116)} == {132: [1.009, 0.972], 116: [0.955, 0.917]}
+    assert sgm.main([*map(str, folders), "--pool", "--check", "132=1.0/0.95",
+                     "--check", "116=0.95/0.90"]) == 0
 
 
 def test_kernel_ptx_dump_and_compare(tmp_path):
