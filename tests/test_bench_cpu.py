@@ -718,13 +718,19 @@ def test_summarize_gemm_reproduces_this_sessions_acceptance_runs():
              [0.949, 0.912]),
             # z57 (tail-run57, 183dc33, as z56): meets all four
             ("tail-run57/z57", "gemm-bfloat16-*.json", "183dc33", [1.003, 0.976],
-             [0.955, 0.914])):
+             [0.955, 0.914]),
+            # z58 (check-run58, 767084f, gpu_checks.sh bench): meets all four; z60 (pool-run60,
+            # db65877): misses the P = 132 median by 0.001
+            ("check-run58/g/gemm", "gemm-bfloat16-*.json", "767084f", [1.015, 0.957],
+             [0.958, 0.919]),
+            ("pool-run60/z60", "gemm-bfloat16-*.json", "db65877", [0.999, 0.967],
+             [0.956, 0.917])):
         files = sorted((later / folder).glob(pattern))
         rows = sgm.load_rows(files)
         assert len(rows) == 52 and {r["commit"] for r in rows} == {commit}, folder
         assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
                 for P in (132, 116)} == {132: p132, 116: p116}, folder
-        met = folder == "tail-run57/z57"
+        met = folder in ("tail-run57/z57", "check-run58/g/gemm")
         assert sgm.main([*map(str, files), *checks]) == (0 if met else 1), folder
     for fp16_files, bf16_files in (
             ((run / "fp16-run16").glob("gemm-fp16-*.json"),
@@ -736,7 +742,9 @@ def test_summarize_gemm_reproduces_this_sessions_acceptance_runs():
             ((later / "accept-run52" / "z52").glob("gemm-float16-*.json"),
              (later / "accept-run52" / "z52").glob("gemm-bfloat16-*.json")),
             ((later / "window-run56" / "z56f").glob("gemm-float16-*.json"),
-             (later / "window-run56" / "z56").glob("gemm-bfloat16-*.json"))):
+             (later / "window-run56" / "z56").glob("gemm-bfloat16-*.json")),
+            ((later / "fp16-run59" / "g" / "gemm").glob("gemm-float16-*.json"),
+             (later / "check-run58" / "g" / "gemm").glob("gemm-bfloat16-*.json"))):
         half, bf = sgm.load_rows(sorted(fp16_files)), sgm.load_rows(sorted(bf16_files))
         assert len(half) == len(bf) == 52 and {r["dtype"] for r in half} == {"float16"}
         for P in (132, 116):
@@ -1055,6 +1063,17 @@ def test_summarize_gemm_pool(tmp_path):
             for P in (132, 116)} == {132: [1.009, 0.972], 116: [0.955, 0.917]}
     assert sgm.main([*map(str, folders), "--pool", "--check", "132=1.0/0.95",
                      "--check", "116=0.95/0.90"]) == 0
+    # with z60 (declared before it ran): the four settled runs of these kernels, twelve
+    # paired ratios a row -- the README's verdict on issue 14
+    folders.append(run / "pool-run60" / "z60")
+    rows = sgm.pool_rows(sgm.load_rows(folders))
+    assert len(rows) == 52 and {r["pooled_rows"] for r in rows} == {4}
+    assert {len(r["efficiency_samples"]) for r in sgm.load_rows(folders)} == {3}
+    assert {P: [round(x, 3) for x in sgm.stats([r for r in rows if r["num_ctas"] == P])]
+            for P in (132, 116)} == {132: [1.009, 0.968], 116: [0.956, 0.919]}
+    assert sgm.main([*map(str, folders), "--pool", "--check", "132=1.0/0.95",
+                     "--check", "116=0.95/0.90"]) == 0
+    assert sgm.main([str(run / "pool-run60" / "z60"), "--check", "132=1.0/0.95"]) == 1
 
 
 def test_kernel_ptx_dump_and_compare(tmp_path):
