@@ -69,21 +69,21 @@ def _shape_key(r: dict) -> tuple:
 def pool_rows(rows: list[dict], key: str = KEY) -> list[dict]:
     """One row per shape (M, N, K, dtype, layout, P): its ``key`` the median of every paired
     ratio its rows kept (``efficiency_samples``, for ``efficiency_vs_torch``), or of the rows'
-    own values where any row kept none; ``pooled_rows`` how many rows went in, ``commit`` the
-    sorted distinct commits joined by ``+``."""
+    own values where any row kept none; ``efficiency_samples`` every ratio pooled (None where
+    a row kept none); ``pooled_rows`` how many rows went in, ``commit`` the sorted distinct
+    commits joined by ``+``."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(_shape_key(r), []).append(r)
     out = []
     for group in groups.values():
-        samples = [r.get("efficiency_samples") for r in group]
-        if key == KEY and all(samples):
-            value = statistics.median(x for s in samples for x in s)
-        else:
-            value = statistics.median(r[key] for r in group)
+        kept = [r.get("efficiency_samples") for r in group]
+        samples = [x for s in kept for x in s] if all(kept) else None
+        value = statistics.median(samples if key == KEY and samples else
+                                  [r[key] for r in group])
         commits = sorted({str(r.get("commit")) for r in group})
-        out.append(dict(group[0], **{key: value}, pooled_rows=len(group),
-                        commit="+".join(commits)))
+        out.append(dict(group[0], **{key: value}, efficiency_samples=samples,
+                        pooled_rows=len(group), commit="+".join(commits)))
     return out
 
 
